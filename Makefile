@@ -1,0 +1,29 @@
+# `make run`: set up .venv and chat with the default model.  `make test`: set up and run the tests.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+MODEL   ?= qwen3.5:0.8b
+
+.PHONY: setup setup-test run test bench clean
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+
+setup: $(VPY)
+	./scripts/install-torch.sh $(VPY)
+	$(VPY) -m pip install -q -e .
+
+setup-test: setup
+	$(VPY) -m pip install -q -e '.[test]'
+
+run: setup
+	$(VENV)/bin/deltarun chat $(MODEL)
+
+test: setup-test
+	$(VPY) -m pytest -q -x --durations=15
+
+bench: setup-test
+	$(VPY) benchmarks/bench_generate.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,152 @@
+"""Command line: `deltarun chat | generate | init-random` (thin: flags → the Python API).
+
+Every user-facing failure ends as one line on stderr and a non-zero exit code, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .weights.hub import DEFAULT_MODEL
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (unset knobs take the model card's recommended values)")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--presence-penalty", type=float)
+    g.add_argument("--frequency-penalty", type=float)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--max-tokens", type=int, help="most tokens to generate (default: 32768 or the context end)")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"model folder, qwen3.5:0.8b|2b|4b|9b, an org/repo id, or 'demo' (default {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16), float32, bfloat16 or float16")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--context-length", type=int, help="most tokens per conversation (default: the model's)")
+    think = p.add_mutually_exclusive_group()
+    think.add_argument("--think", dest="think", action="store_true", default=None, help="turn thinking on")
+    think.add_argument("--no-think", dest="think", action="store_false", help="turn thinking off")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deltarun", description="Run Qwen3.5 models locally, offline.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    chat = sub.add_parser("chat", help="chat in the terminal (streaming)")
+    _model_flags(chat)
+    chat.add_argument("--system", help="system prompt")
+    _sampling_flags(chat)
+
+    gen = sub.add_parser("generate", help="answer one prompt and print it to stdout")
+    _model_flags(gen)
+    gen.add_argument("prompt", help="the prompt ('-' reads stdin)")
+    gen.add_argument("--raw", action="store_true", help="plain completion: no chat template")
+    gen.add_argument("--system", help="system prompt")
+    gen.add_argument("--hide-thinking", action="store_true", help="do not print the reasoning (stderr)")
+    gen.add_argument("-n", type=int, default=1, help="number of answers")
+    _sampling_flags(gen)
+
+    init = sub.add_parser("init-random", help="write a random-weights checkpoint in the official layout")
+    init.add_argument("config", help="0.8B, 2B, 4B, 9B (bundled official configs) or a config.json path")
+    init.add_argument("out", help="output folder")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    return parser
+
+
+def sampling_params(args: argparse.Namespace, n: int = 1):
+    from .sampling import SamplingParams
+
+    return SamplingParams(
+        n=n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens,
+        stop=args.stop)
+
+
+def load_llm(args: argparse.Namespace):
+    from .llm import LLM
+    from .weights.hub import is_demo, resolve_model
+
+    if args.model == "demo":
+        _err("note: 'demo' has RANDOM WEIGHTS in the Qwen3.5-0.8B layout; its answers are noise")
+    path = resolve_model(args.model)
+    if is_demo(path) and args.model != "demo":
+        _err("note: this is the demo checkpoint with RANDOM WEIGHTS")
+    return LLM(path, dtype=args.dtype, device=args.device, max_model_len=args.context_length)
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = sampling_params(args, n=args.n)  # validate flags before the (slow) model load
+    llm = load_llm(args)
+    if args.raw:
+        for out in llm.generate(prompt, params)[0].outputs:
+            print(out.text, flush=True)
+        return 0
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": prompt}]
+    if args.n == 1:  # stream
+        for d in llm.chat_stream(messages, params, enable_thinking=args.think):
+            if d.reasoning and not args.hide_thinking:
+                sys.stderr.write(f"\x1b[2m{d.reasoning}\x1b[0m" if sys.stderr.isatty() else d.reasoning)
+                sys.stderr.flush()
+            if d.content:
+                sys.stdout.write(d.content)
+                sys.stdout.flush()
+        print()
+        return 0
+    for c in llm.chat(messages, params, enable_thinking=args.think).outputs:
+        if c.reasoning and not args.hide_thinking:
+            _err(c.reasoning)
+        print(c.content, flush=True)
+    return 0
+
+
+def cmd_init_random(args: argparse.Namespace) -> int:
+    import torch
+
+    from .weights.random_init import write_random_checkpoint
+
+    out = write_random_checkpoint(args.config, Path(args.out), seed=args.seed, dtype=getattr(torch, args.dtype))
+    print(f"wrote a random-weights checkpoint to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .weights.hub import ModelNotFound
+    from .weights.loader import LoadError
+
+    try:
+        if args.command == "chat":
+            from .chat_repl import run_chat
+            return run_chat(args)
+        if args.command == "generate":
+            return cmd_generate(args)
+        return cmd_init_random(args)
+    except (ModelNotFound, LoadError, ConfigError, ValueError, FileNotFoundError, OSError) as e:
+        _err(f"deltarun: error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

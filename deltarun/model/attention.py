@@ -1,0 +1,47 @@
+"""Gated full attention (the `self_attn` of Qwen3.5's full-attention layers).
+
+q_proj yields, per head, [query (head_dim) | gate (head_dim)]; q and k get a per-head RMSNorm and
+partial rotary; GQA over the KV cache; the output is multiplied by sigmoid(gate) before o_proj.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..cache.state import KVCache
+from ..config import TextConfig
+from ..ops.attention import attention
+from .layers import RMSNorm, apply_rotary
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.nq, self.nkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h, bias = cfg.hidden_size, cfg.attention_bias
+        self.gated = cfg.attn_output_gate
+        self.q_proj = nn.Linear(h, self.nq * self.d * (2 if self.gated else 1), bias=bias)
+        self.k_proj = nn.Linear(h, self.nkv * self.d, bias=bias)
+        self.v_proj = nn.Linear(h, self.nkv * self.d, bias=bias)
+        self.o_proj = nn.Linear(self.nq * self.d, h, bias=bias)
+        self.q_norm = RMSNorm(self.d, eps=cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.d, eps=cfg.rms_norm_eps)
+        self.scale = self.d**-0.5
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache
+                ) -> torch.Tensor:
+        """x [B, T, hidden], rope cos/sin [B, T, rotary_dim] → [B, T, hidden]; appends to `cache`."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.nq, -1)
+        if self.gated:
+            q, gate = q.split(self.d, dim=-1)
+            gate = gate.reshape(b, t, self.nq * self.d)
+        q = apply_rotary(self.q_norm(q), *rope)
+        k = apply_rotary(self.k_norm(self.k_proj(x).view(b, t, self.nkv, self.d)), *rope)
+        v = self.v_proj(x).view(b, t, self.nkv, self.d)
+        k_all, v_all = cache.append(k.transpose(1, 2), v.transpose(1, 2))
+        o = attention(q.transpose(1, 2), k_all, v_all, self.scale)
+        o = o.transpose(1, 2).reshape(b, t, self.nq * self.d)
+        if self.gated:
+            o = o * torch.sigmoid(gate)
+        return self.o_proj(o)

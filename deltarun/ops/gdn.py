@@ -1,0 +1,95 @@
+"""Gated delta rule (the recurrence inside Gated DeltaNet), in plain torch.
+
+Per value head, with state S [Dk, Dv] (fp32), for each token t:
+    S = exp(g_t) * S                         (decay)
+    S = S + k_t ⊗ beta_t * (v_t - S^T k_t)   (delta-rule write)
+    o_t = S^T (q_t / sqrt(Dk))
+q and k are L2-normalised here (as fla's `use_qk_l2norm_in_kernel=True`); when there are fewer q/k
+heads than v heads each q/k head serves `Hv // Hk` consecutive v heads.
+
+Two forms with one signature and the same result:
+  * `chunk_gated_delta_rule`   — prefill: blocks of `chunk_size` tokens via the UT transform.
+  * `recurrent_gated_delta_rule` — decode: token by token (the reference for the chunked form too).
+Shapes: q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g, beta [B, T, Hv]; state [B, Hv, Dk, Dv] fp32.
+Both return (o [B, T, Hv, Dv] in v's dtype, final state [B, Hv, Dk, Dv] fp32).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _prepare(q, k, v, g, beta):
+    """fp32, L2-normalised and scaled q/k expanded to the v heads, head-major [B, H, T, D]."""
+    hk, hv = k.shape[2], v.shape[2]
+    if hk != hv:
+        q = q.repeat_interleave(hv // hk, dim=2)
+        k = k.repeat_interleave(hv // hk, dim=2)
+    q, k, v = (x.transpose(1, 2).float() for x in (q, k, v))
+    q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6)
+    k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    q = q * q.shape[-1] ** -0.5
+    return q, k, v, g.transpose(1, 2).float(), beta.transpose(1, 2).float()
+
+
+def recurrent_gated_delta_rule(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-by-token gated delta rule. See the module docstring for shapes."""
+    out_dtype = v.dtype
+    q, k, v, g, beta = _prepare(q, k, v, g, beta)
+    b, h, t, dk = k.shape
+    s = torch.zeros(b, h, dk, v.shape[-1], dtype=torch.float32, device=v.device) if state is None \
+        else state.float()
+    out = torch.empty_like(v)
+    decay = g.exp()
+    for i in range(t):
+        s = s * decay[:, :, i, None, None]
+        k_i = k[:, :, i]
+        delta = (v[:, :, i] - torch.einsum("bhkv,bhk->bhv", s, k_i)) * beta[:, :, i, None]
+        s = s + k_i.unsqueeze(-1) * delta.unsqueeze(-2)
+        out[:, :, i] = torch.einsum("bhkv,bhk->bhv", s, q[:, :, i])
+    return out.transpose(1, 2).to(out_dtype), s
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    state: torch.Tensor | None = None, chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked gated delta rule for prefill (any T, zero-padded to whole chunks internally)."""
+    out_dtype = v.dtype
+    q, k, v, g, beta = _prepare(q, k, v, g, beta)
+    b, h, t, dk = k.shape
+    dv = v.shape[-1]
+    c = chunk_size
+    pad = (-t) % c
+    if pad:
+        q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        g, beta = (torch.nn.functional.pad(x, (0, pad)) for x in (g, beta))
+    n = (t + pad) // c
+    q, k, v = (x.reshape(b, h, n, c, -1) for x in (q, k, v))
+    g, beta = g.reshape(b, h, n, c), beta.reshape(b, h, n, c)
+
+    gc = g.cumsum(-1)  # log of the decay from the chunk start to each position
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    # decay[i, j] = exp(gc_i - gc_j) for j <= i, else 0 (masked before exp: no overflow)
+    decay = (gc.unsqueeze(-1) - gc.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp()
+    k_beta = k * beta.unsqueeze(-1)
+    # UT transform: (I + strictly_lower(k_beta k^T * decay)) folds the chunk's delta-rule writes into matmuls.
+    system = (k_beta @ k.transpose(-1, -2)) * decay
+    u = torch.linalg.solve_triangular(system, v * beta.unsqueeze(-1), upper=False, unitriangular=True)
+    w = torch.linalg.solve_triangular(system, k_beta * gc.exp().unsqueeze(-1), upper=False,
+                                      unitriangular=True)
+    intra = (q @ k.transpose(-1, -2)) * decay
+    q_decayed = q * gc.exp().unsqueeze(-1)
+    k_to_end = k * (gc[..., -1:] - gc).exp().unsqueeze(-1)
+    chunk_decay = gc[..., -1].exp()[..., None, None]
+
+    s = torch.zeros(b, h, dk, dv, dtype=torch.float32, device=v.device) if state is None else state.float()
+    out = torch.empty(b, h, n, c, dv, dtype=torch.float32, device=v.device)
+    for i in range(n):
+        v_new = u[:, :, i] - w[:, :, i] @ s
+        out[:, :, i] = q_decayed[:, :, i] @ s + intra[:, :, i] @ v_new
+        s = s * chunk_decay[:, :, i] + k_to_end[:, :, i].transpose(-1, -2) @ v_new
+    out = out.reshape(b, h, n * c, dv)[:, :, :t]
+    return out.transpose(1, 2).to(out_dtype), s

@@ -1,0 +1,110 @@
+"""Split generated text into reasoning (inside ``<think>``...``</think>``) and the answer, streaming or not.
+
+With thinking on, the prompt ends with ``<think>\\n`` and the model writes ``{reasoning}\\n</think>\\n\\n{answer}``.
+The split follows the chat template's own reading of that format: newlines at both ends of the reasoning are
+dropped, and so are the newlines that open the answer. A ``<think>`` the model writes itself at the very
+start (after optional whitespace) opens a think block even when the prompt did not. Without a ``</think>``
+everything after the opening is reasoning (a generation cut short while thinking).
+"""
+
+from __future__ import annotations
+
+OPEN = "<think>"
+CLOSE = "</think>"
+
+_START, _THINK, _ANSWER = "start", "think", "answer"
+
+
+def split_reasoning(text: str, in_think: bool) -> tuple[str, str]:
+    """(reasoning, content) of a complete generation; ``in_think``: the prompt ended inside a think block."""
+    body = text
+    stripped = text.lstrip()
+    if stripped.startswith(OPEN):
+        body, in_think = stripped[len(OPEN) :], True
+    if not in_think:
+        return "", text
+    end = body.find(CLOSE)
+    if end == -1:
+        return body.strip("\n"), ""
+    return body[:end].strip("\n"), body[end + len(CLOSE) :].lstrip("\n")
+
+
+def _partial_suffix(buf: str, tag: str) -> int:
+    """Length of the longest suffix of buf that is a proper prefix of tag."""
+    for k in range(min(len(tag) - 1, len(buf)), 0, -1):
+        if buf.endswith(tag[:k]):
+            return k
+    return 0
+
+
+class ReasoningParser:
+    """Streaming ``split_reasoning``: ``feed`` pieces, then ``finish``; the deltas add up to the same split."""
+
+    def __init__(self, in_think: bool) -> None:
+        self.in_think = in_think
+        self._state = _START
+        self._buf = ""
+        self._trim_start = True  # drop newlines that open the current section
+        self.saw_close = False
+
+    @property
+    def in_reasoning(self) -> bool:
+        """Whether text fed now would count as reasoning (before the first text: what the prompt implies)."""
+        return self._state == _THINK or (self._state == _START and self.in_think)
+
+    def feed(self, text: str) -> tuple[str, str]:
+        """(reasoning_delta, content_delta) for the next piece of generated text."""
+        self._buf += text
+        return self._advance(final=False)
+
+    def finish(self) -> tuple[str, str]:
+        """Deltas for text held back at the end of the generation."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> tuple[str, str]:
+        reasoning: list[str] = []
+        content: list[str] = []
+        while True:
+            if self._state == _START:
+                head = self._buf.lstrip()
+                if head.startswith(OPEN):
+                    self._buf = head[len(OPEN) :]
+                    self._state, self._trim_start = _THINK, True
+                    continue
+                if not final and OPEN.startswith(head):  # still could become "<think>"
+                    break
+                self._state = _THINK if self.in_think else _ANSWER
+                self._trim_start = self.in_think
+                continue
+            if self._state == _THINK:
+                if self._trim_start:
+                    self._buf = self._buf.lstrip("\n")
+                    if not self._buf:
+                        break
+                    self._trim_start = False
+                end = self._buf.find(CLOSE)
+                if end != -1:
+                    reasoning.append(self._buf[:end].rstrip("\n"))
+                    self._buf = self._buf[end + len(CLOSE) :]
+                    self._state, self._trim_start, self.saw_close = _ANSWER, True, True
+                    continue
+                if final:
+                    reasoning.append(self._buf.rstrip("\n"))
+                    self._buf = ""
+                    break
+                keep = _partial_suffix(self._buf, CLOSE)
+                head = self._buf[: len(self._buf) - keep]
+                safe = head.rstrip("\n")  # trailing newlines may be the ones before "</think>"
+                reasoning.append(safe)
+                self._buf = self._buf[len(safe) :]
+                break
+            # answer
+            if self._trim_start:
+                self._buf = self._buf.lstrip("\n")
+                if not self._buf:
+                    break
+                self._trim_start = False
+            content.append(self._buf)
+            self._buf = ""
+            break
+        return "".join(reasoning), "".join(content)

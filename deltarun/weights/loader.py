@@ -1,0 +1,136 @@
+"""Load a Hugging Face Qwen3.5 model folder (config.json + safetensors) into `Qwen3_5ForCausalLM`.
+
+Handles the published layouts: one `model.safetensors`, or shards listed in
+`model.safetensors.index.json` (including the `model.safetensors-00001-of-0000N.safetensors` naming);
+flat `qwen3_5_text` checkpoints (`model.layers.*`) as well as nested ones
+(`model.language_model.*`). `model.visual.*` and `mtp.*` tensors are recognised and left for the
+vision and MTP modules. Every failure is a `LoadError` that names the file or tensor.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..config import ConfigError, ModelConfig
+from ..model.qwen3_5 import Qwen3_5ForCausalLM
+
+UNUSED_PREFIXES = ("model.visual.", "mtp.")
+FP32_PARAMS = ("A_log",)  # tiny, and exp() of it sets every decay: keep full precision
+
+
+class LoadError(RuntimeError):
+    """A model folder that cannot be loaded; the message names the file or tensor at fault."""
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype in (None, "auto"):
+        return torch.bfloat16
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(names)}")
+    return names[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA device is available (try --device cpu)")
+    return dev
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder, from the index when there is one."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise LoadError(f"{index} is not a valid safetensors index: {e}") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.exists():
+                raise LoadError(f"{index.name} lists {f.name}, which is missing from {folder}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"no *.safetensors weights in {folder}")
+    return files
+
+
+def _checkpoint_name(name: str, flat: bool) -> str:
+    """Map a checkpoint tensor name to our module name (flat text-only checkpoints lack the nesting)."""
+    if flat and name.startswith("model.") and not name.startswith("model.language_model."):
+        return "model.language_model." + name[len("model."):]
+    return name
+
+
+def load_model(folder: str | Path, dtype: str | torch.dtype | None = "auto",
+               device: str | torch.device | None = "auto") -> Qwen3_5ForCausalLM:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LoadError(f"model folder {folder} does not exist")
+    try:
+        config = ModelConfig.from_file(folder / "config.json")
+    except ConfigError as e:
+        raise LoadError(str(e)) from None
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+
+    with torch.device("meta"):
+        model = Qwen3_5ForCausalLM(config)
+    model.to_empty(device=dev)
+    model.to(dt)
+    lm = model.model.language_model
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if config.text.tie_word_embeddings:
+        model.lm_head.weight = lm.embed_tokens.weight
+        params.pop("lm_head.weight")
+    for name, p in params.items():
+        if name.endswith(FP32_PARAMS):
+            p.data = p.data.float()
+
+    flat = config.model_type == "qwen3_5_text"
+    loaded: set[str] = set()
+    for path in weight_files(folder):
+        _load_file(path, params, loaded, flat)
+    missing = [n for n in params if n not in loaded]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise LoadError(f"tensor {missing[0]} is missing from the checkpoint in {folder}{more}")
+    model.eval().requires_grad_(False)
+    return model
+
+
+def _load_file(path: Path, params: dict[str, torch.nn.Parameter], loaded: set[str], flat: bool) -> None:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key.startswith(UNUSED_PREFIXES):
+                    continue
+                name = _checkpoint_name(key, flat)
+                if name == "lm_head.weight" and name not in params:
+                    continue  # tied: the embedding serves as lm_head
+                if name not in params:
+                    raise LoadError(f"{path.name}: unexpected tensor {key} (not part of a Qwen3.5 model)")
+                tensor = f.get_tensor(key)
+                p = params[name]
+                if tuple(tensor.shape) != tuple(p.shape):
+                    raise LoadError(f"{path.name}: tensor {key} has shape {list(tensor.shape)}, "
+                                    f"expected {list(p.shape)}")
+                p.data.copy_(tensor)
+                loaded.add(name)
+    except SafetensorError as e:
+        raise LoadError(f"{path} is not a valid safetensors file (truncated or corrupt?): {e}") from None
+    except OSError as e:
+        raise LoadError(f"cannot read {path}: {e}") from None

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install torch into the given python's environment: a CUDA build when an NVIDIA GPU is present,
+# otherwise the CPU build (a local wheel when pip's find-links has one, else PyTorch's CPU index).
+set -euo pipefail
+PY=${1:-python3}
+if "$PY" -c "import torch" 2>/dev/null; then exit 0; fi
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    exec "$PY" -m pip install "torch>=2.4"          # PyPI's Linux wheels are CUDA builds
+fi
+"$PY" -m pip install --no-index "torch==2.13.0" 2>/dev/null \
+  || "$PY" -m pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
+  || "$PY" -m pip install "torch>=2.4" --index-url https://download.pytorch.org/whl/cpu

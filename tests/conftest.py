@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny random checkpoints (fp32) written once per test session."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from tiny import VARIANTS, make_checkpoint, tiny_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpts(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    return {name: make_checkpoint(root / name, tiny_config(**ov), seed=i)
+            for i, (name, ov) in enumerate(VARIANTS.items())}
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_ckpts) -> Path:
+    return tiny_ckpts["hybrid"]

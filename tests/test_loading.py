@@ -1,0 +1,142 @@
+"""Checkpoint loading: the published layouts load, and every kind of broken folder gives a clear error."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from deltarun.weights.loader import LoadError, load_model, weight_files
+from deltarun.weights.random_init import tensor_shapes
+from deltarun.config import ModelConfig
+
+
+@pytest.fixture()
+def ckpt(tiny_ckpt, tmp_path):
+    dst = tmp_path / "m"
+    shutil.copytree(tiny_ckpt, dst)
+    return dst
+
+
+def test_official_layout(tiny_ckpt):
+    files = weight_files(tiny_ckpt)
+    assert len(files) > 1 and all("-of-" in f.name for f in files)
+    names = set()
+    for f in files:
+        with safe_open(str(f), "pt") as sf:
+            names |= set(sf.keys())
+            for k in sf.keys():
+                if k.endswith(("A_log", "linear_attn.norm.weight")):
+                    assert sf.get_slice(k).get_dtype() == "F32"
+    assert any(n.startswith("mtp.") for n in names) and any(n.startswith("model.visual.") for n in names)
+    assert names == set(tensor_shapes(ModelConfig.from_file(tiny_ckpt / "config.json")))
+
+
+def test_official_0_8b_tensor_names_and_count():
+    """The 0.8B config gives exactly the published parameter total (FACTS.md §3): 873,438,784."""
+    from deltarun.weights.random_init import bundled_config_path
+
+    shapes = tensor_shapes(ModelConfig.from_file(bundled_config_path("0.8B")))
+    total = sum(torch.Size(s).numel() for s in shapes.values())
+    assert total == 873_438_784
+    assert "lm_head.weight" not in shapes  # tied
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_dtypes(tiny_ckpt, dtype):
+    m = load_model(tiny_ckpt, dtype=dtype, device="cpu")
+    assert m.dtype == getattr(torch, dtype)
+    assert m.model.language_model.layers[0].linear_attn.A_log.dtype == torch.float32
+
+
+def test_single_file_layout(ckpt):
+    tensors = {}
+    for f in weight_files(ckpt):
+        with safe_open(str(f), "pt") as sf:
+            tensors.update({k: sf.get_tensor(k) for k in sf.keys()})
+        f.unlink()
+    (ckpt / "model.safetensors.index.json").unlink()
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    load_model(ckpt, dtype="float32", device="cpu")
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(LoadError, match="does not exist"):
+        load_model(tmp_path / "nope")
+
+
+def test_missing_config(ckpt):
+    (ckpt / "config.json").unlink()
+    with pytest.raises(LoadError, match="no config.json"):
+        load_model(ckpt)
+
+
+def test_other_architecture(ckpt):
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(LoadError, match="llama.*not a Qwen3.5 model"):
+        load_model(ckpt)
+
+
+def test_bad_json(ckpt):
+    (ckpt / "config.json").write_text("{not json")
+    with pytest.raises(LoadError, match="not valid JSON"):
+        load_model(ckpt)
+
+
+def test_missing_shard(ckpt):
+    victim = weight_files(ckpt)[0]
+    victim.unlink()
+    with pytest.raises(LoadError, match=victim.name):
+        load_model(ckpt)
+
+
+def test_truncated_file(ckpt):
+    victim = weight_files(ckpt)[-1]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(LoadError, match=f"{victim.name}.*truncated or corrupt"):
+        load_model(ckpt)
+
+
+def test_corrupt_header(ckpt):
+    victim = weight_files(ckpt)[0]
+    data = bytearray(victim.read_bytes())
+    data[8:40] = b"#" * 32
+    victim.write_bytes(bytes(data))
+    with pytest.raises(LoadError, match="truncated or corrupt"):
+        load_model(ckpt)
+
+
+def _rewrite(ckpt, edit):
+    for f in weight_files(ckpt):
+        with safe_open(str(f), "pt") as sf:
+            tensors = {k: sf.get_tensor(k) for k in sf.keys()}
+        edit(tensors)
+        save_file(tensors, str(f))
+
+
+def test_missing_tensor_is_named(ckpt):
+    name = "model.language_model.layers.1.self_attn.k_norm.weight"
+    _rewrite(ckpt, lambda t: t.pop(name, None))
+    with pytest.raises(LoadError, match=f"tensor {name} is missing"):
+        load_model(ckpt)
+
+
+def test_wrong_shape_is_named(ckpt):
+    name = "model.language_model.layers.0.linear_attn.in_proj_qkv.weight"
+
+    def edit(t):
+        if name in t:
+            t[name] = t[name][:-1]
+    _rewrite(ckpt, edit)
+    with pytest.raises(LoadError, match=f"tensor {name} has shape"):
+        load_model(ckpt)
+
+
+def test_bad_dtype_and_device(tiny_ckpt):
+    with pytest.raises(ValueError, match="unknown dtype"):
+        load_model(tiny_ckpt, dtype="int3")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            load_model(tiny_ckpt, device="cuda")

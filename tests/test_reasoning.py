@@ -1,0 +1,90 @@
+"""Reasoning/answer split: known cases, and streaming in random pieces equals the one-shot split."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from deltarun.processor.reasoning import ReasoningParser, split_reasoning
+
+
+def _stream(text: str, in_think: bool, cuts: list[int]) -> tuple[str, str]:
+    parser = ReasoningParser(in_think)
+    reasoning, content, pos = [], [], 0
+    for cut in cuts + [len(text)]:
+        r, c = parser.feed(text[pos:cut])
+        reasoning.append(r)
+        content.append(c)
+        pos = cut
+    r, c = parser.finish()
+    return "".join(reasoning) + r, "".join(content) + c
+
+
+CASES = [
+    # (text, in_think, reasoning, content)
+    ("Let me think.\nStep 2.\n</think>\n\nThe answer is 4.", True, "Let me think.\nStep 2.", "The answer is 4."),
+    ("\n</think>\n\nHi", True, "", "Hi"),
+    ("plain answer", False, "", "plain answer"),
+    ("\n\nplain answer\n", False, "", "\n\nplain answer\n"),
+    ("<think>\nself-opened\n</think>\n\nanswer", False, "self-opened", "answer"),
+    ("  \n<think>\nr\n</think>\n\nanswer", False, "r", "answer"),
+    ("<think>\nr\n</think>\n\na", True, "r", "a"),  # a repeated opening tag is not reasoning text
+    ("still thinking when cut off\n", True, "still thinking when cut off", ""),
+    ("a</think>b</think>c", True, "a", "b</think>c"),
+    ("text with <think> inside", False, "", "text with <think> inside"),
+    ("r\n\n\n</think>\n\n\n\nanswer\n\n", True, "r", "answer\n\n"),
+    ("r </thin", True, "r </thin", ""),
+    ("<thin", False, "", "<thin"),
+    ("", True, "", ""),
+    ("", False, "", ""),
+    ("   ", False, "", "   "),
+    ("\n\n", True, "", ""),
+]
+
+
+@pytest.mark.parametrize("text, in_think, reasoning, content", CASES)
+def test_known_cases(text, in_think, reasoning, content):
+    assert split_reasoning(text, in_think) == (reasoning, content)
+    assert _stream(text, in_think, []) == (reasoning, content)
+    for cut in range(len(text) + 1):
+        assert _stream(text, in_think, [cut]) == (reasoning, content), cut
+    assert _stream(text, in_think, list(range(1, len(text)))) == (reasoning, content)
+
+
+def test_streaming_deltas_arrive_early():
+    parser = ReasoningParser(in_think=True)
+    assert parser.feed("Thinking about it") == ("Thinking about it", "")
+    assert parser.feed("\n") == ("", "")  # may be the newline before </think>
+    assert parser.feed("</th") == ("", "")
+    assert parser.feed("ink>\n") == ("", "")
+    assert parser.feed("\nAnswer") == ("", "Answer")
+    assert parser.feed(" more") == ("", " more")
+    assert parser.finish() == ("", "")
+    assert parser.saw_close
+
+
+def test_newline_inside_reasoning_is_kept():
+    parser = ReasoningParser(in_think=True)
+    assert parser.feed("a\n") == ("a", "")
+    assert parser.feed("b") == ("\nb", "")
+
+
+def _random_text(rng: random.Random) -> str:
+    pieces = ["<think>", "</think>", "<thi", "</th", "\n", "\n\n", " ", "abc", "思考", "😀", "<", ">", "/", "think", "x"]
+    return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
+
+
+@pytest.mark.parametrize("in_think", [True, False])
+def test_random_streaming_equals_split(in_think):
+    rng = random.Random(11 + in_think)
+    for _ in range(3000):
+        text = _random_text(rng)
+        cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 6))))
+        assert _stream(text, in_think, cuts) == split_reasoning(text, in_think), (text, cuts)
+
+
+def test_model_output_format_roundtrip():
+    reasoning, answer = "Need weather.\n\nThen answer.", "<tool_call>\n<function=f>\n</function>\n</tool_call>"
+    generated = f"{reasoning}\n</think>\n\n{answer}"
+    assert split_reasoning(generated, in_think=True) == (reasoning, answer)

@@ -1,0 +1,232 @@
+"""Tokenizer backends (tokenizers + written tokenizer.json, built-in tiktoken, transformers) agree exactly."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from deltarun.processor.tokenizer import Tokenizer
+from deltarun.processor.tokenizer_files import (
+    ADDED_TOKENS,
+    derive_merges,
+    load_ranks,
+    write_tokenizer_files,
+)
+
+DATA = Path(__file__).resolve().parent.parent / "deltarun" / "data"
+
+CORPUS = [
+    "",
+    "Hello, world! It's a test. They'll say we've done it, I'd think.",
+    "HELLO'S WORLD'LL DON'T",
+    "The quick brown fox jumps over the lazy dog.\n",
+    "你好，世界！今天天气很好。我们去俱乐部吧。",
+    "俱乐部",
+    " 俱乐部",
+    "日本語のテキスト、カタカナとひらがな。漢字も。",
+    "مرحبا بالعالم! هذا نصٌّ عربيٌّ مُشَكَّل.",
+    "Привет, мир! Ёлка.",
+    "नमस्ते दुनिया, क्षत्रिय ज्ञान",
+    "สวัสดีชาวโลก ภาษาไทย",
+    "안녕하세요 세계",
+    "\u1100\u1161\u11a8 (conjoining jamo)",
+    "emoji 😀😃🙂 👍🏽 👨‍👩‍👧‍👦 🏳️‍🌈 🇯🇵🇺🇸 ❤️‍🔥 🧑🏿‍💻",
+    "e\u0301 cafe\u0301 Å A\u030a \u212b \u2126 x\u0301\u0302y \u0344 ﬁ ½ ｆｕｌｌ",
+    "def f(x):\n\treturn x  \n\n\n\tif x:\t\tpass   \r\n    # comment   \n",
+    "    leading spaces\n\n\n\ntrailing spaces      ",
+    " " * 100 + "x" + "\t" * 37 + "\n" * 20 + " \n \n",
+    "1234567890 3.14159 1e-10 0x1F 2,000,000 ١٢٣ ๑๒๓",
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+    "<think>\nreasoning\n</think>\n\n<tool_call>\n<function=f>\n</function>\n</tool_call><|endoftext|>",
+    "<|im_start <|im_end| <think <|vision_start|><|image_pad|><|vision_end|>",
+    "<|im_end|><|im_end|>text<|endoftext|>",
+    "a\u00a0b\u2003c\u200bd\u200d\ufeffe \U0001f600\U000e0001 \x00\x01\x7f",
+    "https://example.com/path?q=1&r=2#frag user@mail.org",
+    "€£¥ ©®™ → ⇒ ∀∃∈ ≤≥ αβγ ΑΒΓ",
+    "'s 's'S 'll'LL 're 've 'm 'd",
+    "ثم ‏RTL‎ mark \u202etext",
+]
+
+
+def _random_corpus(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    pools = [
+        "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
+        " \t\n\r  \n\n",
+        "0123456789.,;:!?'\"()[]{}<>|/-_=+*&^%$#@`~",
+        "你好世界俱乐部的是了我不人在有这中大为上个国",
+        "あいうえおカキクケコ日本語",
+        "абвгдеёжзийклмнопрстуфхцчшщъыьэюя",
+        "ابتثجحخدذرزسشصضطظعغفقكلمنهوي\u064b\u064e\u0650\u0651",
+        "\u0300\u0301\u0302\u0308\u0327\u030a\u0344",
+        "😀👍🏽👨\u200d👩\u200d👧🇯🇵\ufe0f",
+        "क्षत्रियज्ञानं",
+    ]
+    out = []
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.randint(1, 12)):
+            pool = rng.choice(pools)
+            parts.append("".join(rng.choice(pool) for _ in range(rng.randint(1, 8))))
+        out.append("".join(parts))
+    return out
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    start = time.perf_counter()
+    write_tokenizer_files(out, thinking_default=True)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 20, f"writing tokenizer files took {elapsed:.1f}s"
+    (out / "config.json").write_text(json.dumps({"model_type": "qwen3_5"}))  # as in a real model folder
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_tok(folder) -> Tokenizer:
+    tok = Tokenizer.from_folder(folder)
+    assert tok.backend == "tokenizers"
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tt_tok() -> Tokenizer:
+    tok = Tokenizer.builtin()
+    assert tok.backend == "tiktoken"
+    return tok
+
+
+@pytest.fixture(scope="module")
+def auto_tok(folder):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(folder))
+
+
+def test_files_written(folder):
+    names = {p.name for p in folder.iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "chat_template.jinja"} <= names
+    assert (folder / "chat_template.jinja").read_bytes() == (DATA / "chat_template.jinja").read_bytes()
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert config["eos_token"] == "<|im_end|>" and config["pad_token"] == "<|endoftext|>"
+    assert config["bos_token"] is None and config["model_max_length"] == 262144
+    assert config["chat_template"] == (DATA / "chat_template.jinja").read_text()
+    assert config["added_tokens_decoder"]["248046"]["content"] == "<|im_end|>"
+    assert config["added_tokens_decoder"]["248068"] == {
+        "content": "<think>", "lstrip": False, "normalized": False, "rstrip": False,
+        "single_word": False, "special": False,
+    }
+    merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+    assert merges[0].startswith("#version") and len(merges) - 1 == 247_587  # the official merges.txt count
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    assert len(vocab) == 248_044 and vocab["!"] == 0 and vocab["Ġthe"] < 1000
+
+
+def test_small_model_template_written(tmp_path):
+    write_tokenizer_files(tmp_path, thinking_default=False)
+    small = (DATA / "chat_template.0.8B-2B.jinja").read_bytes()
+    assert (tmp_path / "chat_template.jinja").read_bytes() == small
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["chat_template"] == small.decode()
+
+
+def test_merge_derivation():
+    merges, unreachable = derive_merges()
+    ranks = load_ranks()
+    assert len(unreachable) == 201 and "俱乐部".encode() in unreachable
+    assert all(a + b in ranks for a, b in merges[:1000])
+
+
+def test_vocab_and_special_ids(hf_tok, tt_tok):
+    for tok in (hf_tok, tt_tok):
+        assert tok.vocab_size == 248_077
+        assert tok.eos_token_ids == [248046, 248044]
+        expected = {"<|endoftext|>": 248044, "<|im_start|>": 248045, "<|im_end|>": 248046,
+                    "<|vision_start|>": 248053, "<|vision_end|>": 248054, "<|image_pad|>": 248056,
+                    "<|video_pad|>": 248057, "<tool_call>": 248058, "</tool_call>": 248059,
+                    "<tool_response>": 248066, "</tool_response>": 248067, "<think>": 248068,
+                    "</think>": 248069, "<|audio_pad|>": 248076}
+        for text, idx in expected.items():
+            assert tok.token_to_id(text) == idx
+            assert tok.id_to_token_bytes(idx) == text.encode()
+        assert tok.token_to_id("Ġthe") is None and tok.token_to_id(" the") == tok.encode(" the")[0]
+        assert tok.token_to_id("no-such-token-xyz") is None
+        assert 248046 in tok.special_ids and 248068 not in tok.special_ids and 248058 not in tok.special_ids
+        assert tok.id_to_token_bytes(10**6) == b"" and tok.id_to_token_bytes(248100) == b""
+    assert hf_tok.special_ids == tt_tok.special_ids == {t.id for t in ADDED_TOKENS if t.special}
+
+
+def test_backends_agree_on_corpus(hf_tok, tt_tok, auto_tok):
+    texts = CORPUS + _random_corpus(400, seed=1)
+    for text in texts:
+        a = hf_tok.encode(text)
+        assert a == tt_tok.encode(text), text
+        assert a == auto_tok.encode(text, add_special_tokens=False), text
+        assert hf_tok.decode(a) == unicodedata.normalize("NFC", text), text
+    assert hf_tok.encode("") == tt_tok.encode("") == []
+    assert hf_tok.encode("<|im_start|>user\n")[0] == 248045
+
+
+def test_backends_agree_on_every_token(folder, hf_tok, tt_tok):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    raw = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    texts = []
+    for token in load_ranks():
+        try:
+            text = token.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if unicodedata.is_normalized("NFC", text):
+            texts.append(text)
+    expected = [e.ids for e in raw.encode_batch(texts, add_special_tokens=False)]
+    got = [tt_tok.encode(t) for t in texts]
+    bad = [(t, e, g) for t, e, g in zip(texts, expected, got) if e != g]
+    assert not bad, bad[:5]
+
+
+def test_unreachable_tokens_never_produced(hf_tok, tt_tok, auto_tok):
+    ids = tt_tok.encode("俱乐部")
+    assert len(ids) > 1 and ids == hf_tok.encode("俱乐部") == auto_tok.encode("俱乐部", add_special_tokens=False)
+
+
+def test_decode_matches_reference(folder, hf_tok, tt_tok, auto_tok):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    raw = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    rng = random.Random(7)
+    specials = [t.id for t in ADDED_TOKENS]
+    for _ in range(300):
+        ids = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(248044) for _ in range(rng.randint(0, 12))]
+        for skip in (False, True):
+            want = raw.decode(ids, skip_special_tokens=skip)
+            assert hf_tok.decode(ids, skip_special_tokens=skip) == want
+            assert tt_tok.decode(ids, skip_special_tokens=skip) == want
+            assert auto_tok.decode(ids, skip_special_tokens=skip) == want
+
+
+def test_decode_partial_utf8(tt_tok):
+    byte_ids = [i for i in range(tt_tok.vocab_size) if len(tt_tok.id_to_token_bytes(i)) == 1]
+    by_byte = {tt_tok.id_to_token_bytes(i)[0]: i for i in byte_ids}
+    assert len(by_byte) == 256
+    ids = [by_byte[b] for b in "😀".encode()]
+    assert tt_tok.decode(ids) == "😀"
+    assert tt_tok.decode(ids[:2]) == "\ufffd"
+    assert tt_tok.decode(ids[:2] + [tt_tok.token_to_id("a")]) == "\ufffda"
+
+
+def test_corrupt_tokenizer_json(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": ')
+    with pytest.raises(ValueError) as info:
+        Tokenizer.from_folder(tmp_path)
+    message = str(info.value)
+    assert "tokenizer.json" in message and str(tmp_path) in message and "\n" not in message
+
+
+def test_folder_without_tokenizer_json_uses_builtin(tmp_path, tt_tok):
+    tok = Tokenizer.from_folder(tmp_path)
+    assert tok.backend == "tiktoken" and tok.encode("hello world") == tt_tok.encode("hello world")
