@@ -120,7 +120,11 @@ def child_main(a) -> None:
         torch.set_num_threads(a.threads)
     family, prec = a.child.split("-")
     dtype = {"fp32": "float32", "bf16": "bfloat16"}[prec]
-    res = (_bench_deltarun if family == "deltarun" else _bench_hf)(a.model, dtype, a)
+    try:
+        res = (_bench_deltarun if family == "deltarun" else _bench_hf)(a.model, dtype, a)
+    except Exception as e:  # a clean one-line reason for the parent; crashes still show stderr
+        print("RESULT " + json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
+        return
     if a.e2e and family == "deltarun":
         import gc
         gc.collect()  # peak RSS was taken above; the LLM loads its own copy of the weights
@@ -135,8 +139,6 @@ def child_main(a) -> None:
 # ---------------------------------------------------------------- parent: orchestration, table
 def ensure_checkpoint(model: Path | None) -> Path:
     if model is not None:
-        if not (model / "config.json").is_file():
-            sys.exit(f"error: --model {model}: no config.json there (expected a Qwen3.5 model folder)")
         return model
     if (DEFAULT_MODEL / "config.json").is_file():
         return DEFAULT_MODEL
@@ -158,8 +160,8 @@ def run_child(system: str, a, model: Path) -> dict:
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-    return {"error": f"exit {proc.returncode}:\n{tail}"}
+    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+    return {"error": f"child exited with status {proc.returncode}:\n{tail}"}
 
 
 def fmt(values: list[float], digits: int = 1) -> str:
@@ -187,7 +189,7 @@ def print_table(systems: list[str], results: dict[str, list[dict]], e2e: bool) -
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help=f"model folder to reuse (default: {DEFAULT_MODEL}, "
                    "written with random weights on first use)")
@@ -209,6 +211,8 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if a.threads is not None and a.threads < 1:
         p.error("--threads must be at least 1")
+    if a.model is not None and not (a.model / "config.json").is_file():
+        p.error(f"--model {a.model}: no config.json there (expected a Qwen3.5 model folder)")
     a.systems = [s.strip() for s in a.systems.split(",") if s.strip()]
     bad = [s for s in a.systems if s not in SYSTEMS]
     if bad or not a.systems:
@@ -231,7 +235,8 @@ def main(argv=None) -> None:
     print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
     if load1 > 0.5:
         print(f"WARNING: load average {load1:.2f} > 0.5: something else is running; timings (bf16 above "
-              "all) will be far slower and noisy. Run on an idle machine for numbers you report.")
+              "all) will be far slower and noisy. Run on an idle machine for numbers you report "
+              "(on a busy one, --threads 1 suffers least).")
     model = ensure_checkpoint(a.model)
     print(f"model: {model}  workloads: pp{a.prompt_len}, tg{a.gen_len} (after a {TG_PROMPT_LEN}-token "
           f"prompt), reps: {a.reps}\n", flush=True)
@@ -243,9 +248,9 @@ def main(argv=None) -> None:
             if "error" in r:
                 print(f"  rep {rep} {s}: FAILED {r['error']}", flush=True)
                 continue
-            extra = f", e2e {r['e2e_tps']:.1f}" if "e2e_tps" in r else ""
-            print(f"  rep {rep} {s:14s} prefill {r['prefill_tps']:8.1f} tok/s, decode {r['decode_tps']:6.2f}"
-                  f"{extra} tok/s, peak RSS {r['rss_gb']:.2f} GB, load {r['load_s']:.1f} s", flush=True)
+            extra = f" (e2e {r['e2e_tps']:.2f})" if "e2e_tps" in r else ""
+            print(f"  rep {rep} {s:14s} prefill {r['prefill_tps']:8.1f} tok/s, decode {r['decode_tps']:6.2f} tok/s"
+                  f"{extra}, peak RSS {r['rss_gb']:.2f} GB, load {r['load_s']:.1f} s", flush=True)
             if "e2e_error" in r:
                 print(f"    e2e (LLM.generate_stream) failed: {r['e2e_error']}", flush=True)
     print()

@@ -24,3 +24,17 @@ def tiny_ckpts(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_ckpt(tiny_ckpts) -> Path:
     return tiny_ckpts["hybrid"]
+
+
+@pytest.fixture(scope="session")
+def chat_ckpt(tmp_path_factory) -> Path:
+    """A tiny model with the real vocabulary size, tokenizer files and the 0.8B/2B chat template."""
+    return make_checkpoint(tmp_path_factory.mktemp("chat") / "m", tiny_config(vocab_size=248320), seed=5,
+                           tokenizer=True)
+
+
+@pytest.fixture(scope="session")
+def chat_llm(chat_ckpt):
+    from deltarun import LLM
+
+    return LLM(str(chat_ckpt), dtype="float32", device="cpu")
