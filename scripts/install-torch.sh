@@ -7,6 +7,9 @@ if "$PY" -c "import torch" 2>/dev/null; then exit 0; fi
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     exec "$PY" -m pip install "torch>=2.4"          # PyPI's Linux wheels are CUDA builds
 fi
-"$PY" -m pip install --no-index "torch==2.13.0" 2>/dev/null \
-  || "$PY" -m pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
-  || "$PY" -m pip install "torch>=2.4" --index-url https://download.pytorch.org/whl/cpu
+# A CPU wheel on local disk (pip's find-links)? Then take it, with its dependencies from PyPI.
+if "$PY" -m pip install -q --no-deps --no-index "torch==2.13.0" >/dev/null 2>&1; then
+    exec "$PY" -m pip install "torch==2.13.0"
+fi
+exec "$PY" -m pip install "torch>=2.4" --index-url https://download.pytorch.org/whl/cpu \
+    --extra-index-url https://pypi.org/simple
