@@ -87,32 +87,30 @@ def load_model(folder: str | Path, dtype: str | torch.dtype | None = "auto",
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
 
+    # Built on the meta device: each parameter is then replaced by its checkpoint tensor, so
+    # weights are allocated once, directly in the target dtype and device.
     with torch.device("meta"):
         model = Qwen3_5ForCausalLM(config)
-    model.to_empty(device=dev)
-    model.to(dt)
-    lm = model.model.language_model
     params = dict(model.named_parameters(remove_duplicate=False))
     if config.text.tie_word_embeddings:
-        model.lm_head.weight = lm.embed_tokens.weight
         params.pop("lm_head.weight")
-    for name, p in params.items():
-        if name.endswith(FP32_PARAMS):
-            p.data = p.data.float()
 
     flat = config.model_type == "qwen3_5_text"
     loaded: set[str] = set()
     for path in weight_files(folder):
-        _load_file(path, params, loaded, flat)
+        _load_file(path, model, params, loaded, flat, dt, dev)
     missing = [n for n in params if n not in loaded]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise LoadError(f"tensor {missing[0]} is missing from the checkpoint in {folder}{more}")
+    if config.text.tie_word_embeddings:
+        model.lm_head.weight = model.model.language_model.embed_tokens.weight
     model.eval().requires_grad_(False)
     return model
 
 
-def _load_file(path: Path, params: dict[str, torch.nn.Parameter], loaded: set[str], flat: bool) -> None:
+def _load_file(path: Path, model: torch.nn.Module, params: dict[str, torch.nn.Parameter], loaded: set[str],
+               flat: bool, dtype: torch.dtype, device: torch.device) -> None:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():
@@ -128,7 +126,10 @@ def _load_file(path: Path, params: dict[str, torch.nn.Parameter], loaded: set[st
                 if tuple(tensor.shape) != tuple(p.shape):
                     raise LoadError(f"{path.name}: tensor {key} has shape {list(tensor.shape)}, "
                                     f"expected {list(p.shape)}")
-                p.data.copy_(tensor)
+                target = torch.float32 if name.endswith(FP32_PARAMS) else dtype
+                module_name, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(module_name), attr,
+                        torch.nn.Parameter(tensor.to(device=device, dtype=target), requires_grad=False))
                 loaded.add(name)
     except SafetensorError as e:
         raise LoadError(f"{path} is not a valid safetensors file (truncated or corrupt?): {e}") from None
