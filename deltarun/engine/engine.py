@@ -33,10 +33,8 @@ class Engine:
         self.waiting: deque[str] = deque()
 
     # -- requests -------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a prompt. `params` must already carry defaults (`SamplingParams.with_defaults`)."""
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError (a clear, user-facing message) for a request the engine cannot run."""
         if not prompt_ids:
             raise ValueError("the prompt is empty: give at least one token")
         vocab = self.model.config.text.vocab_size
@@ -46,6 +44,13 @@ class Engine:
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens, but the context length is "
                              f"{self.max_model_len}; shorten it or raise the context length")
+        params.validate()
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a prompt. `params` must already carry defaults (`SamplingParams.with_defaults`)."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.check_request(prompt_ids, params)
         req = Request(request_id, [int(t) for t in prompt_ids], params, self.max_model_len)
         self.requests[request_id] = req
         self.waiting.append(request_id)

@@ -1,0 +1,57 @@
+"""The asynchronous Python API (what the server uses): many concurrent requests over one engine thread.
+
+`AsyncLLM` shares loading, tokenizing and chat rendering with `LLM` (`Frontend`); generation runs on
+the engine thread (engine/async_engine.py) and each request streams its `StreamDelta`s to its caller.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from .engine.async_engine import AsyncEngine
+from .llm import Frontend, Messages, Prompt
+from .outputs import RequestOutput, StreamDelta
+from .processor.reasoning import ReasoningParser
+from .sampling import SamplingParams
+
+
+class AsyncLLM(Frontend):
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.async_engine = AsyncEngine(self.engine)
+
+    async def generate_stream(self, prompt: Prompt, params: SamplingParams | None = None
+                              ) -> AsyncIterator[StreamDelta]:
+        """New text per sequence as it is generated; closing the iterator aborts the request."""
+        req = self.prepare(prompt, params)
+        async for step in self.async_engine.generate(req.request_id, req.prompt_ids, req.params):
+            for delta in self.output.update(req, step, self.async_engine.finish):
+                yield delta
+            if req.finished:  # every sequence ended (maybe by a stop string the engine has not seen yet)
+                return
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> RequestOutput:
+        req = self.prepare(prompt, params)
+        async for step in self.async_engine.generate(req.request_id, req.prompt_ids, req.params):
+            self.output.update(req, step, self.async_engine.finish)
+            if req.finished:
+                break
+        return self.output.result(req)
+
+    async def chat_stream(self, messages: Messages, params: SamplingParams | None = None, *,
+                          enable_thinking: bool | None = None, tools: list[dict] | None = None,
+                          **template_kwargs: Any) -> AsyncIterator[StreamDelta]:
+        """Stream a conversation's answer, reasoning apart from content."""
+        prompt, ids, thinking = self.render(messages, enable_thinking, tools, **template_kwargs)
+        parsers: dict[int, ReasoningParser] = {}
+        async for delta in self.generate_stream(ids, self.chat_params(params, thinking)):
+            parser = parsers.setdefault(delta.index, ReasoningParser(in_think=prompt.endswith("<think>\n")))
+            delta.reasoning, delta.content = parser.feed(delta.text)
+            if delta.finish_reason is not None:
+                r, c = parser.finish()
+                delta.reasoning += r
+                delta.content += c
+            yield delta
+
+    def shutdown(self) -> None:
+        self.async_engine.shutdown()
