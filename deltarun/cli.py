@@ -1,4 +1,4 @@
-"""Command line: `deltarun chat | generate | init-random` (thin: flags → the Python API).
+"""Command line: `deltarun chat | generate | serve | init-random` (thin: flags → the Python API).
 
 Every user-facing failure ends as one line on stderr and a non-zero exit code, never a traceback.
 """
@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--hide-thinking", action="store_true", help="do not print the reasoning (stderr)")
     gen.add_argument("-n", type=int, default=1, help="number of answers")
     _sampling_flags(gen)
+
+    serve = sub.add_parser("serve", help="serve the OpenAI- and Ollama-compatible HTTP API")
+    _model_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=11435)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route")
+    serve.add_argument("--cors", action="append", metavar="ORIGIN", help="allow this browser origin (repeatable; '*' = any)")
+    serve.add_argument("--served-model-name", help="model name clients use (default: the MODEL argument)")
 
     init = sub.add_parser("init-random", help="write a random-weights checkpoint in the official layout")
     init.add_argument("config", help="0.8B, 2B, 4B, 9B (bundled official configs) or a config.json path")
@@ -115,6 +123,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    import uvicorn
+
+    from .async_llm import AsyncLLM
+    from .server import create_app
+    from .weights.hub import resolve_model
+
+    if args.model == "demo":
+        _err("note: 'demo' has RANDOM WEIGHTS in the Qwen3.5-0.8B layout; its answers are noise")
+    llm = AsyncLLM(resolve_model(args.model), dtype=args.dtype, device=args.device, max_model_len=args.context_length)
+    # --think/--no-think set the server-wide default; each request may still switch it
+    app = create_app(llm, args.served_model_name or args.model, api_key=args.api_key, cors_origins=args.cors,
+                     default_thinking=args.think)
+    _err(f"deltarun: serving {args.served_model_name or args.model} on http://{args.host}:{args.port} "
+         "(OpenAI: /v1, Ollama: /api)")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        llm.shutdown()
+    return 0
+
+
 def cmd_init_random(args: argparse.Namespace) -> int:
     import torch
 
@@ -137,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_chat(args)
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         return cmd_init_random(args)
     except (ModelNotFound, LoadError, ConfigError, ValueError, FileNotFoundError, OSError) as e:
         _err(f"deltarun: error: {e}")

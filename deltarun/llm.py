@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .engine.engine import Engine
+from .engine.engine import Engine, EngineConfig
 from .outputs import ChatCompletion, ChatOutput, RequestOutput, StreamDelta
 from .processor.chat_template import ChatTemplate
 from .processor.output import OutputProcessor, RequestState
@@ -31,7 +31,9 @@ class Frontend:
     """Model, tokenizer, template and engine for one checkpoint, plus the text-side helpers."""
 
     def __init__(self, model: str | Path = "qwen3.5:0.8b", *, dtype: str = "auto", device: str = "auto",
-                 max_model_len: int | None = None, max_prefill_tokens: int = 512):
+                 **engine_options: Any):
+        """engine_options: fields of `EngineConfig` (max_num_seqs, max_prefill_tokens, max_model_len,
+        max_memory, prefix_cache_memory, prefix_block)."""
         self.path = resolve_model(model)
         self.model = load_model(self.path, dtype=dtype, device=device)
         self.config = self.model.config
@@ -39,8 +41,7 @@ class Frontend:
         self.template = ChatTemplate.from_folder(self.path) or ChatTemplate.builtin(
             thinking_default=self.config.text.hidden_size >= 2560)
         self.engine = Engine(self.model, eos_token_ids=self.tokenizer.eos_token_ids,
-                             valid_vocab=self.tokenizer.vocab_size, max_prefill_tokens=max_prefill_tokens,
-                             max_model_len=max_model_len)
+                             valid_vocab=self.tokenizer.vocab_size, config=EngineConfig(**engine_options))
         self.output = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 

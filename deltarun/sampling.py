@@ -72,6 +72,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Factories of per-sequence logits masks (structured output): each sequence calls every factory
+    # once and gets an object with `__call__(logits_row)` (masks in place) and `accept(token_id)`.
+    logits_processors: list | None = None
 
     def __post_init__(self) -> None:
         if self.stop is None:

@@ -1,36 +1,63 @@
 """The engine loop over token ids: `add_request`, `abort`, `step()` = schedule → run → update.
 
-Each step decodes one token for every running sequence and prefills the next chunk (at most
-`max_prefill_tokens`) of the oldest waiting prompt, so a long prompt never freezes the others.
-A request with `n > 1` prefills its prompt once and forks the cache into n sequences.
+Each step (1) makes sure the running sequences' KV can grow within the memory budget, preempting the
+newest request when not (it is recomputed later, never corrupted), (2) decodes one token for every
+running sequence in ONE batched forward, and (3) prefills the next chunk (≤ `max_prefill_tokens`) of
+the oldest waiting sequence, so a long prompt never freezes the others. A new prompt first resumes
+from the deepest cached prefix (cache/prefix.py). A request with `n > 1` prefills once and forks.
 Text-level work (detokenizing, stop strings) is the caller's; it ends a sequence via `finish`.
 """
 from __future__ import annotations
 
+import itertools
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 
-from ..cache.state import clone_cache
+from ..cache.prefix import PrefixCache
+from ..cache.state import GROWTH, KVCache, ModelCache, SeqState
 from ..model.qwen3_5 import Qwen3_5ForCausalLM
 from ..ops.sampling import SamplerState, prompt_logprobs, sample
 from ..sampling import SamplingParams
-from .sequence import Request, SeqUpdate, Sequence, Status, StepOutput
+from .memory import default_budgets
+from .sequence import Request, SeqUpdate, Sequence, StepOutput
 
 LOGITS_CHUNK = 256  # prompt positions per logits block: bounds the [T, vocab] fp32 buffer
 
 
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 16  # DeltaNet state slots: sequences that can hold state at once
+    max_prefill_tokens: int = 512  # prompt tokens computed per step
+    max_model_len: int | None = None  # context length (default: the model's)
+    max_memory: int | None = None  # bytes for running sequences' KV + states (default: from free RAM)
+    prefix_cache_memory: int | None = None  # bytes for prefix snapshots (default: from free RAM; 0 = off)
+    prefix_block: int = 64  # prefix reuse granularity (tokens)
+
+
 class Engine:
     def __init__(self, model: Qwen3_5ForCausalLM, *, eos_token_ids: list[int], valid_vocab: int | None = None,
-                 max_prefill_tokens: int = 512, max_model_len: int | None = None):
+                 config: EngineConfig | None = None, **overrides):
         self.model = model
+        self.cfg = cfg = config or EngineConfig(**overrides)
         self.eos_token_ids = list(eos_token_ids)
         vocab = model.config.text.vocab_size
         self.valid_vocab = min(valid_vocab or vocab, vocab)
-        self.max_prefill_tokens = max_prefill_tokens
-        self.max_model_len = max_model_len or model.config.text.max_position_embeddings
+        self.max_prefill_tokens = cfg.max_prefill_tokens
+        self.max_model_len = cfg.max_model_len or model.config.text.max_position_embeddings
+        self.pool = model.new_pool(cfg.max_num_seqs)
+        t = model.config.text
+        self.kv_token_bytes = model.num_kv_layers * 2 * t.num_key_value_heads * t.head_dim * model.dtype.itemsize
+        auto_run, auto_prefix = default_budgets(model.device)
+        self.max_memory = cfg.max_memory if cfg.max_memory is not None else auto_run
+        self.prefix = PrefixCache(cfg.prefix_cache_memory if cfg.prefix_cache_memory is not None else auto_prefix,
+                                  cfg.prefix_block)
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[str] = deque()
+        self.queue: deque[Sequence] = deque()  # sequences waiting for (more) prefill, oldest first
+        self.active: list[Sequence] = []  # sequences holding a state slot
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0, "steps": 0}
+        self._arrivals = itertools.count()
 
     # -- requests -------------------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -44,6 +71,8 @@ class Engine:
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens, but the context length is "
                              f"{self.max_model_len}; shorten it or raise the context length")
+        if params.n > self.pool.num_slots:
+            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.pool.num_slots}")
         params.validate()
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -51,14 +80,17 @@ class Engine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_request(prompt_ids, params)
-        req = Request(request_id, [int(t) for t in prompt_ids], params, self.max_model_len)
+        req = Request(request_id, [int(t) for t in prompt_ids], params, self.max_model_len, next(self._arrivals))
+        req.seqs = [Sequence(0, req, self._sampler(req, 0))]
         self.requests[request_id] = req
-        self.waiting.append(request_id)
+        self.queue.append(req.seqs[0])
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
-        if req is not None and request_id in self.waiting:
-            self.waiting.remove(request_id)
+        for seq in req.seqs if req else []:
+            if not seq.finished:
+                seq.finish_reason = "abort"
+            self._drop(seq)
 
     def finish(self, request_id: str, index: int, reason: str, stop_reason: int | str | None = None) -> None:
         """End one sequence early (the caller found a stop string); frees its state."""
@@ -67,23 +99,33 @@ class Engine:
             return
         seq = req.seqs[index]
         if not seq.finished:
-            seq.finish_reason, seq.stop_reason, seq.cache = reason, stop_reason, None
+            seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self._drop(seq)
         if req.finished:
             self.requests.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    @property
+    def num_running(self) -> int:
+        return sum(1 for s in self.active if s.decoding)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.queue)
+
     # -- the loop ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         outputs: dict[str, StepOutput] = {}
-        running = [(req, seq) for req in self.requests.values() if req.status is Status.RUNNING
-                   for seq in req.seqs if not seq.finished]
-        if running:
-            self._decode(running, outputs)
-        if self.waiting:
-            self._prefill_chunk(self.requests[self.waiting[0]], outputs)
+        self.stats["steps"] += 1
+        self._make_room_for_decode()
+        decode = [s for s in self.active if s.decoding]
+        if decode:
+            self._decode(decode, outputs)
+        if self.queue:
+            self._prefill_chunk(self.queue[0], outputs)
         for out in outputs.values():
             req = self.requests.get(out.request_id)
             if req is not None and req.finished:
@@ -91,42 +133,135 @@ class Engine:
                 self.requests.pop(out.request_id)
         return list(outputs.values())
 
-    def _decode(self, running: list[tuple[Request, Sequence]], outputs: dict[str, StepOutput]) -> None:
-        # One forward per sequence for now; batched decode over the hybrid cache is the engine issue.
-        rows = []
-        for _, seq in running:
-            ids = torch.tensor([[seq.token_ids[-1]]], device=self.model.device)
-            rows.append(self.model.logits(self.model(ids, seq.cache)[:, -1]))
-        self._sample(torch.cat(rows), running, outputs)
+    def _decode(self, seqs: list[Sequence], outputs: dict[str, StepOutput]) -> None:
+        ids = torch.tensor([[s.token_ids[-1]] for s in seqs], device=self.model.device)
+        hidden = self.model(ids, ModelCache(self.pool, [s.state for s in seqs]))
+        for s in seqs:
+            s.num_computed += 1
+        self._sample(self.model.logits(hidden[:, -1]), seqs, outputs)
 
-    def _prefill_chunk(self, req: Request, outputs: dict[str, StepOutput]) -> None:
-        if not req.seqs:
-            req.seqs = [Sequence(0, self._sampler(req, 0), self.model.new_cache())]
-        cache = req.seqs[0].cache
-        start = req.num_prefilled
-        end = min(len(req.prompt_ids), start + self.max_prefill_tokens)
-        ids = torch.tensor([req.prompt_ids[start:end]], device=self.model.device)
-        hidden = self.model(ids, cache)[0]  # [T, H]
-        req.num_prefilled = end
-        done = end == len(req.prompt_ids)
-        if req.params.prompt_logprobs is not None:
-            self._prompt_logprobs(req, hidden, start, done)
-        if not done:
+    def _prefill_chunk(self, seq: Sequence, outputs: dict[str, StepOutput]) -> None:
+        req = seq.request
+        if seq.state is None and not self._admit(seq):
+            return  # waits for memory or a slot
+        target, start = seq.prefill_target, seq.num_computed
+        end = min(start + self.max_prefill_tokens, target)
+        blk = self.prefix.block
+        if end < target and end // blk * blk > start:  # chunk ends on block boundaries: snapshot points
+            end = end // blk * blk
+        if start < target // blk * blk < end:  # and one at the last boundary before the prompt's end
+            end = target // blk * blk
+        if start >= target:  # a resumed sequence restored whole from the prefix cache
+            self.queue.popleft()
             return
-        self.waiting.popleft()
-        req.status = Status.RUNNING
+        ids = torch.tensor([seq.inputs[start:end]], device=self.model.device)
+        hidden = self.model(ids, ModelCache(self.pool, [seq.state]))[0]  # [T, H]
+        seq.num_computed = end
+        self.stats["prompt_tokens"] += end - start
+        if end % blk == 0 and self.prefix.budget > 0:
+            self.prefix.insert(seq.inputs, end, self.pool.snapshot(seq.state.slot), seq.state.kv)
+        fresh = not seq.token_ids
+        if fresh and req.params.prompt_logprobs is not None:
+            self._prompt_logprobs(req, hidden, start, end == target)
+        if end < target:
+            return
+        self.queue.popleft()
+        if not fresh:
+            return  # a resumed sequence: its newest token is decoded next step
         out = outputs.setdefault(req.request_id, StepOutput(req.request_id, []))
         out.prompt_logprobs, out.prompt_top_logprobs = req.prompt_logprobs or None, req.prompt_top_logprobs or None
         for i in range(1, req.params.n):
-            req.seqs.append(Sequence(i, self._sampler(req, i), clone_cache(cache)))
+            child = Sequence(i, req, self._sampler(req, i), num_computed=seq.num_computed)
+            child.state = self._new_state(target + 1)
+            self.pool.copy_slot(seq.state.slot, child.state.slot)
+            for dst, src in zip(child.state.kv, seq.state.kv):
+                dst.copy_prefix(src, src.length)
+            child.state.length = seq.state.length
+            req.seqs.append(child)
+            self.active.append(child)
         if req.params.max_tokens == 0:
-            for seq in req.seqs:
-                seq.finish_reason, seq.cache = "length", None
-                out.updates.append(SeqUpdate(seq.index, [], [], [], "length"))
+            for s in req.seqs:
+                s.finish_reason = "length"
+                self._drop(s)
+                out.updates.append(SeqUpdate(s.index, [], [], [], "length"))
             return
         last = self.model.logits(hidden[-1:])
-        self._sample(last.expand(len(req.seqs), -1), [(req, s) for s in req.seqs], outputs)
+        self._sample(last.expand(len(req.seqs), -1), req.seqs, outputs)
 
+    # -- memory ---------------------------------------------------------------------------------
+    def _usage(self) -> int:
+        return sum(s.state.kv_nbytes() for s in self.active) + len(self.active) * self.pool.slot_nbytes()
+
+    def _admit(self, seq: Sequence) -> bool:
+        req = seq.request
+        slots_needed = req.params.n if not seq.token_ids else 1
+        if len(self.pool.free_slots) < slots_needed:
+            return False
+        need = self.kv_token_bytes * (seq.prefill_target + 1) * slots_needed
+        if self.active and self._usage() + need > self.max_memory:
+            return False  # requests beyond the budget wait; alone, a request always runs
+        seq.state = self._new_state(seq.prefill_target + 1)
+        self.active.append(seq)
+        fresh = not seq.token_ids
+        if not (fresh and req.params.prompt_logprobs is not None):  # a hit skips the prefix's logits
+            # a fresh prompt must compute ≥ 1 token: its last position's logits give the first sample
+            hit = self.prefix.lookup(seq.inputs, seq.prefill_target - (1 if fresh else 0))
+            if hit is not None:
+                self.pool.restore(seq.state.slot, hit.snapshot)
+                for dst, src in zip(seq.state.kv, hit.kv):
+                    dst.copy_prefix(src, hit.length)
+                seq.num_computed = seq.state.length = hit.length
+        return True
+
+    def _new_state(self, capacity: int) -> SeqState:
+        t = self.model.config.text
+        kv = []
+        for _ in range(self.model.num_kv_layers):
+            c = KVCache()
+            like = torch.empty(1, t.num_key_value_heads, 0, t.head_dim, dtype=self.model.dtype,
+                               device=self.model.device)
+            c.reserve(capacity, like)
+            kv.append(c)
+        return SeqState(self.pool.alloc(), kv)
+
+    def _make_room_for_decode(self) -> None:
+        """Preempt the newest requests while the next decode's KV growth would exceed the budget."""
+        layer_token_bytes = self.kv_token_bytes // max(1, self.model.num_kv_layers)
+        while True:
+            growth = 0
+            for s in self.active:
+                if s.decoding:
+                    for c in s.state.kv:
+                        if c.length + 1 > c.capacity:
+                            growth += (max(c.length + 1, int(c.capacity * GROWTH), 64) - c.capacity) \
+                                * layer_token_bytes
+            requests = {id(s.request): s.request for s in self.active}
+            if self._usage() + growth <= self.max_memory or len(requests) <= 1:
+                return
+            self._preempt(max(requests.values(), key=lambda r: r.arrival))
+
+    def _preempt(self, req: Request) -> None:
+        self.stats["preemptions"] += 1
+        for seq in reversed(req.seqs):
+            if seq.finished or seq.state is None:
+                continue
+            self._drop(seq)
+            seq.num_computed = 0
+            if not seq.token_ids:
+                req.prompt_logprobs.clear()
+                req.prompt_top_logprobs.clear()
+            self.queue.appendleft(seq)  # resumes first, by recompute (+ prefix cache)
+
+    def _drop(self, seq: Sequence) -> None:
+        if seq.state is not None:
+            self.pool.release(seq.state.slot)
+            seq.state = None
+        if seq in self.active:
+            self.active.remove(seq)
+        if seq in self.queue:
+            self.queue.remove(seq)
+
+    # -- sampling ---------------------------------------------------------------------------------
     def _prompt_logprobs(self, req: Request, hidden: torch.Tensor, start: int, done: bool) -> None:
         if start == 0:
             req.prompt_logprobs.append(None)  # nothing predicts the first token
@@ -148,25 +283,26 @@ class Engine:
         return SamplerState(params, req.prompt_ids, self.model.config.text.vocab_size, self.model.device,
                             eos_token_ids=self.eos_token_ids)
 
-    def _sample(self, logits: torch.Tensor, batch: list[tuple[Request, Sequence]],
-                outputs: dict[str, StepOutput]) -> None:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], outputs: dict[str, StepOutput]) -> None:
         logits = logits.clone()
         logits[:, self.valid_vocab:] = float("-inf")  # padding rows of the embedding are not tokens
-        result = sample(logits, [seq.sampler for _, seq in batch])
-        for row, (req, seq) in enumerate(batch):
-            tok = int(result.token_ids[row])
-            lp = float(result.logprobs[row])
+        result = sample(logits, [s.sampler for s in seqs])
+        toks, lps = result.token_ids.tolist(), result.logprobs.tolist()
+        for row, seq in enumerate(seqs):
+            tok, lp = toks[row], lps[row]
             top = result.top_logprobs[row] if result.top_logprobs is not None else []
             seq.token_ids.append(tok)
             seq.logprobs.append(lp)
             seq.top_logprobs.append(top)
             seq.sampler.append(tok)
-            self._check_stop(req, seq, tok)
+            self.stats["generated_tokens"] += 1
+            self._check_stop(seq, tok)
+            req = seq.request
             out = outputs.setdefault(req.request_id, StepOutput(req.request_id, []))
             out.updates.append(SeqUpdate(seq.index, [tok], [lp], [top], seq.finish_reason, seq.stop_reason))
 
-    def _check_stop(self, req: Request, seq: Sequence, tok: int) -> None:
-        p = req.params
+    def _check_stop(self, seq: Sequence, tok: int) -> None:
+        p = seq.request.params
         if len(seq.token_ids) >= p.min_tokens:
             if tok in p.stop_token_ids:
                 seq.finish_reason, seq.stop_reason = "stop", tok
@@ -175,7 +311,7 @@ class Engine:
         if seq.finish_reason is None:
             if p.max_tokens is not None and len(seq.token_ids) >= p.max_tokens:
                 seq.finish_reason = "length"
-            elif len(req.prompt_ids) + len(seq.token_ids) >= req.max_len:
+            elif seq.num_inputs >= seq.request.max_len:
                 seq.finish_reason = "length"
         if seq.finished:
-            seq.cache = None
+            self._drop(seq)

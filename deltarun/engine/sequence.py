@@ -1,33 +1,30 @@
 """What the engine tracks per request and per generated sequence, and what a step reports.
 
-Token ids only: text, stop strings and templates are handled by the caller (see `llm.py`).
+Token ids only: text, stop strings and templates are handled by the caller (processor/output.py).
+A sequence's *inputs* are the prompt followed by its generated tokens; `num_computed` of them are in
+its model state. A sequence is ready to decode when exactly one input (its newest token) is pending;
+more pending means it must be prefilled first (a new prompt, or a preempted sequence recomputing).
 """
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
-from ..cache.state import ModelCache
+from ..cache.state import SeqState
 from ..ops.sampling import SamplerState
 from ..sampling import SamplingParams
-
-
-class Status(enum.Enum):
-    WAITING = "waiting"  # prompt (partly) not yet prefilled
-    RUNNING = "running"  # decoding
-    FINISHED = "finished"
-
 
 TopLogprobs = list[tuple[int, float]]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two sequences are never "equal"
 class Sequence:
     """One of the `n` completions of a request."""
 
     index: int
+    request: "Request"
     sampler: SamplerState
-    cache: ModelCache | None = None
+    state: SeqState | None = None
+    num_computed: int = 0
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[TopLogprobs] = field(default_factory=list)
@@ -38,22 +35,38 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def inputs(self) -> list[int]:
+        return self.request.prompt_ids + self.token_ids
 
-@dataclass
+    @property
+    def num_inputs(self) -> int:
+        return len(self.request.prompt_ids) + len(self.token_ids)
+
+    @property
+    def prefill_target(self) -> int:
+        """Inputs to compute before the next step samples (fresh prompt) or decodes (resumed)."""
+        return len(self.request.prompt_ids) if not self.token_ids else self.num_inputs - 1
+
+    @property
+    def decoding(self) -> bool:
+        return self.state is not None and bool(self.token_ids) and self.num_computed == self.num_inputs - 1
+
+
+@dataclass(eq=False)
 class Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams  # with defaults filled
     max_len: int  # prompt + output may not exceed this (the context length)
+    arrival: int = 0
     seqs: list[Sequence] = field(default_factory=list)
-    status: Status = Status.WAITING
-    num_prefilled: int = 0
     prompt_logprobs: list[float | None] = field(default_factory=list)
     prompt_top_logprobs: list[TopLogprobs | None] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
-        return all(s.finished for s in self.seqs)
+        return bool(self.seqs) and all(s.finished for s in self.seqs)
 
 
 @dataclass

@@ -28,9 +28,10 @@ class GatedAttention(nn.Module):
         self.k_norm = RMSNorm(self.d, eps=cfg.rms_norm_eps)
         self.scale = self.d**-0.5
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], caches: list[KVCache]
                 ) -> torch.Tensor:
-        """x [B, T, hidden], rope cos/sin [B, T, rotary_dim] → [B, T, hidden]; appends to `cache`."""
+        """x [B, T, hidden], rope cos/sin [B, T, rotary_dim] → [B, T, hidden]; row b appends its keys
+        and values to caches[b] and attends over that sequence's own history."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.nq, -1)
         if self.gated:
@@ -39,8 +40,12 @@ class GatedAttention(nn.Module):
         q = apply_rotary(self.q_norm(q), *rope)
         k = apply_rotary(self.k_norm(self.k_proj(x).view(b, t, self.nkv, self.d)), *rope)
         v = self.v_proj(x).view(b, t, self.nkv, self.d)
-        k_all, v_all = cache.append(k.transpose(1, 2), v.transpose(1, 2))
-        o = attention(q.transpose(1, 2), k_all, v_all, self.scale)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        rows = []
+        for i, cache in enumerate(caches):  # sequences differ in length: attention runs per sequence
+            k_all, v_all = cache.append(k[i : i + 1], v[i : i + 1])
+            rows.append(attention(q[i : i + 1], k_all, v_all, self.scale))
+        o = torch.cat(rows) if len(rows) > 1 else rows[0]
         o = o.transpose(1, 2).reshape(b, t, self.nq * self.d)
         if self.gated:
             o = o * torch.sigmoid(gate)

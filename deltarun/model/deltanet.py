@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache.state import DeltaNetState
+from ..cache.state import StatePool
 from ..config import TextConfig
 from ..ops.conv1d import causal_conv1d
 from ..ops.gdn import chunk_gated_delta_rule, recurrent_gated_delta_rule
@@ -36,16 +36,16 @@ class GatedDeltaNet(nn.Module):
         self.norm = RMSNormGated(self.dv, eps=cfg.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, h, bias=False)
 
-    def new_state(self, batch: int, dtype: torch.dtype, device: torch.device) -> DeltaNetState:
-        return DeltaNetState(
-            conv=torch.zeros(batch, self.conv_dim, self.kernel - 1, dtype=dtype, device=device),
-            recurrent=torch.zeros(batch, self.hv, self.dk, self.dv, dtype=torch.float32, device=device),
-        )
+    def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per-sequence (conv state, recurrent state) shapes."""
+        return (self.conv_dim, self.kernel - 1), (self.hv, self.dk, self.dv)
 
-    def forward(self, x: torch.Tensor, state: DeltaNetState) -> torch.Tensor:
-        """x [B, T, hidden] → [B, T, hidden]; advances `state` in place (by reassignment)."""
+    def forward(self, x: torch.Tensor, pool: StatePool, index: int, slots: torch.Tensor) -> torch.Tensor:
+        """x [B, T, hidden] → [B, T, hidden]; reads and advances the states of `slots` [B] in the pool
+        (`index` = which linear-attention layer this is)."""
         b, t, _ = x.shape
-        qkv, state.conv = causal_conv1d(self.in_proj_qkv(x), self.conv1d.weight.squeeze(1), state.conv)
+        qkv, conv = causal_conv1d(self.in_proj_qkv(x), self.conv1d.weight.squeeze(1), pool.conv[index][slots])
+        pool.conv[index].index_copy_(0, slots, conv)
         q, k, v = torch.split(qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.reshape(b, t, self.hk, self.dk)
         k = k.reshape(b, t, self.hk, self.dk)
@@ -54,7 +54,8 @@ class GatedDeltaNet(nn.Module):
         # fp32 before exp/softplus: in fp16 exp(A_log) could overflow
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
         rule = recurrent_gated_delta_rule if t == 1 else chunk_gated_delta_rule
-        o, state.recurrent = rule(q, k, v, g, beta, state.recurrent)
+        o, state = rule(q, k, v, g, beta, pool.recurrent[index][slots])
+        pool.recurrent[index].index_copy_(0, slots, state)
         z = self.in_proj_z(x).reshape(b, t, self.hv, self.dv)
         o = self.norm(o, z).reshape(b, t, self.value_dim)
         return self.out_proj(o)

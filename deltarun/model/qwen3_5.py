@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cache.state import KVCache, ModelCache
+from ..cache.state import KVCache, ModelCache, SeqState, StatePool
 from ..config import ModelConfig, TextConfig
 from .attention import GatedAttention
 from .deltanet import GatedDeltaNet
@@ -17,9 +17,10 @@ from .layers import MLP, RMSNorm, RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, layer_type: str):
+    def __init__(self, cfg: TextConfig, layer_type: str, state_index: int):
         super().__init__()
         self.layer_type = layer_type
+        self.state_index = state_index  # which DeltaNet pool entry / which KV cache of a sequence
         if layer_type == "linear_attention":
             self.linear_attn = GatedDeltaNet(cfg)
         else:
@@ -28,12 +29,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, rope, state):
+    def forward(self, x, rope, cache: ModelCache, slots: torch.Tensor):
         h = self.input_layernorm(x)
         if self.layer_type == "linear_attention":
-            h = self.linear_attn(h, state)
+            h = self.linear_attn(h, cache.pool, self.state_index, slots)
         else:
-            h = self.self_attn(h, rope, state)
+            h = self.self_attn(h, rope, [s.kv[self.state_index] for s in cache.seqs])
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -43,7 +44,8 @@ class TextModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, lt) for lt in cfg.layer_types)
+        kinds = cfg.layer_types
+        self.layers = nn.ModuleList(DecoderLayer(cfg, lt, kinds[:i].count(lt)) for i, lt in enumerate(kinds))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg.rope, cfg.rotary_dim)
 
@@ -72,14 +74,22 @@ class Qwen3_5ForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
+    def state_shapes(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        return [layer.linear_attn.state_shapes() for layer in self.model.language_model.layers
+                if layer.layer_type == "linear_attention"]
+
+    @property
+    def num_kv_layers(self) -> int:
+        return self.config.text.layer_types.count("full_attention")
+
+    def new_pool(self, num_slots: int) -> StatePool:
+        return StatePool(self.state_shapes(), num_slots, self.dtype, self.device)
+
     def new_cache(self, batch: int = 1) -> ModelCache:
-        layers = []
-        for layer in self.model.language_model.layers:
-            if layer.layer_type == "linear_attention":
-                layers.append(layer.linear_attn.new_state(batch, self.dtype, self.device))
-            else:
-                layers.append(KVCache())
-        return ModelCache(layers=layers)
+        """A standalone cache for `batch` fresh sequences (tests, benchmarks; the engine pools its own)."""
+        pool = self.new_pool(batch)
+        return ModelCache(pool, [SeqState(pool.alloc(), [KVCache() for _ in range(self.num_kv_layers)])
+                                 for _ in range(batch)])
 
     def forward(
         self,
@@ -90,19 +100,23 @@ class Qwen3_5ForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids [B, T] (or inputs_embeds [B, T, H]) → final-normed hidden states [B, T, H].
 
-        positions [3, B, T] are M-RoPE (temporal, height, width) indices; for text they default to
-        cache.length … cache.length + T - 1 on all three axes. Advances `cache` by T tokens.
+        Row b continues sequence cache.seqs[b]. positions [3, B, T] are M-RoPE (temporal, height,
+        width) indices; for text they default to each sequence's length + 0 … T-1 on all three axes.
+        Advances every sequence by T tokens.
         """
         lm = self.model.language_model
         x = lm.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = x.shape[:2]
         if positions is None:
-            pos = torch.arange(cache.length, cache.length + t, device=x.device)
-            positions = pos.view(1, 1, t).expand(3, b, t)
+            start = torch.tensor([s.length for s in cache.seqs], device=x.device)
+            pos = start[:, None] + torch.arange(t, device=x.device)
+            positions = pos.unsqueeze(0).expand(3, b, t)
         rope = lm.rotary_emb(positions, x.dtype)
-        for layer, state in zip(lm.layers, cache.layers):
-            x = layer(x, rope, state)
-        cache.length += t
+        slots = cache.slots(x.device)
+        for layer in lm.layers:
+            x = layer(x, rope, cache, slots)
+        for s in cache.seqs:
+            s.length += t
         return lm.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,8 @@ class SamplerState:
         self.vocab_size = int(vocab_size)
         self.device = torch.device(device)
         self.num_generated = 0
+        # Per-sequence constraint state (e.g. a JSON grammar matcher), see SamplingParams.logits_processors.
+        self.processors = [make() for make in (params.logits_processors or [])]
 
         self.generator: torch.Generator | None = None
         if not params.greedy:
@@ -75,6 +77,8 @@ class SamplerState:
         if not 0 <= token_id < self.vocab_size:
             raise ValueError(f"token_id {token_id} outside [0, {self.vocab_size})")
         self.num_generated += 1
+        for p in self.processors:
+            p.accept(token_id)
         if self.counts is not None:
             self.counts[token_id] += 1
         if self.seen is not None:
@@ -120,6 +124,8 @@ def process_logits(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
     neg_inf = float("-inf")
 
     for i, s in enumerate(states):
+        for p in s.processors:  # constraints first: they bind greedy rows too
+            p(x[i])
         if s.min_tokens_block is not None and s.num_generated < s.params.min_tokens:
             x[i, s.min_tokens_block] = neg_inf
 

@@ -1,0 +1,134 @@
+"""The FastAPI application: OpenAI (`/v1/...`) and Ollama (`/api/...`) routes over one `AsyncLLM`.
+
+Cross-cutting concerns live here: the optional API key (Bearer, every route), the request body size
+limit, CORS (off unless origins are given), `/health`, `/metrics`, and turning every error into the
+error body of the API that was called (OpenAI: `{"error": {"message", "type", "param", "code"}}`,
+Ollama: `{"error": "message"}`) so the server keeps serving whatever a client sends.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..async_llm import AsyncLLM
+from .metrics import METRICS
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+@dataclass
+class ServerState:
+    llm: AsyncLLM
+    model_name: str
+    default_thinking: bool | None = None  # None: the chat template's own default
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def check_model(self, name: str) -> None:
+        """Unknown model → 404; the served name, its folder name and Ollama's `:latest` form are known."""
+        known = {self.model_name, Path(str(self.llm.path)).name}
+        if name not in known and name.removesuffix(":latest") not in known:
+            raise APIError(404, f"model {name!r} not found; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+
+def _is_ollama(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
+def error_response(request: Request, status: int, message: str, param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    METRICS.error()
+    if _is_ollama(request):
+        return JSONResponse({"error": message}, status_code=status)
+    kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errs = exc.errors()
+    if not errs:
+        return "invalid request", None
+    e = errs[0]
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    if e.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    where = ".".join(loc)
+    return (f"{where}: {e.get('msg')}" if where else str(e.get("msg"))), (where or None)
+
+
+def create_app(llm: AsyncLLM, model_name: str | None = None, *, api_key: str | None = None,
+               cors_origins: list[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               default_thinking: bool | None = None) -> FastAPI:
+    from . import ollama, openai, openai_completions
+
+    app = FastAPI(title="deltarun", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = ServerState(llm, model_name or Path(str(llm.path)).name, default_thinking)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if api_key and request.method != "OPTIONS":
+            auth = request.headers.get("authorization", "")
+            if auth != f"Bearer {api_key}":
+                return error_response(request, 401, "missing or wrong API key (Authorization: Bearer ...)",
+                                      code="invalid_api_key")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            return error_response(request, 413, f"request body larger than {max_body_bytes} bytes")
+        return await call_next(request)
+
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(request, exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return error_response(request, 400, message, param)
+
+    @app.exception_handler(ValueError)
+    async def _value_error(request: Request, exc: ValueError):
+        return error_response(request, 400, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(request, exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):
+        return error_response(request, 500, f"internal error: {type(exc).__name__}: {exc}")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(METRICS.render(len(getattr(llm.engine, "waiting", ()))), media_type="text/plain; version=0.0.4")
+
+    @app.get("/")
+    async def root():
+        return PlainTextResponse("deltarun is running")  # what Ollama answers; some clients probe it
+
+    app.include_router(openai.router)
+    app.include_router(openai_completions.router)
+    app.include_router(ollama.router)
+    return app

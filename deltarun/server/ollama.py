@@ -1,0 +1,212 @@
+"""Ollama-compatible API: `/api/chat`, `/api/generate` (NDJSON streams by default), `/api/tags`,
+`/api/show`, `/api/ps`, `/api/version`, with Ollama's field names, durations in ns and eval counts.
+
+Thinking goes to `message.thinking` (or `thinking` for generate) whenever the model thinks, and tool
+calls to `message.tool_calls` with arguments as objects, as Ollama does for models it parses.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from datetime import datetime, timezone
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from .app import APIError, ServerState
+from .common import add_structured, build_chat_prompt, sampling
+from .protocol import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
+from .runner import chat_events, prepare, until_disconnect
+
+router = APIRouter()
+VERSION = "0.12.0"  # the Ollama API version whose fields this mirrors; clients compare it
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _think(value: Any, default: bool | None) -> bool | None:
+    return default if value is None else value is not False
+
+
+def _params(llm, options: OllamaOptions | None, fmt: Any, thinking: bool):
+    o = options or OllamaOptions()
+    num_predict = o.num_predict if o.num_predict is None or o.num_predict >= 0 else None  # -1/-2: no limit
+    params = sampling(temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, min_p=o.min_p, seed=o.seed,
+                      stop=o.stop, max_tokens=num_predict, repetition_penalty=o.repeat_penalty,
+                      presence_penalty=o.presence_penalty, frequency_penalty=o.frequency_penalty)
+    if fmt == "json":
+        return add_structured(llm, params, "json_object", None, thinking)
+    if isinstance(fmt, dict):
+        return add_structured(llm, params, "json_schema", fmt, thinking)
+    return params
+
+
+def _details(state: ServerState) -> dict[str, Any]:
+    cfg = state.llm.config.text
+    params = sum(p.numel() for p in state.llm.model.parameters())
+    return {"parent_model": "", "format": "safetensors", "family": "qwen35", "families": ["qwen35"],
+            "parameter_size": f"{params / 1e9:.1f}B" if params >= 1e8 else f"{params / 1e6:.1f}M",
+            "quantization_level": str(next(state.llm.model.parameters()).dtype).removeprefix("torch.").upper(),
+            "context_length": cfg.max_position_embeddings}
+
+
+async def _respond(request: Request, body, llm, req, prompt, kind: str):
+    """Run a chat (kind "chat") or generate request; NDJSON lines when streaming, else one object."""
+    start = time.perf_counter_ns()
+    events = chat_events(llm, req, prompt.in_think, prompt.tools, prompt.prefix)
+
+    def stats(first_ns: int | None, reason: str | None) -> dict[str, Any]:
+        end = time.perf_counter_ns()
+        first = first_ns or end
+        out = {"done": True, "done_reason": reason or "stop", "total_duration": end - start, "load_duration": 0,
+               "prompt_eval_count": len(req.prompt_ids), "prompt_eval_duration": first - start,
+               "eval_count": len(req.tracks[0].token_ids), "eval_duration": end - first}
+        if kind == "generate":
+            out["context"] = req.prompt_ids + req.tracks[0].token_ids
+        return out
+
+    def piece(reasoning: str, content: str, calls) -> dict[str, Any]:
+        if kind == "generate":
+            out: dict[str, Any] = {"response": content}
+            if reasoning:
+                out["thinking"] = reasoning
+            return out
+        msg: dict[str, Any] = {"role": "assistant", "content": content}
+        if reasoning:
+            msg["thinking"] = reasoning
+        if calls:
+            msg["tool_calls"] = [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+        return {"message": msg}
+
+    head = lambda: {"model": body.model, "created_at": _now()}  # noqa: E731
+
+    if body.stream:
+        async def stream() -> AsyncIterator[str]:
+            first_ns, reason = None, None
+            async with aclosing(events) as evs:
+                async for ev in evs:
+                    if first_ns is None and ev.token_count:
+                        first_ns = time.perf_counter_ns()
+                    reason = ev.finish_reason or reason
+                    if ev.reasoning or ev.content or ev.calls:
+                        yield json.dumps({**head(), **piece(ev.reasoning, ev.content, ev.calls), "done": False}) + "\n"
+            reason = "stop" if reason == "tool_calls" else reason
+            yield json.dumps({**head(), **piece("", "", []), **stats(first_ns, reason)}) + "\n"
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+    async def collect():
+        acc: dict[str, Any] = {"r": "", "c": "", "calls": [], "reason": None, "first": None}
+        async with aclosing(events) as evs:
+            async for ev in evs:
+                if acc["first"] is None and ev.token_count:
+                    acc["first"] = time.perf_counter_ns()
+                acc["r"] += ev.reasoning
+                acc["c"] += ev.content
+                acc["calls"] += ev.calls
+                acc["reason"] = ev.finish_reason or acc["reason"]
+        return acc
+
+    acc = await until_disconnect(request, collect())
+    reason = "stop" if acc["reason"] == "tool_calls" else acc["reason"]
+    return {**head(), **piece(acc["r"], acc["c"], acc["calls"]), **stats(acc["first"], reason)}
+
+
+@router.post("/api/chat")
+async def chat(body: OllamaChatRequest, request: Request):
+    state: ServerState = request.app.state.server
+    state.check_model(body.model)
+    llm = state.llm
+    if any(m.images for m in body.messages):
+        raise APIError(400, "images are not supported yet")
+    messages = []
+    for m in body.messages:
+        d: dict[str, Any] = {"role": m.role, "content": m.content or ""}
+        if m.thinking:
+            d["reasoning_content"] = m.thinking
+        if m.tool_calls:
+            d["tool_calls"] = [{"type": "function", "function": tc.function.model_dump()} for tc in m.tool_calls]
+        messages.append(d)
+    if not messages:  # Ollama answers an empty chat with a "loaded" message (clients use it to preload)
+        return {"model": body.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
+                "done": True, "done_reason": "load"}
+    tools = body.tools or None
+    prompt = build_chat_prompt(llm, messages, thinking=_think(body.think, state.default_thinking), tools=tools)
+    params = _params(llm, body.options, body.format, prompt.thinking)
+    req = prepare(llm, prompt.ids, llm.chat_params(params, prompt.thinking))
+    return await _respond(request, body, llm, req, prompt, "chat")
+
+
+@router.post("/api/generate")
+async def generate(body: OllamaGenerateRequest, request: Request):
+    state: ServerState = request.app.state.server
+    state.check_model(body.model)
+    llm = state.llm
+    if body.images:
+        raise APIError(400, "images are not supported yet")
+    if body.suffix:
+        raise APIError(400, "suffix (fill-in-the-middle) is not supported")
+    if not body.prompt and not body.context:
+        return {"model": body.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
+    if body.raw:
+        from .common import ChatPrompt
+
+        ids = list(body.context or []) + llm.tokenizer.encode(body.prompt)
+        prompt = ChatPrompt(ids, False, False, None, "", None)
+        params = _params(llm, body.options, body.format, False)
+        req = prepare(llm, ids, params.with_defaults({}))
+    else:
+        messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
+            [{"role": "user", "content": body.prompt}]
+        prompt = build_chat_prompt(llm, messages, thinking=_think(body.think, state.default_thinking), tools=None)
+        if body.context:
+            prompt.ids = list(body.context) + prompt.ids
+        params = _params(llm, body.options, body.format, prompt.thinking)
+        req = prepare(llm, prompt.ids, llm.chat_params(params, prompt.thinking))
+    return await _respond(request, body, llm, req, prompt, "generate")
+
+
+def _model_entry(state: ServerState) -> dict[str, Any]:
+    size = sum(p.numel() * p.element_size() for p in state.llm.model.parameters())
+    return {"name": state.model_name, "model": state.model_name, "size": size, "digest": "",
+            "modified_at": datetime.fromtimestamp(state.created, timezone.utc).isoformat().replace("+00:00", "Z"),
+            "details": _details(state)}
+
+
+@router.get("/api/tags")
+async def tags(request: Request):
+    return {"models": [_model_entry(request.app.state.server)]}
+
+
+@router.get("/api/ps")
+async def ps(request: Request):
+    state: ServerState = request.app.state.server
+    entry = _model_entry(state)
+    on_gpu = state.llm.model.device.type != "cpu" if hasattr(state.llm.model, "device") else False
+    return {"models": [{**entry, "expires_at": "2999-01-01T00:00:00Z", "size_vram": entry["size"] if on_gpu else 0,
+                        "context_length": state.llm.engine.max_model_len}]}
+
+
+@router.post("/api/show")
+async def show(body: OllamaShowRequest, request: Request):
+    state: ServerState = request.app.state.server
+    name = body.model or body.name
+    if not name:
+        raise APIError(400, "model is required")
+    state.check_model(name)
+    cfg = state.llm.config.text
+    return {"modelfile": "", "parameters": "", "template": state.llm.template.source,
+            "details": _details(state), "capabilities": ["completion", "tools", "thinking"],
+            "modified_at": _model_entry(state)["modified_at"],
+            "model_info": {"general.architecture": "qwen35", "qwen35.context_length": cfg.max_position_embeddings,
+                           "qwen35.embedding_length": cfg.hidden_size, "qwen35.block_count": cfg.num_hidden_layers}}
+
+
+@router.get("/api/version")
+async def version():
+    return {"version": VERSION}

@@ -1,0 +1,158 @@
+"""OpenAI legacy completions (`POST /v1/completions`) and `GET /v1/models`.
+
+Prompts are text or token ids (one or a batch). `echo` + `logprobs` + `max_tokens: 0` returns the
+prompt's own log-probs, which is what log-likelihood evaluation harnesses (lm-eval) ask for.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from ..outputs import Logprob
+from ..processor.output import RequestState
+from .app import APIError, ServerState
+from .common import add_structured, check_length, new_id, sampling
+from .openai import sse
+from .protocol import CompletionRequest
+from .runner import prepare, run_request, run_to_end, until_disconnect
+
+router = APIRouter()
+
+
+def _prompts(body: CompletionRequest) -> list[str | list[int]]:
+    p = body.prompt
+    if isinstance(p, str):
+        return [p]
+    if not p:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if all(isinstance(x, int) for x in p):
+        return [list(p)]
+    return list(p)
+
+
+class _LogprobsBuilder:
+    """Completions-style logprobs: tokens, token_logprobs, top_logprobs (token → logprob), text_offset."""
+
+    def __init__(self, tokenizer, offset: int = 0):
+        self.tok = tokenizer
+        self.offset = offset
+        self.data: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def add(self, tok_id: int, d: dict[int, Logprob] | None, k: int) -> None:
+        text = self.tok.decode([tok_id])
+        self.data["tokens"].append(text)
+        self.data["text_offset"].append(self.offset)
+        self.offset += len(text)
+        if d is None:  # the first prompt token: nothing predicts it
+            self.data["token_logprobs"].append(None)
+            self.data["top_logprobs"].append(None)
+            return
+        self.data["token_logprobs"].append(d[tok_id].logprob if tok_id in d else None)
+        top = sorted(((t, v) for t, v in d.items() if v.rank is not None), key=lambda x: x[1].rank)[:k]
+        self.data["top_logprobs"].append({(v.decoded_token or ""): v.logprob for t, v in top})
+
+
+def _echo_prefix(llm, req: RequestState, k: int | None) -> tuple[str, _LogprobsBuilder | None]:
+    text = req.prompt if req.prompt is not None else llm.tokenizer.decode(req.prompt_ids)
+    if k is None:
+        return text, None
+    b = _LogprobsBuilder(llm.tokenizer)
+    plps = req.prompt_logprobs or [None] * len(req.prompt_ids)
+    for tok, d in zip(req.prompt_ids, plps):
+        b.add(tok, d, k)
+    return text, b
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    state: ServerState = request.app.state.server
+    state.check_model(body.model)
+    llm = state.llm
+    if body.suffix:
+        raise APIError(400, "suffix is not supported", param="suffix")
+    if body.best_of not in (None, body.n):
+        raise APIError(400, "best_of is not supported (use n)", param="best_of")
+    k = body.logprobs
+    reqs: list[RequestState] = []
+    for p in _prompts(body):
+        ids = llm.tokenizer.encode(p) if isinstance(p, str) else p
+        check_length(llm, len(ids), body.max_tokens)
+        params = sampling(n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                          min_p=body.min_p, presence_penalty=body.presence_penalty,
+                          frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
+                          seed=body.seed, stop=body.stop, stop_token_ids=body.stop_token_ids,
+                          max_tokens=body.max_tokens, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
+                          logprobs=k, prompt_logprobs=k if body.echo and k is not None else None)
+        rf = body.response_format
+        params = add_structured(llm, params, rf.type if rf else None,
+                                (rf.json_schema or {}).get("schema") if rf else None, False)
+        reqs.append(prepare(llm, p, params))
+    rid, created = new_id("cmpl-"), int(time.time())
+    head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
+
+    def usage() -> dict[str, int]:
+        p = sum(len(r.prompt_ids) for r in reqs)
+        g = sum(len(t.token_ids) for r in reqs for t in r.tracks)
+        return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}
+
+    if body.stream:
+        async def stream() -> AsyncIterator[str]:
+            for pi, req in enumerate(reqs):  # several prompts stream one after the other
+                sent = [0] * body.n
+                echoed = [False] * body.n
+                async with aclosing(run_request(llm, req)) as steps:
+                    async for deltas in steps:
+                        for d in deltas:
+                            text, lp, b = d.text, None, None
+                            if body.echo and not echoed[d.index]:
+                                prefix, b = _echo_prefix(llm, req, k)
+                                text, echoed[d.index] = prefix + text, True
+                            if k is not None:
+                                track = req.tracks[d.index]
+                                b = b or _LogprobsBuilder(llm.tokenizer)
+                                for tok, dd in zip(track.token_ids[sent[d.index]:], track.logprobs[sent[d.index]:]):
+                                    b.add(tok, dd, k)
+                                sent[d.index] = len(track.logprobs)
+                                lp = b.data
+                            yield sse({**head, "choices": [{"index": pi * body.n + d.index, "text": text,
+                                                            "logprobs": lp, "finish_reason": d.finish_reason}]})
+            if body.stream_options and body.stream_options.include_usage:
+                yield sse({**head, "choices": [], "usage": usage()})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    await until_disconnect(request, asyncio.gather(*(run_to_end(llm, r) for r in reqs)))
+    choices = []
+    for pi, req in enumerate(reqs):
+        for i, track in enumerate(req.tracks):
+            text, b = _echo_prefix(llm, req, k) if body.echo else ("", None)
+            lp = None
+            if k is not None:
+                b = b or _LogprobsBuilder(llm.tokenizer)
+                for tok, d in zip(track.token_ids, track.logprobs):
+                    b.add(tok, d, k)
+                lp = b.data
+            choices.append({"index": pi * body.n + i, "text": text + track.text, "logprobs": lp,
+                            "finish_reason": track.finish_reason})
+    return {**head, "choices": choices, "usage": usage()}
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    state: ServerState = request.app.state.server
+    return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
+                                        "owned_by": "deltarun", "max_model_len": state.llm.engine.max_model_len}]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request):
+    state: ServerState = request.app.state.server
+    state.check_model(model_id)
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "deltarun"}
