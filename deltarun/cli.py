@@ -31,6 +31,12 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bfloat16), float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--context-length", type=int, help="most tokens per conversation (default: the model's)")
+    p.add_argument("--rope-scaling", help="rope override past 262,144 tokens: yarn:FACTOR or a JSON object")
+    e = p.add_argument_group("engine")
+    e.add_argument("--max-memory", help="memory for running sequences' state, e.g. 8G (default: half the free)")
+    e.add_argument("--prefix-cache-memory", help="memory for prefix reuse snapshots, e.g. 2G (0 = off)")
+    e.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (default 16)")
+    e.add_argument("--max-prefill-tokens", type=int, default=512, help="prompt tokens per step (default 512)")
     think = p.add_mutually_exclusive_group()
     think.add_argument("--think", dest="think", action="store_true", default=None, help="turn thinking on")
     think.add_argument("--no-think", dest="think", action="store_false", help="turn thinking off")
@@ -89,7 +95,28 @@ def load_llm(args: argparse.Namespace):
     path = resolve_model(args.model)
     if is_demo(path) and args.model != "demo":
         _err("note: this is the demo checkpoint with RANDOM WEIGHTS")
-    return LLM(path, dtype=args.dtype, device=args.device, max_model_len=args.context_length)
+    return LLM(path, **engine_options(args))
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """The model/engine flags as keyword arguments of `LLM` / `AsyncLLM`."""
+    import json
+
+    from .engine.memory import parse_size
+
+    rope = args.rope_scaling
+    if rope and rope.lstrip().startswith("{"):
+        try:
+            rope = json.loads(rope)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--rope-scaling is not valid JSON: {e}") from None
+    for flag in ("max_num_seqs", "max_prefill_tokens"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+    return dict(dtype=args.dtype, device=args.device, max_model_len=args.context_length, rope_scaling=rope,
+                max_memory=parse_size(args.max_memory) if args.max_memory else None,
+                prefix_cache_memory=parse_size(args.prefix_cache_memory) if args.prefix_cache_memory else None,
+                max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens)
 
 
 def _err(msg: str) -> None:
@@ -134,7 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.model == "demo":
         _err("note: 'demo' has RANDOM WEIGHTS in the Qwen3.5-0.8B layout; its answers are noise")
-    llm = AsyncLLM(resolve_model(args.model), dtype=args.dtype, device=args.device, max_model_len=args.context_length)
+    llm = AsyncLLM(resolve_model(args.model), **engine_options(args))
     # --think/--no-think set the server-wide default; each request may still switch it
     app = create_app(llm, args.served_model_name or args.model, api_key=args.api_key, cors_origins=args.cors,
                      default_thinking=args.think)

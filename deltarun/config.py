@@ -142,6 +142,40 @@ class ModelConfig:
         )
 
 
+def apply_rope_override(config: ModelConfig, override: dict[str, Any] | str | None,
+                        context_length: int | None = None) -> None:
+    """Apply a user's rope override (the model card's YaRN recipe) and check the context length.
+
+    `override` is a dict like the card's `rope_parameters`, or "yarn:FACTOR" as a shorthand for
+    YaRN over the model's native length. A context longer than the native one needs YaRN.
+    """
+    t = config.text
+    if isinstance(override, str):
+        kind, _, factor = override.partition(":")
+        if kind != "yarn":
+            raise ConfigError(f"rope override {override!r}: use yarn:FACTOR or a JSON object")
+        try:
+            override = {"rope_type": "yarn", "factor": float(factor or 4.0)}
+        except ValueError:
+            raise ConfigError(f"rope override {override!r}: FACTOR must be a number") from None
+    if override:
+        merged = {"rope_theta": t.rope.theta, "partial_rotary_factor": t.rope.partial_rotary_factor,
+                  "mrope_section": list(t.rope.mrope_section), "mrope_interleaved": t.rope.mrope_interleaved,
+                  "original_max_position_embeddings": t.max_position_embeddings, **override}
+        t.rope = RopeConfig.from_dict(merged)
+        if t.rope.rope_type == "yarn":
+            t.max_position_embeddings = int(t.rope.factor * (t.rope.original_max_position_embeddings
+                                                             or t.max_position_embeddings))
+    if context_length is not None:
+        if context_length < 2:
+            raise ConfigError(f"context length {context_length} is too small")
+        if context_length > t.max_position_embeddings:
+            need = context_length / (t.rope.original_max_position_embeddings or t.max_position_embeddings)
+            raise ConfigError(
+                f"context length {context_length} exceeds the model's {t.max_position_embeddings} positions; "
+                f"enable YaRN, e.g. --rope-scaling yarn:{max(2.0, float(int(need + 0.999)))}")
+
+
 def _text_config(t: dict[str, Any], top: dict[str, Any], source: str) -> TextConfig:
     required = (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -31,11 +31,13 @@ class Frontend:
     """Model, tokenizer, template and engine for one checkpoint, plus the text-side helpers."""
 
     def __init__(self, model: str | Path = "qwen3.5:0.8b", *, dtype: str = "auto", device: str = "auto",
-                 **engine_options: Any):
+                 rope_scaling: dict | str | None = None, **engine_options: Any):
         """engine_options: fields of `EngineConfig` (max_num_seqs, max_prefill_tokens, max_model_len,
-        max_memory, prefix_cache_memory, prefix_block)."""
+        max_memory, prefix_cache_memory, prefix_block). `rope_scaling`: e.g. "yarn:4" or the model
+        card's rope_parameters dict, to run past the native 262,144 positions."""
         self.path = resolve_model(model)
-        self.model = load_model(self.path, dtype=dtype, device=device)
+        self.model = load_model(self.path, dtype=dtype, device=device, rope_scaling=rope_scaling,
+                                context_length=engine_options.get("max_model_len"))
         self.config = self.model.config
         self.tokenizer = Tokenizer.from_folder(self.path)
         self.template = ChatTemplate.from_folder(self.path) or ChatTemplate.builtin(

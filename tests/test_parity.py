@@ -105,3 +105,37 @@ def test_real_0_8b_shape(tmp_path):
     assert (ours - _hf_logprobs(ref, ids)).abs().max() < 1e-4
     hf_tokens = _hf_greedy(ref, ids, 8)
     assert out.outputs[0].token_ids == hf_tokens
+
+
+YARN = {"mrope_interleaved": True, "mrope_section": [2, 1, 1], "rope_type": "yarn", "rope_theta": 10000,
+        "partial_rotary_factor": 0.25, "factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def test_yarn_matches_transformers(tmp_path):
+    """YaRN from the config (the 4B card's recipe, scaled down) and the same via a load-time override."""
+    from tiny import make_checkpoint, tiny_config
+
+    yarn_dir = make_checkpoint(tmp_path / "yarn", tiny_config(rope_parameters=YARN), seed=21)
+    plain_dir = make_checkpoint(tmp_path / "plain", tiny_config(), seed=21)  # same weights, default rope
+    ref = _hf(yarn_dir)
+    ids = _prompt(150, 1024, seed=9)
+    expected = _hf_logprobs(ref, ids)
+    params = SamplingParams(temperature=0, max_tokens=24, prompt_logprobs=0, ignore_eos=True)
+    hf_tokens = _hf_greedy(ref, ids, 24)
+    for llm in (LLM(str(yarn_dir), dtype="float32", device="cpu"),
+                LLM(str(plain_dir), dtype="float32", device="cpu",
+                    rope_scaling={k: YARN[k] for k in ("rope_type", "factor", "original_max_position_embeddings")})):
+        out = llm.generate(ids, params)[0]
+        assert (_ours_logprobs(out) - expected).abs().max() < 1e-4
+        assert out.outputs[0].token_ids == hf_tokens
+    plain = LLM(str(plain_dir), dtype="float32", device="cpu").generate(ids, params)[0]
+    assert (_ours_logprobs(plain) - expected).abs().max() > 1e-3  # YaRN really changes the numbers
+
+
+def test_context_length_beyond_native_needs_yarn(tiny_ckpt):
+    from deltarun.weights.loader import LoadError
+
+    with pytest.raises(LoadError, match="enable YaRN"):
+        LLM(str(tiny_ckpt), dtype="float32", device="cpu", max_model_len=10_000)
+    llm = LLM(str(tiny_ckpt), dtype="float32", device="cpu", max_model_len=16_000, rope_scaling="yarn:4")
+    assert llm.engine.max_model_len == 16_000

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig, apply_rope_override
 from ..model.qwen3_5 import Qwen3_5ForCausalLM
 
 UNUSED_PREFIXES = ("model.visual.", "mtp.")
@@ -76,12 +76,15 @@ def _checkpoint_name(name: str, flat: bool) -> str:
 
 
 def load_model(folder: str | Path, dtype: str | torch.dtype | None = "auto",
-               device: str | torch.device | None = "auto") -> Qwen3_5ForCausalLM:
+               device: str | torch.device | None = "auto", rope_scaling: dict | str | None = None,
+               context_length: int | None = None) -> Qwen3_5ForCausalLM:
+    """Load a model folder; `rope_scaling` overrides the config's rope (e.g. "yarn:4")."""
     folder = Path(folder)
     if not folder.is_dir():
         raise LoadError(f"model folder {folder} does not exist")
     try:
         config = ModelConfig.from_file(folder / "config.json")
+        apply_rope_override(config, rope_scaling, context_length)
     except ConfigError as e:
         raise LoadError(str(e)) from None
     dev = resolve_device(device)
