@@ -48,18 +48,17 @@ class SamplerState:
             else:
                 self.generator.manual_seed(params.seed)
 
-        self.counts: Tensor | None = None  # int32 [V], output tokens only (OpenAI semantics)
+        # Penalty state is sparse (only the ids seen), so a step costs O(ids seen), not O(vocab).
+        self.counts: dict[int, int] | None = None  # output tokens only (OpenAI semantics)
         if params.presence_penalty != 0 or params.frequency_penalty != 0:
-            self.counts = torch.zeros(self.vocab_size, dtype=torch.int32, device=self.device)
-
-        self.seen: Tensor | None = None  # bool [V], prompt + output tokens (HF semantics)
+            self.counts = {}
+        self.seen: set[int] | None = None  # prompt + output tokens (HF semantics)
         if params.repetition_penalty != 1:
-            self.seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
-            if len(prompt_ids):
-                ids = torch.as_tensor(list(prompt_ids), dtype=torch.long)
-                if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
-                    raise ValueError(f"prompt_ids must lie in [0, {self.vocab_size})")
-                self.seen[ids.to(self.device)] = True
+            self.seen = {int(t) for t in prompt_ids}
+            if self.seen and (min(self.seen) < 0 or max(self.seen) >= self.vocab_size):
+                raise ValueError(f"prompt_ids must lie in [0, {self.vocab_size})")
+        self._seen_ids: Tensor | None = None
+        self._count_ids: tuple[Tensor, Tensor] | None = None
 
         # Tokens that would end the request, banned until min_tokens are out (as vLLM does);
         # EOS stays allowed when ignore_eos, since then it does not stop anything.
@@ -80,9 +79,25 @@ class SamplerState:
         for p in self.processors:
             p.accept(token_id)
         if self.counts is not None:
-            self.counts[token_id] += 1
-        if self.seen is not None:
-            self.seen[token_id] = True
+            self.counts[token_id] = self.counts.get(token_id, 0) + 1
+            self._count_ids = None
+        if self.seen is not None and token_id not in self.seen:
+            self.seen.add(token_id)
+            self._seen_ids = None
+
+    def seen_ids(self) -> Tensor:
+        if self._seen_ids is None:
+            self._seen_ids = torch.tensor(sorted(self.seen), dtype=torch.long, device=self.device)
+        return self._seen_ids
+
+    def count_ids(self) -> tuple[Tensor, Tensor]:
+        """(ids, counts as float32) of the generated tokens."""
+        if self._count_ids is None:
+            ids = sorted(self.counts)
+            self._count_ids = (torch.tensor(ids, dtype=torch.long, device=self.device),
+                               torch.tensor([self.counts[i] for i in ids], dtype=torch.float32,
+                                            device=self.device))
+        return self._count_ids
 
 
 @dataclass
@@ -129,21 +144,15 @@ def process_logits(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
         if s.min_tokens_block is not None and s.num_generated < s.params.min_tokens:
             x[i, s.min_tokens_block] = neg_inf
 
-    rows = [i for i, s in enumerate(states) if s.seen is not None]
-    if rows:
-        idx, sub = _rows(x, rows)
-        rp = _col([states[i].params.repetition_penalty for i in rows], dev)
-        seen = torch.stack([states[i].seen for i in rows])
-        # HF semantics: shrink toward "less likely" whatever the sign of the logit.
-        x[idx] = torch.where(seen, torch.where(sub > 0, sub / rp, sub * rp), sub)
-
-    rows = [i for i, s in enumerate(states) if s.counts is not None]
-    if rows:
-        idx, sub = _rows(x, rows)
-        freq = _col([states[i].params.frequency_penalty for i in rows], dev)
-        pres = _col([states[i].params.presence_penalty for i in rows], dev)
-        counts = torch.stack([states[i].counts for i in rows]).float()
-        x[idx] = sub - freq * counts - pres * (counts > 0).float()
+    for i, s in enumerate(states):
+        if s.seen:
+            ids, rp = s.seen_ids(), s.params.repetition_penalty
+            v = x[i, ids]
+            # HF semantics: shrink toward "less likely" whatever the sign of the logit.
+            x[i, ids] = torch.where(v > 0, v / rp, v * rp)
+        if s.counts:
+            ids, counts = s.count_ids()
+            x[i, ids] -= s.params.frequency_penalty * counts + s.params.presence_penalty
 
     # Greedy rows get neutral values below so that one batched pass serves every row.
     sampled = [not s.params.greedy for s in states]
@@ -164,13 +173,19 @@ def process_logits(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
 
     ps = [s.params.top_p if r else 1.0 for s, r in zip(states, sampled)]
     if any(p < 1.0 for p in ps):
-        srt, order = torch.sort(x, dim=-1, descending=False)
+        # After top-k only a few tokens are finite: sort those, not the whole vocabulary.
+        m = int(torch.isfinite(x).sum(dim=-1).max()) if any(ks) else V
+        if m < V // 8:
+            srt, order = torch.topk(x, m, dim=-1, sorted=True)
+            srt, order = srt.flip(-1), order.flip(-1)  # ascending, like the full sort
+        else:
+            srt, order = torch.sort(x, dim=-1, descending=False)
         cum = srt.softmax(dim=-1).cumsum(dim=-1)
         p = _col(ps, dev)
         # Drop the low tail whose total mass is <= 1 - top_p; the top token always survives.
         drop = (cum <= 1.0 - p) & (p < 1.0)
         drop[:, -1] = False
-        x = x.masked_fill(drop.scatter(1, order, drop), neg_inf)
+        x[:, :] = x.scatter(1, order, srt.masked_fill(drop, neg_inf))
 
     mps = [s.params.min_p if r else 0.0 for s, r in zip(states, sampled)]
     if any(m > 0.0 for m in mps):
@@ -184,24 +199,29 @@ def sample(logits: Tensor, states: Sequence[SamplerState]) -> SampleOutput:
     """Pick one token per row of ``logits`` [B, V] (any float dtype) under each row's own
     params; ``states[i]`` belongs to row i.  Sampled rows draw with their own generator, so a
     seeded request repeats exactly whatever else shares its batch."""
-    raw = torch.log_softmax(logits.float(), dim=-1)  # [B, V] fp32, before any processing
+    lse = torch.logsumexp(logits.float(), dim=-1, keepdim=True)  # log-probs = logits - lse (raw model)
     x = process_logits(logits, states)
     token_ids = x.argmax(dim=-1)
     sampled = [i for i, s in enumerate(states) if not s.params.greedy]
     if sampled:
-        probs = x.softmax(dim=-1)
+        # Filters usually leave a handful of candidates: draw among those, not the whole vocabulary.
+        m = int(torch.isfinite(x[sampled]).sum(dim=-1).max())
+        vals, cand = torch.topk(x, m, dim=-1) if m < x.shape[1] // 8 else (x, None)
+        probs = vals.softmax(dim=-1)
         for i in sampled:
-            token_ids[i] = torch.multinomial(probs[i], 1, generator=states[i].generator)[0]
-    chosen = raw.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+            j = torch.multinomial(probs[i], 1, generator=states[i].generator)[0]
+            token_ids[i] = j if cand is None else cand[i, j]
+    chosen = (logits.float().gather(1, token_ids.unsqueeze(1)) - lse).squeeze(1)
 
     top: list[TopLogprobs] | None = None
     want = [s.params.logprobs for s in states]
     if any(k is not None for k in want):
         ks = [k or 0 for k in want]
-        kmax = min(max(ks), raw.shape[1])
+        kmax = min(max(ks), logits.shape[1])
         top = [[] for _ in states]
         if kmax > 0:
-            vals, ids = torch.topk(raw, kmax, dim=-1)
+            vals, ids = torch.topk(logits.float(), kmax, dim=-1)
+            vals = vals - lse
             vals, ids = vals.tolist(), ids.tolist()  # one device sync for the whole batch
             for i, k in enumerate(ks):
                 top[i] = list(zip(ids[i][:k], vals[i][:k]))
