@@ -205,12 +205,15 @@ def sample(logits: Tensor, states: Sequence[SamplerState]) -> SampleOutput:
     sampled = [i for i, s in enumerate(states) if not s.params.greedy]
     if sampled:
         # Filters usually leave a handful of candidates: draw among those, not the whole vocabulary.
-        m = int(torch.isfinite(x[sampled]).sum(dim=-1).max())
-        vals, cand = torch.topk(x, m, dim=-1) if m < x.shape[1] // 8 else (x, None)
-        probs = vals.softmax(dim=-1)
+        # Decided per row, so that a row's draw never depends on what else shares the batch.
+        finite = torch.isfinite(x).sum(dim=-1).tolist()
         for i in sampled:
-            j = torch.multinomial(probs[i], 1, generator=states[i].generator)[0]
-            token_ids[i] = j if cand is None else cand[i, j]
+            if finite[i] < x.shape[1] // 8:
+                vals, cand = torch.topk(x[i], finite[i])
+                j = torch.multinomial(vals.softmax(dim=-1), 1, generator=states[i].generator)[0]
+                token_ids[i] = cand[j]
+            else:
+                token_ids[i] = torch.multinomial(x[i].softmax(dim=-1), 1, generator=states[i].generator)[0]
     chosen = (logits.float().gather(1, token_ids.unsqueeze(1)) - lse).squeeze(1)
 
     top: list[TopLogprobs] | None = None
