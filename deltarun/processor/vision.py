@@ -18,7 +18,7 @@ import os
 import re
 import urllib.request
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -46,7 +46,6 @@ class ImageProcessorConfig:
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
     max_image_pixels: int = MAX_IMAGE_PIXELS
     allow_http: bool = False
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict, **overrides) -> "ImageProcessorConfig":
@@ -75,11 +74,12 @@ class ImageProcessorConfig:
 class ProcessedImage:
     pixel_values: torch.Tensor  # [h·w, C·Tp·P·P] float32
     grid_thw: tuple[int, int, int]  # (1, h, w) in patches
+    merge_size: int = 2
 
     @property
     def num_tokens(self) -> int:
         t, h, w = self.grid_thw
-        return t * h * w // 4
+        return t * h * w // self.merge_size ** 2
 
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+/-]*)(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S)
@@ -161,14 +161,14 @@ def load_image(source: ImageSource, allow_http: bool = False,
         raw = read_media_bytes(source, allow_http=allow_http, kind="image")
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
                 img = Image.open(raw if isinstance(raw, Path) else io.BytesIO(raw))
                 if img.format not in FORMATS:
                     raise ValueError(f"unsupported image format {img.format}; use PNG, JPEG, WebP or GIF")
                 _check_size(img.width, img.height, max_image_pixels)
                 img.seek(0)
                 img.load()
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        except (UnidentifiedImageError, Image.DecompressionBombError) as e:
             raise ValueError(f"cannot read image: {e}") from None
         except (OSError, SyntaxError, EOFError) as e:  # truncated or corrupt data
             raise ValueError(f"cannot read image (corrupt or truncated?): {e}") from None
@@ -237,7 +237,7 @@ def preprocess_image(image: ImageSource, cfg: ImageProcessorConfig | None = None
     chw = normalize_uint8(np.asarray(img), cfg.image_mean, cfg.image_std)
     frames = chw[None].expand(cfg.temporal_patch_size, -1, -1, -1)
     pv = patchify(frames, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)
-    return ProcessedImage(pv, (1, rh // cfg.patch_size, rw // cfg.patch_size))
+    return ProcessedImage(pv, (1, rh // cfg.patch_size, rw // cfg.patch_size), cfg.merge_size)
 
 
 def preprocess_images(images: list[ImageSource], cfg: ImageProcessorConfig | None = None

@@ -1,0 +1,173 @@
+"""Engine benchmarks (issue 3): batching, chunked-prefill fairness, prefix reuse, long-prompt memory.
+
+Prints Markdown tables for the Qwen3.5-0.8B shape with random weights (speed does not depend on the
+values), bf16 on CPU by default:
+  1. total decode tokens/s at 1, 2, 4, 8, 16 concurrent sequences;
+  2. time to first token of a 4,096-token prompt while 4 other sequences decode (and their decode rate);
+  3. second-turn latency of an 8K-token chat with and without prefix reuse;
+  4. peak RSS and time while prefilling long prompts (each length in a fresh process).
+
+    .venv/bin/python benchmarks/bench_engine.py                  # all, prefill lengths 8K and 32K
+    .venv/bin/python benchmarks/bench_engine.py --parts 4 --lengths 32768,131072,262144
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = Path.home() / ".cache" / "deltarun" / "bench-0.8b"
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 240_000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _llm(args, **kw):
+    from deltarun import LLM
+
+    return LLM(str(args.model), dtype=args.dtype, device="cpu", **kw)
+
+
+def _params(n: int):
+    from deltarun import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True).with_defaults({})
+
+
+def _run_until(engine, cond) -> None:
+    while not cond():
+        engine.step()
+
+
+def part_concurrency(args) -> list[str]:
+    rows = ["| concurrent sequences | total decode tok/s | per-sequence tok/s |", "|---|---|---|"]
+    llm = _llm(args, prefix_cache_memory=0)
+    eng = llm.engine
+    for c in args.concurrency:
+        for i in range(c):
+            eng.add_request(f"c{c}-{i}", _ids(32, seed=i), _params(args.gen_len + 8))
+        _run_until(eng, lambda: eng.num_running == c)  # everyone prefilled: time pure decode steps
+        for _ in range(2):
+            eng.step()
+        t, steps = time.perf_counter(), args.gen_len
+        for _ in range(steps):
+            eng.step()
+        dt = time.perf_counter() - t
+        _run_until(eng, lambda: not eng.has_unfinished())
+        rows.append(f"| {c} | {c * steps / dt:.1f} | {steps / dt:.2f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def part_ttft(args) -> list[str]:
+    llm = _llm(args, prefix_cache_memory=0)
+    eng = llm.engine
+    for i in range(4):
+        eng.add_request(f"bg{i}", _ids(32, seed=100 + i), _params(100_000))
+    _run_until(eng, lambda: eng.num_running == 4)
+    eng.add_request("long", _ids(4096, seed=7), _params(1))
+    t, bg_tokens = time.perf_counter(), 0
+    while "long" in eng.requests:
+        outs = eng.step()
+        bg_tokens += sum(len(u.new_token_ids) for o in outs if o.request_id != "long" for u in o.updates)
+    dt = time.perf_counter() - t
+    alone = _llm(args, prefix_cache_memory=0).engine
+    alone.add_request("long", _ids(4096, seed=7), _params(1))
+    t = time.perf_counter()
+    _run_until(alone, lambda: not alone.has_unfinished())
+    dt_alone = time.perf_counter() - t
+    return ["| workload | time to first token s | background decode tok/s |", "|---|---|---|",
+            f"| 4,096-token prompt while 4 sequences decode (chunks of {eng.max_prefill_tokens}) | {dt:.2f} | "
+            f"{bg_tokens / dt:.2f} |",
+            f"| the same prompt alone | {dt_alone:.2f} | – |"]
+
+
+def part_prefix(args) -> list[str]:
+    turn1 = _ids(8192, seed=3)
+    rows = ["| second turn of an 8K chat | prompt tokens computed | time to first token s |", "|---|---|---|"]
+    for label, budget in (("with prefix reuse", 4 << 30), ("without (cold)", 0)):
+        llm = _llm(args, prefix_cache_memory=budget, max_prefill_tokens=2048)
+        eng = llm.engine
+        answer = llm.generate(turn1, _params(32))[0].outputs[0].token_ids
+        turn2 = turn1 + answer + _ids(60, seed=4)
+        before = eng.stats["prompt_tokens"]
+        t = time.perf_counter()
+        llm.generate(turn2, _params(1))
+        dt = time.perf_counter() - t
+        rows.append(f"| {label} | {eng.stats['prompt_tokens'] - before} | {dt:.2f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def prefill_child(args) -> None:
+    """Run in a fresh process: prefill one long prompt, report time and peak RSS as JSON."""
+    n = args.child
+    llm = _llm(args, prefix_cache_memory=0, max_model_len=max(n + 8, 4096), max_prefill_tokens=args.chunk)
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t = time.perf_counter()
+    llm.generate(_ids(n, seed=5), _params(1))
+    dt = time.perf_counter() - t
+    kv = llm.engine.kv_token_bytes * n
+    print(json.dumps({"n": n, "s": dt, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "rss_loaded": rss_loaded, "kv": kv}))
+
+
+def part_long(args) -> list[str]:
+    rows = ["| prompt tokens | prefill s | prefill tok/s | peak RSS GB | after load GB | KV held GB |",
+            "|---|---|---|---|---|---|"]
+    for n in args.lengths:
+        cmd = [sys.executable, __file__, "--child", str(n), "--model", str(args.model), "--dtype", args.dtype,
+               "--chunk", str(args.chunk)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode:
+            rows.append(f"| {n} | failed: {res.stderr.strip().splitlines()[-1] if res.stderr else res.returncode} |")
+            continue
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        rows.append(f"| {n:,} | {r['s']:.1f} | {n / r['s']:.0f} | {r['rss'] / 1e9:.2f} | "
+                    f"{r['rss_loaded'] / 1e9:.2f} | {r['kv'] / 1e9:.2f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--parts", default="1,2,3,4", help="which parts to run (1-4)")
+    p.add_argument("--concurrency", default="1,2,4,8,16")
+    p.add_argument("--gen-len", type=int, default=32, help="timed decode steps per concurrency level")
+    p.add_argument("--lengths", default="8192,32768", help="prompt lengths for the memory part")
+    p.add_argument("--chunk", type=int, default=2048, help="prefill chunk for the memory part")
+    p.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (args.model / "config.json").exists():
+        from deltarun.weights.random_init import write_random_checkpoint
+
+        print(f"writing a random 0.8B checkpoint to {args.model} …", flush=True)
+        write_random_checkpoint("0.8B", args.model, tokenizer=False)
+    if args.child:
+        return prefill_child(args)
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.lengths = [int(n) for n in args.lengths.split(",")]
+    load = open("/proc/loadavg").read().split()[0]
+    print(f"command: {' '.join(sys.argv)}\nmodel: {args.model} ({args.dtype}), torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, load average {load}\n", flush=True)
+    parts = {"1": part_concurrency, "2": part_ttft, "3": part_prefix, "4": part_long}
+    tables = [parts[k](args) for k in args.parts.split(",")]
+    print()
+    for t in tables:
+        print("\n".join(t) + "\n")
+
+
+if __name__ == "__main__":
+    main()
