@@ -11,7 +11,6 @@ from typing import Any
 from .engine.async_engine import AsyncEngine
 from .llm import Frontend, Messages, Prompt
 from .outputs import RequestOutput, StreamDelta
-from .processor.reasoning import ReasoningParser
 from .sampling import SamplingParams
 
 
@@ -43,15 +42,9 @@ class AsyncLLM(Frontend):
                           **template_kwargs: Any) -> AsyncIterator[StreamDelta]:
         """Stream a conversation's answer, reasoning apart from content."""
         prompt, ids, thinking = self.render(messages, enable_thinking, tools, **template_kwargs)
-        parsers: dict[int, ReasoningParser] = {}
+        split = self.reasoning_splitter(prompt)
         async for delta in self.generate_stream(ids, self.chat_params(params, thinking)):
-            parser = parsers.setdefault(delta.index, ReasoningParser(in_think=prompt.endswith("<think>\n")))
-            delta.reasoning, delta.content = parser.feed(delta.text)
-            if delta.finish_reason is not None:
-                r, c = parser.finish()
-                delta.reasoning += r
-                delta.content += c
-            yield delta
+            yield split(delta)
 
     def shutdown(self) -> None:
         self.async_engine.shutdown()

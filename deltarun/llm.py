@@ -66,6 +66,22 @@ class Frontend:
         return prompt, self.tokenizer.encode(prompt), thinking
 
     @staticmethod
+    def reasoning_splitter(prompt: str):
+        """A function that fills `delta.reasoning` / `delta.content` of a chat stream's deltas in order."""
+        parsers: dict[int, ReasoningParser] = {}
+        in_think = prompt.endswith("<think>\n")
+
+        def split(delta: StreamDelta) -> StreamDelta:
+            parser = parsers.setdefault(delta.index, ReasoningParser(in_think=in_think))
+            delta.reasoning, delta.content = parser.feed(delta.text)
+            if delta.finish_reason is not None:
+                r, c = parser.finish()
+                delta.reasoning += r
+                delta.content += c
+            return delta
+        return split
+
+    @staticmethod
     def chat_params(params: SamplingParams | None, thinking: bool) -> SamplingParams:
         """Unset sampling knobs take the model card's recommended values for the mode."""
         return (params or SamplingParams()).with_defaults(card_defaults(thinking))
@@ -134,12 +150,6 @@ class LLM(Frontend):
                     **template_kwargs: Any) -> Iterator[StreamDelta]:
         """Stream one conversation's answer; each delta says which part is reasoning and which content."""
         prompt, ids, thinking = self.render(messages, enable_thinking, tools, **template_kwargs)
-        parsers: dict[int, ReasoningParser] = {}
+        split = self.reasoning_splitter(prompt)
         for delta in self.generate_stream(ids, self.chat_params(params, thinking)):
-            parser = parsers.setdefault(delta.index, ReasoningParser(in_think=prompt.endswith("<think>\n")))
-            delta.reasoning, delta.content = parser.feed(delta.text)
-            if delta.finish_reason is not None:
-                r, c = parser.finish()
-                delta.reasoning += r
-                delta.content += c
-            yield delta
+            yield split(delta)
