@@ -195,12 +195,16 @@ def process_logits(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
     return x
 
 
-def sample(logits: Tensor, states: Sequence[SamplerState]) -> SampleOutput:
+def sample(logits: Tensor, states: Sequence[SamplerState], vocab_limit: int | None = None) -> SampleOutput:
     """Pick one token per row of ``logits`` [B, V] (any float dtype) under each row's own
     params; ``states[i]`` belongs to row i.  Sampled rows draw with their own generator, so a
-    seeded request repeats exactly whatever else shares its batch."""
+    seeded request repeats exactly whatever else shares its batch.  Ids >= ``vocab_limit`` (the
+    embedding's padding rows, which no tokenizer knows) are never drawn; reported logprobs stay
+    those of the model's full distribution, as the reference computes them."""
     lse = torch.logsumexp(logits.float(), dim=-1, keepdim=True)  # log-probs = logits - lse (raw model)
     x = process_logits(logits, states)
+    if vocab_limit is not None and vocab_limit < x.shape[1]:
+        x[:, vocab_limit:] = float("-inf")
     token_ids = x.argmax(dim=-1)
     sampled = [i for i, s in enumerate(states) if not s.params.greedy]
     if sampled:

@@ -7,6 +7,7 @@ Ollama: `{"error": "message"}`) so the server keeps serving whatever a client se
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,10 @@ def create_app(llm: AsyncLLM, model_name: str | None = None, *, api_key: str | N
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         message, param = _validation_message(exc)
+        try:
+            json.loads(await request.body())
+        except ValueError:
+            message, param = "the request body is not valid JSON", None
         return error_response(request, 400, message, param)
 
     @app.exception_handler(ValueError)
@@ -122,7 +127,7 @@ def create_app(llm: AsyncLLM, model_name: str | None = None, *, api_key: str | N
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(METRICS.render(len(getattr(llm.engine, "waiting", ()))), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(METRICS.render(llm.engine), media_type="text/plain; version=0.0.4")
 
     @app.get("/")
     async def root():

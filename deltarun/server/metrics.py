@@ -60,7 +60,9 @@ class Metrics:
         with self._lock:
             self.http_errors += 1
 
-    def render(self, waiting: int) -> str:
+    def render(self, engine) -> str:
+        """Prometheus text: the server's counters plus the engine's (read without locking: plain ints)."""
+        stats = dict(engine.stats)
         with self._lock:
             lines = ["# TYPE deltarun_requests_total counter"]
             lines += [f'deltarun_requests_total{{outcome="{k}"}} {v}' for k, v in self.requests.items()]
@@ -69,9 +71,16 @@ class Metrics:
                       "# TYPE deltarun_generation_tokens_total counter",
                       f"deltarun_generation_tokens_total {self.generation_tokens}",
                       "# TYPE deltarun_requests_running gauge", f"deltarun_requests_running {self.running}",
-                      "# TYPE deltarun_requests_waiting gauge", f"deltarun_requests_waiting {waiting}",
-                      # the engine has no prefix cache yet; exported so dashboards need no change later
-                      "# TYPE deltarun_prefix_cache_hits_total counter", "deltarun_prefix_cache_hits_total 0"]
+                      "# TYPE deltarun_requests_waiting gauge", f"deltarun_requests_waiting {engine.num_waiting}",
+                      "# TYPE deltarun_sequences_running gauge", f"deltarun_sequences_running {engine.num_running}",
+                      "# TYPE deltarun_prefix_cache_hits_total counter",
+                      f"deltarun_prefix_cache_hits_total {engine.prefix.hits}",
+                      "# TYPE deltarun_prefix_cache_hit_tokens_total counter",
+                      f"deltarun_prefix_cache_hit_tokens_total {engine.prefix.hit_tokens}",
+                      "# TYPE deltarun_prefix_cache_bytes gauge", f"deltarun_prefix_cache_bytes {engine.prefix.nbytes}",
+                      "# TYPE deltarun_preemptions_total counter", f"deltarun_preemptions_total {stats['preemptions']}",
+                      "# TYPE deltarun_engine_prompt_tokens_total counter",
+                      f"deltarun_engine_prompt_tokens_total {stats['prompt_tokens']}"]
             lines += self.latency.lines("deltarun_request_latency_seconds")
             lines += self.ttft.lines("deltarun_time_to_first_token_seconds")
         return "\n".join(lines) + "\n"
