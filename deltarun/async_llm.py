@@ -6,11 +6,13 @@ the engine thread (engine/async_engine.py) and each request streams its `StreamD
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from .engine.async_engine import AsyncEngine
 from .llm import Frontend, Messages, Prompt
 from .outputs import RequestOutput, StreamDelta
+from .processor.output import RequestState
 from .sampling import SamplingParams
 
 
@@ -22,12 +24,17 @@ class AsyncLLM(Frontend):
     async def generate_stream(self, prompt: Prompt, params: SamplingParams | None = None
                               ) -> AsyncIterator[StreamDelta]:
         """New text per sequence as it is generated; closing the iterator aborts the request."""
-        req = self.prepare(prompt, params)
-        async for step in self.async_engine.generate(req.request_id, req.prompt_ids, req.params):
-            for delta in self.output.update(req, step, self.async_engine.finish):
+        async with aclosing(self._stream(self.prepare(prompt, params))) as deltas:
+            async for delta in deltas:
                 yield delta
-            if req.finished:  # every sequence ended (maybe by a stop string the engine has not seen yet)
-                return
+
+    async def _stream(self, req: RequestState) -> AsyncIterator[StreamDelta]:
+        async with aclosing(self.async_engine.generate(req.request_id, req.prompt_ids, req.params, req.mm)) as steps:
+            async for step in steps:
+                for delta in self.output.update(req, step, self.async_engine.finish):
+                    yield delta
+                if req.finished:  # every sequence ended (maybe by a stop string the engine has not seen yet)
+                    return
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> RequestOutput:
         req = self.prepare(prompt, params)
@@ -40,11 +47,13 @@ class AsyncLLM(Frontend):
     async def chat_stream(self, messages: Messages, params: SamplingParams | None = None, *,
                           enable_thinking: bool | None = None, tools: list[dict] | None = None,
                           **template_kwargs: Any) -> AsyncIterator[StreamDelta]:
-        """Stream a conversation's answer, reasoning apart from content."""
-        prompt, ids, thinking = self.render(messages, enable_thinking, tools, **template_kwargs)
+        """Stream a conversation's answer, reasoning apart from content; messages may hold image/video parts."""
+        prompt, ids, thinking, mm = self.render_chat(messages, enable_thinking, tools, **template_kwargs)
         split = self.reasoning_splitter(prompt)
-        async for delta in self.generate_stream(ids, self.chat_params(params, thinking)):
-            yield split(delta)
+        # aclosing: leaving early must abort the request now, not when the inner generator is collected
+        async with aclosing(self._stream(self.prepare(ids, self.chat_params(params, thinking), mm))) as deltas:
+            async for delta in deltas:
+                yield split(delta)
 
     def shutdown(self) -> None:
         self.async_engine.shutdown()

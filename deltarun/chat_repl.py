@@ -2,6 +2,8 @@
 
 Multi-line input: end a line with `\\` to continue it, or wrap a block in triple quotes.
 Ctrl-C stops the current answer (the conversation keeps what was said); Ctrl-D or /exit leaves.
+`/image PATH` and `/video PATH` attach media to the next message; it stays in the conversation, so
+later turns still see it (a prefix-cache hit past the media skips encoding it again).
 """
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from rich.console import Console
 HELP = """commands:
   /think on|off    thinking (reasoning before the answer) on or off
   /system TEXT     set the system prompt (empty: remove it); clears the conversation
-  /clear           forget the conversation
+  /image PATH      attach an image to your next message (repeatable)
+  /video PATH      attach a video to your next message (repeatable)
+  /clear           forget the conversation (and pending attachments)
   /exit, /bye      leave (or Ctrl-D)
   \"\"\"             start or end a multi-line message; a line ending in \\ continues"""
 
@@ -44,7 +48,7 @@ def read_message(console: Console) -> str | None:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from .cli import load_llm, sampling_params
+    from .cli import load_llm, media_part, sampling_params
 
     try:
         import readline  # noqa: F401  (line editing and history for input())
@@ -57,6 +61,7 @@ def run_chat(args: argparse.Namespace) -> int:
     think = llm.template.thinking_default if args.think is None else args.think
     system = args.system
     history: list[dict] = []
+    attached: list[dict] = []  # media parts waiting for the next message
     console.print(f"[bold]{llm.path.name}[/] ready · thinking {'on' if think else 'off'} · /help for commands",
                   style="dim")
     while True:
@@ -75,7 +80,16 @@ def run_chat(args: argparse.Namespace) -> int:
                 console.print(HELP, style="dim")
             elif cmd == "/clear":
                 history.clear()
+                attached.clear()
                 console.print("conversation cleared", style="dim")
+            elif cmd in ("/image", "/video"):
+                kind, path = cmd[1:], rest.strip().strip("'\"")
+                try:
+                    attached.append(media_part(kind, path))
+                except ValueError as e:
+                    console.print(f"error: {e}", style="red", markup=False)
+                    continue
+                console.print(f"attached {kind} {path} (sent with your next message)", style="dim", markup=False)
             elif cmd == "/system":
                 system, history = (rest.strip() or None), []
                 console.print(f"system prompt {'set' if system else 'removed'}; conversation cleared", style="dim")
@@ -85,10 +99,12 @@ def run_chat(args: argparse.Namespace) -> int:
             else:
                 console.print(f"unknown command {text!r}; /help lists them", style="red")
             continue
-        history.append({"role": "user", "content": msg})
+        content = attached + [{"type": "text", "text": msg}] if attached else msg
+        attached = []
+        history.append({"role": "user", "content": content})
         messages = ([{"role": "system", "content": system}] if system else []) + history
         reasoning, content = _answer(console, llm, messages, params, think)
-        if reasoning is None:  # the request failed before producing anything
+        if reasoning is None:  # the request failed before producing anything (attachments are dropped too)
             history.pop()
             continue
         history.append({"role": "assistant", "content": content, "reasoning_content": reasoning})

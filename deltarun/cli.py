@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", help="system prompt")
     gen.add_argument("--hide-thinking", action="store_true", help="do not print the reasoning (stderr)")
     gen.add_argument("-n", type=int, default=1, help="number of answers")
+    gen.add_argument("--image", action="append", default=[], metavar="PATH",
+                     help="an image to ask about (repeatable)")
+    gen.add_argument("--video", action="append", default=[], metavar="PATH",
+                     help="a video to ask about (repeatable)")
     _sampling_flags(gen)
 
     serve = sub.add_parser("serve", help="serve the OpenAI- and Ollama-compatible HTTP API")
@@ -123,16 +127,28 @@ def _err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def media_part(kind: str, path: str) -> dict:
+    """A chat content part for a media file given on the command line (checked before any model loads)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"{kind} file not found: {path}")
+    return {"type": kind, kind: str(p)}
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = sampling_params(args, n=args.n)  # validate flags before the (slow) model load
+    media = [media_part("image", p) for p in args.image] + [media_part("video", p) for p in args.video]
+    if media and args.raw:
+        raise ValueError("--image/--video need the chat template: drop --raw")
     llm = load_llm(args)
     if args.raw:
         for out in llm.generate(prompt, params)[0].outputs:
             print(out.text, flush=True)
         return 0
+    content = media + [{"type": "text", "text": prompt}] if media else prompt
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-        [{"role": "user", "content": prompt}]
+        [{"role": "user", "content": content}]
     if args.n == 1:  # stream
         for d in llm.chat_stream(messages, params, enable_thinking=args.think):
             if d.reasoning and not args.hide_thinking:

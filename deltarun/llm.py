@@ -3,7 +3,10 @@
 Text lives here, at the edge: prompts are tokenized, the chat template rendered, generated ids
 detokenized incrementally (processor/output.py), stop strings applied and reasoning split from the
 answer. The engine below speaks token ids only. `Frontend` is what the sync `LLM` and the server's
-`AsyncLLM` share: loading, prompt preparation and chat rendering.
+`AsyncLLM` share: loading, prompt preparation and chat rendering. Chat messages may hold image and
+video parts (processor/multimodal.py): `render_chat` renders them as placeholders, decodes the media,
+expands the placeholders and returns the `MultiModalInput` the engine runs them with; the vision
+tower is loaded on the first request that needs it.
 """
 from __future__ import annotations
 
@@ -15,12 +18,17 @@ from typing import Any
 from .engine.engine import Engine, EngineConfig
 from .outputs import ChatCompletion, ChatOutput, RequestOutput, StreamDelta
 from .processor.chat_template import ChatTemplate
+from .processor.mrope import VisionTokens
+from .processor.multimodal import MediaRef, MultiModalInput, extract_media, prepare_media
 from .processor.output import OutputProcessor, RequestState
 from .processor.reasoning import ReasoningParser, split_reasoning
 from .processor.tokenizer import Tokenizer
+from .processor.video import VideoProcessorConfig
+from .processor.vision import ImageProcessorConfig
 from .sampling import SamplingParams, card_defaults
 from .weights.hub import resolve_model
 from .weights.loader import load_model
+from .weights.vision_loader import load_vision
 
 Prompt = str | list[int]
 Messages = list[dict[str, Any]]
@@ -46,16 +54,47 @@ class Frontend:
                              valid_vocab=self.tokenizer.vocab_size, config=EngineConfig(**engine_options))
         self.output = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
+        self.vision_tokens = VisionTokens.from_config(self.config)
+        self.image_config = ImageProcessorConfig.from_folder(self.path)  # change fields to resize otherwise
+        self.video_config = VideoProcessorConfig.from_folder(self.path)
 
-    def prepare(self, prompt: Prompt, params: SamplingParams | None) -> RequestState:
-        """Tokenize, fill the output-length default and validate; the engine is not touched."""
+    def prepare(self, prompt: Prompt, params: SamplingParams | None,
+                mm: MultiModalInput | None = None) -> RequestState:
+        """Tokenize, fill the output-length default and validate; the engine is not touched.
+        `mm`: the images/videos of a prompt made by `prepare_media` (then `prompt` is its expanded ids)."""
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         room = self.engine.max_model_len - len(ids)
         params = params.with_defaults({"max_tokens": max(0, min(DEFAULT_MAX_TOKENS, room))})
-        self.engine.check_request(ids, params)
-        return self.output.new_request(str(next(self._ids)), prompt if isinstance(prompt, str) else None,
-                                       ids, params)
+        self.engine.check_request(ids, params, mm)
+        req = self.output.new_request(str(next(self._ids)), prompt if isinstance(prompt, str) else None,
+                                      ids, params)
+        req.mm = mm
+        return req
+
+    def load_vision(self) -> None:
+        """Load the vision tower into the engine (once; ValueError when the checkpoint has none)."""
+        if self.engine.vision is None:
+            if not self.config.vision:
+                raise ValueError(f"{self.path.name} has no vision tower: it cannot read images or videos")
+            self.engine.vision = load_vision(self.path, dtype=self.model.dtype, device=self.model.device)
+
+    def prepare_media(self, ids: list[int], media: list[MediaRef]) -> tuple[list[int], MultiModalInput | None]:
+        """Rendered prompt ids + the conversation's media (`extract_media`) → (expanded ids, MultiModalInput)."""
+        if not media:
+            return ids, None
+        self.load_vision()
+        return prepare_media(ids, media, self.tokenizer.encode, self.vision_tokens, self.image_config,
+                             self.video_config)
+
+    def render_chat(self, messages: Messages, enable_thinking: bool | None = None,
+                    tools: list[dict] | None = None, **kwargs: Any
+                    ) -> tuple[str, list[int], bool, MultiModalInput | None]:
+        """`render` for messages that may hold image/video parts: also (expanded ids, their media)."""
+        plain, media = extract_media(messages)
+        prompt, ids, thinking = self.render(plain, enable_thinking, tools, **kwargs)
+        ids, mm = self.prepare_media(ids, media)
+        return prompt, ids, thinking, mm
 
     def render(self, messages: Messages, enable_thinking: bool | None = None, tools: list[dict] | None = None,
                **kwargs: Any) -> tuple[str, list[int], bool]:
@@ -98,10 +137,12 @@ class LLM(Frontend):
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
-        reqs = [self.prepare(p, sp) for p, sp in zip(prompts, plist)]  # all validated before any runs
+        return self._run([self.prepare(p, sp) for p, sp in zip(prompts, plist)])  # all validated before any runs
+
+    def _run(self, reqs: list[RequestState]) -> list[RequestOutput]:
         by_id = {r.request_id: r for r in reqs}
         for r in reqs:
-            self.engine.add_request(r.request_id, r.prompt_ids, r.params)
+            self.engine.add_request(r.request_id, r.prompt_ids, r.params, r.mm)
         try:
             while self.engine.has_unfinished():
                 for step in self.engine.step():
@@ -115,8 +156,10 @@ class LLM(Frontend):
 
     def generate_stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
         """Yield new text as it is generated. Closing the iterator (or Ctrl-C) aborts the request."""
-        req = self.prepare(prompt, params)
-        self.engine.add_request(req.request_id, req.prompt_ids, req.params)
+        return self._stream(self.prepare(prompt, params))
+
+    def _stream(self, req: RequestState) -> Iterator[StreamDelta]:
+        self.engine.add_request(req.request_id, req.prompt_ids, req.params, req.mm)
         try:
             while not req.finished:
                 for step in self.engine.step():
@@ -132,11 +175,11 @@ class LLM(Frontend):
         """Answer one conversation (or a list of them); the reasoning comes back apart from the answer."""
         batch = bool(messages) and isinstance(messages[0], list)
         convs = messages if batch else [messages]
-        rendered = [self.render(c, enable_thinking, tools, **template_kwargs) for c in convs]
-        outs = self.generate([ids for _, ids, _ in rendered],
-                             [self.chat_params(params, thinking) for _, _, thinking in rendered])
+        rendered = [self.render_chat(c, enable_thinking, tools, **template_kwargs) for c in convs]
+        outs = self._run([self.prepare(ids, self.chat_params(params, thinking), mm)
+                          for _, ids, thinking, mm in rendered])
         results = []
-        for (prompt, ids, _), out in zip(rendered, outs):
+        for (prompt, ids, _, _), out in zip(rendered, outs):
             in_think = prompt.endswith("<think>\n")
             comps = []
             for c in out.outputs:
@@ -149,7 +192,7 @@ class LLM(Frontend):
                     enable_thinking: bool | None = None, tools: list[dict] | None = None,
                     **template_kwargs: Any) -> Iterator[StreamDelta]:
         """Stream one conversation's answer; each delta says which part is reasoning and which content."""
-        prompt, ids, thinking = self.render(messages, enable_thinking, tools, **template_kwargs)
+        prompt, ids, thinking, mm = self.render_chat(messages, enable_thinking, tools, **template_kwargs)
         split = self.reasoning_splitter(prompt)
-        for delta in self.generate_stream(ids, self.chat_params(params, thinking)):
+        for delta in self._stream(self.prepare(ids, self.chat_params(params, thinking), mm)):
             yield split(delta)

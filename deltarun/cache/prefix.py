@@ -5,6 +5,8 @@ Entries are made at `block`-aligned positions (64 tokens by default) where the e
 chunk: the snapshot of every linear-attention layer's conv + recurrent state and a reference to the
 sequence's KV caches (only their first `length` positions are read, and those never change).
 Keys form a hash chain over the token blocks (blake2b, 128-bit), so a key names the whole prefix.
+The engine keys a prompt with images/videos by its `key_ids`: each vision token replaced by a negative
+value derived from its media's content digest, so the same image hits and a different one misses.
 A lookup returns the deepest entry along a prompt's chain; the LRU evicts by bytes.
 """
 from __future__ import annotations

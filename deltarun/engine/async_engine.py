@@ -12,6 +12,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 
+from ..processor.multimodal import MultiModalInput
 from ..sampling import SamplingParams
 from .engine import Engine
 from .sequence import StepOutput
@@ -27,16 +28,17 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="deltarun-engine", daemon=True)
         self._thread.start()
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams
-                       ) -> AsyncIterator[StepOutput]:
-        """Stream a request's step outputs; leaving the loop early (or cancellation) aborts it."""
-        self.engine.check_request(prompt_ids, params)
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       mm: MultiModalInput | None = None) -> AsyncIterator[StepOutput]:
+        """Stream a request's step outputs; leaving the loop early (or cancellation) aborts it.
+        `mm`: the prompt's images/videos (`Frontend.prepare_media`)."""
+        self.engine.check_request(prompt_ids, params, mm)
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = (asyncio.get_running_loop(), q)
-        self._inbox.put(("add", request_id, prompt_ids, params))
+        self._inbox.put(("add", request_id, prompt_ids, params, mm))
         finished = False
         try:
             while True:

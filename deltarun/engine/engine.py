@@ -6,6 +6,11 @@ running sequence in ONE batched forward, and (3) prefills the next chunk (≤ `m
 the oldest waiting sequence, so a long prompt never freezes the others. A new prompt first resumes
 from the deepest cached prefix (cache/prefix.py). A request with `n > 1` prefills once and forks.
 Text-level work (detokenizing, stop strings) is the caller's; it ends a sequence via `finish`.
+
+Images and videos: a request may carry a `MultiModalInput` (processor/multimodal.py). The vision tower
+runs once for it, lazily, when the first chunk holding vision tokens is prefilled; each chunk embeds its
+own tokens and scatters in the vision rows that fall in it, with the prompt's M-RoPE positions; decode
+uses position index + delta. Prefix-cache keys see each vision token as its media's digest.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from ..cache.prefix import PrefixCache
 from ..cache.state import GROWTH, KVCache, ModelCache, SeqState
 from ..model.qwen3_5 import Qwen3_5ForCausalLM
 from ..ops.sampling import SamplerState, prompt_logprobs, sample
+from ..processor.multimodal import MultiModalInput
 from ..sampling import SamplingParams
 from .memory import default_budgets
 from .sequence import Request, SeqUpdate, Sequence, StepOutput
@@ -38,8 +44,9 @@ class EngineConfig:
 
 class Engine:
     def __init__(self, model: Qwen3_5ForCausalLM, *, eos_token_ids: list[int], valid_vocab: int | None = None,
-                 config: EngineConfig | None = None, **overrides):
+                 config: EngineConfig | None = None, vision: torch.nn.Module | None = None, **overrides):
         self.model = model
+        self.vision = vision  # the vision tower (may be set later: front ends load it on first use)
         self.cfg = cfg = config or EngineConfig(**overrides)
         self.eos_token_ids = list(eos_token_ids)
         vocab = model.config.text.vocab_size
@@ -56,12 +63,19 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.queue: deque[Sequence] = deque()  # sequences waiting for (more) prefill, oldest first
         self.active: list[Sequence] = []  # sequences holding a state slot
-        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0, "steps": 0}
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0, "steps": 0,
+                      "vision_encodes": 0}
         self._arrivals = itertools.count()
 
     # -- requests -------------------------------------------------------------------------------
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def check_request(self, prompt_ids: list[int], params: SamplingParams, mm: MultiModalInput | None = None) -> None:
         """Raise ValueError (a clear, user-facing message) for a request the engine cannot run."""
+        if mm is not None:
+            if self.vision is None:
+                raise ValueError("this model has no vision tower: it cannot read images or videos")
+            if mm.num_prompt != len(prompt_ids):
+                raise ValueError(f"the multimodal positions cover {mm.num_prompt} tokens but the prompt has "
+                                 f"{len(prompt_ids)}")
         if not prompt_ids:
             raise ValueError("the prompt is empty: give at least one token")
         vocab = self.model.config.text.vocab_size
@@ -69,18 +83,23 @@ class Engine:
         if bad is not None:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
         if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens, but the context length is "
-                             f"{self.max_model_len}; shorten it or raise the context length")
+            media = f" ({mm.num_vision_tokens} of them for images/videos)" if mm is not None else ""
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens{media}, but the context length is "
+                             f"{self.max_model_len}; shorten it{', use fewer or smaller media' if media else ''} "
+                             "or raise the context length")
         if params.n > self.pool.num_slots:
             raise ValueError(f"n={params.n} exceeds max_num_seqs={self.pool.num_slots}")
         params.validate()
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a prompt. `params` must already carry defaults (`SamplingParams.with_defaults`)."""
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    mm: MultiModalInput | None = None) -> None:
+        """Queue a prompt. `params` must already carry defaults (`SamplingParams.with_defaults`).
+        `mm`: the prompt's images/videos (from `prepare_media`, whose expanded ids are `prompt_ids`)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.check_request(prompt_ids, params)
-        req = Request(request_id, [int(t) for t in prompt_ids], params, self.max_model_len, next(self._arrivals))
+        self.check_request(prompt_ids, params, mm)
+        req = Request(request_id, [int(t) for t in prompt_ids], params, self.max_model_len, next(self._arrivals),
+                      mm=mm)
         req.seqs = [Sequence(0, req, self._sampler(req, 0))]
         self.requests[request_id] = req
         self.queue.append(req.seqs[0])
@@ -134,8 +153,13 @@ class Engine:
         return list(outputs.values())
 
     def _decode(self, seqs: list[Sequence], outputs: dict[str, StepOutput]) -> None:
-        ids = torch.tensor([[s.token_ids[-1]] for s in seqs], device=self.model.device)
-        hidden = self.model(ids, ModelCache(self.pool, [s.state for s in seqs]))
+        dev = self.model.device
+        ids = torch.tensor([[s.token_ids[-1]] for s in seqs], device=dev)
+        positions = None
+        if any(s.request.mm is not None for s in seqs):  # rows after an image run at index + delta
+            pos = [s.num_computed + (s.request.mm.delta if s.request.mm is not None else 0) for s in seqs]
+            positions = torch.tensor(pos, device=dev).view(1, -1, 1).expand(3, -1, 1)
+        hidden = self.model(ids, ModelCache(self.pool, [s.state for s in seqs]), positions=positions)
         for s in seqs:
             s.num_computed += 1
         self._sample(self.model.logits(hidden[:, -1]), seqs, outputs)
@@ -155,11 +179,19 @@ class Engine:
             self.queue.popleft()
             return
         ids = torch.tensor([seq.inputs[start:end]], device=self.model.device)
-        hidden = self.model(ids, ModelCache(self.pool, [seq.state]))[0]  # [T, H]
+        cache = ModelCache(self.pool, [seq.state])
+        if req.mm is None:
+            hidden = self.model(ids, cache)[0]  # [T, H]
+        else:
+            positions = req.mm.positions_for(start, end)[:, None].to(self.model.device)
+            hidden = self.model(None, cache, positions=positions, inputs_embeds=self._embed(req, ids, start, end))[0]
         seq.num_computed = end
         self.stats["prompt_tokens"] += end - start
         if end % blk == 0 and self.prefix.budget > 0:
-            self.prefix.insert(seq.inputs, end, self.pool.snapshot(seq.state.slot), seq.state.kv)
+            self.prefix.insert(seq.key_inputs, end, self.pool.snapshot(seq.state.slot), seq.state.kv)
+        if req.vision_embeds is not None and all(s.num_computed >= req.mm.num_prompt for s in req.seqs
+                                                 if not s.finished):
+            req.vision_embeds = None  # every vision token is in the state now
         fresh = not seq.token_ids
         if fresh and req.params.prompt_logprobs is not None:
             self._prompt_logprobs(req, hidden, start, end == target)
@@ -188,6 +220,18 @@ class Engine:
         last = self.model.logits(hidden[-1:])
         self._sample(last.expand(len(req.seqs), -1), req.seqs, outputs)
 
+    def _embed(self, req: Request, ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Embeddings [1, T, H] of inputs start … end−1 with the vision rows of the tokens among them."""
+        x = self.model.model.language_model.embed_tokens(ids)
+        a, b = req.mm.rows(start, end)
+        if a < b:
+            if req.vision_embeds is None:  # once per request, and only if a chunk needs it (not on a hit)
+                req.vision_embeds = req.mm.encode(self.vision)
+                self.stats["vision_encodes"] += 1
+            idx = (req.mm.vision_index[a:b] - start).to(x.device)
+            x[0, idx] = req.vision_embeds[a:b].to(device=x.device, dtype=x.dtype)
+        return x
+
     # -- memory ---------------------------------------------------------------------------------
     def _usage(self) -> int:
         return sum(s.state.kv_nbytes() for s in self.active) + len(self.active) * self.pool.slot_nbytes()
@@ -205,7 +249,7 @@ class Engine:
         fresh = not seq.token_ids
         if not (fresh and req.params.prompt_logprobs is not None):  # a hit skips the prefix's logits
             # a fresh prompt must compute ≥ 1 token: its last position's logits give the first sample
-            hit = self.prefix.lookup(seq.inputs, seq.prefill_target - (1 if fresh else 0))
+            hit = self.prefix.lookup(seq.key_inputs, seq.prefill_target - (1 if fresh else 0))
             if hit is not None:
                 self.pool.restore(seq.state.slot, hit.snapshot)
                 for dst, src in zip(seq.state.kv, hit.kv):

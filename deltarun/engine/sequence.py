@@ -4,13 +4,18 @@ Token ids only: text, stop strings and templates are handled by the caller (proc
 A sequence's *inputs* are the prompt followed by its generated tokens; `num_computed` of them are in
 its model state. A sequence is ready to decode when exactly one input (its newest token) is pending;
 more pending means it must be prefilled first (a new prompt, or a preempted sequence recomputing).
+A request with images/videos carries a `MultiModalInput` (positions, where its vision tokens are, cache
+keys) and, while its prompt is being prefilled, the vision tower's output for it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from ..cache.state import SeqState
 from ..ops.sampling import SamplerState
+from ..processor.multimodal import MultiModalInput
 from ..sampling import SamplingParams
 
 TopLogprobs = list[tuple[int, float]]
@@ -40,6 +45,11 @@ class Sequence:
         return self.request.prompt_ids + self.token_ids
 
     @property
+    def key_inputs(self) -> list[int]:
+        """`inputs` as the prefix cache keys them (vision tokens stand for their media's digest)."""
+        return self.request.key_ids + self.token_ids
+
+    @property
     def num_inputs(self) -> int:
         return len(self.request.prompt_ids) + len(self.token_ids)
 
@@ -63,10 +73,16 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[float | None] = field(default_factory=list)
     prompt_top_logprobs: list[TopLogprobs | None] = field(default_factory=list)
+    mm: MultiModalInput | None = None
+    vision_embeds: torch.Tensor | None = None  # [N_vis, H] while the prompt's vision tokens are prefilled
 
     @property
     def finished(self) -> bool:
         return bool(self.seqs) and all(s.finished for s in self.seqs)
+
+    @property
+    def key_ids(self) -> list[int]:
+        return self.mm.key_ids if self.mm is not None else self.prompt_ids
 
 
 @dataclass

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..engine.sequence import StepOutput
 from ..outputs import CompletionOutput, Logprob, RequestOutput, StreamDelta
 from ..sampling import SamplingParams
 from .detokenizer import IncrementalDetokenizer, StopChecker
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .multimodal import MultiModalInput
 
 FinishFn = Callable[[str, int, str, str], None]  # (request_id, index, reason, stop string)
 
@@ -38,6 +42,7 @@ class RequestState:
     params: SamplingParams
     tracks: list[_Track] = field(default_factory=list)
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    mm: MultiModalInput | None = None  # the prompt's MultiModalInput (images/videos), passed on to the engine
 
     @property
     def finished(self) -> bool:
