@@ -328,9 +328,8 @@ class Engine:
                             eos_token_ids=self.eos_token_ids)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], outputs: dict[str, StepOutput]) -> None:
-        logits = logits.clone()
-        logits[:, self.valid_vocab:] = float("-inf")  # padding rows of the embedding are not tokens
-        result = sample(logits, [s.sampler for s in seqs])
+        # padding rows of the embedding are not tokens: never drawn, but logprobs stay the model's own
+        result = sample(logits, [s.sampler for s in seqs], vocab_limit=self.valid_vocab)
         toks, lps = result.token_ids.tolist(), result.logprobs.tolist()
         for row, seq in enumerate(seqs):
             tok, lp = toks[row], lps[row]
