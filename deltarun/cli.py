@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route")
     serve.add_argument("--cors", action="append", metavar="ORIGIN", help="allow this browser origin (repeatable; '*' = any)")
     serve.add_argument("--served-model-name", help="model name clients use (default: the MODEL argument)")
+    serve.add_argument("--allow-http-media", action="store_true",
+                       help="let requests name images/videos by http(s) URL, which the server then downloads")
 
     init = sub.add_parser("init-random", help="write a random-weights checkpoint in the official layout")
     init.add_argument("config", help="0.8B, 2B, 4B, 9B (bundled official configs) or a config.json path")
@@ -178,6 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.model == "demo":
         _err("note: 'demo' has RANDOM WEIGHTS in the Qwen3.5-0.8B layout; its answers are noise")
     llm = AsyncLLM(resolve_model(args.model), **engine_options(args))
+    llm.image_config.allow_http = llm.video_config.allow_http = args.allow_http_media
     # --think/--no-think set the server-wide default; each request may still switch it
     app = create_app(llm, args.served_model_name or args.model, api_key=args.api_key, cors_origins=args.cors,
                      default_thinking=args.think)

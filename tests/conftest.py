@@ -38,3 +38,11 @@ def chat_llm(chat_ckpt):
     from deltarun import LLM
 
     return LLM(str(chat_ckpt), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def real_08b_ckpt(tmp_path_factory) -> Path:
+    """The official Qwen3.5-0.8B layout and shapes, random weights (bf16 on disk, ~1.7 GB), written once."""
+    from deltarun.weights.random_init import write_random_checkpoint
+
+    return write_random_checkpoint("0.8B", tmp_path_factory.mktemp("real") / "q08", seed=1, tokenizer=False)

@@ -91,11 +91,9 @@ def test_flat_text_checkpoint_from_transformers(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_0_8b_shape(tmp_path):
+def test_real_0_8b_shape(real_08b_ckpt):
     """The full Qwen3.5-0.8B config shape (random weights, bf16 on disk as published), short prompt."""
-    from deltarun.weights.random_init import write_random_checkpoint
-
-    folder = write_random_checkpoint("0.8B", tmp_path / "q08", seed=1, tokenizer=False)
+    folder = real_08b_ckpt
     llm = LLM(str(folder), dtype="float32", device="cpu")
     ids = _prompt(24, 248_000, seed=7)
     out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=0, ignore_eos=True))[0]

@@ -95,3 +95,29 @@ def test_load_vision_errors(tmp_path, tiny_ckpt):
     del cfg["vision_config"]
     (folder / "config.json").write_text(json.dumps(cfg))
     assert load_vision(folder, dtype="float32", device="cpu") is None
+
+
+@pytest.mark.slow
+def test_real_0_8b_vision_shape(real_08b_ckpt):
+    """The 0.8B vision tower shape (12 blocks, 768 wide, 48×48 position table), random weights, fp32."""
+    from safetensors import safe_open
+
+    from deltarun.config import ModelConfig
+    from deltarun.weights.loader import weight_files
+
+    ours = load_vision(real_08b_ckpt, dtype="float32", device="cpu")
+    vc = ModelConfig.from_file(real_08b_ckpt / "config.json").vision
+    ref = Qwen3_5VisionModel._from_config(Qwen3_5VisionConfig(**vc), dtype=torch.float32).eval()
+    state = {}
+    for f in weight_files(real_08b_ckpt):
+        with safe_open(str(f), "pt") as sf:
+            state.update({k.removeprefix("model.visual."): sf.get_tensor(k).float()
+                          for k in sf.keys() if k.startswith("model.visual.")})
+    ref.load_state_dict(state)
+    g = torch.tensor([[1, 8, 12], [2, 4, 6]])  # a 128×192 image and a 4-frame 64×96 video
+    pv = torch.randn(int(g.prod(-1).sum()), 3 * 2 * 16 * 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = ref(pv, grid_thw=g).pooler_output
+        got = ours(pv, g)
+    assert got.shape == (sum(num_vision_tokens(g)), 1024)
+    assert (got - want).abs().max().item() < 1e-4 * max(1.0, want.abs().max().item())

@@ -1,13 +1,16 @@
-"""What the OpenAI and Ollama adapters share: building a chat prompt (thinking, tools, tool_choice),
-sampling parameters with structured output, and ids for responses.
+"""What the OpenAI and Ollama adapters share: building a chat prompt (thinking, tools, tool_choice,
+images and videos), sampling parameters with structured output, and ids for responses.
 """
 from __future__ import annotations
 
+import asyncio
 import secrets
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 from ..async_llm import AsyncLLM
+from ..processor.multimodal import MediaRef, MultiModalInput, extract_media
 from ..sampling import SamplingParams
 from .app import APIError
 from .runner import template_messages
@@ -26,12 +29,15 @@ class ChatPrompt:
     tools: list[dict] | None  # tools whose calls are parsed out of the answer (None: no parsing)
     prefix: str  # answer text forced into the prompt by tool_choice
     max_calls: int | None  # 1 when parallel_tool_calls is false
+    mm: MultiModalInput | None = None  # the prompt's images/videos (`ids` are then the expanded ids)
 
 
-def build_chat_prompt(llm: AsyncLLM, messages: list[dict[str, Any]], *, thinking: bool | None,
-                      tools: list[dict] | None, tool_choice: Any = "auto", parallel: bool = True,
-                      template_kwargs: dict[str, Any] | None = None) -> ChatPrompt:
+async def build_chat_prompt(llm: AsyncLLM, messages: list[dict[str, Any]], *, thinking: bool | None,
+                            tools: list[dict] | None, tool_choice: Any = "auto", parallel: bool = True,
+                            template_kwargs: dict[str, Any] | None = None,
+                            context: list[int] | None = None) -> ChatPrompt:
     """Render the conversation. `tool_choice`: "auto" | "none" | "required" | {"function": {"name"}}.
+    `context`: token ids put before the rendered prompt (Ollama's /api/generate continuation).
 
     "none" leaves the tools out of the prompt (the model cannot call what it is not shown). "required"
     and a named function write the opening of the call into the prompt, so the model must call (a named
@@ -57,15 +63,49 @@ def build_chat_prompt(llm: AsyncLLM, messages: list[dict[str, Any]], *, thinking
     if tool_choice == "required" and not tools:
         raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice")
     shown = tools if tools and tool_choice != "none" else None
-    prompt, _, on = llm.render(template_messages(messages), thinking, shown, **kwargs)
+    plain, media = extract_media(template_messages(messages))
+    prompt, _, on = llm.render(plain, thinking, shown, **kwargs)
     prefix = ""
     if shown and (tool_choice == "required" or forced):
         if prompt.endswith("<think>\n"):
             prompt += "\n</think>\n\n"  # what the template writes for an empty reasoning
         prefix = "<tool_call>\n<function=" + (f"{forced}>\n" if forced else "")
         prompt += prefix
-    ids = llm.tokenizer.encode(prompt)
-    return ChatPrompt(ids, on, prompt.endswith("<think>\n"), shown, prefix, None if parallel else 1)
+    ids = list(context or []) + llm.tokenizer.encode(prompt)
+    mm = None
+    if media:
+        media = [_client_media(llm, m) for m in media]
+        try:  # decoding (a video: seconds) and loading the vision tower stay off the event loop
+            ids, mm = await asyncio.to_thread(_prepare_media, llm, ids, media)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+    return ChatPrompt(ids, on, prompt.endswith("<think>\n"), shown, prefix, None if parallel else 1, mm)
+
+
+_VISION_LOAD = threading.Lock()  # concurrent first image requests load the tower once
+
+
+def _prepare_media(llm: AsyncLLM, ids: list[int], media: list[MediaRef]) -> tuple[list[int], MultiModalInput]:
+    with _VISION_LOAD:
+        llm.load_vision()
+    return llm.prepare_media(ids, media)
+
+
+def _client_media(llm: AsyncLLM, ref: MediaRef) -> MediaRef:
+    """A client's image/video as data, never a path on this machine: a data URL as it is, an http(s) URL
+    only when the server allows them (`--allow-http-media`), anything else read as base64."""
+    if not isinstance(ref.source, str):
+        raise APIError(400, f"each {ref.kind} must be a data URL, base64 text or a URL", param="messages")
+    source = ref.source.strip()
+    if source.startswith("data:"):
+        return ref
+    if source.startswith(("http://", "https://")):
+        cfg = llm.image_config if ref.kind == "image" else llm.video_config
+        if not cfg.allow_http:
+            raise APIError(400, f"{ref.kind} URLs (http/https) are off on this server (start it with "
+                           "--allow-http-media); send the data as a data URL or base64", param="messages")
+        return ref
+    return MediaRef(ref.kind, "data:;base64," + source)
 
 
 def add_structured(llm: AsyncLLM, params: SamplingParams, kind: str | None, schema: dict | None,

@@ -2,7 +2,8 @@
 `/api/show`, `/api/ps`, `/api/version`, with Ollama's field names, durations in ns and eval counts.
 
 Thinking goes to `message.thinking` (or `thinking` for generate) whenever the model thinks, and tool
-calls to `message.tool_calls` with arguments as objects, as Ollama does for models it parses.
+calls to `message.tool_calls` with arguments as objects, as Ollama does for models it parses. `images`
+(base64, per message or on /api/generate) come before the text of their message.
 """
 from __future__ import annotations
 
@@ -31,6 +32,13 @@ def _now() -> str:
 
 def _think(value: Any, default: bool | None) -> bool | None:
     return default if value is None else value is not False
+
+
+def _content(text: str | None, images: list[str] | None) -> str | list[dict[str, Any]]:
+    """A message's content: its images (base64) first, then its text, as chat content parts."""
+    if not images:
+        return text or ""
+    return [{"type": "image", "image": b64} for b64 in images] + [{"type": "text", "text": text or ""}]
 
 
 def _params(llm, options: OllamaOptions | None, fmt: Any, thinking: bool):
@@ -122,11 +130,9 @@ async def chat(body: OllamaChatRequest, request: Request):
     state: ServerState = request.app.state.server
     state.check_model(body.model)
     llm = state.llm
-    if any(m.images for m in body.messages):
-        raise APIError(400, "images are not supported yet")
     messages = []
     for m in body.messages:
-        d: dict[str, Any] = {"role": m.role, "content": m.content or ""}
+        d: dict[str, Any] = {"role": m.role, "content": _content(m.content, m.images)}
         if m.thinking:
             d["reasoning_content"] = m.thinking
         if m.tool_calls:
@@ -136,9 +142,9 @@ async def chat(body: OllamaChatRequest, request: Request):
         return {"model": body.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                 "done": True, "done_reason": "load"}
     tools = body.tools or None
-    prompt = build_chat_prompt(llm, messages, thinking=_think(body.think, state.default_thinking), tools=tools)
+    prompt = await build_chat_prompt(llm, messages, thinking=_think(body.think, state.default_thinking), tools=tools)
     params = _params(llm, body.options, body.format, prompt.thinking)
-    req = prepare(llm, prompt.ids, llm.chat_params(params, prompt.thinking))
+    req = prepare(llm, prompt.ids, llm.chat_params(params, prompt.thinking), prompt.mm)
     return await _respond(request, body, llm, req, prompt, "chat")
 
 
@@ -147,11 +153,14 @@ async def generate(body: OllamaGenerateRequest, request: Request):
     state: ServerState = request.app.state.server
     state.check_model(body.model)
     llm = state.llm
-    if body.images:
-        raise APIError(400, "images are not supported yet")
+    if body.images and body.raw:
+        raise APIError(400, "images need the chat template: they cannot be sent with raw: true", param="images")
+    pads = {llm.vision_tokens.image_token_id, llm.vision_tokens.video_token_id}
+    if body.context and pads.intersection(body.context):
+        raise APIError(400, "a context holding images cannot be continued; use /api/chat", param="context")
     if body.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported")
-    if not body.prompt and not body.context:
+    if not body.prompt and not body.context and not body.images:
         return {"model": body.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
     if body.raw:
         from .common import ChatPrompt
@@ -162,12 +171,11 @@ async def generate(body: OllamaGenerateRequest, request: Request):
         req = prepare(llm, ids, params.with_defaults({}))
     else:
         messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
-            [{"role": "user", "content": body.prompt}]
-        prompt = build_chat_prompt(llm, messages, thinking=_think(body.think, state.default_thinking), tools=None)
-        if body.context:
-            prompt.ids = list(body.context) + prompt.ids
+            [{"role": "user", "content": _content(body.prompt, body.images)}]
+        prompt = await build_chat_prompt(llm, messages, thinking=_think(body.think, state.default_thinking),
+                                         tools=None, context=body.context)
         params = _params(llm, body.options, body.format, prompt.thinking)
-        req = prepare(llm, prompt.ids, llm.chat_params(params, prompt.thinking))
+        req = prepare(llm, prompt.ids, llm.chat_params(params, prompt.thinking), prompt.mm)
     return await _respond(request, body, llm, req, prompt, "generate")
 
 
@@ -200,8 +208,9 @@ async def show(body: OllamaShowRequest, request: Request):
         raise APIError(400, "model is required")
     state.check_model(name)
     cfg = state.llm.config.text
+    caps = ["completion", "tools", "thinking"] + (["vision"] if state.llm.config.vision else [])
     return {"modelfile": "", "parameters": "", "template": state.llm.template.source,
-            "details": _details(state), "capabilities": ["completion", "tools", "thinking"],
+            "details": _details(state), "capabilities": caps,
             "modified_at": _model_entry(state)["modified_at"],
             "model_info": {"general.architecture": "qwen35", "qwen35.context_length": cfg.max_position_embeddings,
                            "qwen35.embedding_length": cfg.hidden_size, "qwen35.block_count": cfg.num_hidden_layers}}

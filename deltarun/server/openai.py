@@ -1,8 +1,9 @@
 """OpenAI-compatible chat: `POST /v1/chat/completions` (SSE streaming or one JSON answer).
 
-Reasoning comes back as `reasoning_content` beside `content`; tool calls are parsed out of the answer
-(never left in `content`) and streamed as `tool_calls` deltas, one whole call per delta. The legacy
-`/v1/completions` and `/v1/models` live in openai_completions.py.
+Messages may hold images (`image_url` parts with a data URL or base64) and videos (`video_url` parts,
+as vLLM takes them). Reasoning comes back as `reasoning_content` beside `content`; tool calls are
+parsed out of the answer (never left in `content`) and streamed as `tool_calls` deltas, one whole call
+per delta. The legacy `/v1/completions` and `/v1/models` live in openai_completions.py.
 """
 from __future__ import annotations
 
@@ -86,11 +87,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state.check_model(body.model)
     llm = state.llm
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-    prompt = build_chat_prompt(llm, [m.model_dump() for m in body.messages], thinking=_thinking(body, state.default_thinking),
-                               tools=tools, tool_choice=body.tool_choice or "auto",
-                               parallel=body.parallel_tool_calls, template_kwargs=body.chat_template_kwargs)
+    prompt = await build_chat_prompt(llm, [m.model_dump() for m in body.messages],
+                                     thinking=_thinking(body, state.default_thinking), tools=tools,
+                                     tool_choice=body.tool_choice or "auto", parallel=body.parallel_tool_calls,
+                                     template_kwargs=body.chat_template_kwargs)
     params = _params(llm, body, prompt)
-    req = prepare(llm, prompt.ids, llm.chat_params(params, prompt.thinking))
+    req = prepare(llm, prompt.ids, llm.chat_params(params, prompt.thinking), prompt.mm)
     rid, created = new_id("chatcmpl-"), int(time.time())
     events = chat_events(llm, req, prompt.in_think, prompt.tools, prompt.prefix, prompt.max_calls)
     k = body.top_logprobs or 0

@@ -16,6 +16,7 @@ from fastapi import Request
 
 from ..async_llm import AsyncLLM
 from ..outputs import StreamDelta
+from ..processor.multimodal import MultiModalInput
 from ..processor.output import RequestState
 from ..processor.reasoning import ReasoningParser
 from ..processor.tool_calls import ToolCall, ToolCallParser
@@ -25,9 +26,10 @@ from .metrics import METRICS
 T = TypeVar("T")
 
 
-def prepare(llm: AsyncLLM, prompt: str | list[int], params: SamplingParams) -> RequestState:
-    """Tokenize and validate (ValueError → 400) before any response byte is sent."""
-    return llm.prepare(prompt, params)
+def prepare(llm: AsyncLLM, prompt: str | list[int], params: SamplingParams,
+            mm: MultiModalInput | None = None) -> RequestState:
+    """Tokenize and validate (ValueError → 400) before any response byte is sent; `mm`: the prompt's media."""
+    return llm.prepare(prompt, params, mm)
 
 
 async def run_request(llm: AsyncLLM, req: RequestState) -> AsyncIterator[list[StreamDelta]]:
@@ -37,7 +39,7 @@ async def run_request(llm: AsyncLLM, req: RequestState) -> AsyncIterator[list[St
     METRICS.request_started()
     ok = False
     try:
-        async with aclosing(llm.async_engine.generate(req.request_id, req.prompt_ids, req.params)) as steps:
+        async with aclosing(llm.async_engine.generate(req.request_id, req.prompt_ids, req.params, req.mm)) as steps:
             async for step in steps:
                 deltas = llm.output.update(req, step, llm.async_engine.finish)
                 if first and any(d.token_ids for d in deltas):
@@ -105,7 +107,10 @@ class ChatChoice:
 
 
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Messages as the chat template reads them: tool-call arguments as dicts, text-only content."""
+    """Messages as the chat template reads them: tool-call arguments as dicts, text parts normalized.
+
+    Image and video parts (`image`, `image_url`, `video`, `video_url`) pass through unchanged for
+    `extract_media`, which also refuses any other part type."""
     import json
 
     out = []
@@ -121,7 +126,7 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 if kind in ("text", "input_text") or (kind is None and "text" in part):
                     parts.append({"type": "text", "text": str(part.get("text", ""))})
                 else:
-                    raise ValueError(f"content part type {kind!r} is not supported (text only for now)")
+                    parts.append(part)
             m["content"] = parts
         elif content is None:
             m["content"] = ""
