@@ -99,42 +99,50 @@ def load_model(folder: str | Path, dtype: str | torch.dtype | None = "auto",
         params.pop("lm_head.weight")
 
     flat = config.model_type == "qwen3_5_text"
-    loaded: set[str] = set()
-    for path in weight_files(folder):
-        _load_file(path, model, params, loaded, flat, dt, dev)
-    missing = [n for n in params if n not in loaded]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise LoadError(f"tensor {missing[0]} is missing from the checkpoint in {folder}{more}")
+
+    def name_of(key: str) -> str | None:
+        if key.startswith(UNUSED_PREFIXES):
+            return None
+        name = _checkpoint_name(key, flat)
+        return None if name == "lm_head.weight" and name not in params else name  # tied: embedding serves
+
+    adopt_tensors(folder, model, params, name_of, lambda n: torch.float32 if n.endswith(FP32_PARAMS) else dt, dev)
     if config.text.tie_word_embeddings:
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
     model.eval().requires_grad_(False)
     return model
 
 
-def _load_file(path: Path, model: torch.nn.Module, params: dict[str, torch.nn.Parameter], loaded: set[str],
-               flat: bool, dtype: torch.dtype, device: torch.device) -> None:
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if key.startswith(UNUSED_PREFIXES):
-                    continue
-                name = _checkpoint_name(key, flat)
-                if name == "lm_head.weight" and name not in params:
-                    continue  # tied: the embedding serves as lm_head
-                if name not in params:
-                    raise LoadError(f"{path.name}: unexpected tensor {key} (not part of a Qwen3.5 model)")
-                tensor = f.get_tensor(key)
-                p = params[name]
-                if tuple(tensor.shape) != tuple(p.shape):
-                    raise LoadError(f"{path.name}: tensor {key} has shape {list(tensor.shape)}, "
-                                    f"expected {list(p.shape)}")
-                target = torch.float32 if name.endswith(FP32_PARAMS) else dtype
-                module_name, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(module_name), attr,
-                        torch.nn.Parameter(tensor.to(device=device, dtype=target), requires_grad=False))
-                loaded.add(name)
-    except SafetensorError as e:
-        raise LoadError(f"{path} is not a valid safetensors file (truncated or corrupt?): {e}") from None
-    except OSError as e:
-        raise LoadError(f"cannot read {path}: {e}") from None
+def adopt_tensors(folder: Path, model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
+                  name_of, dtype_of, device: torch.device, prefix: str = "") -> None:
+    """Replace each parameter of a meta-built `model` by its checkpoint tensor (cast to `dtype_of(name)`).
+
+    `name_of(key)` maps a checkpoint key to a parameter name, or None to skip the tensor. Unexpected,
+    wrongly-shaped or missing tensors raise LoadError naming the tensor (missing ones as `prefix + name`).
+    """
+    loaded: set[str] = set()
+    for path in weight_files(folder):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    name = name_of(key)
+                    if name is None:
+                        continue
+                    if name not in params:
+                        raise LoadError(f"{path.name}: unexpected tensor {key} (not part of a Qwen3.5 model)")
+                    tensor = f.get_tensor(key)
+                    if tuple(tensor.shape) != tuple(params[name].shape):
+                        raise LoadError(f"{path.name}: tensor {key} has shape {list(tensor.shape)}, "
+                                        f"expected {list(params[name].shape)}")
+                    module_name, _, attr = name.rpartition(".")
+                    setattr(model.get_submodule(module_name), attr,
+                            torch.nn.Parameter(tensor.to(device=device, dtype=dtype_of(name)), requires_grad=False))
+                    loaded.add(name)
+        except SafetensorError as e:
+            raise LoadError(f"{path} is not a valid safetensors file (truncated or corrupt?): {e}") from None
+        except OSError as e:
+            raise LoadError(f"cannot read {path}: {e}") from None
+    missing = [n for n in params if n not in loaded]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise LoadError(f"tensor {prefix}{missing[0]} is missing from the checkpoint in {folder}{more}")
