@@ -207,3 +207,28 @@ def test_cli_serve_rejects_bad_port(capsys):
 
     assert main(["serve", "demo", "--port", "0"]) == 1
     assert "--port must be in 1..65535" in capsys.readouterr().err
+
+
+STRICT_TOOLS = TOOLS + [{"type": "function", "function": {"name": "book", "parameters": {
+    "type": "object", "required": ["city", "nights", "room"],
+    "properties": {"city": {"type": "string", "maxLength": 20}, "nights": {"type": "integer", "minimum": 1, "maximum": 9},
+                   "room": {"enum": ["single", "double"]}, "extras": {"type": "array", "items": {"type": "boolean"}}}}}}]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "book"}}])
+def test_forced_tool_call_follows_schema(client, choice):
+    """Random weights + the tool-call grammar still give a parseable call whose arguments fit the schema."""
+    for seed in range(3):
+        msg = _chat(client, tools=STRICT_TOOLS, tool_choice=choice, max_tokens=300, seed=seed,
+                    temperature=1.0).choices[0]
+        assert msg.finish_reason == "tool_calls" and len(msg.message.tool_calls) == 1
+        call = msg.message.tool_calls[0].function
+        args = json.loads(call.arguments)
+        if call.name == "get_weather":
+            assert set(args) <= {"city", "days"} and all(
+                isinstance(v, str if k == "city" else int) for k, v in args.items())
+            continue
+        assert call.name == "book" and set(args) - {"extras"} == {"city", "nights", "room"}
+        assert isinstance(args["city"], str) and 0 < len(args["city"]) <= 20
+        assert type(args["nights"]) is int and 1 <= args["nights"] <= 9 and args["room"] in ("single", "double")
+        assert all(type(x) is bool for x in args.get("extras", []))

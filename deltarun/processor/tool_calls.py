@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ast
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 

@@ -41,7 +41,8 @@ async def build_chat_prompt(llm: AsyncLLM, messages: list[dict[str, Any]], *, th
 
     "none" leaves the tools out of the prompt (the model cannot call what it is not shown). "required"
     and a named function write the opening of the call into the prompt, so the model must call (a named
-    one: that function); the think block is closed first, so such turns skip reasoning.
+    one: that function); the think block is closed first, so such turns skip reasoning. The OpenAI chat
+    endpoint also constrains the rest of the call to the tool's schema (`tool_grammar.py`).
     """
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")

@@ -22,6 +22,8 @@ from .app import APIError, ServerState
 from .common import ChatPrompt, add_structured, build_chat_prompt, check_length, new_id, sampling
 from .protocol import ChatCompletionRequest
 from .runner import chat_events, prepare, until_disconnect
+from .structured import StructuredOutputError
+from .tool_grammar import forced_tool_processors
 
 router = APIRouter()
 
@@ -72,6 +74,12 @@ def _params(llm, body: ChatCompletionRequest, prompt: ChatPrompt):
                       min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
                       logprobs=(body.top_logprobs or 0) if body.logprobs else None)
     rf = body.response_format
+    if prompt.prefix and prompt.tools:  # tool_choice "required"/named: the call itself is constrained
+        try:
+            params.logits_processors = forced_tool_processors(llm.tokenizer, prompt.tools, prompt.prefix)
+        except StructuredOutputError as e:
+            raise APIError(400, str(e), param="tools") from None
+        return params
     if rf is not None and rf.type == "json_schema":
         schema = (rf.json_schema or {}).get("schema")
         if not isinstance(schema, dict):
