@@ -1,4 +1,4 @@
-"""Command line: `deltarun chat | generate | serve | init-random` (thin: flags → the Python API).
+"""Command line: `deltarun chat | generate | serve | init-random | list | show | pull | rm` (thin: flags → the Python API).
 
 Every user-facing failure ends as one line on stderr and a non-zero exit code, never a traceback.
 """
@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("out", help="output folder")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    from .cli_models import add_model_commands
+    add_model_commands(sub)  # list, show, pull, rm
     return parser
 
 
@@ -217,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "serve":
             return cmd_serve(args)
+        from .cli_models import is_model_command, run_model_command
+        if is_model_command(args.command):
+            return run_model_command(args)
         return cmd_init_random(args)
     except (ModelNotFound, LoadError, ConfigError, ValueError, FileNotFoundError, OSError) as e:
         _err(f"deltarun: error: {e}")

@@ -14,13 +14,16 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..async_llm import AsyncLLM
 from .metrics import METRICS
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
+STATIC_DIR = Path(__file__).parent / "static"  # the chat page: plain HTML/CSS/JS, no build step, no CDN
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                ".css": "text/css; charset=utf-8"}
 
 
 class APIError(Exception):
@@ -81,7 +84,9 @@ def create_app(llm: AsyncLLM, model_name: str | None = None, *, api_key: str | N
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if api_key and request.method != "OPTIONS":
+        public = request.method in ("GET", "HEAD") and (request.url.path == "/"
+                                                        or request.url.path.startswith("/static/"))
+        if api_key and request.method != "OPTIONS" and not public:  # the page loads, then asks for the key
             auth = request.headers.get("authorization", "")
             if auth != f"Bearer {api_key}":
                 return error_response(request, 401, "missing or wrong API key (Authorization: Bearer ...)",
@@ -130,8 +135,18 @@ def create_app(llm: AsyncLLM, model_name: str | None = None, *, api_key: str | N
         return PlainTextResponse(METRICS.render(llm.engine), media_type="text/plain; version=0.0.4")
 
     @app.get("/")
-    async def root():
+    async def root(request: Request):
+        if "text/html" in request.headers.get("accept", ""):  # a browser: the chat page
+            return FileResponse(STATIC_DIR / "index.html", media_type=STATIC_TYPES[".html"],
+                                headers={"Cache-Control": "no-cache"})
         return PlainTextResponse("deltarun is running")  # what Ollama answers; some clients probe it
+
+    @app.get("/static/{name}")
+    async def static(name: str):
+        path = STATIC_DIR / name
+        if "/" in name or name.startswith(".") or path.suffix not in STATIC_TYPES or not path.is_file():
+            raise APIError(404, f"no static file {name!r}")
+        return FileResponse(path, media_type=STATIC_TYPES[path.suffix], headers={"Cache-Control": "no-cache"})
 
     app.include_router(openai.router)
     app.include_router(openai_completions.router)

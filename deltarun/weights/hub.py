@@ -6,7 +6,9 @@ to put it, and how to try the offline demo.
 """
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,8 +20,52 @@ DEMO = "demo"
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "LICENSE", "README.md"]
 
 
+QUANT_RE = re.compile(r"-(int4|int8|q\d(?:_[a-z0-9]+)*|iq\d(?:_[a-z0-9]+)*|f16|bf16|fp16|f32)$", re.IGNORECASE)
+
+
 class ModelNotFound(RuntimeError):
     """The model is neither local nor downloadable; the message tells the user what to do."""
+
+
+def split_quant(name: str) -> tuple[str, str | None]:
+    """`qwen3.5:9b-q4_k_m` → ("qwen3.5:9b", "q4_k_m"); names without a quantization tag → (name, None)."""
+    m = QUANT_RE.search(name) if ":" in name else None  # org/repo ids keep their suffixes
+    if not m or name.startswith((".", "/", "~")):
+        return name, None
+    return name[:m.start()], m.group(1).lower()
+
+
+def repo_for(name: str) -> str | None:
+    """The Hugging Face repo id a model name stands for (alias or `org/repo`), else None."""
+    base, _ = split_quant(name)
+    repo = ALIASES.get(base.lower(), base)
+    if repo.count("/") != 1 or base.startswith((".", "/", "~")) or ":" in repo:
+        return None
+    return repo
+
+
+def alias_for(repo: str) -> str | None:
+    """The short name of an official repo (`Qwen/Qwen3.5-0.8B` → `qwen3.5:0.8b`), else None."""
+    for alias, r in ALIASES.items():
+        if r.lower() == repo.lower():
+            return alias
+    return None
+
+
+def closest_names(name: str, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Known names that look like `name` (for "did you mean" hints)."""
+    candidates = sorted(set(ALIASES) | {DEMO} | set(ALIASES.values()) | set(extra))
+    lowered = {c.lower(): c for c in candidates}
+    hits = difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.6)
+    return [lowered[h] for h in hits]
+
+
+def unknown_name_message(text: str, extra: list[str] | tuple[str, ...] = ()) -> str:
+    close = closest_names(text, extra)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    known = ", ".join(sorted(ALIASES))
+    return (f"no model folder {text!r} and it is not a known name; {hint}"
+            f"(try one of {known}, an org/repo id, a folder, or 'demo')")
 
 
 def cache_dir() -> Path:
@@ -62,11 +108,13 @@ def resolve_model(name: str | os.PathLike, *, download: bool = True) -> Path:
         raise ModelNotFound(f"{path} is a file; give the model folder (GGUF files are not supported yet)")
     if text == DEMO:
         return demo_path()
-    repo = ALIASES.get(text.lower(), text)
-    if repo.count("/") != 1 or text.startswith((".", "/", "~")):
-        known = ", ".join(sorted(ALIASES))
-        raise ModelNotFound(f"no model folder {text!r} and it is not a known name "
-                            f"(try one of {known}, an org/repo id, a folder, or 'demo')")
+    base, quant = split_quant(text)
+    repo = repo_for(text)
+    if repo is None:
+        raise ModelNotFound(unknown_name_message(text))
+    if quant:
+        raise ModelNotFound(f"quantization tag {quant!r} in {text!r} is not supported yet: "
+                            f"run the full-precision model {base!r} (GGUF and int4/int8 loading are coming)")
     from huggingface_hub import snapshot_download
 
     try:

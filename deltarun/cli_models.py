@@ -1,0 +1,240 @@
+"""Model management commands: `deltarun list | show | pull | rm` (logic in `weights.store`)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+from pathlib import Path
+
+COMMANDS = ("list", "show", "pull", "rm")
+
+
+def add_model_commands(sub) -> None:
+    sub.add_parser("list", aliases=["ls"], help="Qwen3.5 models on this machine (HF cache, Ollama store, deltarun)")
+    show = sub.add_parser("show", help="details of a local model: architecture, parameters, template, license")
+    show.add_argument("model", help="a name from `deltarun list`, qwen3.5:0.8b, an org/repo id or a folder")
+    pull = sub.add_parser("pull", help="download a model into the Hugging Face cache (resumable)")
+    pull.add_argument("model", help="qwen3.5:0.8b|2b|4b|9b (+ -base) or an org/repo id")
+    pull.add_argument("--revision", help="branch, tag or commit (default main)")
+    rm = sub.add_parser("rm", help="delete a downloaded model (asks first)")
+    rm.add_argument("model", help="a name from `deltarun list`")
+    rm.add_argument("-y", "--yes", action="store_true", help="do not ask")
+    rm.add_argument("--force", action="store_true", help="also delete another tool's files (Ollama's store, folders)")
+
+
+def is_model_command(command: str) -> bool:
+    return command in COMMANDS or command == "ls"
+
+
+def run_model_command(args: argparse.Namespace) -> int:
+    cmd = "list" if args.command == "ls" else args.command
+    return {"list": cmd_list, "show": cmd_show, "pull": cmd_pull, "rm": cmd_rm}[cmd](args)
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False,
+                   width=None if sys.stdout.isatty() else 160)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .weights import store
+
+    models = store.list_models()
+    console = _console()
+    if not models:
+        console.print("no Qwen3.5 models found locally "
+                      f"(looked in {store.hf_cache_dir()}, {store.ollama_dir()} and the deltarun folder); "
+                      "try `deltarun pull qwen3.5:0.8b` or `deltarun chat demo`", soft_wrap=True)
+        return 0
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("NAME", "SIZE", "QUANT", "WHERE", "PATH"):
+        table.add_column(col, no_wrap=col != "PATH", justify="right" if col == "SIZE" else "left")
+    for m in models:
+        where = m.where + (" (GGUF, not runnable yet)" if m.is_gguf else "")
+        table.add_row(m.name, store.human_size(m.size), m.quant, where, str(m.path))
+    console.print(table)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .weights import store
+
+    info = store.describe(store.find_local(args.model))
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    for k, v in info.items():
+        table.add_row(k, str(v))
+    _console().print(table)
+    return 0
+
+
+class _RichBars:
+    """A tqdm look-alike that huggingface_hub's snapshot_download drives (`tqdm_class`), drawn with rich."""
+
+    _lock = threading.RLock()
+    progress = None  # the shared rich.progress.Progress, set by cmd_pull
+
+    @classmethod
+    def get_lock(cls):
+        return cls._lock
+
+    @classmethod
+    def set_lock(cls, lock):
+        cls._lock = lock
+
+    def __init__(self, iterable=None, *args, desc=None, total=None, initial=0, unit="it", **kwargs):
+        self.iterable = iterable
+        self.n = initial or 0
+        self.unit = unit
+        self._total = total
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            self._total = len(iterable)
+        self.desc = desc or ""
+        self.format_dict: dict = {"rate": None}
+        self.task = self.progress.add_task(self.desc, total=self._total or None, completed=self.n) \
+            if self.progress is not None else None
+
+    @property
+    def total(self):
+        return self._total
+
+    @total.setter
+    def total(self, value):
+        self._total = value
+        self.refresh()
+
+    def __iter__(self):
+        for item in self.iterable or ():
+            yield item
+            self.update(1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __len__(self):
+        return int(self._total or 0)
+
+    def update(self, n=1):
+        self.n += n or 0
+        self.refresh()
+
+    def refresh(self, *args, **kwargs):
+        if self.task is not None:
+            self.progress.update(self.task, completed=self.n, total=self._total or None)
+
+    def set_description(self, desc=None, refresh=True):
+        self.desc = desc or ""
+        if self.task is not None:
+            self.progress.update(self.task, description=self.desc)
+
+    def set_postfix_str(self, *args, **kwargs):
+        pass
+
+    def reset(self, total=None):
+        self.n, self._total = 0, total
+        self.refresh()
+
+    def close(self):
+        self.refresh()
+
+    def clear(self, *args, **kwargs):
+        pass
+
+    def display(self, *args, **kwargs):
+        pass
+
+    @staticmethod
+    def write(s, *args, **kwargs):
+        print(s, file=sys.stderr)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from huggingface_hub import constants, snapshot_download
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    from .weights import hub, store
+
+    base, quant = hub.split_quant(args.model)
+    repo = hub.repo_for(args.model)
+    if repo is None:
+        if Path(args.model).expanduser().exists():
+            raise hub.ModelNotFound(f"{args.model} is a local path: nothing to pull, use it directly")
+        if args.model == hub.DEMO:
+            raise hub.ModelNotFound("'demo' is made locally, not downloaded: run `deltarun chat demo`")
+        raise hub.ModelNotFound(hub.unknown_name_message(args.model))
+    if quant:
+        raise hub.ModelNotFound(f"quantization tag {quant!r} is not supported yet: "
+                                f"pull the full-precision model with `deltarun pull {base}`")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
+        raise hub.ModelNotFound(f"pulling {repo} needs the network, but HF_HUB_OFFLINE is set; "
+                                f"unset it, or copy the cache folder models--{repo.replace('/', '--')} "
+                                f"into {store.hf_cache_dir()}")
+    err = _console(stderr=True)
+    print(f"pulling {repo}{f' @ {args.revision}' if args.revision else ''} into {store.hf_cache_dir()}", flush=True)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                        TimeRemainingColumn(), console=err, transient=True)
+    _RichBars.progress = progress
+    try:
+        with progress:
+            path = snapshot_download(repo, revision=args.revision, allow_patterns=hub.WEIGHT_PATTERNS,
+                                     tqdm_class=_RichBars)
+    except Exception as e:  # huggingface_hub / requests / httpx raise many types
+        raise hub.ModelNotFound(_pull_error(repo, args.revision, e, constants.ENDPOINT)) from None
+    finally:
+        _RichBars.progress = None
+    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    print(f"pulled {repo} ({store.human_size(size)}) to {path}")
+    alias = hub.alias_for(repo)
+    print(f"run it: deltarun chat {alias or repo}")
+    return 0
+
+
+def _pull_error(repo: str, revision: str | None, e: Exception, endpoint: str) -> str:
+    from huggingface_hub import errors
+
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if isinstance(e, errors.RevisionNotFoundError):
+        return f"{repo} has no revision {revision!r} on {endpoint}"
+    if isinstance(e, errors.GatedRepoError):
+        return f"{repo} is gated: accept its license on {endpoint}/{repo} and log in (`hf auth login`)"
+    if isinstance(e, errors.RepositoryNotFoundError):
+        from .weights.hub import closest_names
+
+        close = closest_names(repo)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        return f"{repo} was not found on {endpoint}{hint}"
+    return (f"could not download {repo} from {endpoint}: the network is unreachable or failed ({first}); "
+            f"files already fetched are kept and the next `deltarun pull` resumes")
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from .weights import hub, store
+
+    model = store.find_local(args.model)
+    refusal = store.deletion_refusal(model)
+    if refusal and not args.force:
+        raise hub.ModelNotFound(f"not deleting: {refusal}")
+    if not args.yes:
+        prompt = f"delete {model.name} ({store.human_size(model.size)}, {model.where}: {model.path})? [y/N] "
+        try:
+            answer = input(prompt)
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not deleted", file=sys.stderr)
+            return 1
+    freed = store.delete(model)
+    print(f"deleted {model.name} ({store.human_size(freed)} freed)")
+    return 0

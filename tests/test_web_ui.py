@@ -1,0 +1,207 @@
+"""The chat page at `/` in a real headless browser (Debian's chromium driven by Playwright) against a live
+`deltarun serve` with the tiny checkpoint: streamed answer, thinking toggle and block, stop mid-stream,
+image attachment, reload restores the conversation, Markdown is escaped, `--api-key` asks for the key.
+A screenshot of each state lands in the test's tmp dir (its path is printed). No console errors."""
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+from server_helpers import live_server, wait_idle
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+if not os.path.exists(CHROMIUM):
+    pytest.skip(f"web page tests need Debian's chromium at {CHROMIUM} (apt-get install -y chromium)",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="web page tests need `pip install playwright`")
+
+STATIC = Path(__file__).resolve().parents[1] / "deltarun" / "server" / "static"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+class Page:
+    """A page with its console errors, the chat requests it sent and numbered screenshots."""
+
+    def __init__(self, browser, shots: Path, **ctx):
+        self.ctx = browser.new_context(**ctx)
+        self.page = self.ctx.new_page()
+        self.page.set_default_timeout(15000)
+        self.errors: list[str] = []
+        self.requests: list[dict] = []
+        self.shots = shots
+        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        self.page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
+        self.page.on("request", lambda r: r.url.endswith("/v1/chat/completions")
+                     and self.requests.append(json.loads(r.post_data)))
+
+    def shot(self, name: str) -> Path:
+        path = self.shots / f"{name}.png"
+        self.page.screenshot(path=str(path))
+        return path
+
+    def setting(self, key: str, value) -> None:
+        self.page.evaluate("([k, v]) => { const e = document.getElementById(k); e.value = v;"
+                           " e.dispatchEvent(new Event('input')); }", [key, str(value)])
+
+    def send(self, text: str) -> None:
+        self.page.fill("#input", text)
+        self.page.press("#input", "Enter")
+
+    def last_done(self, n: int):
+        """Wait for the n-th assistant message (1-based) to finish; return its locator."""
+        msg = self.page.locator(".msg.assistant").nth(n - 1)
+        msg.and_(self.page.locator("[data-done='1']")).wait_for()
+        return msg
+
+
+def _png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 32), (200, 60, 40)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_chat_page(browser, chat_ckpt, tmp_path):
+    live = live_server(chat_ckpt)
+    print(f"\nscreenshots: {tmp_path}")
+    t = Page(browser, tmp_path, viewport={"width": 1000, "height": 720})
+    page = t.page
+    page.goto(live.url + "/")
+    page.locator("#model option[value='tiny']").wait_for(state="attached")
+    paint = page.evaluate("performance.getEntriesByType('paint').map(e => [e.name, e.startTime])")
+    print(f"paint timings (ms): {paint}")
+    assert page.title() == "deltarun chat"
+
+    # 1. thinking off: the answer streams into the body, with a token count and tokens/s
+    t.setting("max_tokens", 12)
+    t.send("Hello there")
+    a1 = t.last_done(1)
+    assert a1.locator(".body").inner_text().strip()
+    assert a1.locator(".think").is_hidden()
+    assert "tokens" in a1.locator(".stats").inner_text() and "tok/s" in a1.locator(".stats").inner_text()
+    req = t.requests[-1]
+    assert req["stream"] is True and req["stream_options"] == {"include_usage": True}
+    assert req["chat_template_kwargs"] == {"enable_thinking": False} and req["max_tokens"] == 12
+    assert req["model"] == "tiny" and req["messages"] == [{"role": "user", "content": "Hello there"}]
+    t.shot("1-answer")
+
+    # 2. thinking on: the reasoning goes to the collapsible block, apart from the answer
+    page.check("#thinking")
+    t.send("Think first")
+    a2 = t.last_done(2)
+    assert t.requests[-1]["chat_template_kwargs"] == {"enable_thinking": True}
+    assert len(t.requests[-1]["messages"]) == 3  # the history went along
+    think = a2.locator(".think")
+    assert think.is_visible() and think.locator(".text").inner_text().strip()
+    t.shot("2-thinking")
+
+    # 3. stop mid-stream: text is already on screen while generating, Stop ends it and the server idles
+    t.setting("max_tokens", 3000)
+    t.send("Write a long essay")
+    a3 = page.locator(".msg.assistant").nth(2)
+    page.wait_for_function("() => { const m = document.querySelectorAll('.msg.assistant')[2];"
+                           " return m && m.querySelector('.think .text').textContent.length > 20; }")
+    assert page.locator("#stop").is_visible() and a3.get_attribute("data-done") is None
+    t.shot("3-streaming")
+    page.click("#stop")
+    a3 = t.last_done(3)
+    assert "stopped" in a3.locator(".stats").inner_text()
+    assert page.locator("#send").is_visible()
+    assert wait_idle(live.llm), "the server kept generating after Stop"
+    t.shot("3-stopped")
+
+    # 4. an image from the file picker: previewed, then sent as an image_url data URL part
+    page.uncheck("#thinking")
+    t.setting("max_tokens", 6)
+    page.set_input_files("#file", files=[{"name": "red.png", "mimeType": "image/png", "buffer": _png()}])
+    page.locator("#previews img").wait_for()
+    t.shot("4-attachment-preview")
+    t.send("What is in this picture?")
+    t.last_done(4)
+    parts = t.requests[-1]["messages"][-1]["content"]
+    assert parts[0]["type"] == "image_url" and parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert parts[1] == {"type": "text", "text": "What is in this picture?"}
+    assert page.locator(".msg.user img").count() == 1 and page.locator("#previews img").count() == 0
+    t.shot("4-image-sent")
+
+    # 5. reload: the conversation (texts, thinking, stats, image) comes back from localStorage
+    before = page.locator(".msg .body").all_inner_texts()
+    page.reload()
+    page.locator(".msg.assistant").nth(3).wait_for()
+    assert page.locator(".msg .body").all_inner_texts() == before
+    assert page.locator(".msg.user img").count() == 1 and page.is_checked("#thinking") is False
+    assert "stopped" in page.locator(".msg.assistant .stats").nth(2).inner_text()
+    t.shot("5-reloaded")
+
+    # 6. Markdown: HTML is escaped first; code, bold, lists and http links render
+    html = page.evaluate("s => window.deltarunChat.markdown(s)",
+                         "**b** <script>alert(1)</script> `x<y`\n- one\n- two\n\n```py\na<b\n```\n"
+                         "[ok](https://example.com) [bad](javascript:alert(1))")
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert "<strong>b</strong>" in html and "<code>x&lt;y</code>" in html and "<ul><li>one</li><li>two</li></ul>" in html
+    assert '<pre><code data-lang="py">a&lt;b</code></pre>' in html
+    assert 'href="https://example.com"' in html and 'href="javascript' not in html
+
+    # 7. a phone-sized screen (same browser storage): nothing wider than the screen
+    page.set_viewport_size({"width": 390, "height": 760})
+    page.reload()
+    page.locator(".msg.assistant").nth(3).wait_for()
+    t.shot("6-phone")
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+    page.emulate_media(color_scheme="dark")
+    assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(22, 23, 26)"
+    t.shot("7-phone-dark")
+
+    assert not t.errors, t.errors
+    t.ctx.close()
+
+
+def test_api_key_page(browser, chat_ckpt, tmp_path):
+    """With --api-key the page and its assets load without the key; the page asks once and sends Bearer."""
+    live = live_server(chat_ckpt, api_key="sekret")
+    t = Page(browser, tmp_path, viewport={"width": 800, "height": 600})
+    asked = []
+    t.page.on("dialog", lambda d: (asked.append(d.message), d.accept("sekret")))
+    t.page.goto(live.url + "/")
+    t.page.locator("#model option[value='tiny']").wait_for(state="attached")
+    assert len(asked) == 1
+    t.setting("max_tokens", 4)
+    t.send("hi")
+    a = t.last_done(1)
+    assert not a.locator(".err").count() and "tokens" in a.locator(".stats").inner_text()
+    t.page.reload()
+    t.page.locator("#model option[value='tiny']").wait_for(state="attached")
+    assert len(asked) == 1  # remembered
+    # the only console error allowed is the browser's note about the first, keyless 401
+    assert all("401" in e for e in t.errors) and len(t.errors) <= 1, t.errors
+    t.ctx.close()
+
+
+def test_static_routes(chat_ckpt):
+    import httpx
+
+    live = live_server(chat_ckpt, api_key="sekret")
+    assert httpx.get(live.url + "/").text == "deltarun is running"  # API clients probing `/` see no page
+    r = httpx.get(live.url + "/", headers={"Accept": "text/html"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html") and "app.js" in r.text
+    for name, kind in [("app.js", "text/javascript"), ("style.css", "text/css")]:
+        r = httpx.get(f"{live.url}/static/{name}")
+        assert r.status_code == 200 and r.headers["content-type"].startswith(kind)
+        assert r.content == (STATIC / name).read_bytes()
+    assert httpx.get(live.url + "/static/nope.js").status_code == 404
+    assert httpx.get(live.url + "/static/..%2Fapp.py").status_code == 404
+    assert httpx.get(live.url + "/v1/models").status_code == 401  # the API itself stays protected
+    text = "".join((STATIC / n).read_text() for n in ("index.html", "app.js", "style.css"))
+    assert "//cdn" not in text and 'src="http' not in text and "@import" not in text  # nothing from the net
