@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 from pathlib import Path
 
-COMMANDS = ("list", "show", "pull", "rm")
+COMMANDS = ("list", "show", "pull", "rm", "ps")
 
 
 def add_model_commands(sub) -> None:
@@ -21,6 +20,9 @@ def add_model_commands(sub) -> None:
     rm.add_argument("model", help="a name from `deltarun list`")
     rm.add_argument("-y", "--yes", action="store_true", help="do not ask")
     rm.add_argument("--force", action="store_true", help="also delete another tool's files (Ollama's store, folders)")
+    ps = sub.add_parser("ps", help="models loaded in a running `deltarun serve`, and their memory")
+    ps.add_argument("--host", default="127.0.0.1")
+    ps.add_argument("--port", type=int, default=11435)
 
 
 def is_model_command(command: str) -> bool:
@@ -29,7 +31,39 @@ def is_model_command(command: str) -> bool:
 
 def run_model_command(args: argparse.Namespace) -> int:
     cmd = "list" if args.command == "ls" else args.command
-    return {"list": cmd_list, "show": cmd_show, "pull": cmd_pull, "rm": cmd_rm}[cmd](args)
+    return {"list": cmd_list, "show": cmd_show, "pull": cmd_pull, "rm": cmd_rm, "ps": cmd_ps}[cmd](args)
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    """GET /api/ps of a running server; one line when none answers."""
+    import httpx
+
+    from .weights import hub, store
+
+    url = f"http://{args.host}:{args.port}"
+    try:
+        r = httpx.get(url + "/api/ps", timeout=5)
+        r.raise_for_status()
+        models = r.json().get("models") or []
+    except (httpx.HTTPError, ValueError) as e:
+        raise hub.ModelNotFound(f"no deltarun server answering at {url} ({type(e).__name__}); "
+                                f"start one with `deltarun serve MODEL`") from None
+    if not models:
+        print(f"no models loaded in the server at {url}")
+        return 0
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("NAME", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"):
+        table.add_column(col, no_wrap=True)
+    for m in models:
+        size, vram = int(m.get("size") or 0), int(m.get("size_vram") or 0)
+        proc = "100% GPU" if size and vram >= size else f"{vram * 100 // size}% GPU" if vram else "100% CPU"
+        until = str(m.get("expires_at", ""))
+        table.add_row(m.get("name", "?"), store.human_size(size), proc, str(m.get("context_length", "")),
+                      "forever" if until.startswith("2999") else until)
+    _console().print(table)
+    return 0
 
 
 def _console(stderr: bool = False):
@@ -138,6 +172,9 @@ class _RichBars:
         if self.task is not None:
             self.progress.update(self.task, description=self.desc)
 
+    def set_description_str(self, desc=None, refresh=True):
+        self.set_description(desc, refresh)
+
     def set_postfix_str(self, *args, **kwargs):
         pass
 
@@ -160,27 +197,17 @@ class _RichBars:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import constants
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
     from .weights import hub, store
+    from .weights.pull import pull, pull_error, resolve_repo
 
-    base, quant = hub.split_quant(args.model)
-    repo = hub.repo_for(args.model)
-    if repo is None:
-        if Path(args.model).expanduser().exists():
-            raise hub.ModelNotFound(f"{args.model} is a local path: nothing to pull, use it directly")
-        if args.model == hub.DEMO:
-            raise hub.ModelNotFound("'demo' is made locally, not downloaded: run `deltarun chat demo`")
-        raise hub.ModelNotFound(hub.unknown_name_message(args.model))
-    if quant:
-        raise hub.ModelNotFound(f"quantization tag {quant!r} is not supported yet: "
-                                f"pull the full-precision model with `deltarun pull {base}`")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
-        raise hub.ModelNotFound(f"pulling {repo} needs the network, but HF_HUB_OFFLINE is set; "
-                                f"unset it, or copy the cache folder models--{repo.replace('/', '--')} "
-                                f"into {store.hf_cache_dir()}")
+    repo = resolve_repo(args.model)
+    from huggingface_hub.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its retry warnings would break the one-line error; it retries anyway
     err = _console(stderr=True)
     print(f"pulling {repo}{f' @ {args.revision}' if args.revision else ''} into {store.hf_cache_dir()}", flush=True)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
@@ -188,35 +215,16 @@ def cmd_pull(args: argparse.Namespace) -> int:
     _RichBars.progress = progress
     try:
         with progress:
-            path = snapshot_download(repo, revision=args.revision, allow_patterns=hub.WEIGHT_PATTERNS,
-                                     tqdm_class=_RichBars)
-    except Exception as e:  # huggingface_hub / requests / httpx raise many types
-        raise hub.ModelNotFound(_pull_error(repo, args.revision, e, constants.ENDPOINT)) from None
+            path = pull(repo, args.revision, tqdm_class=_RichBars)
+    except Exception as e:  # huggingface_hub / httpx raise many types
+        raise hub.ModelNotFound(pull_error(repo, args.revision, e, constants.ENDPOINT)) from None
     finally:
         _RichBars.progress = None
     size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-    print(f"pulled {repo} ({store.human_size(size)}) to {path}")
+    print(f"pulled {repo} ({store.human_size(size)}, checksums verified) to {path}")
     alias = hub.alias_for(repo)
     print(f"run it: deltarun chat {alias or repo}")
     return 0
-
-
-def _pull_error(repo: str, revision: str | None, e: Exception, endpoint: str) -> str:
-    from huggingface_hub import errors
-
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    if isinstance(e, errors.RevisionNotFoundError):
-        return f"{repo} has no revision {revision!r} on {endpoint}"
-    if isinstance(e, errors.GatedRepoError):
-        return f"{repo} is gated: accept its license on {endpoint}/{repo} and log in (`hf auth login`)"
-    if isinstance(e, errors.RepositoryNotFoundError):
-        from .weights.hub import closest_names
-
-        close = closest_names(repo)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        return f"{repo} was not found on {endpoint}{hint}"
-    return (f"could not download {repo} from {endpoint}: the network is unreachable or failed ({first}); "
-            f"files already fetched are kept and the next `deltarun pull` resumes")
 
 
 def cmd_rm(args: argparse.Namespace) -> int:

@@ -1,10 +1,11 @@
 """The chat page at `/` in a real headless browser (Debian's chromium driven by Playwright) against a live
 `deltarun serve` with the tiny checkpoint: streamed answer, thinking toggle and block, stop mid-stream,
-image attachment, reload restores the conversation, Markdown is escaped, `--api-key` asks for the key.
+image attachment, reload restores the conversation (IndexedDB), Markdown is escaped, `--api-key` asks for the key.
 A screenshot of each state lands in the test's tmp dir (its path is printed). No console errors."""
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,10 @@ def test_chat_page(browser, chat_ckpt, tmp_path):
     page = t.page
     page.goto(live.url + "/")
     page.locator("#model option[value='tiny']").wait_for(state="attached")
+    page.locator("body[data-ready='1']").wait_for(state="attached")
+    # the thinking toggle's default comes from the model (/api/show): on, since "tiny" is no 0.8B/2B model
+    page.wait_for_function("document.getElementById('thinking').checked")
+    page.uncheck("#thinking")
     paint = page.evaluate("performance.getEntriesByType('paint').map(e => [e.name, e.startTime])")
     print(f"paint timings (ms): {paint}")
     assert page.title() == "deltarun chat"
@@ -136,8 +141,9 @@ def test_chat_page(browser, chat_ckpt, tmp_path):
     assert page.locator(".msg.user img").count() == 1 and page.locator("#previews img").count() == 0
     t.shot("4-image-sent")
 
-    # 5. reload: the conversation (texts, thinking, stats, image) comes back from localStorage
+    # 5. reload: the conversation (texts, thinking, stats, image) comes back from IndexedDB
     before = page.locator(".msg .body").all_inner_texts()
+    assert page.evaluate(IDB_COUNT) == 1 and page.evaluate("localStorage.getItem('deltarun.convs')") is None
     page.reload()
     page.locator(".msg.assistant").nth(3).wait_for()
     assert page.locator(".msg .body").all_inner_texts() == before
@@ -153,6 +159,17 @@ def test_chat_page(browser, chat_ckpt, tmp_path):
     assert "<strong>b</strong>" in html and "<code>x&lt;y</code>" in html and "<ul><li>one</li><li>two</li></ul>" in html
     assert '<pre><code data-lang="py">a&lt;b</code></pre>' in html
     assert 'href="https://example.com"' in html and 'href="javascript' not in html
+    hl = lambda code, lang: page.evaluate("([c, l]) => window.deltarunChat.highlight(c, l)", [code, lang])
+    assert hl('const s = "<b>"; // x<y', "ts") == ('<span class="tok-k">const</span> s = <span class="tok-s">'
+                                                 '&quot;&lt;b&gt;&quot;</span>; <span class="tok-c">// x&lt;y</span>')
+    assert hl('{"a": [1.5, true, null]}', "json") == ('{<span class="tok-s">&quot;a&quot;</span>: [<span class="tok-n">'
+                                                      '1.5</span>, <span class="tok-l">true</span>, <span class="tok-l">null</span>]}')
+    assert hl("echo $HOME # hi\nx=a#b", "bash") == ('<span class="tok-k">echo</span> <span class="tok-v">$HOME</span> '
+                                                  '<span class="tok-c"># hi</span>\nx=a#b')
+    assert hl("int x = 0x1F; /* c", "cpp").endswith('<span class="tok-n">0x1F</span>; <span class="tok-c">/* c</span>')
+    assert hl("<i>", "klingon") == "&lt;i&gt;"
+    html = page.evaluate("s => window.deltarunChat.markdown(s)", "`$x$` and \\(a<b\\) and $y$")
+    assert html == ('<p><code>$x$</code> and <span class="math">a&lt;b</span> and <span class="math">y</span></p>')
 
     # 7. a phone-sized screen (same browser storage): nothing wider than the screen
     page.set_viewport_size({"width": 390, "height": 760})
@@ -164,6 +181,105 @@ def test_chat_page(browser, chat_ckpt, tmp_path):
     assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(22, 23, 26)"
     t.shot("7-phone-dark")
 
+    assert not t.errors, t.errors
+    t.ctx.close()
+
+
+IDB_COUNT = """() => new Promise((res, rej) => { const rq = indexedDB.open('deltarun'); rq.onerror = rej;
+  rq.onsuccess = () => { const c = rq.result.transaction('convs').objectStore('convs').count();
+    c.onsuccess = () => { rq.result.close(); res(c.result); }; }; })"""
+
+CRAFTED = ("Here:\n```python\ndef f(x):\n    return 'a<b'  # note\n```\n"
+           "Euler: $e^{i\\pi}+1=0$, costs $5 and $6.\n\n$$\\int_0^1 x\\,dx = \\tfrac12$$\n")
+
+
+def _sse(content: str) -> str:
+    chunks = [{"delta": {"role": "assistant", "reasoning_content": "Let me think."}}]
+    chunks += [{"delta": {"content": content[i:i + 9]}} for i in range(0, len(content), 9)]
+    chunks.append({"delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                             "function": {"name": "get_weather", "arguments": ""}}]}})
+    chunks.append({"delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Paris", "days": 2}'}}]}})
+    out = [{"id": "x", "object": "chat.completion.chunk", "model": "tiny", "choices": [dict(index=0, **c)]} for c in chunks]
+    out.append({"id": "x", "object": "chat.completion.chunk", "model": "tiny", "choices": [],
+                "usage": {"prompt_tokens": 5, "completion_tokens": len(chunks), "total_tokens": 5 + len(chunks)}})
+    return "".join(f"data: {json.dumps(o)}\n\n" for o in out) + "data: [DONE]\n\n"
+
+
+def test_crafted_answer(browser, chat_ckpt, tmp_path):
+    """A crafted SSE answer (the network intercepted): highlighted code, KaTeX math, a tool-call block; presets
+    and a video attachment in the request body; reload restores all from IndexedDB; localStorage data migrates."""
+    live = live_server(chat_ckpt)
+    t = Page(browser, tmp_path, viewport={"width": 1000, "height": 800})
+    page = t.page
+    page.route("**/v1/chat/completions", lambda r: r.fulfill(status=200, body=_sse(CRAFTED),
+                                                             headers={"Content-Type": "text/event-stream"}))
+    page.goto(live.url + "/")
+    page.locator("#model option[value='tiny']").wait_for(state="attached")
+    page.locator("body[data-ready='1']").wait_for(state="attached")
+    assert page.evaluate("[...document.scripts].every(s => !s.src.includes('katex'))")  # lazily, only for math
+
+    # presets from the model cards fill the settings and go along in the request (top_k as an extra field)
+    page.click("#settings summary")
+    page.select_option("#preset", "coding")
+    assert page.input_value("#temperature") == "0.6" and page.input_value("#top_k") == "20"
+    page.set_input_files("#file", files=[{"name": "clip.mp4", "mimeType": "video/mp4", "buffer": b"\0\0\0\x18ftypmp42"}])
+    page.locator("#previews video").wait_for()
+    t.shot("8-preset-video")
+    page.click("#settings summary")
+    t.send("Show me code, math and a tool")
+    a = t.last_done(1)
+    req = t.requests[-1]
+    assert (req["temperature"], req["top_p"], req["top_k"], req["presence_penalty"]) == (0.6, 0.95, 20, 0)
+    assert req["chat_template_kwargs"] == {"enable_thinking": True}
+    parts = req["messages"][-1]["content"]
+    assert parts[0]["type"] == "video_url" and parts[0]["video_url"]["url"].startswith("data:video/mp4;base64,")
+
+    # code highlighted (escaped), math typeset by KaTeX ($5 and $6 stay text), tool call in its own block
+    code = a.locator("pre code[data-lang='python']")
+    assert code.locator(".tok-k").first.inner_text() == "def"
+    assert code.locator(".tok-s").inner_text() == "'a<b'" and code.locator(".tok-c").inner_text() == "# note"
+    a.locator(".katex").nth(1).wait_for()
+    assert a.locator(".katex").count() == 2 and a.locator(".katex-display").count() == 1
+    assert "costs $5 and $6." in a.locator(".body").inner_text()
+    tool = a.locator(".tools details.tool")
+    assert tool.locator("summary").inner_text() == "Tool call: get_weather" and "Paris" not in a.locator(".body").inner_text()
+    tool.locator("summary").click()
+    assert json.loads(tool.locator("pre").inner_text()) == {"city": "Paris", "days": 2}
+    page.wait_for_function("document.fonts.status === 'loaded'")
+    t.shot("9-code-math-tool")
+
+    # the non-thinking preset; reload brings everything back from IndexedDB
+    page.click("#settings summary")
+    page.select_option("#preset", "nonthinking")
+    page.click("#settings summary")
+    assert not page.is_checked("#thinking")
+    t.send("again")
+    t.last_done(2)
+    req = t.requests[-1]
+    assert (req["temperature"], req["top_p"], req["top_k"], req["presence_penalty"]) == (1.0, 1.0, 20, 2.0)
+    assert req["chat_template_kwargs"] == {"enable_thinking": False}
+    page.reload()
+    page.locator(".msg.assistant").nth(1).wait_for()
+    assert page.locator(".msg.user video").count() == 1 and page.locator(".tools details.tool").count() == 2
+    page.locator(".msg.assistant .katex").nth(3).wait_for()
+    assert page.input_value("#preset") == "nonthinking"
+    t.shot("10-reloaded")
+    assert not t.errors, t.errors
+    t.ctx.close()
+
+    # an older page's localStorage conversations move to IndexedDB once
+    old = [{"id": "old1", "title": "From localStorage", "messages": [{"role": "user", "content": "old question"},
+                                                                     {"role": "assistant", "content": "**old** answer"}]}]
+    t = Page(browser, tmp_path, viewport={"width": 800, "height": 600})
+    t.page.add_init_script("if (!sessionStorage.getItem('seeded')) { sessionStorage.setItem('seeded', '1');"
+                           f" localStorage.setItem('deltarun.convs', {json.dumps(json.dumps(old))});"
+                           " localStorage.setItem('deltarun.current', '\"old1\"'); }")
+    t.page.goto(live.url + "/")
+    t.page.locator(".msg.assistant strong").wait_for()
+    assert t.page.evaluate("localStorage.getItem('deltarun.convs')") is None and t.page.evaluate(IDB_COUNT) == 1
+    t.page.reload()
+    t.page.locator(".msg.assistant strong").wait_for()
+    assert t.page.locator("#convs option").all_inner_texts() == ["From localStorage"]
     assert not t.errors, t.errors
     t.ctx.close()
 
@@ -202,6 +318,16 @@ def test_static_routes(chat_ckpt):
         assert r.content == (STATIC / name).read_bytes()
     assert httpx.get(live.url + "/static/nope.js").status_code == 404
     assert httpx.get(live.url + "/static/..%2Fapp.py").status_code == 404
+    for bad in ["vendor/%2e%2e/%2e%2e/app.py", "vendor/katex/..%2F..%2F..%2Fapp.py", "vendor//katex/katex.min.js",
+                "vendor/katex/LICENSE.txt", "%2Fetc%2Fpasswd", "vendor\\katex\\katex.min.js"]:
+        assert httpx.get(f"{live.url}/static/{bad}").status_code == 404, bad
+    r = httpx.get(live.url + "/static/vendor/katex/fonts/KaTeX_Main-Regular.woff2")
+    assert r.status_code == 200 and r.headers["content-type"] == "font/woff2"
+    for name in ["katex.min.js", "katex.min.css"]:
+        assert httpx.get(f"{live.url}/static/vendor/katex/{name}").status_code == 200
+    css = (STATIC / "vendor" / "katex" / "katex.min.css").read_text()
+    fonts = {p.name for p in (STATIC / "vendor" / "katex" / "fonts").iterdir()}
+    assert set(re.findall(r"url\(fonts/([^)]+)\)", css)) == fonts  # only woff2, every one shipped
     assert httpx.get(live.url + "/v1/models").status_code == 401  # the API itself stays protected
     text = "".join((STATIC / n).read_text() for n in ("index.html", "app.js", "style.css"))
     assert "//cdn" not in text and 'src="http' not in text and "@import" not in text  # nothing from the net

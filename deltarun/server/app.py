@@ -23,7 +23,7 @@ from .metrics import METRICS
 MAX_BODY_BYTES = 16 * 1024 * 1024
 STATIC_DIR = Path(__file__).parent / "static"  # the chat page: plain HTML/CSS/JS, no build step, no CDN
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-                ".css": "text/css; charset=utf-8"}
+                ".css": "text/css; charset=utf-8", ".woff2": "font/woff2"}
 
 
 class APIError(Exception):
@@ -77,7 +77,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def create_app(llm: AsyncLLM, model_name: str | None = None, *, api_key: str | None = None,
                cors_origins: list[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                default_thinking: bool | None = None) -> FastAPI:
-    from . import ollama, openai, openai_completions
+    from . import manage, ollama, openai, openai_completions
 
     app = FastAPI(title="deltarun", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = ServerState(llm, model_name or Path(str(llm.path)).name, default_thinking)
@@ -141,14 +141,17 @@ def create_app(llm: AsyncLLM, model_name: str | None = None, *, api_key: str | N
                                 headers={"Cache-Control": "no-cache"})
         return PlainTextResponse("deltarun is running")  # what Ollama answers; some clients probe it
 
-    @app.get("/static/{name}")
+    @app.get("/static/{name:path}")
     async def static(name: str):
-        path = STATIC_DIR / name
-        if "/" in name or name.startswith(".") or path.suffix not in STATIC_TYPES or not path.is_file():
+        parts = name.split("/")  # vendor/katex/fonts/x.woff2 is fine; "..", "", hidden names and "\\" are not
+        path = STATIC_DIR.joinpath(*parts)
+        if (any(not p or p.startswith(".") or "\\" in p for p in parts) or path.suffix not in STATIC_TYPES
+                or not path.resolve().is_relative_to(STATIC_DIR.resolve()) or not path.is_file()):
             raise APIError(404, f"no static file {name!r}")
         return FileResponse(path, media_type=STATIC_TYPES[path.suffix], headers={"Cache-Control": "no-cache"})
 
     app.include_router(openai.router)
     app.include_router(openai_completions.router)
     app.include_router(ollama.router)
+    app.include_router(manage.router)
     return app

@@ -202,18 +202,26 @@ async def ps(request: Request):
 
 @router.post("/api/show")
 async def show(body: OllamaShowRequest, request: Request):
+    """The served model (its runtime template and dtype) or any other local model, from the store."""
+    from pathlib import Path
+
+    from .manage import folder_show, show_local
+
     state: ServerState = request.app.state.server
     name = body.model or body.name
     if not name:
         raise APIError(400, "model is required")
-    state.check_model(name)
-    cfg = state.llm.config.text
+    try:
+        state.check_model(name)
+    except APIError:
+        return show_local(name)  # 404 when it is not local either
     caps = ["completion", "tools", "thinking"] + (["vision"] if state.llm.config.vision else [])
-    return {"modelfile": "", "parameters": "", "template": state.llm.template.source,
-            "details": _details(state), "capabilities": caps,
-            "modified_at": _model_entry(state)["modified_at"],
-            "model_info": {"general.architecture": "qwen35", "qwen35.context_length": cfg.max_position_embeddings,
-                           "qwen35.embedding_length": cfg.hidden_size, "qwen35.block_count": cfg.num_hidden_layers}}
+    out = folder_show(Path(str(state.llm.path)), _details(state)["quantization_level"].lower())
+    out["details"] = {**out["details"], **_details(state)}
+    out["model_info"]["general.parameter_count"] = out["model_info"]["general.parameter_count"] or \
+        sum(p.numel() for p in state.llm.model.parameters())
+    return {**out, "template": state.llm.template.source, "capabilities": caps,
+            "modified_at": _model_entry(state)["modified_at"]}
 
 
 @router.get("/api/version")

@@ -210,9 +210,55 @@ def is_gguf(path: Path) -> bool:
 
 # ------------------------------------------------------------------------------------------ look-ups
 
-def find_local(name: str) -> LocalModel:
+ALIASES_FILE = "aliases.json"
+
+
+def aliases() -> dict[str, str]:
+    """Names made with `/api/copy` (new name → the name or path it stands for), in deltarun's folder."""
+    data = _read_json(hub.cache_dir() / ALIASES_FILE) or {}
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def _write_aliases(table: dict[str, str]) -> None:
+    path = hub.cache_dir() / ALIASES_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table, indent=2, sort_keys=True), encoding="utf-8")
+    tmp.replace(path)
+
+
+def add_alias(source: str, destination: str) -> LocalModel:
+    """Record `destination` as another name for the local model `source` (which must exist)."""
+    if not destination or destination != destination.strip() or any(c in destination for c in "\\\n\t "):
+        raise ValueError(f"invalid model name {destination!r}")
+    model = find_local(source)
+    table = aliases()
+    target = table.get(source, str(model.path) if model.source == "folder" else model.name)
+    if target == destination:
+        raise ValueError(f"{destination!r} is the model itself")
+    table[destination] = target
+    _write_aliases(table)
+    return model
+
+
+def remove_alias(name: str) -> bool:
+    table = aliases()
+    if name not in table:
+        return False
+    del table[name]
+    _write_aliases(table)
+    return True
+
+
+def find_local(name: str, _depth: int = 0) -> LocalModel:
     """The local model `name` stands for, never downloading; ModelNotFound with a hint otherwise."""
     text = str(name)
+    target = aliases().get(text) or aliases().get(text.removesuffix(":latest"))
+    if target is not None and _depth < 8:
+        import dataclasses
+
+        m = find_local(target, _depth + 1)
+        return dataclasses.replace(m, name=text, extra={**m.extra, "alias_of": m.name})
     path = Path(text).expanduser()
     if path.exists():
         if path.is_file():

@@ -6,10 +6,19 @@
   const load = (k, d) => { try { const v = JSON.parse(LS.getItem(k)); return v == null ? d : v; } catch (e) { return d; } };
   const save = (k, v) => { try { LS.setItem(k, JSON.stringify(v)); } catch (e) { showError("could not save (storage full?): " + e.message); } };
 
-  let convs = load("deltarun.convs", []);          // [{id, title, messages: [{role, content, images, reasoning, stats}]}]
+  // conversations: [{id, title, messages: [{role, content, images, reasoning, tool_calls, stats}]}], kept in
+  // IndexedDB (images and videos would overflow localStorage's ~5 MB); `images` holds image and video data URLs
+  let convs = [];
   let cur = load("deltarun.current", null);
-  const settings = load("deltarun.settings", { thinking: false, model: "", temperature: "", top_p: "", max_tokens: "" });
-  let pending = [];                                 // data URLs of images waiting to be sent
+  const settings = Object.assign({ thinking: false, thinkingSet: false, model: "", preset: "", temperature: "", top_p: "",
+    top_k: "", presence_penalty: "", max_tokens: "" }, load("deltarun.settings", {}));
+  const PARAMS = ["temperature", "top_p", "top_k", "presence_penalty", "max_tokens"];
+  const PRESETS = {  // from the Qwen3.5 model cards
+    thinking: { thinking: true, temperature: 1.0, top_p: 0.95, top_k: 20, presence_penalty: 1.5 },
+    nonthinking: { thinking: false, temperature: 1.0, top_p: 1.0, top_k: 20, presence_penalty: 2.0 },
+    coding: { thinking: true, temperature: 0.6, top_p: 0.95, top_k: 20, presence_penalty: 0 },
+  };
+  let pending = [];                                 // data URLs of images/videos waiting to be sent
   let controller = null;
 
   const conv = () => convs.find((c) => c.id === cur);
@@ -18,7 +27,49 @@
     convs.unshift(c); cur = c.id; persist();
     return c;
   }
-  function persist() { save("deltarun.convs", convs); save("deltarun.current", cur); }
+  let db = null;  // null: IndexedDB unavailable, conversations fall back to localStorage
+  function openDB() {
+    return new Promise((res) => {
+      try {
+        const rq = indexedDB.open("deltarun", 1);
+        rq.onupgradeneeded = () => rq.result.createObjectStore("convs", { keyPath: "id" });
+        rq.onsuccess = () => res(rq.result);
+        rq.onerror = rq.onblocked = () => res(null);
+      } catch (e) { res(null); }
+    });
+  }
+  async function loadConvs() {
+    db = await openDB();
+    if (!db) return load("deltarun.convs", []);
+    const rows = await new Promise((res, rej) => {
+      const rq = db.transaction("convs").objectStore("convs").getAll();
+      rq.onsuccess = () => res(rq.result); rq.onerror = () => rej(rq.error);
+    });
+    rows.sort((a, b) => a.order - b.order);
+    const list = rows.map((r) => { delete r.order; return r; });
+    const old = load("deltarun.convs", null);  // migrate what an older page kept in localStorage, once
+    if (Array.isArray(old)) {
+      const ids = new Set(list.map((c) => c.id));
+      for (const c of old) if (c && c.id && !ids.has(c.id)) list.push(c);
+      convs = list; await persist();
+      LS.removeItem("deltarun.convs");
+    }
+    return list;
+  }
+  function persist() {
+    save("deltarun.current", cur);
+    if (!db) { save("deltarun.convs", convs); return Promise.resolve(); }
+    return new Promise((res) => {
+      try {
+        const tx = db.transaction("convs", "readwrite"), st = tx.objectStore("convs");
+        const keep = new Set(convs.map((c) => c.id));
+        st.getAllKeys().onsuccess = (e) => { for (const k of e.target.result) if (!keep.has(k)) st.delete(k); };
+        convs.forEach((c, i) => st.put(Object.assign({}, c, { order: i })));
+        tx.oncomplete = () => res();
+        tx.onerror = tx.onabort = () => { showError("could not save: " + (tx.error && tx.error.message)); res(); };
+      } catch (e) { showError("could not save: " + e.message); res(); }
+    });
+  }
   function saveSettings() { save("deltarun.settings", settings); }
 
   // ---- API -----------------------------------------------------------------------------------
@@ -48,7 +99,19 @@
       for (const m of data) sel.append(new Option(m.id, m.id));
       if (data.some((m) => m.id === settings.model)) sel.value = settings.model;
       else if (data.length) settings.model = data[0].id;
+      await modelDefaults(sel.value || settings.model);
     } catch (e) { showError("could not list models: " + e.message); }
+  }
+  // the thinking toggle follows the model until the user sets it: off for models without thinking and for the
+  // small 0.8B/2B ones (their cards default to non-thinking), on otherwise
+  async function modelDefaults(id) {
+    if (!id || settings.thinkingSet) return;
+    let caps = null;
+    try { const r = await api("/api/show", { method: "POST", body: JSON.stringify({ model: id }) }); if (r.ok) caps = (await r.json()).capabilities; } catch (e) { /* not served: guess from the name */ }
+    if (settings.thinkingSet) return;  // the user chose meanwhile
+    let on = !/(^|[^\d.])(0\.8|2)b\b/i.test(id);
+    if (Array.isArray(caps) && !caps.includes("thinking")) on = false;
+    settings.thinking = on; $("thinking").checked = on; saveSettings();
   }
   async function errText(r) {
     try { const j = await r.json(); return (j.error && (j.error.message || j.error)) || r.statusText; } catch (e) { return r.status + " " + r.statusText; }
@@ -56,6 +119,41 @@
 
   // ---- Markdown (escape first, then a small safe subset) --------------------------------------
   const esc = (s) => s.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;").replace(/"/g, "&quot;").replace(/'/g, "&#39;");
+  // a tiny highlighter: tokens found on the raw code, each one escaped on its own
+  const S2 = /"(?:[^"\\\n]|\\.)*"/.source, S1 = /'(?:[^'\\\n]|\\.)*'/.source, BT = /`(?:[^`\\]|\\.)*`/.source;
+  const CC = /\/\/.*|\/\*[\s\S]*?(?:\*\/|$)/.source;
+  const NUM = /\b(?:0[xXbBoO][\da-fA-F_]+|\d[\d_]*(?:\.\d+)?(?:[eE][+-]?\d+)?)[a-zA-Z]?\b/.source;
+  function lang(comment, string, kws, lits, vars) {
+    return { re: new RegExp("(" + comment + ")|(" + string + ")|(" + NUM + ")|([A-Za-z_$][\\w$]*)", "g"),
+      kw: new Set(kws.split(" ")), lit: new Set(lits.split(" ")), vars };
+  }
+  const C_KW = "auto break case catch char class const continue default delete do double else enum extern final float for fn func go goto if impl import in inline int interface let long loop match mod mut namespace new package private protected pub public return self short signed sizeof static struct super switch template this throw throws try type typedef typename union unsigned use using var virtual void volatile where while";
+  const LANGS = {
+    python: lang(/#.*/.source, "[rbfuRBFU]{0,2}(?:" + /"""[\s\S]*?(?:"""|$)/.source + "|" + /'''[\s\S]*?(?:'''|$)/.source + "|" + S2 + "|" + S1 + ")",
+      "and as assert async await break class continue def del elif else except finally for from global if import in is lambda nonlocal not or pass raise return try while with yield match case print len range self", "True False None"),
+    js: lang(CC, S2 + "|" + S1 + "|" + BT, "async await break case catch class const continue debugger default delete do else export extends finally for from function if import in instanceof interface let new of return static super switch this throw try type typeof var void while with yield enum implements private public readonly as", "true false null undefined NaN"),
+    json: lang("(?!)", S2, "", "true false null"),
+    bash: lang(/(?<![^\s])#.*/.source, S2 + "|" + S1, "if then else elif fi for while until do done case esac function in return local export echo exit set unset source cd sudo", "true false", true),
+    c: lang(CC, S2 + "|" + S1, C_KW, "true false null nullptr NULL nil None Some Ok Err"),
+  };
+  const ALIAS = { python: "python", py: "python", python3: "python", js: "js", javascript: "js", jsx: "js", ts: "js", typescript: "js", tsx: "js", mjs: "js",
+    json: "json", jsonc: "json", bash: "bash", sh: "bash", shell: "bash", zsh: "bash", console: "bash",
+    c: "c", h: "c", cpp: "c", "c++": "c", cc: "c", hpp: "c", java: "c", cs: "c", csharp: "c", go: "c", rust: "c", rs: "c", kotlin: "c", swift: "c", scala: "c", php: "c", cuda: "c" };
+  function highlight(code, name) {
+    const L = LANGS[ALIAS[name.toLowerCase()]];
+    if (!L) return esc(code);
+    let out = "", last = 0, m;
+    L.re.lastIndex = 0;
+    while ((m = L.re.exec(code))) {
+      if (!m[0]) { L.re.lastIndex++; continue; }
+      const kind = m[1] ? "c" : m[2] ? "s" : m[3] ? "n" : L.kw.has(m[4]) ? "k" : L.lit.has(m[4]) ? "l" : L.vars && m[4][0] === "$" ? "v" : "";
+      out += esc(code.slice(last, m.index)) + (kind ? '<span class="tok-' + kind + '">' + esc(m[0]) + "</span>" : esc(m[0]));
+      last = L.re.lastIndex;
+    }
+    return out + esc(code.slice(last));
+  }
+  // math: $…$, $$…$$, \(…\), \[…\] become <span class="math"> holding the (escaped) TeX; KaTeX typesets them later
+  const MATH = /(`[^`\n]+`)|\$\$([\s\S]+?)\$\$|\\\[([\s\S]+?)\\\]|\\\(([^\n]+?)\\\)|\$([^\s$](?:[^$\n]*?[^\s$\\])?)\$(?!\d)/g;
   function inline(s) {  // s is already escaped
     const codes = [];
     s = s.replace(/`([^`\n]+)`/g, (_, c) => { codes.push(c); return "\u0000" + (codes.length - 1) + "\u0000"; });
@@ -64,17 +162,23 @@
     s = s.replace(/(^|[^*\w])\*([^*\n]+)\*(?!\w)/g, "$1<em>$2</em>").replace(/(^|[^_\w])_([^_\n]+)_(?!\w)/g, "$1<em>$2</em>");
     return s.replace(/\u0000(\d+)\u0000/g, (_, i) => "<code>" + codes[+i] + "</code>");
   }
+  function mathSpan(tex, display) { return '<span class="math' + (display ? " display" : "") + '">' + tex + "</span>"; }
   function markdown(src) {
-    const out = [];
-    const parts = esc(src).split(/^```/m);  // even: text, odd: fenced code (possibly unterminated while streaming)
+    const out = [], maths = [];
+    const parts = src.split(/^```/m);  // even: text, odd: fenced code (possibly unterminated while streaming)
     parts.forEach((part, i) => {
       if (i % 2) {
         const nl = part.indexOf("\n");
-        const lang = nl < 0 ? "" : part.slice(0, nl).trim();
+        const lang = nl < 0 ? "" : part.slice(0, nl).trim().replace(/[^\w+#-]/g, "");
         const code = nl < 0 ? "" : part.slice(nl + 1).replace(/\n$/, "");
-        out.push('<pre><code' + (lang ? ' data-lang="' + lang.replace(/[^\w+-]/g, "") + '"' : "") + ">" + code + "</code></pre>");
+        out.push('<pre><code' + (lang ? ' data-lang="' + lang + '"' : "") + ">" + highlight(code, lang) + "</code></pre>");
         return;
       }
+      part = esc(part).replace(MATH, (all, code, dd, br, par, d) => {
+        if (code) return all;
+        maths.push(mathSpan(dd || br || par || d, !!(dd || br)));
+        return "\u0001" + (maths.length - 1) + "\u0001";
+      });
       let list = null, para = [];
       const flushP = () => { if (para.length) { out.push("<p>" + para.map(inline).join("<br>") + "</p>"); para = []; } };
       const flushL = () => { if (list) { out.push("<" + list.tag + ">" + list.items.map((x) => "<li>" + inline(x) + "</li>").join("") + "</" + list.tag + ">"); list = null; } };
@@ -92,7 +196,31 @@
       }
       flushP(); flushL();
     });
-    return out.join("");
+    return out.join("").replace(/\u0001(\d+)\u0001/g, (_, i) => maths[+i]);
+  }
+
+  // KaTeX (static/vendor/katex, ~560 KB with its fonts) loads only once a message holds math
+  let katexP = null;
+  function loadKatex() {
+    if (!katexP) katexP = new Promise((res, rej) => {
+      const css = document.createElement("link"); css.rel = "stylesheet"; css.href = "/static/vendor/katex/katex.min.css";
+      const js = document.createElement("script"); js.src = "/static/vendor/katex/katex.min.js";
+      js.onload = () => res(window.katex); js.onerror = () => { katexP = null; rej(new Error("could not load KaTeX")); };
+      document.head.append(css, js);
+    });
+    return katexP;
+  }
+  function typeset(root) {
+    const spans = root.querySelectorAll(".math:not([data-done])");
+    if (!spans.length) return;
+    loadKatex().then((katex) => {
+      for (const e of spans) {
+        if (e.dataset.done || !e.isConnected) continue;
+        const tex = e.textContent;
+        try { katex.render(tex, e, { displayMode: e.classList.contains("display"), throwOnError: false }); } catch (err) { e.textContent = tex; }
+        e.dataset.done = "1"; e.title = tex;
+      }
+    }, () => {});
   }
 
   // ---- Rendering -------------------------------------------------------------------------------
@@ -107,13 +235,30 @@
     if (s.error) bits.push("error");
     return bits.join(" · ");
   }
+  function media(u, what) {  // an <img>, or a <video> for a video data URL
+    const v = u.startsWith("data:video/"), e = el(v ? "video" : "img");
+    e.src = u;
+    if (v) { e.controls = true; e.muted = true; e.preload = "metadata"; e.title = what + " video"; } else e.alt = what + " image";
+    return e;
+  }
+  function renderTools(box, calls) {  // one collapsible block per call: its name, then its arguments as JSON
+    box.textContent = "";
+    box.hidden = !(calls && calls.length);
+    for (const c of calls || []) {
+      const f = c.function || {}, d = el("details", "tool");
+      let args = f.arguments || "";
+      try { args = JSON.stringify(JSON.parse(args), null, 2); } catch (e) { /* still streaming, or not JSON: as is */ }
+      d.append(el("summary", null, "Tool call: " + (f.name || "?")), el("pre", null, args));
+      box.append(d);
+    }
+  }
   function renderMessage(m, idx) {
     const box = el("div", "msg " + m.role);
     box.dataset.idx = idx;
     if (m.role === "user") {
       if (m.images && m.images.length) {
         const imgs = el("div", "imgs");
-        for (const u of m.images) { const im = el("img"); im.src = u; im.alt = "attached image"; imgs.append(im); }
+        for (const u of m.images) imgs.append(media(u, "attached"));
         box.append(imgs);
       }
       box.append(el("div", "body", m.content));
@@ -127,12 +272,14 @@
       think.append(el("summary", null, "Thinking"), el("div", "text", m.reasoning || ""));
       think.addEventListener("toggle", () => { m.thinkOpen = think.open; });
       const body = el("div", "body"); body.innerHTML = markdown(m.content || "");
+      typeset(body);
       if (m.error) body.append(el("div", "err", m.error));
+      const tools = el("div", "tools"); renderTools(tools, m.tool_calls);
       const meta = el("div", "meta");
       meta.append(el("span", "stats", fmtStats(m.stats)));
       const regen = el("button", "regen", "Regenerate"); regen.type = "button"; regen.onclick = () => regenerate(idx);
       meta.append(regen);
-      box.append(think, body, meta);
+      box.append(think, body, tools, meta);
     }
     return box;
   }
@@ -156,7 +303,8 @@
   function apiMessages(msgs) {
     return msgs.map((m) => {
       if (m.role === "user" && m.images && m.images.length) {
-        const parts = m.images.map((u) => ({ type: "image_url", image_url: { url: u } }));
+        const parts = m.images.map((u) => u.startsWith("data:video/") ? { type: "video_url", video_url: { url: u } }
+          : { type: "image_url", image_url: { url: u } });
         if (m.content) parts.push({ type: "text", text: m.content });
         return { role: "user", content: parts };
       }
@@ -176,11 +324,12 @@
     log.scrollTop = log.scrollHeight;
     const think = box.querySelector(".think"), thinkText = think.querySelector(".text");
     const body = box.querySelector(".body"), stats = box.querySelector(".stats"), regen = box.querySelector(".regen");
+    const tools = box.querySelector(".tools");
     body.classList.add("cursor");
     regen.hidden = true;
     const req = { model: $("model").value || settings.model, messages: history, stream: true,
       stream_options: { include_usage: true }, chat_template_kwargs: { enable_thinking: !!settings.thinking } };
-    for (const k of ["temperature", "top_p", "max_tokens"]) { const v = num(settings[k]); if (v !== undefined) req[k] = k === "max_tokens" ? Math.round(v) : v; }
+    for (const k of PARAMS) { const v = num(settings[k]); if (v !== undefined) req[k] = k === "max_tokens" || k === "top_k" ? Math.round(v) : v; }
     controller = new AbortController();
     busy(true);
     const t0 = performance.now();
@@ -188,6 +337,8 @@
     const paint = () => {
       frame = 0;
       body.innerHTML = markdown(m.content);
+      typeset(body);
+      renderTools(tools, m.tool_calls);
       thinkText.textContent = m.reasoning;
       think.hidden = !m.reasoning;
       const el2 = think.querySelector(".text"); el2.scrollTop = el2.scrollHeight;
@@ -221,6 +372,14 @@
               m.content += d.content || "";
               if (!frame) frame = requestAnimationFrame(paint);
             }
+            for (const tc of d.tool_calls || []) {  // merged by index: a call may come whole or in pieces
+              const calls = m.tool_calls || (m.tool_calls = []), i = tc.index != null ? tc.index : calls.length;
+              const c = calls[i] || (calls[i] = { id: tc.id || "", type: "function", function: { name: "", arguments: "" } });
+              if (tc.id) c.id = tc.id;
+              if (tc.function) { c.function.name += tc.function.name || ""; c.function.arguments += tc.function.arguments || ""; }
+              if (tFirst === null) tFirst = performance.now();
+              if (!frame) frame = requestAnimationFrame(paint);
+            }
           }
         }
       }
@@ -247,7 +406,7 @@
 
   function send() {
     const text = $("input").value.trim();
-    if ((!text && !pending.length) || controller) return;
+    if ((!text && !pending.length) || controller || !conv()) return;
     const c = conv();
     c.messages.push({ role: "user", content: text, images: pending });
     if (c.title === "New chat") c.title = (text || "image").slice(0, 40);
@@ -273,7 +432,7 @@
   // ---- Attachments ---------------------------------------------------------------------------
   function addFiles(files) {
     for (const f of files) {
-      if (!f.type.startsWith("image/")) continue;
+      if (!f.type.startsWith("image/") && !f.type.startsWith("video/")) continue;
       const rd = new FileReader();
       rd.onload = () => { pending.push(rd.result); renderPreviews(); };
       rd.readAsDataURL(f);
@@ -282,8 +441,8 @@
   function renderPreviews() {
     const p = $("previews"); p.textContent = "";
     pending.forEach((u, i) => {
-      const d = el("div", "pv"), im = el("img"), x = el("button", null, "\u00d7");
-      im.src = u; im.alt = "attachment preview"; x.type = "button"; x.title = "Remove";
+      const d = el("div", "pv"), im = media(u, "preview of the attached"), x = el("button", null, "\u00d7");
+      x.type = "button"; x.title = "Remove";
       x.onclick = () => { pending.splice(i, 1); renderPreviews(); };
       d.append(im, x); p.append(d);
     });
@@ -305,11 +464,25 @@
   log.addEventListener("dragleave", () => log.classList.remove("drop"));
   log.addEventListener("drop", (e) => { e.preventDefault(); log.classList.remove("drop"); addFiles(e.dataTransfer.files); });
   $("thinking").checked = !!settings.thinking;
-  $("thinking").addEventListener("change", (e) => { settings.thinking = e.target.checked; saveSettings(); });
-  $("model").addEventListener("change", (e) => { settings.model = e.target.value; saveSettings(); });
-  for (const k of ["temperature", "top_p", "max_tokens"]) {
+  $("thinking").addEventListener("change", (e) => { settings.thinking = e.target.checked; settings.thinkingSet = true; saveSettings(); });
+  $("preset").value = settings.preset || "";
+  $("preset").addEventListener("change", (e) => {
+    const p = PRESETS[e.target.value];
+    settings.preset = e.target.value;
+    if (p) {
+      for (const k of ["temperature", "top_p", "top_k", "presence_penalty"]) { settings[k] = String(p[k]); $(k).value = settings[k]; }
+      settings.thinking = p.thinking; settings.thinkingSet = true; $("thinking").checked = p.thinking;
+    }
+    saveSettings();
+  });
+  $("model").addEventListener("change", (e) => { settings.model = e.target.value; saveSettings(); modelDefaults(settings.model); });
+  for (const k of PARAMS) {
     $(k).value = settings[k] || "";
-    $(k).addEventListener("input", (e) => { settings[k] = e.target.value; saveSettings(); });
+    $(k).addEventListener("input", (e) => {
+      settings[k] = e.target.value;
+      if (k !== "max_tokens" && settings.preset) { settings.preset = ""; $("preset").value = ""; }  // now custom
+      saveSettings();
+    });
   }
   $("new").addEventListener("click", () => { if (!controller) { const c = conv(); if (!c || c.messages.length) newConv(); render(); input.focus(); } });
   $("convs").addEventListener("change", (e) => { if (controller) { e.target.value = cur; return; } cur = e.target.value; persist(); render(); });
@@ -342,8 +515,12 @@
     } catch (err) { showError("import failed: " + err.message); }
   });
 
-  if (!conv()) { cur = convs.length ? convs[0].id : null; if (!cur) newConv(); }
-  render();
+  window.deltarunChat = { markdown, highlight };  // for tests
   loadModels();
-  window.deltarunChat = { markdown };  // for tests
+  loadConvs().then((list) => {
+    convs = list;
+    if (!conv()) { cur = convs.length ? convs[0].id : null; if (!cur) newConv(); }
+    render();
+    document.body.dataset.ready = "1";
+  }, (e) => { showError("could not read saved chats: " + e.message); convs = []; newConv(); render(); document.body.dataset.ready = "1"; });
 })();

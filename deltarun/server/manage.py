@@ -1,0 +1,251 @@
+"""Ollama's model management routes over `weights.store` / `weights.pull` (the same logic as the CLI):
+`POST /api/pull` (NDJSON progress in Ollama's format), `DELETE /api/delete`, `POST /api/copy`, and the
+store half of `POST /api/show` (details of any local model, loaded or not).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from ..weights import hub, store
+from .app import APIError
+
+router = APIRouter()
+
+
+class PullRequest(BaseModel):
+    model: str | None = None
+    name: str | None = None  # older clients
+    insecure: bool = False
+    stream: bool = True
+
+
+class DeleteRequest(BaseModel):
+    model: str | None = None
+    name: str | None = None
+
+
+class CopyRequest(BaseModel):
+    source: str
+    destination: str
+
+
+def _find(name: str) -> store.LocalModel:
+    try:
+        return store.find_local(name)
+    except hub.ModelNotFound as e:
+        raise APIError(404, str(e), param="model", code="model_not_found") from None
+
+
+# -------------------------------------------------------------------------------------------------- pull
+
+class _QueueBars:
+    """A tqdm stand-in for snapshot_download that turns byte counts into Ollama progress lines."""
+
+    lock = threading.RLock()
+    sink: "queue.Queue[dict | None]"  # set per pull on a subclass, with the repo
+    repo = ""
+
+    @classmethod
+    def get_lock(cls):
+        return cls.lock
+
+    @classmethod
+    def set_lock(cls, lock):
+        cls.lock = lock
+
+    def __init__(self, iterable=None, *args, desc=None, total=None, initial=0, unit="it", **kwargs):
+        self.iterable, self.desc, self.unit = iterable, desc or "", unit
+        self.n, self.total = initial or 0, total
+        self.format_dict: dict = {"rate": None}
+
+    def _emit(self):
+        # huggingface_hub 2.x's snapshot_download only drives aggregate bars: "Fetching N files" (files),
+        # "Reconstructing ..." and "Downloading bytes" (all files' bytes); the last one is reported
+        if self.unit == "B" and self.desc.startswith("Downloading") and self.total:
+            self.sink.put({"status": f"downloading {self.repo}", "digest": self.repo,
+                           "total": int(self.total), "completed": int(min(self.n, self.total))})
+
+    def __iter__(self):
+        for item in self.iterable or ():
+            yield item
+            self.update(1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __len__(self):
+        return int(self.total or 0)
+
+    def update(self, n=1):
+        self.n += n or 0
+        self._emit()
+
+    def refresh(self, *args, **kwargs):
+        pass
+
+    def set_description(self, desc=None, refresh=True):
+        self.desc = desc or self.desc
+
+    set_description_str = set_description
+
+    def set_postfix_str(self, *args, **kwargs):
+        pass
+
+    def reset(self, total=None):
+        self.n, self.total = 0, total
+
+    def close(self):
+        self._emit()
+
+    def clear(self, *args, **kwargs):
+        pass
+
+    def display(self, *args, **kwargs):
+        pass
+
+    @staticmethod
+    def write(*args, **kwargs):
+        pass
+
+
+def _pull_thread(repo: str, sink: "queue.Queue[dict | None]") -> None:
+    from huggingface_hub import constants, errors
+
+    from ..weights.pull import pull, pull_error
+
+    bars = type("Bars", (_QueueBars,), {"sink": sink, "repo": repo})
+    try:
+        path = pull(repo, tqdm_class=bars)
+        sink.put({"status": "verifying sha256 digest"})
+        sink.put({"status": "writing manifest", "path": str(path)})
+        sink.put({"status": "success"})
+    except Exception as e:  # every failure becomes {"error": ...}
+        status = 404 if isinstance(e, errors.RepositoryNotFoundError) else 502
+        sink.put({"error": pull_error(repo, None, e, constants.ENDPOINT), "_status": status})
+    finally:
+        sink.put(None)
+
+
+@router.post("/api/pull")
+async def pull_model(body: PullRequest):
+    from ..weights.pull import resolve_repo
+
+    name = body.model or body.name
+    if not name:
+        raise APIError(400, "model is required")
+    try:
+        repo = resolve_repo(name)
+    except hub.ModelNotFound as e:
+        raise APIError(503 if "needs the network" in str(e) else 404, str(e), param="model") from None
+    sink: "queue.Queue[dict | None]" = queue.Queue()
+    threading.Thread(target=_pull_thread, args=(repo, sink), daemon=True, name=f"pull {repo}").start()
+
+    async def events():
+        yield {"status": "pulling manifest"}
+        while (item := await asyncio.to_thread(sink.get)) is not None:
+            yield item
+
+    if body.stream:
+        async def lines():
+            async for ev in events():
+                ev.pop("_status", None)
+                ev.pop("path", None)
+                yield json.dumps(ev) + "\n"
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+    last: dict[str, Any] = {}
+    async for ev in events():
+        last = ev
+    if "error" in last:
+        raise APIError(last.get("_status", 502), last["error"])
+    return {"status": "success"}
+
+
+# ------------------------------------------------------------------------------------------- delete/copy
+
+@router.delete("/api/delete")
+async def delete_model(body: DeleteRequest, request: Request):
+    name = body.model or body.name
+    if not name:
+        raise APIError(400, "model is required")
+    if store.remove_alias(name) or store.remove_alias(name.removesuffix(":latest")):
+        return {"status": "success"}  # a name made with /api/copy: only the name goes
+    model = _find(name)
+    refusal = store.deletion_refusal(model)
+    if refusal:
+        raise APIError(403, f"not deleting: {refusal}")
+    served = request.app.state.server.llm.path
+    if store._inside(model.path, served) or store._inside(served, model.path):
+        raise APIError(409, f"{model.name} is the model this server is running; stop the server first")
+    await asyncio.to_thread(store.delete, model)
+    return {"status": "success"}
+
+
+@router.post("/api/copy")
+async def copy_model(body: CopyRequest):
+    _find(body.source)
+    try:
+        store.find_local(body.destination)
+    except hub.ModelNotFound:
+        pass
+    else:
+        if body.destination not in store.aliases():
+            raise APIError(409, f"{body.destination!r} already names a model")
+    store.add_alias(body.source, body.destination)
+    return {"status": "success"}
+
+
+# -------------------------------------------------------------------------------------------------- show
+
+def show_local(name: str) -> dict[str, Any]:
+    """/api/show's answer for a local model from the store: details, model_info, template, license."""
+    model = _find(name)
+    if model.is_gguf:
+        return {"modelfile": "", "parameters": "", "template": "", "license": "",
+                "details": {"parent_model": "", "format": "gguf", "family": "qwen35", "families": ["qwen35"],
+                            "parameter_size": "", "quantization_level": model.quant},
+                "model_info": {"general.architecture": "qwen35", "general.file_type": model.quant},
+                "capabilities": ["completion"]}
+    return folder_show(model.path, model.quant)
+
+
+def folder_show(folder, quant: str) -> dict[str, Any]:
+    """The /api/show fields of a checkpoint folder (config.json, template, README/LICENSE)."""
+    cfg = store._read_json(folder / "config.json") or {}
+    text = cfg.get("text_config", cfg)
+    template = store.chat_template(folder) or ""
+    try:
+        counts = store.parameter_counts(folder / "config.json")
+    except Exception:  # an unusual config still gets the rest
+        counts = {}
+    caps = ["completion"] + (["vision"] if cfg.get("vision_config") else []) + \
+        (["tools"] if "tools" in template else []) + (["thinking"] if "<think>" in template else [])
+    total = counts.get("total", 0)
+    info = {"general.architecture": "qwen35", "general.parameter_count": total,
+            "qwen35.text_parameter_count": counts.get("text", 0),
+            "qwen35.vision_parameter_count": counts.get("vision", 0),
+            "qwen35.mtp_parameter_count": counts.get("mtp", 0),
+            "qwen35.context_length": text.get("max_position_embeddings"),
+            "qwen35.embedding_length": text.get("hidden_size"), "qwen35.block_count": text.get("num_hidden_layers"),
+            "qwen35.attention.head_count": text.get("num_attention_heads"),
+            "qwen35.attention.head_count_kv": text.get("num_key_value_heads"),
+            "qwen35.vocab_size": text.get("vocab_size")}
+    layer_types = text.get("layer_types") or []
+    if layer_types:
+        info["qwen35.linear_attention_layers"] = layer_types.count("linear_attention")
+        info["qwen35.full_attention_layers"] = layer_types.count("full_attention")
+    size = f"{total / 1e9:.1f}B" if total >= 1e8 else f"{total / 1e6:.1f}M" if total else ""
+    return {"modelfile": "", "parameters": "", "template": template, "license": store.license_of(folder) or "",
+            "details": {"parent_model": "", "format": "safetensors", "family": "qwen35", "families": ["qwen35"],
+                        "parameter_size": size, "quantization_level": quant},
+            "model_info": info, "capabilities": caps}
