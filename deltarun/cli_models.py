@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 from pathlib import Path
+
+from .weights.pull import ProgressBars
 
 COMMANDS = ("list", "show", "pull", "rm", "ps")
 
@@ -110,86 +111,18 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-class _RichBars:
-    """A tqdm look-alike that huggingface_hub's snapshot_download drives (`tqdm_class`), drawn with rich."""
+class _RichBars(ProgressBars):
+    """snapshot_download's progress bars, drawn with rich."""
 
-    _lock = threading.RLock()
     progress = None  # the shared rich.progress.Progress, set by cmd_pull
 
-    @classmethod
-    def get_lock(cls):
-        return cls._lock
-
-    @classmethod
-    def set_lock(cls, lock):
-        cls._lock = lock
-
-    def __init__(self, iterable=None, *args, desc=None, total=None, initial=0, unit="it", **kwargs):
-        self.iterable = iterable
-        self.n = initial or 0
-        self.unit = unit
-        self._total = total
-        if total is None and iterable is not None and hasattr(iterable, "__len__"):
-            self._total = len(iterable)
-        self.desc = desc or ""
-        self.format_dict: dict = {"rate": None}
-        self.task = self.progress.add_task(self.desc, total=self._total or None, completed=self.n) \
+    def start(self) -> None:
+        self.task = self.progress.add_task(self.desc, total=self.total or None, completed=self.n) \
             if self.progress is not None else None
 
-    @property
-    def total(self):
-        return self._total
-
-    @total.setter
-    def total(self, value):
-        self._total = value
-        self.refresh()
-
-    def __iter__(self):
-        for item in self.iterable or ():
-            yield item
-            self.update(1)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __len__(self):
-        return int(self._total or 0)
-
-    def update(self, n=1):
-        self.n += n or 0
-        self.refresh()
-
-    def refresh(self, *args, **kwargs):
-        if self.task is not None:
-            self.progress.update(self.task, completed=self.n, total=self._total or None)
-
-    def set_description(self, desc=None, refresh=True):
-        self.desc = desc or ""
-        if self.task is not None:
-            self.progress.update(self.task, description=self.desc)
-
-    def set_description_str(self, desc=None, refresh=True):
-        self.set_description(desc, refresh)
-
-    def set_postfix_str(self, *args, **kwargs):
-        pass
-
-    def reset(self, total=None):
-        self.n, self._total = 0, total
-        self.refresh()
-
-    def close(self):
-        self.refresh()
-
-    def clear(self, *args, **kwargs):
-        pass
-
-    def display(self, *args, **kwargs):
-        pass
+    def report(self) -> None:
+        if getattr(self, "task", None) is not None:
+            self.progress.update(self.task, description=self.desc, completed=self.n, total=self.total or None)
 
     @staticmethod
     def write(s, *args, **kwargs):

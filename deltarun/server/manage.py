@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from ..weights import hub, store
+from ..weights.pull import ProgressBars
 from .app import APIError
 
 router = APIRouter()
@@ -46,77 +47,18 @@ def _find(name: str) -> store.LocalModel:
 
 # -------------------------------------------------------------------------------------------------- pull
 
-class _QueueBars:
-    """A tqdm stand-in for snapshot_download that turns byte counts into Ollama progress lines."""
+class _QueueBars(ProgressBars):
+    """snapshot_download's progress bars turned into Ollama progress lines on a queue."""
 
-    lock = threading.RLock()
     sink: "queue.Queue[dict | None]"  # set per pull on a subclass, with the repo
     repo = ""
 
-    @classmethod
-    def get_lock(cls):
-        return cls.lock
-
-    @classmethod
-    def set_lock(cls, lock):
-        cls.lock = lock
-
-    def __init__(self, iterable=None, *args, desc=None, total=None, initial=0, unit="it", **kwargs):
-        self.iterable, self.desc, self.unit = iterable, desc or "", unit
-        self.n, self.total = initial or 0, total
-        self.format_dict: dict = {"rate": None}
-
-    def _emit(self):
+    def report(self) -> None:
         # huggingface_hub 2.x's snapshot_download only drives aggregate bars: "Fetching N files" (files),
         # "Reconstructing ..." and "Downloading bytes" (all files' bytes); the last one is reported
         if self.unit == "B" and self.desc.startswith("Downloading") and self.total:
             self.sink.put({"status": f"downloading {self.repo}", "digest": self.repo,
                            "total": int(self.total), "completed": int(min(self.n, self.total))})
-
-    def __iter__(self):
-        for item in self.iterable or ():
-            yield item
-            self.update(1)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __len__(self):
-        return int(self.total or 0)
-
-    def update(self, n=1):
-        self.n += n or 0
-        self._emit()
-
-    def refresh(self, *args, **kwargs):
-        pass
-
-    def set_description(self, desc=None, refresh=True):
-        self.desc = desc or self.desc
-
-    set_description_str = set_description
-
-    def set_postfix_str(self, *args, **kwargs):
-        pass
-
-    def reset(self, total=None):
-        self.n, self.total = 0, total
-
-    def close(self):
-        self._emit()
-
-    def clear(self, *args, **kwargs):
-        pass
-
-    def display(self, *args, **kwargs):
-        pass
-
-    @staticmethod
-    def write(*args, **kwargs):
-        pass
 
 
 def _pull_thread(repo: str, sink: "queue.Queue[dict | None]") -> None:
