@@ -46,3 +46,12 @@ def real_08b_ckpt(tmp_path_factory) -> Path:
     from deltarun.weights.random_init import write_random_checkpoint
 
     return write_random_checkpoint("0.8B", tmp_path_factory.mktemp("real") / "q08", seed=1, tokenizer=False)
+
+
+@pytest.fixture(scope="session")
+def hf_ref(chat_ckpt):
+    """transformers' Qwen3_5ForConditionalGeneration on the chat checkpoint (the vision reference), fp32."""
+    import torch
+    from transformers import Qwen3_5ForConditionalGeneration
+
+    return Qwen3_5ForConditionalGeneration.from_pretrained(chat_ckpt, dtype=torch.float32).eval()

@@ -16,6 +16,7 @@ from PIL import Image
 from server_helpers import live_server, wait_idle
 
 from deltarun import SamplingParams
+from tiny import write_clip
 
 N = 6
 NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}, "ignore_eos": True}
@@ -48,20 +49,7 @@ def _b64(data: bytes) -> str:
 
 @pytest.fixture(scope="module")
 def clip_mp4(tmp_path_factory) -> bytes:
-    import av
-
-    path = tmp_path_factory.mktemp("clip") / "c.mp4"
-    rng = np.random.default_rng(3)
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("mpeg4", rate=4)
-        s.width, s.height, s.pix_fmt = 32, 48, "yuv420p"
-        for _ in range(6):
-            for p in s.encode(av.VideoFrame.from_ndarray(rng.integers(0, 256, (48, 32, 3), dtype=np.uint8),
-                                                         format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return path.read_bytes()
+    return write_clip(tmp_path_factory.mktemp("clip") / "c.mp4", frames=6, height=48, width=32, seed=3).read_bytes()
 
 
 def _reference(chat_llm, parts: list[dict], text: str = "What is in it?"):

@@ -22,6 +22,7 @@ from deltarun.processor.mrope import mm_token_types
 from deltarun.processor.multimodal import MediaRef, extract_media
 from deltarun.processor.video import VideoProcessorConfig
 from deltarun.processor.vision import ImageProcessorConfig
+from tiny import write_clip
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0, prompt_logprobs=0)
 SMALL_IMAGES = ImageProcessorConfig(min_pixels=1024, max_pixels=20_000)
@@ -60,27 +61,7 @@ def _img_part(img):
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    import av
-
-    path = tmp_path_factory.mktemp("clip") / "c.mp4"
-    rng = np.random.default_rng(2)
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("mpeg4", rate=4)
-        s.width, s.height, s.pix_fmt = 64, 96, "yuv420p"
-        for _ in range(9):
-            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (96, 64, 3), dtype=np.uint8), format="rgb24")
-            for p in s.encode(frame):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return path
-
-
-@pytest.fixture(scope="module")
-def hf_ref(chat_ckpt):
-    from transformers import Qwen3_5ForConditionalGeneration
-
-    return Qwen3_5ForConditionalGeneration.from_pretrained(chat_ckpt, dtype=torch.float32).eval()
+    return write_clip(tmp_path_factory.mktemp("clip") / "c.mp4", frames=9, height=96, width=64, seed=2)
 
 
 def _run_full(llm, msgs, params=GREEDY):

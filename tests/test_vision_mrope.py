@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import Qwen3_5ForConditionalGeneration
 from transformers.video_utils import VideoMetadata
 
 from deltarun.model.vision import embed_multimodal
@@ -24,6 +23,7 @@ from deltarun.processor.video import VideoProcessorConfig, load_video
 from deltarun.processor.vision import ImageProcessorConfig, preprocess_image
 from deltarun.weights.loader import load_model
 from deltarun.weights.vision_loader import load_vision
+from tiny import write_clip
 
 QVP = importlib.import_module("transformers.models.qwen3_vl.processing_qwen3_vl").Qwen3VLProcessor
 TOK = VisionTokens()
@@ -67,25 +67,7 @@ def _image(h, w, seed):
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    import av
-
-    path = tmp_path_factory.mktemp("clip") / "c.mp4"
-    rng = np.random.default_rng(2)
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("mpeg4", rate=4)
-        s.width, s.height, s.pix_fmt = 64, 96, "yuv420p"
-        for _ in range(11):
-            for p in s.encode(av.VideoFrame.from_ndarray(rng.integers(0, 256, (96, 64, 3), dtype=np.uint8),
-                                                         format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return path
-
-
-@pytest.fixture(scope="module")
-def hf_ref(chat_ckpt):
-    return Qwen3_5ForConditionalGeneration.from_pretrained(chat_ckpt, dtype=torch.float32).eval()
+    return write_clip(tmp_path_factory.mktemp("clip") / "c.mp4", frames=11, height=96, width=64, seed=2)
 
 
 def test_rope_index_matches_transformers(hf_ref):

@@ -72,3 +72,22 @@ def make_checkpoint(out: Path, cfg: dict, seed: int = 0, dtype=torch.float32, to
                             tokenizer=tokenizer)
     (out / "src_config.json").unlink()
     return out
+
+
+def write_clip(path: Path, frames: int, height: int, width: int, seed: int) -> Path:
+    """A small mpeg4 clip of random frames at 4 fps (vision tests)."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=4)
+        s.width, s.height, s.pix_fmt = width, height, "yuv420p"
+        for _ in range(frames):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8),
+                                               format="rgb24")
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
