@@ -1,10 +1,12 @@
-"""Command line: `deltarun chat | generate | serve | init-random | list | show | pull | rm` (thin: flags → the Python API).
+"""Command line: `deltarun chat | generate | serve | init-random | list | show | pull | rm | ps | quantize |
+bench` (thin: flags → the Python API).
 
 Every user-facing failure ends as one line on stderr and a non-zero exit code, never a traceback.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -32,11 +34,19 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--context-length", type=int, help="most tokens per conversation (default: the model's)")
     p.add_argument("--rope-scaling", help="rope override past 262,144 tokens: yarn:FACTOR or a JSON object")
+    p.add_argument("--quantize", metavar="int8|int4[:GROUP]",
+                   help="weight-only quantization applied while loading (also a name tag: qwen3.5:0.8b-int4)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores, or $DELTARUN_THREADS)")
     e = p.add_argument_group("engine")
     e.add_argument("--max-memory", help="memory for running sequences' state, e.g. 8G (default: half the free)")
     e.add_argument("--prefix-cache-memory", help="memory for prefix reuse snapshots, e.g. 2G (0 = off)")
+    e.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                   help="int8: hold keys/values in 8 bits (half the memory of bf16 at long context)")
     e.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (default 16)")
     e.add_argument("--max-prefill-tokens", type=int, default=512, help="prompt tokens per step (default 512)")
+    e.add_argument("--mtp", choices=["on", "off", "auto"], default="auto",
+                   help="speculative decoding with the model's MTP head (default auto: only while it is faster)")
+    e.add_argument("--num-speculative-tokens", type=int, default=2, help="MTP drafts per step (default 2)")
     think = p.add_mutually_exclusive_group()
     think.add_argument("--think", dest="think", action="store_true", default=None, help="turn thinking on")
     think.add_argument("--no-think", dest="think", action="store_false", help="turn thinking off")
@@ -73,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", help="model name clients use (default: the MODEL argument)")
     serve.add_argument("--allow-http-media", action="store_true",
                        help="let requests name images/videos by http(s) URL, which the server then downloads")
+    serve.set_defaults(model=None)  # no model: start empty, load models on request
+    next(a for a in serve._actions if a.dest == "model").help = \
+        "model to load at start and keep loaded (default none: every model loads on its first request)"
+    serve.add_argument("--keep-alive", default=os.environ.get("DELTARUN_KEEP_ALIVE", "5m"),
+                       help="how long a model loaded on request stays after its last request: 5m, 1h, 30s, "
+                            "0 = unload at once, -1 = forever (default 5m or $DELTARUN_KEEP_ALIVE; the MODEL "
+                            "argument stays loaded)")
+    serve.add_argument("--max-loaded-models", type=int, default=os.environ.get("DELTARUN_MAX_LOADED_MODELS", "3"),
+                       help="models held at once; loading another unloads the least recently used idle one "
+                            "(default 3 or $DELTARUN_MAX_LOADED_MODELS)")
 
     init = sub.add_parser("init-random", help="write a random-weights checkpoint in the official layout")
     init.add_argument("config", help="0.8B, 2B, 4B, 9B (bundled official configs) or a config.json path")
@@ -81,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     from .cli_models import add_model_commands
     add_model_commands(sub)  # list, show, pull, rm
+    from .cli_tools import add_tool_commands
+    add_tool_commands(sub)  # quantize, bench
     return parser
 
 
@@ -118,13 +140,24 @@ def engine_options(args: argparse.Namespace) -> dict:
             rope = json.loads(rope)
         except json.JSONDecodeError as e:
             raise ValueError(f"--rope-scaling is not valid JSON: {e}") from None
+    if args.threads is not None and args.threads < 1:
+        raise ValueError("--threads must be >= 1")
     for flag in ("max_num_seqs", "max_prefill_tokens"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+    from .weights.hub import quant_tag
+
+    if args.quantize:
+        from .weights.quantize import QuantSpec
+
+        QuantSpec.parse(args.quantize)  # a bad value fails here, before any loading
     return dict(dtype=args.dtype, device=args.device, max_model_len=args.context_length, rope_scaling=rope,
+                quantization=args.quantize or quant_tag(args.model or ""), threads=args.threads,
                 max_memory=parse_size(args.max_memory) if args.max_memory else None,
                 prefix_cache_memory=parse_size(args.prefix_cache_memory) if args.prefix_cache_memory else None,
-                max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens)
+                max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
+                kv_cache_dtype=args.kv_cache_dtype,
+                mtp=getattr(args, "mtp", "auto"), num_speculative_tokens=getattr(args, "num_speculative_tokens", 2))
 
 
 def _err(msg: str) -> None:
@@ -175,23 +208,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     import uvicorn
 
-    from .async_llm import AsyncLLM
     from .server import create_app
-    from .weights.hub import resolve_model
+    from .server.models import ModelManager
+    from .server.targets import load_llm, parse_keep_alive, resolve_target
 
-    if args.model == "demo":
-        _err("note: 'demo' has RANDOM WEIGHTS in the Qwen3.5-0.8B layout; its answers are noise")
-    llm = AsyncLLM(resolve_model(args.model), **engine_options(args))
-    llm.image_config.allow_http = llm.video_config.allow_http = args.allow_http_media
+    keep_alive = parse_keep_alive(args.keep_alive)
+    options = engine_options(args)
+    options["quantization"] = args.quantize  # for every model; a tag in a model's name wins (targets.py)
+
+    def allow_http(llm) -> None:
+        llm.image_config.allow_http = llm.video_config.allow_http = args.allow_http_media
+
+    models = ModelManager(options, keep_alive=keep_alive, max_loaded=args.max_loaded_models, on_load=allow_http)
+    name = args.served_model_name or args.model
+    if args.model:  # preloaded (downloaded when needed), and kept loaded
+        if args.model == "demo":
+            _err("note: 'demo' has RANDOM WEIGHTS in the Qwen3.5-0.8B layout; its answers are noise")
+        target = resolve_target(args.model, options, download=True)
+        llm = load_llm(target, options)
+        allow_http(llm)
+        models.adopt(llm, name, names=(args.model,), key=target.key)
+        models.loads += 1
     # --think/--no-think set the server-wide default; each request may still switch it
-    app = create_app(llm, args.served_model_name or args.model, api_key=args.api_key, cors_origins=args.cors,
-                     default_thinking=args.think)
-    _err(f"deltarun: serving {args.served_model_name or args.model} on http://{args.host}:{args.port} "
-         "(OpenAI: /v1, Ollama: /api)")
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    finally:
-        llm.shutdown()
+    app = create_app(models, api_key=args.api_key, cors_origins=args.cors, default_thinking=args.think)
+    what = f"serving {name}" if name else "no model loaded yet (loaded on request)"
+    _err(f"deltarun: {what} on http://{args.host}:{args.port} (OpenAI: /v1, Ollama: /api)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")  # the app's shutdown unloads
     return 0
 
 
@@ -222,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         from .cli_models import is_model_command, run_model_command
         if is_model_command(args.command):
             return run_model_command(args)
+        if hasattr(args, "func"):  # quantize, bench
+            return args.func(args)
         return cmd_init_random(args)
     except (ModelNotFound, LoadError, ConfigError, ValueError, FileNotFoundError, OSError) as e:
         _err(f"deltarun: error: {e}")

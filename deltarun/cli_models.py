@@ -1,4 +1,5 @@
-"""Model management commands: `deltarun list | show | pull | rm` (logic in `weights.store`)."""
+"""Model management commands: `deltarun list | show | pull | rm | ps` (logic in `weights.store`; `ps` asks a
+running server). Names made with `/api/copy` are listed as copies, and `rm` of such a name removes only it."""
 from __future__ import annotations
 
 import argparse
@@ -60,11 +61,30 @@ def cmd_ps(args: argparse.Namespace) -> int:
     for m in models:
         size, vram = int(m.get("size") or 0), int(m.get("size_vram") or 0)
         proc = "100% GPU" if size and vram >= size else f"{vram * 100 // size}% GPU" if vram else "100% CPU"
-        until = str(m.get("expires_at", ""))
         table.add_row(m.get("name", "?"), store.human_size(size), proc, str(m.get("context_length", "")),
-                      "forever" if until.startswith("2999") else until)
+                      _until(str(m.get("expires_at", ""))))
     _console().print(table)
     return 0
+
+
+def _until(expires_at: str) -> str:
+    """Ollama's UNTIL column: "4 minutes from now", "forever", "stopping..."."""
+    from datetime import datetime, timezone
+
+    try:
+        when = datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
+    except ValueError:
+        return expires_at
+    if when.year >= 2900:
+        return "forever"
+    left = (when - datetime.now(timezone.utc)).total_seconds()
+    if left <= 0:
+        return "stopping..."
+    for unit, size in (("hour", 3600), ("minute", 60), ("second", 1)):
+        if left >= size or unit == "second":
+            n = max(1, round(left / size))
+            return f"{n} {unit}{'s' if n != 1 else ''} from now"
+    return expires_at  # pragma: no cover
 
 
 def _console(stderr: bool = False):
@@ -90,8 +110,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     for col in ("NAME", "SIZE", "QUANT", "WHERE", "PATH"):
         table.add_column(col, no_wrap=col != "PATH", justify="right" if col == "SIZE" else "left")
     for m in models:
-        where = m.where + (" (GGUF, not runnable yet)" if m.is_gguf else "")
+        where = m.where + (" (GGUF)" if m.is_gguf else "")
         table.add_row(m.name, store.human_size(m.size), m.quant, where, str(m.path))
+    for m in store.alias_models():  # names made with /api/copy (`ollama cp`)
+        table.add_row(m.name, store.human_size(m.size), m.quant, f"copy of {m.extra['alias_of']}", str(m.path))
     console.print(table)
     return 0
 
@@ -163,6 +185,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     from .weights import hub, store
 
+    table = store.aliases()
+    copied = next((n for n in (args.model, f"{args.model}:latest") if n in table), None)
+    if copied:  # a name made with /api/copy: only the name goes, as `ollama rm` does
+        store.remove_alias(copied)
+        print(f"deleted the name {copied} ({table[copied]} stays)")
+        return 0
     model = store.find_local(args.model)
     refusal = store.deletion_refusal(model)
     if refusal and not args.force:
@@ -177,5 +205,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
             print("not deleted", file=sys.stderr)
             return 1
     freed = store.delete(model)
-    print(f"deleted {model.name} ({store.human_size(freed)} freed)")
+    gone = store.forget_aliases_of(model)
+    print(f"deleted {model.name} ({store.human_size(freed)} freed)"
+          + (f"; also the names {', '.join(gone)}" if gone else ""))
     return 0

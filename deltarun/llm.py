@@ -26,8 +26,10 @@ from .processor.tokenizer import Tokenizer
 from .processor.video import VideoProcessorConfig
 from .processor.vision import ImageProcessorConfig
 from .sampling import SamplingParams, card_defaults
-from .weights.hub import resolve_model
+from .weights.hub import quant_tag, resolve_model
+from .threads import set_threads
 from .weights.loader import load_model
+from .weights.mtp_loader import load_mtp
 from .weights.vision_loader import load_vision
 
 Prompt = str | list[int]
@@ -39,19 +41,28 @@ class Frontend:
     """Model, tokenizer, template and engine for one checkpoint, plus the text-side helpers."""
 
     def __init__(self, model: str | Path = "qwen3.5:0.8b", *, dtype: str = "auto", device: str = "auto",
-                 rope_scaling: dict | str | None = None, **engine_options: Any):
+                 rope_scaling: dict | str | None = None, quantization: str | None = None,
+                 threads: int | None = None, **engine_options: Any):
         """engine_options: fields of `EngineConfig` (max_num_seqs, max_prefill_tokens, max_model_len,
-        max_memory, prefix_cache_memory, prefix_block). `rope_scaling`: e.g. "yarn:4" or the model
-        card's rope_parameters dict, to run past the native 262,144 positions."""
+        max_memory, prefix_cache_memory, prefix_block, mtp, num_speculative_tokens). `rope_scaling`: e.g.
+        "yarn:4" or the model card's rope_parameters dict, to run past the native 262,144 positions.
+        `quantization`: "int8", "int4" or "int4:GROUP" (weight-only, applied while loading; also taken
+        from a name's tag such as `qwen3.5:0.8b-int4`). `threads`: CPU threads (default: all cores)."""
+        set_threads(threads)
+        if quantization is None:
+            quantization = quant_tag(str(model))
         self.path = resolve_model(model)
         self.model = load_model(self.path, dtype=dtype, device=device, rope_scaling=rope_scaling,
-                                context_length=engine_options.get("max_model_len"))
+                                context_length=engine_options.get("max_model_len"), quantization=quantization)
         self.config = self.model.config
         self.tokenizer = Tokenizer.from_folder(self.path)
         self.template = ChatTemplate.from_folder(self.path) or ChatTemplate.builtin(
             thinking_default=self.config.text.hidden_size >= 2560)
+        engine_config = EngineConfig(**engine_options)
+        mtp = None if engine_config.mtp == "off" else load_mtp(self.path, dtype=self.model.dtype,
+                                                                device=self.model.device)
         self.engine = Engine(self.model, eos_token_ids=self.tokenizer.eos_token_ids,
-                             valid_vocab=self.tokenizer.vocab_size, config=EngineConfig(**engine_options))
+                             valid_vocab=self.tokenizer.vocab_size, config=engine_config, mtp=mtp)
         self.output = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.vision_tokens = VisionTokens.from_config(self.config)

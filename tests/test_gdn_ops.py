@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from deltarun.ops.conv1d import causal_conv1d
-from deltarun.ops.gdn import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from deltarun.ops.gdn import chunk_gated_delta_rule, gated_delta_step_, recurrent_gated_delta_rule
 
 
 def _inputs(b, t, hk, hv, dk, dv, seed=0):
@@ -61,3 +61,20 @@ def test_conv1d_pieces_equal_whole():
         pieces.append(y)
     torch.testing.assert_close(torch.cat(pieces, 1), y_full)
     torch.testing.assert_close(state, s_full)
+
+
+@pytest.mark.parametrize("hk,hv", [(2, 2), (2, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_decode_step_equals_recurrent_rule(hk, hv, dtype):
+    """The decode fast path (one read of the state, updated in place on a view of a slot pool)."""
+    q, k, v, g, beta, _ = _inputs(3, 1, hk, hv, 16, 24)
+    # strided like the model's (q, k, v split from one projection per row)
+    q, k, v = (torch.cat([x, x], dim=-1)[..., : x.shape[-1]].to(dtype) for x in (q, k, v))
+    pool = torch.randn(5, 3, hv, 16, 24) * 0.1  # the batch's states: a view into a larger tensor
+    state0 = pool[2].clone()
+    o_ref, s_ref = recurrent_gated_delta_rule(q, k, v, g, beta, state0)
+    view = pool[2]
+    o = gated_delta_step_(q, k, v, g, beta, view)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(o.float(), o_ref.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(pool[2], s_ref, rtol=1e-5, atol=1e-5)  # updated in place, in fp32

@@ -104,7 +104,7 @@ def test_list_finds_all_three_stores(stores):
     assert set(rows) == {"qwen3.5:0.8b", "qwen3.5:9b-q4_K_M", "my-conversion"}, r.stdout  # no llama
     assert "bfloat16" in rows["qwen3.5:0.8b"] and "HF cache" in rows["qwen3.5:0.8b"]
     assert "Q4_K_M" in rows["qwen3.5:9b-q4_K_M"] and "Ollama store" in rows["qwen3.5:9b-q4_K_M"]
-    assert "not runnable yet" in rows["qwen3.5:9b-q4_K_M"]
+    assert "(GGUF)" in rows["qwen3.5:9b-q4_K_M"]
     assert "deltarun" in rows["my-conversion"]
 
 
@@ -134,21 +134,23 @@ def test_show_hf_model(stores):
     assert run(stores["env"], "show", str(stores["snap"])).returncode == 0
 
 
-def test_show_ollama_gguf_says_not_runnable(stores):
+def test_show_ollama_gguf(stores):
     r = run(stores["env"], "show", "qwen3.5:9b-q4_K_M")
     assert r.returncode == 0, r.stderr
-    assert "GGUF" in r.stdout and "Q4_K_M" in r.stdout and "not supported yet" in r.stdout
+    assert "GGUF" in r.stdout and "Q4_K_M" in r.stdout and "in place, read-only" in r.stdout
 
 
 @pytest.mark.parametrize("args,needle", [
     (["show", "qwen3.5:8b"], "did you mean 'qwen3.5:0.8b' or 'qwen3.5:9b'"),
     (["show", "qwen3.5:2b"], "deltarun pull qwen3.5:2b"),
-    (["show", "qwen3.5:2b-int4"], "not supported yet"),
+    (["show", "qwen3.5:2b-int4"], "deltarun pull qwen3.5:2b"),
+    (["show", "qwen3.5:2b-q4_k_m"], "no GGUF 'q4_k_m' file"),
     (["pull", "qwen3:9b"], "did you mean 'qwen3.5:9b'"),
-    (["pull", "qwen3.5:9b-q4_k_m"], "not supported yet"),
+    (["pull", "qwen3.5:9b-q4_k_m"], "ollama pull qwen3.5:9b-q4_k_m"),
+    (["pull", "qwen3.5:9b-int4"], "pulling Qwen/Qwen3.5-9B needs the network"),  # int4: the full model
     (["pull", "qwen3.5:0.8b"], "needs the network"),
     (["rm", "qwen3.5:4b"], "not downloaded"),
-    (["generate", "qwen3.5:9b-int4", "hi"], "not supported yet"),
+    (["generate", "qwen3.5:9b-int4", "hi"], "Qwen/Qwen3.5-9B is not in the local Hugging Face cache"),
 ])
 def test_bad_names_are_one_line_errors(stores, args, needle, monkeypatch, capsys):
     """In-process (`cli.main`, same code path as the subprocess runs above) to keep the suite fast."""
@@ -198,3 +200,25 @@ def test_rm_refuses_other_tools_files_without_force(stores, tiny_ckpt):
     assert r.returncode == 0, r.stderr
     assert not stores["blob"].exists()
     assert (stores["ollama"] / "manifests/registry.ollama.ai/library/llama3/8b").exists()
+
+
+def test_copied_names_are_listed_and_removed_alone(stores, monkeypatch, capsys):
+    """Names made with /api/copy (`ollama cp`): listed as copies; `rm` of one removes only the name, and
+    removing the model removes the names that pointed at it. (In-process `cli.main`: fast.)"""
+    from deltarun.cli import main
+
+    for k in ("HF_HUB_CACHE", "OLLAMA_MODELS", "DELTARUN_HOME", "HF_HUB_OFFLINE", "HOME", "COLUMNS"):
+        monkeypatch.setenv(k, stores["env"][k])
+
+    def cli(*args) -> str:
+        assert main(list(args)) == 0
+        return capsys.readouterr().out
+    (stores["deltarun"] / "aliases.json").write_text(json.dumps({"mine:latest": "qwen3.5:0.8b", "gone": "nope:1b"}))
+    rows = {line.split()[0]: line for line in cli("list").splitlines() if line.strip()}
+    assert "copy of qwen3.5:0.8b" in rows["mine:latest"] and "gone" not in rows  # a name whose model is gone
+    assert "4096" in cli("show", "mine")  # Ollama's names: "mine" is "mine:latest"
+    assert "deleted the name mine:latest (qwen3.5:0.8b stays)" in cli("rm", "mine")
+    assert stores["snap"].exists() and "mine:latest" not in cli("list")
+    (stores["deltarun"] / "aliases.json").write_text(json.dumps({"mine": "qwen3.5:0.8b", "q": "qwen3.5:0.8b-int4"}))
+    assert "also the names mine, q" in cli("rm", "qwen3.5:0.8b", "--yes")
+    assert json.loads((stores["deltarun"] / "aliases.json").read_text()) == {}

@@ -124,3 +124,51 @@ def test_corrupt_once_is_refetched(env, fake_hub, hub_files, monkeypatch):
 
 def test_unknown_repo_on_hub(env):
     one_line_error(run(env, "pull", "Qwen/Qwen3.5-0.8B-Nope"), "not found")
+
+
+def test_full_disk_is_one_clear_line_and_leaves_nothing(env, fake_hub, hub_files, monkeypatch, capsys):
+    """The disk fills up halfway through a shard (a write raises ENOSPC): one line saying so, and no
+    partial file in the cache (in-process, so the write can be made to fail)."""
+    import errno
+
+    from huggingface_hub import constants, file_download
+
+    from deltarun.cli import main
+
+    for k in ("HF_HUB_CACHE", "OLLAMA_MODELS", "DELTARUN_HOME", "HF_HUB_OFFLINE", "HOME"):
+        monkeypatch.setenv(k, env[k])
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", fake_hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        fake_hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 4096)  # several writes per shard
+    shard = _shard(hub_files)
+    written = []
+
+    class FullDisk:
+        """The download's temp file on a disk with 20 KB left."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            if sum(written) + len(data) > 20_000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            written.append(len(data))
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    real_get = file_download.http_get
+    monkeypatch.setattr(file_download, "http_get", lambda url, temp_file, **kw: real_get(
+        url, FullDisk(temp_file) if url.endswith("/" + shard) else temp_file, **kw))
+    assert main(["pull", "qwen3.5:0.8b"]) == 1
+    # (the fake hub, a thread of this process, also logs the connection the client dropped: left out)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("deltarun")]
+    assert len(err) == 1 and "not enough disk space to download Qwen/Qwen3.5-0.8B" in err[0], err
+    assert "No space left on device" in err[0] and sum(written) > 0  # it failed mid-file
+    blobs = _snapshot(env).parent.parent / "blobs"
+    assert not [p for p in blobs.iterdir() if p.name.endswith(".incomplete")]
+    assert not (_snapshot(env) / shard).exists()
+    assert all(hub_files.joinpath(p.name).read_bytes() == p.read_bytes() for p in _snapshot(env).iterdir())

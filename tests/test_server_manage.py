@@ -149,3 +149,10 @@ def test_ps_without_server(capsys):
     assert main(["ps", "--port", str(port)]) != 0
     err = [line for line in capsys.readouterr().err.splitlines() if line]
     assert len(err) == 1 and "no deltarun server answering" in err[0]
+
+
+def test_pull_offline_is_a_clear_503(live, machine, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = httpx.post(live.url + "/api/pull", json={"model": "qwen3.5:0.8b"}, timeout=30)
+    assert r.status_code == 503 and "needs the network" in r.json()["error"] and "HF_HUB_OFFLINE" in r.json()["error"]
+    assert not machine["cache"].exists()  # nothing was written

@@ -71,7 +71,7 @@ class PrefixCache:
         if key in self.entries:
             self.entries.move_to_end(key)
             return
-        per_token = sum(2 * c.k[0, :, 0].numel() * c.k.element_size() for c in kv if c.k is not None)
+        per_token = sum(c.token_bytes() for c in kv)
         nbytes = sum(t.numel() * t.element_size() for t in snapshot) + per_token * length
         self.entries[key] = PrefixEntry(length, snapshot, kv, nbytes)
         self.nbytes += nbytes

@@ -13,6 +13,7 @@ A `ModelCache` is the view the model runs on: the pool plus the sequences of thi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -21,39 +22,65 @@ GROWTH = 1.5
 
 @dataclass
 class KVCache:
-    k: torch.Tensor | None = None  # [1, Hkv, capacity, D]
+    """One sequence's keys and values for one full-attention layer, grown ×1.5 as needed.
+
+    `quantized`: held as int8 with one fp32 scale per (head, token) — half of bf16's memory; keys and
+    values are dequantized to the model dtype when attention reads them."""
+    k: torch.Tensor | None = None  # [1, Hkv, capacity, D] (int8 when quantized)
     v: torch.Tensor | None = None
     length: int = 0
+    quantized: bool = False
+    k_scale: torch.Tensor | None = None  # [1, Hkv, capacity, 1] fp32, when quantized
+    v_scale: torch.Tensor | None = None
+    dtype: torch.dtype | None = None  # what attention reads
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None]
 
     def reserve(self, capacity: int, like: torch.Tensor) -> None:
         """Make room for `capacity` tokens (keeps what is held)."""
         if self.k is not None and self.k.shape[2] >= capacity:
             return
+        self.dtype = self.dtype or like.dtype
         shape = (1, like.shape[1], capacity, like.shape[3])
-        nk, nv = like.new_empty(shape), like.new_empty(shape)
-        if self.length:
-            nk[:, :, : self.length] = self.k[:, :, : self.length]
-            nv[:, :, : self.length] = self.v[:, :, : self.length]
-        self.k, self.v = nk, nv
+        store = torch.int8 if self.quantized else like.dtype
+        new = [like.new_empty(shape, dtype=store), like.new_empty(shape, dtype=store)]
+        if self.quantized:
+            new += [like.new_empty((*shape[:3], 1), dtype=torch.float32) for _ in range(2)]
+        for old, fresh in zip(self._tensors(), new):
+            if self.length:
+                fresh[:, :, : self.length] = old[:, :, : self.length]
+        self.k, self.v = new[0], new[1]
+        if self.quantized:
+            self.k_scale, self.v_scale = new[2], new[3]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add k, v [1, Hkv, T, D]; return views of all held keys and values [1, Hkv, length, D]."""
+        """Add k, v [1, Hkv, T, D]; return all held keys and values [1, Hkv, length, D]."""
         need = self.length + k.shape[2]
         if self.k is None or need > self.k.shape[2]:
             self.reserve(max(need, int(self.capacity * GROWTH), 64), k)
-        self.k[:, :, self.length : need] = k
-        self.v[:, :, self.length : need] = v
+        if not self.quantized:
+            self.k[:, :, self.length : need] = k
+            self.v[:, :, self.length : need] = v
+            self.length = need
+            return self.k[:, :, :need], self.v[:, :, :need]
+        for x, q, sc in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
+            scale = (x.float().abs().amax(-1, keepdim=True) / 127).clamp(min=1e-12)
+            q[:, :, self.length : need] = torch.round(x.float() / scale).to(torch.int8)
+            sc[:, :, self.length : need] = scale
         self.length = need
-        return self.k[:, :, :need], self.v[:, :, :need]
+        return (self.k[:, :, :need] * self.k_scale[:, :, :need]).to(self.dtype), \
+            (self.v[:, :, :need] * self.v_scale[:, :, :need]).to(self.dtype)
 
     def copy_prefix(self, other: "KVCache", n: int) -> None:
         """Hold exactly the first n tokens of `other` (a prefix-cache hit)."""
-        self.k = self.v = None
+        self.k = self.v = self.k_scale = self.v_scale = None
         self.length = 0
+        self.quantized, self.dtype = other.quantized, other.dtype
         if n:
-            self.reserve(n, other.k)
-            self.k[:, :, :n] = other.k[:, :, :n]
-            self.v[:, :, :n] = other.v[:, :, :n]
+            self.reserve(n, other.k if not other.quantized else other.k.to(other.dtype))
+            for dst, src in zip(self._tensors(), other._tensors()):
+                dst[:, :, :n] = src[:, :, :n]
             self.length = n
 
     @property
@@ -61,7 +88,11 @@ class KVCache:
         return 0 if self.k is None else self.k.shape[2]
 
     def nbytes(self) -> int:
-        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def token_bytes(self) -> int:
+        """Bytes one held token takes."""
+        return self.nbytes() // self.capacity if self.capacity else 0
 
 
 class StatePool:
@@ -73,6 +104,9 @@ class StatePool:
         self.recurrent = [torch.zeros(num_slots, *r, dtype=torch.float32, device=device) for _, r in shapes]
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.num_slots = num_slots
+        # Set to {} by speculative decoding's verify forward: each linear-attention layer then records
+        # {index: (conv input window [B, C, K-1+T], recurrent state after each position [B, T, Hv, Dk, Dv])}.
+        self.capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def alloc(self) -> int:
         if not self.free_slots:
@@ -108,9 +142,10 @@ class SeqState:
     slot: int
     kv: list[KVCache]
     length: int = 0  # tokens processed so far (the next token's position)
+    draft: Any = None  # speculative decoding's per-sequence MTP state (engine/speculative.py), if any
 
     def kv_nbytes(self) -> int:
-        return sum(c.nbytes() for c in self.kv)
+        return sum(c.nbytes() for c in self.kv) + (self.draft.nbytes() if self.draft is not None else 0)
 
 
 @dataclass
@@ -125,5 +160,10 @@ class ModelCache:
     def length(self) -> int:  # single-sequence convenience (tests, benchmarks)
         return self.seqs[0].length
 
-    def slots(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor([s.slot for s in self.seqs], device=device)
+    def slots(self, device: torch.device) -> torch.Tensor | slice:
+        """The batch's pool slots: a slice when they are consecutive (the pool's states are then read
+        and updated in place, as views), else an index tensor (gathered and scattered back)."""
+        ids = [s.slot for s in self.seqs]
+        if ids == list(range(ids[0], ids[0] + len(ids))):
+            return slice(ids[0], ids[0] + len(ids))
+        return torch.tensor(ids, device=device)

@@ -6,6 +6,8 @@ running sequence in ONE batched forward, and (3) prefills the next chunk (≤ `m
 the oldest waiting sequence, so a long prompt never freezes the others. A new prompt first resumes
 from the deepest cached prefix (cache/prefix.py). A request with `n > 1` prefills once and forks.
 Text-level work (detokenizing, stop strings) is the caller's; it ends a sequence via `finish`.
+With the checkpoint's MTP head (`mtp` on/auto), a decode step may draft and verify several tokens per
+sequence: engine/speculative.py, behind `_decode`, `on_prefill` and `fork` hooks.
 
 Images and videos: a request may carry a `MultiModalInput` (processor/multimodal.py). The vision tower
 runs once for it, lazily, when the first chunk holding vision tokens is prefilled; each chunk embeds its
@@ -28,6 +30,7 @@ from ..processor.multimodal import MultiModalInput
 from ..sampling import SamplingParams
 from .memory import default_budgets
 from .sequence import Request, SeqUpdate, Sequence, StepOutput
+from .speculative import make_speculator
 
 LOGITS_CHUNK = 256  # prompt positions per logits block: bounds the [T, vocab] fp32 buffer
 
@@ -40,11 +43,16 @@ class EngineConfig:
     max_memory: int | None = None  # bytes for running sequences' KV + states (default: from free RAM)
     prefix_cache_memory: int | None = None  # bytes for prefix snapshots (default: from free RAM; 0 = off)
     prefix_block: int = 64  # prefix reuse granularity (tokens)
+    mtp: str = "auto"  # speculative decoding with the MTP head: "on" | "off" | "auto" (only while it pays)
+    num_speculative_tokens: int = 2  # drafts per step (engine/speculative.py)
+    mtp_draft_vocab: int = 0  # draft over the first N token ids only (0 = all): cheaper draft logits
+    kv_cache_dtype: str = "auto"  # "int8": keys/values held as int8 + a scale per head and token
 
 
 class Engine:
     def __init__(self, model: Qwen3_5ForCausalLM, *, eos_token_ids: list[int], valid_vocab: int | None = None,
-                 config: EngineConfig | None = None, vision: torch.nn.Module | None = None, **overrides):
+                 config: EngineConfig | None = None, vision: torch.nn.Module | None = None,
+                 mtp: torch.nn.Module | None = None, **overrides):
         self.model = model
         self.vision = vision  # the vision tower (may be set later: front ends load it on first use)
         self.cfg = cfg = config or EngineConfig(**overrides)
@@ -55,7 +63,11 @@ class Engine:
         self.max_model_len = cfg.max_model_len or model.config.text.max_position_embeddings
         self.pool = model.new_pool(cfg.max_num_seqs)
         t = model.config.text
-        self.kv_token_bytes = model.num_kv_layers * 2 * t.num_key_value_heads * t.head_dim * model.dtype.itemsize
+        if cfg.kv_cache_dtype not in ("auto", "int8"):
+            raise ValueError(f"kv_cache_dtype must be auto or int8, not {cfg.kv_cache_dtype!r}")
+        self.kv_int8 = cfg.kv_cache_dtype == "int8"
+        per_head = t.head_dim + 4 if self.kv_int8 else t.head_dim * model.dtype.itemsize  # int8 + fp32 scale
+        self.kv_token_bytes = model.num_kv_layers * 2 * t.num_key_value_heads * per_head
         auto_run, auto_prefix = default_budgets(model.device)
         self.max_memory = cfg.max_memory if cfg.max_memory is not None else auto_run
         self.prefix = PrefixCache(cfg.prefix_cache_memory if cfg.prefix_cache_memory is not None else auto_prefix,
@@ -66,6 +78,7 @@ class Engine:
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0, "steps": 0,
                       "vision_encodes": 0}
         self._arrivals = itertools.count()
+        self.spec = make_speculator(self, mtp, cfg)  # None: plain decoding (off, or no MTP head)
 
     # -- requests -------------------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams, mm: MultiModalInput | None = None) -> None:
@@ -153,6 +166,11 @@ class Engine:
         return list(outputs.values())
 
     def _decode(self, seqs: list[Sequence], outputs: dict[str, StepOutput]) -> None:
+        if self.spec is not None:
+            return self.spec.decode(seqs, outputs)  # drafts + verifies, or calls _plain_decode
+        self._plain_decode(seqs, outputs)
+
+    def _plain_decode(self, seqs: list[Sequence], outputs: dict[str, StepOutput]) -> None:
         dev = self.model.device
         ids = torch.tensor([[s.token_ids[-1]] for s in seqs], device=dev)
         positions = None
@@ -187,6 +205,8 @@ class Engine:
             hidden = self.model(None, cache, positions=positions, inputs_embeds=self._embed(req, ids, start, end))[0]
         seq.num_computed = end
         self.stats["prompt_tokens"] += end - start
+        if self.spec is not None:
+            self.spec.on_prefill(seq, hidden, start)  # the MTP head's context
         if end % blk == 0 and self.prefix.budget > 0:
             self.prefix.insert(seq.key_inputs, end, self.pool.snapshot(seq.state.slot), seq.state.kv)
         if req.vision_embeds is not None and all(s.num_computed >= req.mm.num_prompt for s in req.seqs
@@ -209,6 +229,8 @@ class Engine:
             for dst, src in zip(child.state.kv, seq.state.kv):
                 dst.copy_prefix(src, src.length)
             child.state.length = seq.state.length
+            if self.spec is not None:
+                self.spec.fork(seq, child)
             req.seqs.append(child)
             self.active.append(child)
         if req.params.max_tokens == 0:
@@ -261,7 +283,7 @@ class Engine:
         t = self.model.config.text
         kv = []
         for _ in range(self.model.num_kv_layers):
-            c = KVCache()
+            c = KVCache(quantized=self.kv_int8)
             like = torch.empty(1, t.num_key_value_heads, 0, t.head_dim, dtype=self.model.dtype,
                                device=self.model.device)
             c.reserve(capacity, like)
@@ -271,13 +293,14 @@ class Engine:
     def _make_room_for_decode(self) -> None:
         """Preempt the newest requests while the next decode's KV growth would exceed the budget."""
         layer_token_bytes = self.kv_token_bytes // max(1, self.model.num_kv_layers)
+        step = 1 + (self.spec.k if self.spec is not None else 0)  # KV positions one decode may add
         while True:
             growth = 0
             for s in self.active:
                 if s.decoding:
                     for c in s.state.kv:
-                        if c.length + 1 > c.capacity:
-                            growth += (max(c.length + 1, int(c.capacity * GROWTH), 64) - c.capacity) \
+                        if c.length + step > c.capacity:
+                            growth += (max(c.length + step, int(c.capacity * GROWTH), 64) - c.capacity) \
                                 * layer_token_bytes
             requests = {id(s.request): s.request for s in self.active}
             if self._usage() + growth <= self.max_memory or len(requests) <= 1:

@@ -13,7 +13,7 @@ from torch import nn
 from ..cache.state import StatePool
 from ..config import TextConfig
 from ..ops.conv1d import causal_conv1d
-from ..ops.gdn import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from ..ops.gdn import chunk_gated_delta_rule, gated_delta_step_, recurrent_gated_delta_rule
 from .layers import RMSNormGated
 
 
@@ -44,8 +44,12 @@ class GatedDeltaNet(nn.Module):
         """x [B, T, hidden] → [B, T, hidden]; reads and advances the states of `slots` [B] in the pool
         (`index` = which linear-attention layer this is)."""
         b, t, _ = x.shape
+        if pool.capture is not None:  # speculative verify: keep the state after every position
+            return self._verify_steps(x, pool, index, slots)
+        if t == 1:
+            return self._decode_step(x, pool, index, slots)
         qkv, conv = causal_conv1d(self.in_proj_qkv(x), self.conv1d.weight.squeeze(1), pool.conv[index][slots])
-        pool.conv[index].index_copy_(0, slots, conv)
+        pool.conv[index][slots] = conv
         q, k, v = torch.split(qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.reshape(b, t, self.hk, self.dk)
         k = k.reshape(b, t, self.hk, self.dk)
@@ -55,7 +59,55 @@ class GatedDeltaNet(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
         rule = recurrent_gated_delta_rule if t == 1 else chunk_gated_delta_rule
         o, state = rule(q, k, v, g, beta, pool.recurrent[index][slots])
-        pool.recurrent[index].index_copy_(0, slots, state)
+        pool.recurrent[index][slots] = state
         z = self.in_proj_z(x).reshape(b, t, self.hv, self.dv)
         o = self.norm(o, z).reshape(b, t, self.value_dim)
         return self.out_proj(o)
+
+    def _decode_step(self, x: torch.Tensor, pool: StatePool, index: int, slots: torch.Tensor | slice) -> torch.Tensor:
+        """forward for one token per sequence (x [B, 1, hidden]) with fewer passes over the states:
+        the 4-tap conv as a product-sum and the delta rule in place on the pool (ops/gdn.py)."""
+        b = x.shape[0]
+        conv_state = pool.conv[index][slots]  # [B, C, K-1]
+        window = torch.cat([conv_state, self.in_proj_qkv(x).transpose(1, 2).to(conv_state.dtype)], dim=-1)
+        pool.conv[index][slots] = window[:, :, 1:]
+        w = self.conv1d.weight.squeeze(1)  # [C, K]
+        qkv = F.silu((window.float() * w.float()).sum(-1)).to(x.dtype)  # [B, C]: conv1d over the window
+        q, k, v = torch.split(qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        beta = self.in_proj_b(x).sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
+        state = pool.recurrent[index][slots]  # a view of the pool when `slots` is a slice
+        o = gated_delta_step_(q.reshape(b, 1, self.hk, self.dk), k.reshape(b, 1, self.hk, self.dk),
+                              v.reshape(b, 1, self.hv, self.dv), g, beta, state)
+        if not isinstance(slots, slice):
+            pool.recurrent[index][slots] = state
+        z = self.in_proj_z(x).reshape(b, 1, self.hv, self.dv)
+        return self.out_proj(self.norm(o, z).reshape(b, 1, self.value_dim))
+
+    def _verify_steps(self, x: torch.Tensor, pool: StatePool, index: int, slots: torch.Tensor | slice) -> torch.Tensor:
+        """forward over a few positions (x [B, T, hidden]), each computed as `_decode_step` computes one,
+        that also records in `pool.capture[index]` the conv input window [B, C, K-1+T] (the conv state after
+        position i is window[..., i+1 : i+K]) and the recurrent state after every position (a list of T
+        [B, Hv, Dk, Dv] fp32): speculative decoding resumes from whichever position it accepts."""
+        b, t, _ = x.shape
+        conv_state = pool.conv[index][slots]
+        window = torch.cat([conv_state, self.in_proj_qkv(x).transpose(1, 2).to(conv_state.dtype)], dim=-1)
+        pool.conv[index][slots] = window[:, :, t:]
+        taps = window.unfold(-1, self.kernel, 1).float() * self.conv1d.weight.squeeze(1).float()[:, None]
+        qkv = F.silu(taps.sum(-1)).transpose(1, 2).to(x.dtype)  # [B, T, C]: conv1d, window by window
+        q, k, v = torch.split(qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q, k = q.reshape(b, t, self.hk, self.dk), k.reshape(b, t, self.hk, self.dk)
+        v = v.reshape(b, t, self.hv, self.dv)
+        beta = self.in_proj_b(x).sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
+        state = pool.recurrent[index][slots]  # advanced in place (a view of the pool when `slots` is a slice)
+        outs, states = [], []
+        for i in range(t):
+            p = slice(i, i + 1)
+            outs.append(gated_delta_step_(q[:, p], k[:, p], v[:, p], g[:, p], beta[:, p], state))
+            states.append(state.clone() if i < t - 1 else state)  # the last one is the pool's new state
+        if not isinstance(slots, slice):
+            pool.recurrent[index][slots] = state
+        pool.capture[index] = (window, states)
+        z = self.in_proj_z(x).reshape(b, t, self.hv, self.dv)
+        return self.out_proj(self.norm(torch.cat(outs, 1), z).reshape(b, t, self.value_dim))

@@ -68,11 +68,11 @@ class Qwen3_5ForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.language_model.norm.weight.dtype  # lm_head may be quantized
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.language_model.norm.weight.device
 
     def state_shapes(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         return [layer.linear_attn.state_shapes() for layer in self.model.language_model.layers

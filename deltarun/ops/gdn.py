@@ -93,3 +93,26 @@ def chunk_gated_delta_rule(
         s = s * chunk_decay[:, :, i] + k_to_end[:, :, i].transpose(-1, -2) @ v_new
     out = out.reshape(b, h, n * c, dv)[:, :, :t]
     return out.transpose(1, 2).to(out_dtype), s
+
+
+def gated_delta_step_(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor,
+) -> torch.Tensor:
+    """One decode token (T = 1), updating `state` [B, Hv, Dk, Dv] fp32 IN PLACE (it may be a view of the
+    state pool); returns o [B, 1, Hv, Dv]. Same math as `recurrent_gated_delta_rule`, reordered so the
+    state is read in one pass and updated in place: with S' = e^g·S + k ⊗ δ,
+        δ = β (v − e^g·Sᵀk),   o = S'ᵀq = e^g·Sᵀq + (k·q) δ."""
+    out_dtype = v.dtype
+    q, k, v, g, beta = _prepare(q, k, v, g, beta)  # [B, H, 1, D], g/beta [B, H, 1]
+    b, h, _, dk = k.shape
+    dv = v.shape[-1]
+    s = state.view(b * h, dk, dv) if state.is_contiguous() else state.reshape(b * h, dk, dv)
+    decay = g.exp().reshape(b * h, 1, 1)
+    kq = torch.cat([k, q], dim=2).view(b * h, 2, dk)
+    read = torch.bmm(kq, s) * decay  # [BH, 2, Dv]: e^g·Sᵀk, e^g·Sᵀq in one pass over S
+    delta = (v.reshape(b * h, 1, dv) - read[:, :1]) * beta.reshape(b * h, 1, 1)
+    o = read[:, 1:] + (k * q).sum(-1).reshape(b * h, 1, 1) * delta
+    s.mul_(decay).baddbmm_(k.reshape(b * h, dk, 1), delta)
+    if s.data_ptr() != state.data_ptr() or not state.is_contiguous():
+        state.copy_(s.view_as(state))
+    return o.view(b, h, 1, dv).transpose(1, 2).to(out_dtype)

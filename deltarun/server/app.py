@@ -1,4 +1,5 @@
-"""The FastAPI application: OpenAI (`/v1/...`) and Ollama (`/api/...`) routes over one `AsyncLLM`.
+"""The FastAPI application: OpenAI (`/v1/...`) and Ollama (`/api/...`) routes over the models of a
+`ModelManager` (models.py: loaded on request, kept for keep_alive).
 
 Cross-cutting concerns live here: the optional API key (Bearer, every route), the request body size
 limit, CORS (off unless origins are given), `/health`, `/metrics`, and turning every error into the
@@ -11,6 +12,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +21,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..async_llm import AsyncLLM
 from .metrics import METRICS
+
+if TYPE_CHECKING:
+    from .models import ModelManager
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 STATIC_DIR = Path(__file__).parent / "static"  # the chat page: plain HTML/CSS/JS, no build step, no CDN
@@ -34,17 +39,35 @@ class APIError(Exception):
 
 @dataclass
 class ServerState:
-    llm: AsyncLLM
-    model_name: str
+    models: "ModelManager"
     default_thinking: bool | None = None  # None: the chat template's own default
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def check_model(self, name: str) -> None:
-        """Unknown model → 404; the served name, its folder name and Ollama's `:latest` form are known."""
-        known = {self.model_name, Path(str(self.llm.path)).name}
-        if name not in known and name.removesuffix(":latest") not in known:
-            raise APIError(404, f"model {name!r} not found; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
+    async def use(self, request: Request, name: str, keep_alive: Any = None) -> AsyncLLM:
+        """The model `name` for this request: loaded on first use, held until the response is sent."""
+        start = time.perf_counter_ns()
+        entry = await self.models.acquire(name, keep_alive)
+        request.scope["deltarun.leases"].append(entry)  # LeaseMiddleware releases it
+        request.scope["deltarun.load_ns"] = time.perf_counter_ns() - start  # Ollama's load_duration
+        return entry.llm
+
+
+class LeaseMiddleware:
+    """Releases the models a request used once its response is entirely sent (streams included)."""
+
+    def __init__(self, app, manager: "ModelManager"):
+        self.app, self.manager = app, manager
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        leases: list = []
+        scope["deltarun.leases"] = leases
+        try:
+            await self.app(scope, receive, send)
+        finally:  # synchronous: runs even when the request task is being cancelled
+            for entry in leases:
+                self.manager.release(entry)
 
 
 def _is_ollama(request: Request) -> bool:
@@ -74,13 +97,33 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{where}: {e.get('msg')}" if where else str(e.get("msg"))), (where or None)
 
 
-def create_app(llm: AsyncLLM, model_name: str | None = None, *, api_key: str | None = None,
-               cors_origins: list[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               default_thinking: bool | None = None) -> FastAPI:
-    from . import manage, ollama, openai, openai_completions
+def create_app(llm: "AsyncLLM | ModelManager | None" = None, model_name: str | None = None, *,
+               api_key: str | None = None, cors_origins: list[str] | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES, default_thinking: bool | None = None) -> FastAPI:
+    """`llm`: one loaded model (served as `model_name`, kept loaded), a `ModelManager` (models loaded on
+    request), or None (an empty manager with the defaults)."""
+    from contextlib import asynccontextmanager
 
-    app = FastAPI(title="deltarun", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = ServerState(llm, model_name or Path(str(llm.path)).name, default_thinking)
+    from . import manage, ollama, openai, openai_completions
+    from .models import ModelManager
+
+    if isinstance(llm, ModelManager):
+        models = llm
+    else:
+        models = ModelManager()
+        if llm is not None:
+            models.adopt(llm, model_name or Path(str(llm.path)).name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        models.start()
+        try:
+            yield
+        finally:
+            await models.close()
+
+    app = FastAPI(title="deltarun", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.server = ServerState(models, default_thinking)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -132,7 +175,8 @@ def create_app(llm: AsyncLLM, model_name: str | None = None, *, api_key: str | N
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(METRICS.render(llm.engine), media_type="text/plain; version=0.0.4")
+        engines = {e.name: e.llm.engine for e in models.entries() if e.llm is not None}
+        return PlainTextResponse(METRICS.render(engines, models), media_type="text/plain; version=0.0.4")
 
     @app.get("/")
     async def root(request: Request):
@@ -154,4 +198,5 @@ def create_app(llm: AsyncLLM, model_name: str | None = None, *, api_key: str | N
     app.include_router(openai_completions.router)
     app.include_router(ollama.router)
     app.include_router(manage.router)
+    app.add_middleware(LeaseMiddleware, manager=models)  # outermost: it sees the whole response go out
     return app

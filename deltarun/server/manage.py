@@ -5,6 +5,7 @@ store half of `POST /api/show` (details of any local model, loaded or not).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import queue
 import threading
@@ -120,21 +121,21 @@ async def delete_model(body: DeleteRequest, request: Request):
     name = body.model or body.name
     if not name:
         raise APIError(400, "model is required")
-    if store.remove_alias(name) or store.remove_alias(name.removesuffix(":latest")):
+    if any(store.remove_alias(n) for n in (name, name.removesuffix(":latest"), f"{name}:latest")):
+        request.app.state.server.models.forget_name(name)
         return {"status": "success"}  # a name made with /api/copy: only the name goes
     model = _find(name)
     refusal = store.deletion_refusal(model)
     if refusal:
         raise APIError(403, f"not deleting: {refusal}")
-    served = request.app.state.server.llm.path
-    if store._inside(model.path, served) or store._inside(served, model.path):
-        raise APIError(409, f"{model.name} is the model this server is running; stop the server first")
+    await request.app.state.server.models.unload_path(model.path)  # 409 while it answers requests
     await asyncio.to_thread(store.delete, model)
+    await asyncio.to_thread(store.forget_aliases_of, model)
     return {"status": "success"}
 
 
 @router.post("/api/copy")
-async def copy_model(body: CopyRequest):
+async def copy_model(body: CopyRequest, request: Request):
     _find(body.source)
     try:
         store.find_local(body.destination)
@@ -144,7 +145,41 @@ async def copy_model(body: CopyRequest):
         if body.destination not in store.aliases():
             raise APIError(409, f"{body.destination!r} already names a model")
     store.add_alias(body.source, body.destination)
+    request.app.state.server.models.forget_name(body.destination)
     return {"status": "success"}
+
+
+# ------------------------------------------------------------------------------------------------- lists
+
+def local_entries(served: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """/api/tags entries for every local model and copied name, then `served` (name → folder: the
+    command-line model, which may live outside every store). Blocking: run it in a thread."""
+    models = store.list_models() + store.alias_models()
+    for name, folder in (served or {}).items():
+        try:
+            models.append(dataclasses.replace(store.find_local(str(folder)), name=name))
+        except hub.ModelNotFound:  # gone from the disk since the server started
+            continue
+    return [_tag_entry(m) for m in models]
+
+
+def _tag_entry(m: store.LocalModel) -> dict[str, Any]:
+    from datetime import datetime, timezone
+
+    try:
+        mtime = m.path.stat().st_mtime
+    except OSError:
+        mtime = 0.0
+    try:
+        total = store.parameter_counts(m.path / "config.json")["total"] if not m.is_gguf else 0
+    except Exception:  # an unusual config still gets listed
+        total = 0
+    size = f"{total / 1e9:.1f}B" if total >= 1e8 else f"{total / 1e6:.1f}M" if total else ""
+    return {"name": m.name, "model": m.name, "size": m.size, "digest": "",
+            "modified_at": datetime.fromtimestamp(mtime, timezone.utc).isoformat().replace("+00:00", "Z"),
+            "details": {"parent_model": "", "format": "gguf" if m.is_gguf else "safetensors",
+                        "family": "qwen35", "families": ["qwen35"], "parameter_size": size,
+                        "quantization_level": m.quant}}
 
 
 # -------------------------------------------------------------------------------------------------- show

@@ -60,9 +60,9 @@ class Metrics:
         with self._lock:
             self.http_errors += 1
 
-    def render(self, engine) -> str:
-        """Prometheus text: the server's counters plus the engine's (read without locking: plain ints)."""
-        stats = dict(engine.stats)
+    def render(self, engines: dict, models=None) -> str:
+        """Prometheus text: the server's counters, then each loaded model's engine (label `model`), read
+        without locking (plain ints); `models`: the ModelManager, for loads/unloads."""
         with self._lock:
             lines = ["# TYPE deltarun_requests_total counter"]
             lines += [f'deltarun_requests_total{{outcome="{k}"}} {v}' for k, v in self.requests.items()]
@@ -70,20 +70,32 @@ class Metrics:
                       "# TYPE deltarun_prompt_tokens_total counter", f"deltarun_prompt_tokens_total {self.prompt_tokens}",
                       "# TYPE deltarun_generation_tokens_total counter",
                       f"deltarun_generation_tokens_total {self.generation_tokens}",
-                      "# TYPE deltarun_requests_running gauge", f"deltarun_requests_running {self.running}",
-                      "# TYPE deltarun_requests_waiting gauge", f"deltarun_requests_waiting {engine.num_waiting}",
-                      "# TYPE deltarun_sequences_running gauge", f"deltarun_sequences_running {engine.num_running}",
-                      "# TYPE deltarun_prefix_cache_hits_total counter",
-                      f"deltarun_prefix_cache_hits_total {engine.prefix.hits}",
-                      "# TYPE deltarun_prefix_cache_hit_tokens_total counter",
-                      f"deltarun_prefix_cache_hit_tokens_total {engine.prefix.hit_tokens}",
-                      "# TYPE deltarun_prefix_cache_bytes gauge", f"deltarun_prefix_cache_bytes {engine.prefix.nbytes}",
-                      "# TYPE deltarun_preemptions_total counter", f"deltarun_preemptions_total {stats['preemptions']}",
-                      "# TYPE deltarun_engine_prompt_tokens_total counter",
-                      f"deltarun_engine_prompt_tokens_total {stats['prompt_tokens']}"]
+                      "# TYPE deltarun_requests_running gauge", f"deltarun_requests_running {self.running}"]
             lines += self.latency.lines("deltarun_request_latency_seconds")
             lines += self.ttft.lines("deltarun_time_to_first_token_seconds")
+        if models is not None:
+            lines += ["# TYPE deltarun_models_loaded gauge", f"deltarun_models_loaded {len(engines)}",
+                      "# TYPE deltarun_model_loads_total counter", f"deltarun_model_loads_total {models.loads}",
+                      "# TYPE deltarun_model_unloads_total counter", f"deltarun_model_unloads_total {models.unloads}"]
+        per_engine = {"requests_waiting": ("gauge", lambda e: e.num_waiting),
+                      "sequences_running": ("gauge", lambda e: e.num_running),
+                      "prefix_cache_hits_total": ("counter", lambda e: e.prefix.hits),
+                      "prefix_cache_hit_tokens_total": ("counter", lambda e: e.prefix.hit_tokens),
+                      "prefix_cache_bytes": ("gauge", lambda e: e.prefix.nbytes),
+                      "preemptions_total": ("counter", lambda e: e.stats["preemptions"]),
+                      "engine_prompt_tokens_total": ("counter", lambda e: e.stats["prompt_tokens"]),
+                      # MTP speculative decoding (engine/speculative.py); 0 when it is off
+                      "spec_decode_steps_total": ("counter", lambda e: e.stats.get("spec_steps", 0)),
+                      "spec_decode_draft_tokens_total": ("counter", lambda e: e.stats.get("spec_drafted", 0)),
+                      "spec_decode_accepted_tokens_total": ("counter", lambda e: e.stats.get("spec_accepted", 0))}
+        for metric, (kind, read) in per_engine.items():
+            lines.append(f"# TYPE deltarun_{metric} {kind}")
+            lines += [f'deltarun_{metric}{{model="{_label(name)}"}} {read(engine)}' for name, engine in engines.items()]
         return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 METRICS = Metrics()

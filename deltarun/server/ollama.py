@@ -1,5 +1,7 @@
 """Ollama-compatible API: `/api/chat`, `/api/generate` (NDJSON streams by default), `/api/tags`,
 `/api/show`, `/api/ps`, `/api/version`, with Ollama's field names, durations in ns and eval counts.
+Models load on first request; `keep_alive` (per request) sets how long a model stays loaded afterwards,
+and a chat/generate request without messages/prompt only loads the model (or unloads it, keep_alive 0).
 
 Thinking goes to `message.thinking` (or `thinking` for generate) whenever the model thinks, and tool
 calls to `message.tool_calls` with arguments as objects, as Ollama does for models it parses. `images`
@@ -7,18 +9,23 @@ calls to `message.tool_calls` with arguments as objects, as Ollama does for mode
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from ..weights import store
 from .app import APIError, ServerState
 from .common import add_structured, build_chat_prompt, sampling
+from .manage import local_entries
+from .models import Loaded, is_unload
 from .protocol import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
 from .runner import chat_events, prepare, until_disconnect
 
@@ -54,13 +61,17 @@ def _params(llm, options: OllamaOptions | None, fmt: Any, thinking: bool):
     return params
 
 
-def _details(state: ServerState) -> dict[str, Any]:
-    cfg = state.llm.config.text
-    params = sum(p.numel() for p in state.llm.model.parameters())
+def _details(llm) -> dict[str, Any]:
+    cfg = llm.config.text
+    try:  # from the config: quantized weights are not parameters
+        params = store.parameter_counts(Path(str(llm.path)) / "config.json")["total"]
+    except Exception:
+        params = sum(p.numel() for p in llm.model.parameters())
+    bits = {b for m in llm.model.modules() if isinstance(b := getattr(m, "bits", None), int)}  # QuantLinear
+    level = f"INT{min(bits)}" if bits else str(next(llm.model.parameters()).dtype).removeprefix("torch.").upper()
     return {"parent_model": "", "format": "safetensors", "family": "qwen35", "families": ["qwen35"],
             "parameter_size": f"{params / 1e9:.1f}B" if params >= 1e8 else f"{params / 1e6:.1f}M",
-            "quantization_level": str(next(state.llm.model.parameters()).dtype).removeprefix("torch.").upper(),
-            "context_length": cfg.max_position_embeddings}
+            "quantization_level": level, "context_length": cfg.max_position_embeddings}
 
 
 async def _respond(request: Request, body, llm, req, prompt, kind: str):
@@ -71,7 +82,9 @@ async def _respond(request: Request, body, llm, req, prompt, kind: str):
     def stats(first_ns: int | None, reason: str | None) -> dict[str, Any]:
         end = time.perf_counter_ns()
         first = first_ns or end
-        out = {"done": True, "done_reason": reason or "stop", "total_duration": end - start, "load_duration": 0,
+        load = request.scope.get("deltarun.load_ns", 0)
+        out = {"done": True, "done_reason": reason or "stop", "total_duration": end - start + load,
+               "load_duration": load,
                "prompt_eval_count": len(req.prompt_ids), "prompt_eval_duration": first - start,
                "eval_count": len(req.tracks[0].token_ids), "eval_duration": end - first}
         if kind == "generate":
@@ -128,8 +141,11 @@ async def _respond(request: Request, body, llm, req, prompt, kind: str):
 @router.post("/api/chat")
 async def chat(body: OllamaChatRequest, request: Request):
     state: ServerState = request.app.state.server
-    state.check_model(body.model)
-    llm = state.llm
+    if not body.messages and is_unload(body.keep_alive):  # Ollama's way to unload a model
+        await state.models.unload_name(body.model)
+        return {"model": body.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
+                "done": True, "done_reason": "unload"}
+    llm = await state.use(request, body.model, body.keep_alive)
     messages = []
     for m in body.messages:
         d: dict[str, Any] = {"role": m.role, "content": _content(m.content, m.images)}
@@ -151,8 +167,11 @@ async def chat(body: OllamaChatRequest, request: Request):
 @router.post("/api/generate")
 async def generate(body: OllamaGenerateRequest, request: Request):
     state: ServerState = request.app.state.server
-    state.check_model(body.model)
-    llm = state.llm
+    empty = not body.prompt and not body.context and not body.images
+    if empty and is_unload(body.keep_alive):  # Ollama's way to unload a model
+        await state.models.unload_name(body.model)
+        return {"model": body.model, "created_at": _now(), "response": "", "done": True, "done_reason": "unload"}
+    llm = await state.use(request, body.model, body.keep_alive)  # loads it (a request with no prompt only loads)
     if body.images and body.raw:
         raise APIError(400, "images need the chat template: they cannot be sent with raw: true", param="images")
     pads = {llm.vision_tokens.image_token_id, llm.vision_tokens.video_token_id}
@@ -160,8 +179,9 @@ async def generate(body: OllamaGenerateRequest, request: Request):
         raise APIError(400, "a context holding images cannot be continued; use /api/chat", param="context")
     if body.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported")
-    if not body.prompt and not body.context and not body.images:
-        return {"model": body.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
+    if empty:
+        return {"model": body.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load",
+                "load_duration": request.scope["deltarun.load_ns"]}
     if body.raw:
         from .common import ChatPrompt
 
@@ -179,49 +199,60 @@ async def generate(body: OllamaGenerateRequest, request: Request):
     return await _respond(request, body, llm, req, prompt, "generate")
 
 
-def _model_entry(state: ServerState) -> dict[str, Any]:
-    size = sum(p.numel() * p.element_size() for p in state.llm.model.parameters())
-    return {"name": state.model_name, "model": state.model_name, "size": size, "digest": "",
-            "modified_at": datetime.fromtimestamp(state.created, timezone.utc).isoformat().replace("+00:00", "Z"),
-            "details": _details(state)}
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _loaded_entry(state: ServerState, entry: Loaded) -> dict[str, Any]:
+    return {"name": entry.name, "model": entry.name, "size": entry.size, "digest": "",
+            "modified_at": _iso(state.created), "details": _details(entry.llm)}
 
 
 @router.get("/api/tags")
 async def tags(request: Request):
-    return {"models": [_model_entry(request.app.state.server)]}
+    """Every model this server can run: the loaded ones, then the rest of what is local."""
+    state: ServerState = request.app.state.server
+    loaded = [e for e in state.models.entries() if e.llm is not None]
+    out = [_loaded_entry(state, e) for e in loaded]
+    names = {n for e in loaded for n in e.names}
+    out += [m for m in await asyncio.to_thread(local_entries, state.models.served()) if m["name"] not in names]
+    return {"models": out}
 
 
 @router.get("/api/ps")
 async def ps(request: Request):
     state: ServerState = request.app.state.server
-    entry = _model_entry(state)
-    on_gpu = state.llm.model.device.type != "cpu" if hasattr(state.llm.model, "device") else False
-    return {"models": [{**entry, "expires_at": "2999-01-01T00:00:00Z", "size_vram": entry["size"] if on_gpu else 0,
-                        "context_length": state.llm.engine.max_model_len}]}
+    out = []
+    for e in state.models.entries():
+        if e.llm is None:
+            continue
+        on_gpu = getattr(getattr(e.llm.model, "device", None), "type", "cpu") != "cpu"
+        out.append({**_loaded_entry(state, e), "expires_at": e.expires_at(), "size_vram": e.size if on_gpu else 0,
+                    "context_length": e.llm.engine.max_model_len})
+    return {"models": out}
 
 
 @router.post("/api/show")
 async def show(body: OllamaShowRequest, request: Request):
-    """The served model (its runtime template and dtype) or any other local model, from the store."""
-    from pathlib import Path
-
+    """A loaded model (its runtime template and dtype) or any other local model, from the store."""
     from .manage import folder_show, show_local
 
     state: ServerState = request.app.state.server
     name = body.model or body.name
     if not name:
         raise APIError(400, "model is required")
-    try:
-        state.check_model(name)
-    except APIError:
-        return show_local(name)  # 404 when it is not local either
-    caps = ["completion", "tools", "thinking"] + (["vision"] if state.llm.config.vision else [])
-    out = folder_show(Path(str(state.llm.path)), _details(state)["quantization_level"].lower())
-    out["details"] = {**out["details"], **_details(state)}
+    entry = state.models.find(name)
+    if entry is None:
+        served = state.models.served().get(name)  # the command-line model, unloaded for now
+        return await asyncio.to_thread(show_local, str(served) if served else name)  # 404: not local either
+    llm = entry.llm
+    caps = ["completion", "tools", "thinking"] + (["vision"] if llm.config.vision else [])
+    details = _details(llm)
+    out = folder_show(Path(str(llm.path)), details["quantization_level"].lower())
+    out["details"] = {**out["details"], **details}
     out["model_info"]["general.parameter_count"] = out["model_info"]["general.parameter_count"] or \
-        sum(p.numel() for p in state.llm.model.parameters())
-    return {**out, "template": state.llm.template.source, "capabilities": caps,
-            "modified_at": _model_entry(state)["modified_at"]}
+        sum(p.numel() for p in llm.model.parameters())
+    return {**out, "template": llm.template.source, "capabilities": caps, "modified_at": _iso(state.created)}
 
 
 @router.get("/api/version")

@@ -92,8 +92,7 @@ def _params(llm, body: ChatCompletionRequest, prompt: ChatPrompt):
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state: ServerState = request.app.state.server
-    state.check_model(body.model)
-    llm = state.llm
+    llm = await state.use(request, body.model)
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     prompt = await build_chat_prompt(llm, [m.model_dump() for m in body.messages],
                                      thinking=_thinking(body, state.default_thinking), tools=tools,

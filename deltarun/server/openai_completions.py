@@ -1,4 +1,4 @@
-"""OpenAI legacy completions (`POST /v1/completions`) and `GET /v1/models`.
+"""OpenAI legacy completions (`POST /v1/completions`) and `GET /v1/models` (every local model).
 
 Prompts are text or token ids (one or a batch). `echo` + `logprobs` + `max_tokens: 0` returns the
 prompt's own log-probs, which is what log-likelihood evaluation harnesses (lm-eval) ask for.
@@ -71,8 +71,7 @@ def _echo_prefix(llm, req: RequestState, k: int | None) -> tuple[str, _LogprobsB
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     state: ServerState = request.app.state.server
-    state.check_model(body.model)
-    llm = state.llm
+    llm = await state.use(request, body.model)
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
     if body.best_of not in (None, body.n):
@@ -143,15 +142,30 @@ async def completions(body: CompletionRequest, request: Request):
     return {**head, "choices": choices, "usage": usage()}
 
 
+def _model_card(state: ServerState, name: str, max_model_len: int | None = None) -> dict:
+    card = {"id": name, "object": "model", "created": state.created, "owned_by": "deltarun"}
+    return {**card, "max_model_len": max_model_len} if max_model_len else card
+
+
 @router.get("/v1/models")
 async def models(request: Request):
+    """Every model this server can run (as Ollama lists them): the loaded ones, then the other local ones."""
+    from .manage import local_entries
+
     state: ServerState = request.app.state.server
-    return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                        "owned_by": "deltarun", "max_model_len": state.llm.engine.max_model_len}]}
+    loaded = [e for e in state.models.entries() if e.llm is not None]
+    data = [_model_card(state, e.name, e.llm.engine.max_model_len) for e in loaded]
+    names = {n for e in loaded for n in e.names}
+    local = await asyncio.to_thread(local_entries, state.models.served())
+    data += [_model_card(state, m["name"]) for m in local if m["name"] not in names]
+    return {"object": "list", "data": data}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def model(model_id: str, request: Request):
     state: ServerState = request.app.state.server
-    state.check_model(model_id)
-    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "deltarun"}
+    entry = state.models.find(model_id)
+    if entry is not None and entry.llm is not None:
+        return _model_card(state, model_id, entry.llm.engine.max_model_len)
+    await state.models.resolve(model_id)  # 404 with a hint when it is not a local model
+    return _model_card(state, model_id)

@@ -35,6 +35,12 @@ def split_quant(name: str) -> tuple[str, str | None]:
     return name[:m.start()], m.group(1).lower()
 
 
+def quant_tag(name: str) -> str | None:
+    """The weight-only quantization a name asks for (`qwen3.5:9b-int4` → "int4"), else None."""
+    tag = split_quant(name)[1]
+    return tag if tag in ("int4", "int8") else None
+
+
 def repo_for(name: str) -> str | None:
     """The Hugging Face repo id a model name stands for (alias or `org/repo`), else None."""
     base, _ = split_quant(name)
@@ -105,22 +111,31 @@ def resolve_model(name: str | os.PathLike, *, download: bool = True) -> Path:
     if path.exists():
         if path.is_dir():
             return path
-        raise ModelNotFound(f"{path} is a file; give the model folder (GGUF files are not supported yet)")
+        from .gguf_meta import sidecar_for
+        from .store import is_gguf
+
+        if is_gguf(path):
+            return sidecar_for(path)  # a small folder (config, tokenizer) beside the GGUF's own weights
+        raise ModelNotFound(f"{path} is a file, not a model folder or a GGUF file")
     if text == DEMO:
         return demo_path()
     base, quant = split_quant(text)
     repo = repo_for(text)
+    if (repo is None or (quant and quant not in ("int4", "int8"))) and (found := _ollama(text)):
+        return found  # qwen3.5:latest, qwen3.5:9b-q4_K_M…: GGUF files in Ollama's store
     if repo is None:
         raise ModelNotFound(unknown_name_message(text))
-    if quant:
-        raise ModelNotFound(f"quantization tag {quant!r} in {text!r} is not supported yet: "
-                            f"run the full-precision model {base!r} (GGUF and int4/int8 loading are coming)")
+    if quant and quant not in ("int4", "int8"):  # int4/int8: quantized while loading (LLM reads the tag)
+        raise ModelNotFound(f"quantization tag {quant!r} in {text!r} names a GGUF file, and none is in "
+                            f"Ollama's store: run {base!r} or {base + '-int4'!r} (quantized while loading)")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo, local_files_only=True, allow_patterns=WEIGHT_PATTERNS))
     except Exception:  # not in the cache (huggingface_hub raises several types)
         pass
+    if found := _ollama(text):  # not in the HF cache, but Ollama has it: no download needed
+        return found
     if download and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
         try:
             return Path(snapshot_download(repo, allow_patterns=WEIGHT_PATTERNS))
@@ -136,3 +151,11 @@ def resolve_model(name: str | os.PathLike, *, download: bool = True) -> Path:
         f"(~/.cache/huggingface/hub/models--{repo.replace('/', '--')}) here, or pass a local model folder. "
         f"To try deltarun offline now: `deltarun chat demo` (random weights)."
     )
+
+
+def _ollama(name: str) -> Path | None:
+    """The GGUF sidecar of Ollama store model `name` (read-only in the store), else None."""
+    from .gguf_meta import ollama_gguf, sidecar_for
+
+    blob = ollama_gguf(name)
+    return sidecar_for(blob) if blob is not None else None

@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..config import ConfigError, ModelConfig, apply_rope_override
 from ..model.qwen3_5 import Qwen3_5ForCausalLM
+from . import quantize as quant
 
 UNUSED_PREFIXES = ("model.visual.", "mtp.")
 FP32_PARAMS = ("A_log",)  # tiny, and exp() of it sets every decay: keep full precision
@@ -77,11 +78,16 @@ def _checkpoint_name(name: str, flat: bool) -> str:
 
 def load_model(folder: str | Path, dtype: str | torch.dtype | None = "auto",
                device: str | torch.device | None = "auto", rope_scaling: dict | str | None = None,
-               context_length: int | None = None) -> Qwen3_5ForCausalLM:
-    """Load a model folder; `rope_scaling` overrides the config's rope (e.g. "yarn:4")."""
+               context_length: int | None = None, quantization: str | None = None) -> Qwen3_5ForCausalLM:
+    """Load a model folder; `rope_scaling` overrides the config's rope (e.g. "yarn:4"); `quantization`
+    ("int8", "int4", "int4:32") quantizes the linear layers while loading (weights/quantize.py)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise LoadError(f"model folder {folder} does not exist")
+    if (folder / "gguf.json").is_file():  # a GGUF sidecar (weights/gguf_meta.py): weights read from the file
+        from .gguf import load_gguf
+
+        return load_gguf(folder, dtype, device, rope_scaling, context_length, quantization)
     try:
         config = ModelConfig.from_file(folder / "config.json")
         apply_rope_override(config, rope_scaling, context_length)
@@ -89,14 +95,42 @@ def load_model(folder: str | Path, dtype: str | torch.dtype | None = "auto",
         raise LoadError(str(e)) from None
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    try:
+        saved = quant.QuantSpec.from_config(config.raw)
+        asked = quant.QuantSpec.parse(quantization)
+    except (ValueError, KeyError) as e:
+        raise LoadError(f"{folder}: {e}") from None
+    if saved and asked and asked != saved:
+        raise LoadError(f"{folder} is already quantized as {saved.name} (group {saved.group_size}); "
+                        f"it cannot be loaded as {quantization}")
+    spec = saved or asked
 
     # Built on the meta device: each parameter is then replaced by its checkpoint tensor, so
     # weights are allocated once, directly in the target dtype and device.
     with torch.device("meta"):
         model = Qwen3_5ForCausalLM(config)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    if config.text.tie_word_embeddings:
-        params.pop("lm_head.weight")
+    tied = config.text.tie_word_embeddings
+    shells = quant.install_shells(model, spec, dt) if spec else {}
+    params: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    params.update(model.named_buffers(remove_duplicate=False))
+    if tied:
+        params.pop("lm_head.weight", None)
+        for part in ("qweight", "scales", "zeros"):
+            params.pop(f"lm_head.{part}", None)  # filled from the embedding by quant.finish
+    on_load = spec is not None and not saved  # quantize-on-load: full-precision `X.weight` fills a shell
+    if on_load:
+        for name, shape in shells.items():
+            base = name.removesuffix("weight")
+            if any(p.startswith(base) for p in params):
+                for part in ("qweight", "scales", "zeros"):
+                    params.pop(base + part, None)
+                params[name] = torch.empty(shape, device="meta")
+
+    def quantize_tensor(name: str, tensor: torch.Tensor) -> bool:
+        if name not in shells:
+            return False
+        quant.quantize_into(model.get_submodule(name.removesuffix(".weight")), tensor, dev)
+        return True
 
     flat = config.model_type == "qwen3_5_text"
 
@@ -104,21 +138,30 @@ def load_model(folder: str | Path, dtype: str | torch.dtype | None = "auto",
         if key.startswith(UNUSED_PREFIXES):
             return None
         name = _checkpoint_name(key, flat)
-        return None if name == "lm_head.weight" and name not in params else name  # tied: embedding serves
+        return None if name.startswith("lm_head.") and name not in params else name  # tied: embedding serves
 
-    adopt_tensors(folder, model, params, name_of, lambda n: torch.float32 if n.endswith(FP32_PARAMS) else dt, dev)
-    if config.text.tie_word_embeddings:
+    def dtype_of(name: str) -> torch.dtype | None:
+        if name.endswith(".qweight"):
+            return None  # int8 / packed uint8 stay as stored
+        return torch.float32 if name.endswith(FP32_PARAMS) else dt
+
+    adopt_tensors(folder, model, params, name_of, dtype_of, dev, convert=quantize_tensor if on_load else None)
+    if spec:
+        quant.finish(model, tied)
+    elif tied:
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
     model.eval().requires_grad_(False)
     return model
 
 
-def adopt_tensors(folder: Path, model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
-                  name_of, dtype_of, device: torch.device, prefix: str = "") -> None:
-    """Replace each parameter of a meta-built `model` by its checkpoint tensor (cast to `dtype_of(name)`).
+def adopt_tensors(folder: Path, model: torch.nn.Module, params: dict[str, torch.Tensor],
+                  name_of, dtype_of, device: torch.device, prefix: str = "", convert=None) -> None:
+    """Replace each parameter/buffer of a meta-built `model` by its checkpoint tensor (cast to
+    `dtype_of(name)`, None = keep the stored dtype).
 
-    `name_of(key)` maps a checkpoint key to a parameter name, or None to skip the tensor. Unexpected,
-    wrongly-shaped or missing tensors raise LoadError naming the tensor (missing ones as `prefix + name`).
+    `name_of(key)` maps a checkpoint key to a parameter name, or None to skip the tensor;
+    `convert(name, tensor)` may consume a tensor itself (returns True). Unexpected, wrongly-shaped or
+    missing tensors raise LoadError naming the tensor (missing ones as `prefix + name`).
     """
     loaded: set[str] = set()
     for path in weight_files(folder):
@@ -134,10 +177,16 @@ def adopt_tensors(folder: Path, model: torch.nn.Module, params: dict[str, torch.
                     if tuple(tensor.shape) != tuple(params[name].shape):
                         raise LoadError(f"{path.name}: tensor {key} has shape {list(tensor.shape)}, "
                                         f"expected {list(params[name].shape)}")
-                    module_name, _, attr = name.rpartition(".")
-                    setattr(model.get_submodule(module_name), attr,
-                            torch.nn.Parameter(tensor.to(device=device, dtype=dtype_of(name)), requires_grad=False))
                     loaded.add(name)
+                    if convert is not None and convert(name, tensor):
+                        continue
+                    module_name, _, attr = name.rpartition(".")
+                    module = model.get_submodule(module_name)
+                    tensor = tensor.to(device=device, dtype=dtype_of(name) or tensor.dtype)
+                    if attr in module._buffers:
+                        module._buffers[attr] = tensor
+                    else:
+                        setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=False))
         except SafetensorError as e:
             raise LoadError(f"{path} is not a valid safetensors file (truncated or corrupt?): {e}") from None
         except OSError as e:

@@ -33,9 +33,10 @@ def resolve_repo(name: str) -> str:
         if name == hub.DEMO:
             raise hub.ModelNotFound("'demo' is made locally, not downloaded: run `deltarun chat demo`")
         raise hub.ModelNotFound(hub.unknown_name_message(name))
-    if quant:
-        raise hub.ModelNotFound(f"quantization tag {quant!r} is not supported yet: "
-                                f"pull the full-precision model with `deltarun pull {base}`")
+    if quant and quant not in ("int4", "int8"):  # int4/int8 are made while loading, from the full model
+        raise hub.ModelNotFound(f"{name!r} names a GGUF file ({quant}); deltarun pulls safetensors from the "
+                                f"Hugging Face hub: `deltarun pull {base}` (run it as {base}-int4 or -int8 "
+                                f"to quantize while loading), or `ollama pull {name}` into Ollama's store")
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
         from .store import hf_cache_dir
 

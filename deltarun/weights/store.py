@@ -234,11 +234,35 @@ def add_alias(source: str, destination: str) -> LocalModel:
     model = find_local(source)
     table = aliases()
     target = table.get(source, str(model.path) if model.source == "folder" else model.name)
+    if hub.split_quant(source)[1] and not model.is_gguf and source not in table:
+        target = source  # keep the quantization tag: the copy runs quantized too
     if target == destination:
         raise ValueError(f"{destination!r} is the model itself")
     table[destination] = target
     _write_aliases(table)
     return model
+
+
+def alias_models() -> list[LocalModel]:
+    """The names made with `/api/copy`, each as the model it stands for (names whose model is gone are
+    left out)."""
+    out = []
+    for name in sorted(aliases()):
+        try:
+            out.append(find_local(name))
+        except hub.ModelNotFound:
+            continue
+    return out
+
+
+def forget_aliases_of(model: LocalModel) -> list[str]:
+    """Remove the copied names that point at `model` (after deleting it); returns them."""
+    table = aliases()
+    targets = {t for t in (model.name, model.repo_id, str(model.path)) if t}
+    gone = [k for k, v in table.items() if v in targets or hub.split_quant(v)[0] in targets]
+    if gone:
+        _write_aliases({k: v for k, v in table.items() if k not in gone})
+    return gone
 
 
 def remove_alias(name: str) -> bool:
@@ -253,7 +277,8 @@ def remove_alias(name: str) -> bool:
 def find_local(name: str, _depth: int = 0) -> LocalModel:
     """The local model `name` stands for, never downloading; ModelNotFound with a hint otherwise."""
     text = str(name)
-    target = aliases().get(text) or aliases().get(text.removesuffix(":latest"))
+    table = aliases()  # Ollama's names: "mine" is "mine:latest"
+    target = table.get(text) or table.get(text.removesuffix(":latest")) or table.get(f"{text}:latest")
     if target is not None and _depth < 8:
         import dataclasses
 
@@ -284,8 +309,8 @@ def find_local(name: str, _depth: int = 0) -> LocalModel:
             if m.repo_id and m.repo_id.lower() == repo.lower():
                 return m
         base, quant = hub.split_quant(text)
-        note = (f" (the quantization tag {quant!r} selects a quantized variant, which is not supported yet)"
-                if quant else "")
+        note = ("" if quant in (None, "int4", "int8") else  # int4/int8: quantized from it while loading
+                f" and no GGUF {quant!r} file for it is in Ollama's store ({ollama_dir()})")
         raise hub.ModelNotFound(f"{text!r} ({repo}) is not downloaded{note}; run `deltarun pull {base}`")
     if text == hub.DEMO:
         raise hub.ModelNotFound("the demo checkpoint is not made yet; `deltarun chat demo` makes it")
@@ -348,7 +373,7 @@ def describe(model: LocalModel) -> dict:
     if model.is_gguf:
         info["format"] = "GGUF" if (model.extra.get("gguf", True) and is_gguf(model.path)) else "unknown (no GGUF magic)"
         info["quantization"] = model.quant
-        info["runnable"] = "no: GGUF loading is not supported yet"
+        info["runs"] = "in place, read-only (weights read from the GGUF file)"
         return info
     cfg = _read_json(model.path / "config.json") or {}
     text = cfg.get("text_config", cfg)

@@ -1,0 +1,130 @@
+"""`deltarun bench MODEL`: prefill and decode speed, peak memory and load time, per dtype/quantization.
+
+Workloads as in llama-bench: ppN = one prefill of N prompt tokens (in the engine's 512-token chunks),
+tgN = N greedy decode tokens after a 16-token prompt, straight through the model (no HTTP, no
+scheduler), so the numbers compare machines and precisions. Each variant runs in a fresh process
+(`python -m deltarun.bench --child …`) so its peak RSS is its own; repetitions are interleaved across
+variants so machine drift hits all alike, and the table shows medians.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CHUNK = 512
+TG_PROMPT = 16
+TOKEN_RANGE = 150_000  # prompt ids from the ordinary part of the vocabulary
+
+
+def _prompt(n: int, seed: int):
+    import torch
+    return torch.randint(0, TOKEN_RANGE, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def measure(folder: str, dtype: str, quantization: str | None, prompt_lens: list[int], gen_len: int,
+            threads: int | None = None) -> dict:
+    """Run the workloads in this process: {"load_s", "pp<N>" tok/s…, "tg<N>" tok/s, "rss_gb", "threads"}."""
+    import torch
+
+    from .threads import set_threads
+    from .weights.loader import load_model
+
+    set_threads(threads)
+    t0 = time.perf_counter()
+    model = load_model(folder, dtype=dtype, device="cpu", quantization=quantization)
+    res: dict = {"load_s": time.perf_counter() - t0}
+
+    def prefill(ids):
+        cache = model.new_cache(batch=1)
+        for s in range(0, ids.shape[1], CHUNK):
+            hidden = model(ids[:, s:s + CHUNK], cache)
+        return model.logits(hidden[:, -1]).argmax(-1, keepdim=True), cache
+
+    with torch.inference_mode():
+        tok, cache = prefill(_prompt(8, seed=99))  # warm-up: first-call allocations, kernel selection
+        for _ in range(2):
+            tok = model.logits(model(tok, cache)[:, -1]).argmax(-1, keepdim=True)
+        for n in prompt_lens:
+            t0 = time.perf_counter()
+            prefill(_prompt(n, seed=n))
+            res[f"pp{n}"] = n / (time.perf_counter() - t0)
+        tok, cache = prefill(_prompt(TG_PROMPT, seed=1))
+        t0 = time.perf_counter()
+        for _ in range(gen_len):
+            tok = model.logits(model(tok, cache)[:, -1]).argmax(-1, keepdim=True)
+        res[f"tg{gen_len}"] = gen_len / (time.perf_counter() - t0)
+    res["rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    res["threads"] = torch.get_num_threads()
+    return res
+
+
+def run_variant(folder: str, variant: str, prompt_lens: list[int], gen_len: int, threads: int | None) -> dict:
+    """One variant ("bf16", "fp32", "int8", "int4", "int4:32") in a fresh process."""
+    spec = json.dumps({"folder": folder, "variant": variant, "prompt_lens": prompt_lens, "gen_len": gen_len,
+                       "threads": threads})
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "deltarun.bench", "--child", spec],
+                          capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    return {"error": f"exit {proc.returncode}: {tail[0]}"}
+
+
+def split_variant(variant: str) -> tuple[str, str | None]:
+    """"int4" → (bf16, int4); "fp32" → (fp32, None); "fp32+int8" → (fp32, int8)."""
+    dtype, _, quant = variant.partition("+")
+    if dtype.startswith("int"):
+        return "bfloat16", dtype
+    return {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}.get(dtype, dtype), quant or None
+
+
+def bench(folder: str, variants: list[str], prompt_lens: list[int], gen_len: int, reps: int,
+          threads: int | None, log=print) -> dict[str, list[dict]]:
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    for rep in range(reps):
+        for v in variants:
+            r = run_variant(folder, v, prompt_lens, gen_len, threads)
+            results[v].append(r)
+            log(f"  rep {rep + 1}/{reps} {v}: " + (r["error"] if "error" in r else
+                ", ".join(f"{k} {val:.2f}" for k, val in r.items() if isinstance(val, float))))
+    return results
+
+
+def table(results: dict[str, list[dict]], prompt_lens: list[int], gen_len: int) -> str:
+    cols = [f"pp{n}" for n in prompt_lens] + [f"tg{gen_len}"]
+    head = ["variant"] + [f"{c} tok/s" for c in cols] + ["peak RSS GB", "load s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v, runs in results.items():
+        ok = [r for r in runs if "error" not in r]
+        if not ok:
+            lines.append(f"| {v} | " + (runs[0]["error"] if runs else "no run") + " |")
+            continue
+
+        def med(key: str, digits: int = 1) -> str:
+            return f"{statistics.median(r[key] for r in ok):.{digits}f}"
+        lines.append("| " + " | ".join([v] + [med(c) for c in cols] + [med("rss_gb", 2), med("load_s")]) + " |")
+    return "\n".join(lines)
+
+
+def _child(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    dtype, quant = split_variant(spec["variant"])
+    try:
+        res = measure(spec["folder"], dtype, quant, spec["prompt_lens"], spec["gen_len"], spec["threads"])
+    except Exception as e:  # one clean line for the parent
+        res = {"error": f"{type(e).__name__}: {e}"}
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        _child(sys.argv[2])
+    else:
+        sys.exit("usage: deltarun bench MODEL (this module's --child mode is internal)")

@@ -1,0 +1,80 @@
+"""When to speculate (`--mtp on|off|auto`), and the acceptance rule for sampled drafts.
+
+Auto keeps MTP only while it really speeds decoding up: it measures, at run time, wall seconds per
+emitted token of speculative and of plain steps (exponential moving averages), starting with a short
+probe of each (plain first; a speculative probe that clearly loses ends after one measured step). It
+then runs the cheaper mode and re-probes the other now and then, doubling the pause each time the
+decision stands, so a losing mode costs a vanishing share of steps (the issue's bar: auto never below
+0.97× plain). The first step after a switch is not measured: speculative rows resynchronise their MTP
+context in it.
+"""
+from __future__ import annotations
+
+import torch
+
+PROBE = 4  # measured steps per mode per probe
+FIRST_HOLD, MAX_HOLD = 64, 4096  # steps between probes of the losing mode
+MARGIN = 0.98  # speculate only when it is at least 2% cheaper per token (noise, and probe costs)
+EARLY = 1.5  # a speculative probe ends after one measured step when it costs this much more per token
+EMA = 0.3
+
+
+class SpecPolicy:
+    def __init__(self, mode: str):
+        if mode not in ("on", "off", "auto"):
+            raise ValueError(f"mtp must be 'on', 'off' or 'auto', not {mode!r}")
+        self.mode = mode
+        self.cost: dict[bool, float | None] = {True: None, False: None}  # seconds per emitted token
+        self.samples = {True: 0, False: 0}  # measured steps in the current probe of each mode
+        self.last: bool | None = None
+        self.hold, self.until_probe = FIRST_HOLD, 0
+        self.probing: bool | None = False  # the mode being probed now (None: the winner runs); plain first
+        self.last_winner: bool | None = None
+
+    def winner(self) -> bool:
+        spec, plain = self.cost[True], self.cost[False]
+        return spec is not None and plain is not None and spec < MARGIN * plain
+
+    def speculate(self) -> bool:
+        if self.mode != "auto":
+            return self.mode == "on"
+        if self.probing is not None:
+            hopeless = self.probing and self.samples[True] and self.cost[False] is not None \
+                and self.cost[True] > EARLY * self.cost[False]  # do not pay a whole probe for a clear loser
+            if self.samples[self.probing] < PROBE and not hopeless:
+                return self.probing
+            if self.cost[not self.probing] is None:  # first probes: measure the other mode too
+                self.probing = not self.probing
+                return self.probing
+            before = self.last_winner
+            self.last_winner = self.winner()
+            self.hold = min(MAX_HOLD, self.hold * 2) if before == self.last_winner else FIRST_HOLD
+            self.probing, self.until_probe = None, self.hold
+        if self.until_probe <= 0:
+            self.probing = not self.last_winner
+            self.samples[self.probing] = 0
+            return self.probing
+        self.until_probe -= 1
+        return self.last_winner
+
+    def record(self, spec: bool, seconds: float, tokens: int) -> None:
+        switched, self.last = self.last is not None and self.last != spec, spec
+        if self.mode != "auto" or switched or tokens <= 0:
+            return
+        per = seconds / tokens
+        old = self.cost[spec]
+        self.cost[spec] = per if old is None or self.samples[spec] == 0 else (1 - EMA) * old + EMA * per
+        self.samples[spec] += 1
+
+
+def rejection_step(p: torch.Tensor, q: torch.Tensor, draft: int, generator: torch.Generator | None
+                   ) -> tuple[int, bool]:
+    """Standard speculative sampling for one position: `draft` was drawn from q [V]; keep it with
+    probability min(1, p(d)/q(d)), else draw from max(0, p − q) renormalised. The token returned is
+    distributed exactly as p [V]. Returns (token, accepted)."""
+    pd, qd = float(p[draft]), float(q[draft])
+    if float(torch.rand((), generator=generator)) * qd < pd:
+        return draft, True
+    resid = (p - q).clamp_(min=0)
+    resid = resid if float(resid.sum()) > 0 else p  # p == q: a rejection cannot happen (kept safe)
+    return int(torch.multinomial(resid, 1, generator=generator)[0]), False

@@ -1,0 +1,264 @@
+"""Weight-only quantization: the int8 / int4 formats, their plain dequantization, and fast matmuls.
+
+Formats (what quantized folders store, per quantized Linear `X`, and what GGUF tensors map onto):
+- int8, per output channel, symmetric: `X.qweight` int8 [N, K], `X.scales` [N]; w = q · scale.
+- int4, group-wise along K, asymmetric: `X.qweight` uint8 [N, K/2] (two values per byte, the even
+  column in the low nibble), `X.scales` and `X.zeros` [N, K/group]; w = (q − 8) · scale + zero with
+  q ∈ 0…15. This is the affine form of torch's int4 kernels, and GGUF's Q4_0 (zero = 0) and Q4_K
+  (zero = 8·scale − min) map onto it exactly.
+The matmuls use torch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm[_for_cpu]`),
+which read the small weights once per call; every kernel path is checked against the dequantized
+reference when a layer is packed, and falls back to it (dequantize + F.linear) where a kernel is
+missing or disagrees. Activations and outputs stay in the model dtype. Nothing here knows layer names.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BITS = {"int8": 8, "int4": 4}
+DEFAULT_GROUP = 64  # int4: 4.5 bits/weight with bf16 scale+zero; 32 is closer to bf16, 128 smaller
+
+
+# ------------------------------------------------------------------ quantize / dequantize (reference)
+ROW_BLOCK = 8192  # rows quantized at a time: bounds the fp32 temporaries for a 248K-row lm_head
+
+
+def _by_rows(fn):
+    """Apply a row-wise quantizer in blocks of rows and concatenate its outputs."""
+    def wrapped(w: torch.Tensor, *args):
+        if w.shape[0] <= ROW_BLOCK:
+            return fn(w, *args)
+        parts = [fn(w[i:i + ROW_BLOCK], *args) for i in range(0, w.shape[0], ROW_BLOCK)]
+        return tuple(torch.cat(p) for p in zip(*parts))
+    wrapped.__doc__ = fn.__doc__
+    return wrapped
+
+
+@_by_rows
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] → (q int8 [N, K], scales fp32 [N] with bf16-exact values), symmetric per row."""
+    w = w.float()
+    scales = _bf16((w.abs().amax(dim=1) / 127).clamp(min=1e-12))
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+    """Round to bf16-representable values: scales are stored in bf16, so q is chosen against those."""
+    return x.to(torch.bfloat16).float()
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return q.float() * scales.float()[:, None]
+
+
+@_by_rows
+def quantize_int4(w: torch.Tensor, group: int = DEFAULT_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] → (q uint8 [N, K] in 0…15, scales, zeros fp32 [N, K/g] with bf16-exact values), min-max
+    per group."""
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"int4: in_features {k} is not a multiple of the group size {group}")
+    wg = w.float().reshape(n, k // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scales = _bf16(((hi - lo) / 15).clamp(min=1e-12))
+    zeros = _bf16(lo + 8 * scales)
+    q = torch.round((wg - zeros[..., None]) / scales[..., None] + 8).clamp(0, 15).to(torch.uint8)
+    return q.reshape(n, k), scales, zeros
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q uint8 [N, K] (0…15) → [N, K/2], even columns in the low nibble."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[N, K/2] → uint8 [N, K] (0…15)."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Portable int4 [N, K/2] with scales/zeros [N, K/g] → fp32 [N, K]."""
+    q = unpack_int4(packed).float()
+    n, k = q.shape
+    g = k // scales.shape[1]
+    w = (q.reshape(n, -1, g) - 8) * scales.float()[..., None] + zeros.float()[..., None]
+    return w.reshape(n, k)
+
+
+# ------------------------------------------------------------------ modules
+PREFILL_ROWS = 16  # from this many rows, dequantize + bf16 matmul beats the weight-only kernels on CPU
+CPU_BLOCK_N = 64  # torch's CPU int4 layout: [N/64, K, 32] bytes, rows n%64 < 32 in the low nibble
+
+
+class QuantLinear(nn.Module):
+    """A bias-free Linear with int8 or int4 weights. forward: x [..., K] → [..., N] in x's dtype.
+
+    Buffers keep the portable format (above) until `pack()` lays them out for the device's kernel;
+    `dtype` is the activation/scale dtype the kernels run in. Few rows (decode) go through the
+    weight-only kernel; many rows (prefill) dequantize once per call and use the dtype's matmul.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = DEFAULT_GROUP,
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, not {bits}")
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.group_size = group_size if bits == 4 else in_features
+        self.dtype = dtype
+        n, k = out_features, in_features
+        if bits == 8:
+            self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.empty(n, dtype=dtype, device=device))
+        else:
+            self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("scales", torch.empty(n, k // self.group_size, dtype=dtype, device=device))
+            self.register_buffer("zeros", torch.empty(n, k // self.group_size, dtype=dtype, device=device))
+        self._kernel = None  # set by pack(): a callable x2d → y2d, or None for the reference path
+        self._cpu4: tuple[torch.Tensor, torch.Tensor] | None = None  # (CPU-packed int4, [K/g, N, 2])
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP,
+                   dtype: torch.dtype = torch.bfloat16) -> "QuantLinear":
+        n, k = weight.shape
+        mod = cls(k, n, bits, group_size, dtype, device="meta")
+        if bits == 8:
+            q, s = quantize_int8(weight)
+            mod.set_int8(q, s)
+        else:
+            q, s, z = quantize_int4(weight, group_size)
+            mod.set_int4(pack_int4(q), s, z)
+        return mod
+
+    def set_int8(self, q: torch.Tensor, scales: torch.Tensor) -> None:
+        self.qweight, self.scales = q.to(torch.int8), scales.to(self.dtype)
+
+    def set_int4(self, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+        self.qweight, self.scales, self.zeros = packed.to(torch.uint8), scales.to(self.dtype), zeros.to(self.dtype)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Dequantized weight rows idx [R] → [R, K] in fp32 (an embedding lookup, or all rows)."""
+        if self.bits == 8:
+            return self.qweight[idx].float() * self.scales[idx].float()[:, None]
+        if self._cpu4 is None:
+            return dequantize_int4(self.qweight[idx], self.scales[idx], self.zeros[idx])
+        packed, sz = self._cpu4
+        k = self.in_features
+        blocks = packed.view(-1, k, CPU_BLOCK_N // 2)
+        within = idx % CPU_BLOCK_N
+        sel = blocks[idx // CPU_BLOCK_N, :, within % (CPU_BLOCK_N // 2)]  # [R, K]
+        q = torch.where((within < CPU_BLOCK_N // 2)[:, None], sel & 15, sel >> 4).float()
+        g = self.group_size
+        scale, zero = sz[:, idx, 0].t().float(), sz[:, idx, 1].t().float()  # [R, K/g]
+        return ((q.view(len(idx), -1, g) - 8) * scale[..., None] + zero[..., None]).view(len(idx), k)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight [N, K] in fp32."""
+        idx = torch.arange(self.out_features, device=self._device())
+        return self.rows(idx)
+
+    def _device(self) -> torch.device:
+        return (self.qweight if self.qweight is not None else self._cpu4[0]).device
+
+    def portable(self) -> dict[str, torch.Tensor]:
+        """The buffers in the saved (portable) format."""
+        names = ("qweight", "scales") if self.bits == 8 else ("qweight", "scales", "zeros")
+        return {n: getattr(self, n) for n in names}
+
+    def pack(self) -> None:
+        """Lay the weights out for this device's kernel; keep the reference path if the kernel is
+        unavailable or disagrees with it on a probe input (checked on a sample of output rows, so
+        that a 248K-row lm_head is never dequantized whole)."""
+        dev = self._device()
+        probe = torch.randn(3, self.in_features, generator=torch.Generator().manual_seed(0)).to(dev, self.dtype)
+        n = self.out_features
+        idx = torch.unique(torch.cat([torch.arange(min(n, 2 * CPU_BLOCK_N)), torch.arange(max(0, n - CPU_BLOCK_N), n),
+                                      torch.randint(0, n, (64,), generator=torch.Generator().manual_seed(1))])).to(dev)
+        portable = self.rows(idx)
+        want = F.linear(probe.float(), portable)
+        try:
+            kernel = _int8_kernel(self) if self.bits == 8 else _int4_kernel(self)
+            got = kernel(probe).float()[:, idx]
+        except (RuntimeError, NotImplementedError):
+            return
+        tol = 2e-2 if self.dtype != torch.float32 else 1e-3
+        if not torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item()):
+            return
+        self._kernel = kernel
+        if self.bits == 4 and dev.type == "cpu" and n % CPU_BLOCK_N == 0:
+            self._cpu4 = kernel.packed, kernel.sz
+            if torch.equal(self.rows(idx), portable):  # our reading of the CPU layout holds
+                self.qweight = self.scales = self.zeros = None  # the kernel's copy is the only one
+            else:
+                self._cpu4 = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(self.dtype).contiguous()
+        if self._kernel is not None and x2.shape[0] < PREFILL_ROWS:
+            y = self._kernel(x2)
+        else:  # dequantize in row blocks: never a whole fp32 copy of a large matrix
+            dev, n = x2.device, self.out_features
+            y = torch.cat([F.linear(x2, self.rows(torch.arange(i, min(i + ROW_BLOCK, n), device=dev)).to(self.dtype))
+                           for i in range(0, n, ROW_BLOCK)], dim=-1)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{g}"
+
+
+class _Kernel:
+    """A packed weight and the op that multiplies by it (keeps the packed tensors reachable)."""
+
+    def __init__(self, op, packed: torch.Tensor, *args):
+        self.op, self.packed, self.args = op, packed, args
+        self.sz = args[-1] if args else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x, self.packed, *self.args)
+
+
+def _int8_kernel(mod: QuantLinear) -> _Kernel:
+    return _Kernel(torch.ops.aten._weight_int8pack_mm, mod.qweight.contiguous(), mod.scales.contiguous())
+
+
+def _int4_kernel(mod: QuantLinear) -> _Kernel:
+    q = unpack_int4(mod.qweight)
+    sz = torch.stack((mod.scales, mod.zeros), dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
+    g = mod.group_size
+    if q.device.type == "cpu":
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        return _Kernel(torch.ops.aten._weight_int4pack_mm_for_cpu, packed, g, sz)
+    # CUDA (tinygemm): nibbles high-first, inner_k_tiles = 8
+    packed = torch.ops.aten._convert_weight_to_int4pack((q[:, 0::2] << 4 | q[:, 1::2]).contiguous(), 8)
+    return _Kernel(torch.ops.aten._weight_int4pack_mm, packed, g, sz)
+
+
+class QuantEmbedding(QuantLinear):
+    """Token embedding gathered from int8 / int4 rows: ids [...] → [..., H] in `dtype`.
+
+    Same buffers as a QuantLinear [V, H]; a tied embedding reads its rows from the lm_head's
+    (possibly kernel-packed) copy instead (`share`), so the table is held once.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int = DEFAULT_GROUP,
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None):
+        super().__init__(embedding_dim, num_embeddings, bits, group_size, dtype, device)
+        self.embedding_dim = embedding_dim
+        self._source: QuantLinear | None = None
+
+    def pack(self) -> None:
+        pass
+
+    def share(self, source: QuantLinear) -> None:
+        self._source = source
+        self.qweight = self.scales = self.zeros = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        table = self._source or self
+        rows = QuantLinear.rows(table, ids.reshape(-1))
+        return rows.to(self.dtype).reshape(*ids.shape, self.embedding_dim)

@@ -1,0 +1,279 @@
+"""GGUF loading: files written like llama.cpp's converter load with the right weights, formats, tokenizer,
+chat template and config; Ollama store names resolve; broken files give a clear LoadError."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf_writer import write_gguf
+from tiny import make_checkpoint, tiny_config
+
+from deltarun.config import ModelConfig
+from deltarun.ops.quant import QuantEmbedding, QuantLinear, dequantize_int8, quantize_int8
+from deltarun.weights.gguf_meta import sidecar_for
+from deltarun.weights.hub import resolve_model
+from deltarun.weights.loader import LoadError, load_model
+
+LLAMA_CPP = Path("/work/llama/llama_cpp_python-0.3.36/vendor/llama.cpp")
+# Row lengths that are whole Q4_K super-blocks (256) and value heads of 64 (whole int4 groups).
+BIG = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 8, "head_dim": 32,
+       "linear_key_head_dim": 32, "linear_value_head_dim": 64}
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DELTARUN_HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture(scope="module")
+def big_ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("gguf") / "big", tiny_config(**BIG), seed=3)
+
+
+def logits(model, n: int = 12) -> torch.Tensor:
+    ids = torch.randint(0, 1000, (1, n), generator=torch.Generator().manual_seed(0))
+    return model.logits(model(ids, model.new_cache(1)))
+
+
+def dlogp(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (torch.log_softmax(a, -1) - torch.log_softmax(b, -1)).abs().mean().item()
+
+
+def reference(ckpt: Path, effective: dict[str, torch.Tensor]):
+    """The checkpoint with each quantized tensor replaced by what its GGUF blocks decode to."""
+    model = load_model(ckpt, dtype="float32", device="cpu")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, value in effective.items():
+        if not name.startswith("mtp."):
+            params[name.replace("model.", "model.language_model.", 1) if name.startswith("model.") else name
+                   ].data.copy_(value)
+    return model
+
+
+def load_gguf_file(path: Path, **kw):
+    return load_model(sidecar_for(path), dtype="float32", device="cpu", **kw)
+
+
+def quant_bits(model) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            out[mod.bits] = out.get(mod.bits, 0) + 1
+    return out
+
+
+@pytest.mark.parametrize("variant", ["hybrid", "untied_gqa4"])
+def test_f32_matches_safetensors(tiny_ckpts, tmp_path, variant):
+    ckpt = tiny_ckpts[variant]
+    write_gguf(ckpt, tmp_path / "m.gguf", Q.F32)
+    side = sidecar_for(tmp_path / "m.gguf")
+    ours, theirs = ModelConfig.from_file(side / "config.json").text, ModelConfig.from_file(ckpt / "config.json").text
+    assert ours.mtp_num_hidden_layers == 0 and not ModelConfig.from_file(side / "config.json").vision
+    ours.mtp_num_hidden_layers = theirs.mtp_num_hidden_layers
+    assert ours == theirs
+    got = logits(load_model(side, dtype="float32", device="cpu"))
+    want = logits(load_model(ckpt, dtype="float32", device="cpu"))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_qkv_and_f16(tiny_ckpt, tmp_path):
+    want = logits(load_model(tiny_ckpt, dtype="float32", device="cpu"))
+    write_gguf(tiny_ckpt, tmp_path / "f.gguf", Q.F32, fuse_qkv=True)
+    torch.testing.assert_close(logits(load_gguf_file(tmp_path / "f.gguf")), want, atol=1e-5, rtol=1e-5)
+    write_gguf(tiny_ckpt, tmp_path / "h.gguf", Q.F16)
+    assert dlogp(logits(load_gguf_file(tmp_path / "h.gguf")), want) < 5e-3  # F16 storage rounding only
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])
+def test_4bit_types_load_as_int4_exactly(big_ckpt, tmp_path, qtype):
+    effective = write_gguf(big_ckpt, tmp_path / "m.gguf", qtype)
+    model, ref = load_gguf_file(tmp_path / "m.gguf"), reference(big_ckpt, effective)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in ref.modules())
+    assert quant_bits(model) == {4: n_linear + 1}  # every matmul, the tied lm_head and the embedding
+    embed = model.model.language_model.embed_tokens
+    assert isinstance(embed, QuantEmbedding) and embed.bits == 4 and embed.group_size == 32
+    got, want = logits(model), logits(ref)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q6_K, Q.Q5_K])
+def test_8bit_and_k_types_load_as_int8(big_ckpt, tmp_path, qtype):
+    effective = write_gguf(big_ckpt, tmp_path / "m.gguf", qtype)
+    model = load_gguf_file(tmp_path / "m.gguf")
+    assert set(quant_bits(model)) == {8}
+    for name, mod in model.named_modules():  # exactly the per-row int8 of what the blocks decode to
+        if isinstance(mod, QuantLinear) and not isinstance(mod, QuantEmbedding):  # tied: lm_head holds the table
+            tied = name == "lm_head" or name.endswith("._source")
+            key = "model.embed_tokens" if tied else name.replace("language_model.", "")
+            q, s = quantize_int8(effective[key + ".weight"])
+            torch.testing.assert_close(mod.dequantize(), dequantize_int8(q, s), atol=1e-6, rtol=1e-6)
+    got, want = logits(model), logits(reference(big_ckpt, effective))
+    assert dlogp(got, want) < 0.1  # the per-row requantization is the only difference
+
+
+def test_q4_0_with_unaligned_value_heads(tiny_ckpt, tmp_path):
+    """Value heads of 24 columns cut int4 groups of 32 when out_proj's columns are reordered: those
+    layers are requantized to int8, the rest stay int4."""
+    effective = write_gguf(tiny_ckpt, tmp_path / "m.gguf", Q.Q4_0)
+    model = load_gguf_file(tmp_path / "m.gguf")
+    outs = [layer.linear_attn.out_proj for layer in model.model.language_model.layers
+            if layer.layer_type == "linear_attention"]
+    assert all(o.bits == 8 for o in outs) and quant_bits(model)[4] > len(outs)
+    assert dlogp(logits(model), logits(reference(tiny_ckpt, effective))) < 0.05
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0])
+def test_ollama_converter_layout(tmp_path, qtype):
+    """Files from Ollama's own converter: grouped value heads, ssm_ba, ssm_dt, in_proj_qkv in thirds,
+    per-layer head_count_kv, mrope_sections, mtp.* left in the file."""
+    ckpt = make_checkpoint(tmp_path / "c", tiny_config(linear_value_head_dim=8), seed=7)  # q/k/v thirds
+    effective = write_gguf(ckpt, tmp_path / "o.gguf", qtype, ollama=True)
+    side = sidecar_for(tmp_path / "o.gguf")
+    assert ModelConfig.from_file(side / "config.json").text.layer_types == \
+        ModelConfig.from_file(ckpt / "config.json").text.layer_types
+    got, want = logits(load_model(side, dtype="float32", device="cpu")), logits(reference(ckpt, effective))
+    if qtype == Q.F32:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:
+        assert effective and dlogp(got, want) < 0.05
+
+
+def test_quantization_option_applies_to_float_tensors(big_ckpt, tmp_path):
+    write_gguf(big_ckpt, tmp_path / "m.gguf", Q.F32)
+    model = load_gguf_file(tmp_path / "m.gguf", quantization="int8")
+    assert 8 in quant_bits(model)
+
+
+def test_tokenizer_and_chat_template_from_gguf(chat_ckpt, tmp_path):
+    from deltarun.processor.chat_template import ChatTemplate
+    from deltarun.processor.tokenizer import Tokenizer
+
+    write_gguf(chat_ckpt, tmp_path / "c.gguf", Q.F16, tokenizer=True)
+    side = sidecar_for(tmp_path / "c.gguf")
+    ours, theirs = Tokenizer.from_folder(side), Tokenizer.from_folder(chat_ckpt)
+    for text in ["Hello, world!", "<|im_start|>user\nnaïve 日本語 🦙 12345<|im_end|>\n",
+                 "<think>\nx</think><tool_call>{}</tool_call><|fim_prefix|>a<|endoftext|>"]:
+        assert ours.encode(text) == theirs.encode(text)
+    assert ours.special_ids == theirs.special_ids and ours.eos_token_ids == theirs.eos_token_ids
+    assert ours.decode(ours.encode("<|im_start|>hi"), skip_special_tokens=True) == "hi"
+    messages = [{"role": "user", "content": "hi"}]
+    rendered = ChatTemplate.from_folder(side).render(messages, add_generation_prompt=True)
+    assert rendered == ChatTemplate.from_folder(chat_ckpt).render(messages, add_generation_prompt=True)
+    assert "<|im_start|>assistant" in str(rendered)
+
+
+def test_gguf_path_runs_text_only(tiny_ckpt, tmp_path):
+    from deltarun import LLM
+
+    write_gguf(tiny_ckpt, tmp_path / "m.gguf", Q.Q8_0)
+    llm = LLM(str(tmp_path / "m.gguf"), dtype="float32", device="cpu")
+    assert (llm.path / "gguf.json").is_file()
+    with pytest.raises(ValueError, match="no vision tower"):
+        llm.load_vision()
+
+
+def _ollama_store(root: Path, name: str, tag: str, gguf: Path) -> Path:
+    data = gguf.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    blob = root / "blobs" / f"sha256-{digest}"
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(data)
+    manifest = {"schemaVersion": 2, "layers": [{"mediaType": "application/vnd.ollama.image.model",
+                                               "digest": f"sha256:{digest}", "size": len(data)}]}
+    path = root / "manifests" / "registry.ollama.ai" / "library" / name / tag
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest))
+    return blob
+
+
+def test_ollama_store_names_resolve(tiny_ckpt, tmp_path, monkeypatch):
+    write_gguf(tiny_ckpt, tmp_path / "m.gguf", Q.Q8_0)
+    store = tmp_path / "ollama"
+    blob = _ollama_store(store, "qwen3.5", "0.8b", tmp_path / "m.gguf")
+    _ollama_store(store, "qwen3.5", "9b-q4_K_M", tmp_path / "m.gguf")
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty HF cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = (blob.stat().st_mtime_ns, hashlib.sha256(blob.read_bytes()).hexdigest())
+    side = resolve_model("qwen3.5:0.8b")
+    assert json.loads((side / "gguf.json").read_text())["gguf"] == str(blob.resolve())
+    assert resolve_model("qwen3.5:9b-q4_K_M") == side  # same blob, same sidecar
+    torch.testing.assert_close(logits(load_model(side, dtype="float32", device="cpu")),
+                               logits(load_gguf_file(tmp_path / "m.gguf")))
+    assert (blob.stat().st_mtime_ns, hashlib.sha256(blob.read_bytes()).hexdigest()) == before  # read-only
+
+
+def test_unsupported_type_is_a_clear_error(big_ckpt, tmp_path):
+    write_gguf(big_ckpt, tmp_path / "m.gguf", Q.F32, overrides={"blk.0.ffn_up.weight": Q.Q2_K})
+    with pytest.raises(LoadError, match=r"blk\.0\.ffn_up\.weight has type Q2_K"):
+        load_gguf_file(tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.97, 40])
+def test_truncated_file_is_a_clear_error(tiny_ckpt, tmp_path, keep):
+    write_gguf(tiny_ckpt, tmp_path / "m.gguf", Q.Q8_0)
+    data = (tmp_path / "m.gguf").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: int(len(data) * keep) if keep < 1 else keep])
+    with pytest.raises(LoadError, match="truncated"):
+        load_gguf_file(cut)
+
+
+def test_other_architecture_is_rejected(tmp_path):
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(tmp_path / "llama.gguf"), "llama")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(LoadError, match="architecture 'llama' is not Qwen3.5"):
+        sidecar_for(tmp_path / "llama.gguf")
+
+
+@pytest.mark.skipif(not (LLAMA_CPP / "convert_hf_to_gguf.py").is_file(), reason="llama.cpp sources not here")
+def test_real_llama_cpp_converter(chat_ckpt, tmp_path):
+    """llama.cpp's own converter (and llama-quantize, when built) produce files that load exactly."""
+    env = {**os.environ, "PYTHONPATH": str(LLAMA_CPP / "gguf-py")}
+    out = tmp_path / "real-f32.gguf"
+    r = subprocess.run([sys.executable, str(LLAMA_CPP / "convert_hf_to_gguf.py"), str(chat_ckpt), "--outtype", "f32",
+                        "--outfile", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and "ModuleNotFoundError" in r.stderr:
+        pytest.skip(f"converter dependencies missing: {r.stderr.strip().splitlines()[-1]}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = logits(load_model(chat_ckpt, dtype="float32", device="cpu"))
+    side = sidecar_for(out)
+    torch.testing.assert_close(logits(load_model(side, dtype="float32", device="cpu")), want, atol=1e-5, rtol=1e-5)
+    from deltarun.processor.tokenizer import Tokenizer
+
+    text = "<|im_start|>user\nnaïve 日本語 🦙<|im_end|>"
+    assert Tokenizer.from_folder(side).encode(text) == Tokenizer.from_folder(chat_ckpt).encode(text)
+    quantize = LLAMA_CPP / "build" / "bin" / "llama-quantize"
+    if not quantize.is_file():
+        return  # the F32 check above stands; a quantized file needs the built tool
+    for kind, pure in (("Q4_K_M", []), ("Q4_0", ["--pure"])):  # rows of 64: Q4_K_M falls back to Q5_0/Q8_0
+        q = tmp_path / f"real-{kind}.gguf"
+        r = subprocess.run([str(quantize), *pure, str(out), str(q), kind], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        model = load_model(sidecar_for(q), dtype="float32", device="cpu")
+        assert quant_bits(model) and dlogp(logits(model), want) < 0.5
+    assert 4 in quant_bits(model)  # llama.cpp's own Q4_0 blocks became int4
+
+
+def test_sidecar_is_reused_and_refuses_a_changed_file(tiny_ckpt, tmp_path):
+    write_gguf(tiny_ckpt, tmp_path / "m.gguf", Q.F32)
+    side = sidecar_for(tmp_path / "m.gguf")
+    assert sidecar_for(tmp_path / "m.gguf") == side and not (side / "model.safetensors").exists()
+    shutil.copy(tmp_path / "m.gguf", tmp_path / "keep.gguf")
+    with open(tmp_path / "m.gguf", "ab") as f:
+        f.write(b"\0" * 64)
+    with pytest.raises(LoadError, match="changed"):
+        load_model(side, device="cpu")
+    assert sidecar_for(tmp_path / "m.gguf") != side  # a new key: rebuilt for the new content

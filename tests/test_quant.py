@@ -1,0 +1,190 @@
+"""Weight-only int8/int4: the kernels against the plain dequantize-then-matmul reference, the quantizer's
+rounding bounds, loading (on the fly == saved folder; every layer, tied embeddings) and the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deltarun.cli import main
+from deltarun.ops.quant import (QuantEmbedding, QuantLinear, dequantize_int4, dequantize_int8, pack_int4,
+                                quantize_int4, quantize_int8, unpack_int4)
+from deltarun.weights import quantize as quant
+from deltarun.weights.hub import quant_tag, split_quant
+from deltarun.weights.loader import LoadError, load_model
+
+
+def _weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+def test_rounding_error_is_at_most_half_a_step():
+    w = _weight(96, 256)
+    q, s = quantize_int8(w)
+    assert ((dequantize_int8(q, s) - w).abs() <= s[:, None] * 0.51).all()
+    for g in (32, 64, 128):
+        q4, s4, z4 = quantize_int4(w, g)
+        assert int(q4.max()) <= 15 and torch.equal(unpack_int4(pack_int4(q4)), q4)
+        err = (dequantize_int4(pack_int4(q4), s4, z4) - w).abs().reshape(96, -1, g)
+        assert (err <= s4[..., None] * 0.51).all()  # half a step (+ the bf16 rounding of scale/zero)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 64), (4, 32), (4, 64), (4, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_kernel_matches_dequantized_reference(bits, group, dtype, rows):
+    w = _weight(128, 256, seed=bits + group)
+    mod = QuantLinear.from_float(w, bits, group, dtype)
+    ref_w = mod.dequantize()
+    mod.pack()
+    assert mod._kernel is not None, "the CPU weight-only kernel should be in use"
+    x = torch.randn(2, rows, 256, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    got = mod(x).float()
+    want = F.linear(x.float(), ref_w)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_packed_int4_rows_read_back_exactly():
+    w = _weight(192, 128, seed=3)
+    mod = QuantLinear.from_float(w, 4, 32, torch.float32)
+    portable = mod.dequantize()
+    mod.pack()
+    assert mod._cpu4 is not None and mod.qweight is None, "the kernel's copy should be the only copy"
+    idx = torch.tensor([0, 31, 32, 63, 64, 100, 191, 5])
+    torch.testing.assert_close(mod.rows(idx), portable[idx], rtol=0, atol=0)
+    emb = QuantEmbedding(192, 128, 4, 32, torch.float32, "meta")
+    emb.share(mod)
+    torch.testing.assert_close(emb(idx.view(2, 4)), portable[idx].view(2, 4, 128), rtol=0, atol=0)
+
+
+def _logits(model, ids):
+    cache = model.new_cache(1)
+    prefill = model.logits(model(ids[:, :-1], cache))  # many rows: the dequantized matmul
+    step = model.logits(model(ids[:, -1:], cache))  # one row: the weight-only kernels
+    return torch.cat([prefill, step], dim=1)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4:32"])
+@pytest.mark.parametrize("variant", ["hybrid", "untied_gqa4"])
+def test_quantized_model_equals_float_model_with_dequantized_weights(tiny_ckpts, scheme, variant):
+    """Independent of the loader's plumbing: put quantize→dequantize weights into the fp32 model by hand."""
+    ckpt = tiny_ckpts[variant]
+    spec = quant.QuantSpec.parse(scheme)
+    qmodel = load_model(ckpt, dtype="float32", device="cpu", quantization=scheme)
+    ref = load_model(ckpt, dtype="float32", device="cpu")
+    n_quant = 0
+    for name, p in ref.named_parameters():
+        if quant.is_quantizable(name, tuple(p.shape), spec):
+            n_quant += 1
+            if spec.bits == 8:
+                p.copy_(dequantize_int8(*quantize_int8(p)))
+            else:
+                q, s, z = quantize_int4(p, spec.group_size)
+                p.copy_(dequantize_int4(pack_int4(q), s, z))
+    assert n_quant >= 10
+    n_mods = sum(isinstance(m, QuantLinear) for m in qmodel.modules())
+    assert n_mods >= n_quant  # every quantizable weight became a quantized module (tied: embed + lm_head)
+    ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        torch.testing.assert_close(_logits(qmodel, ids), _logits(ref, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_saved_folder_loads_without_requantizing(tiny_ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "q4"
+    sizes = quant.save_quantized(tiny_ckpt, out, quant.QuantSpec(4, 32))
+    assert sizes["after"] < sizes["before"] / 2
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 4
+    on_load = load_model(tiny_ckpt, dtype="float32", device="cpu", quantization="int4:32")
+
+    def no_requantizing(*a, **k):
+        raise AssertionError("a saved quantized folder must not be quantized again")
+    monkeypatch.setattr(quant, "quantize_into", no_requantizing)
+    saved = load_model(out, dtype="float32", device="cpu")
+    ids = torch.randint(0, 1000, (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        torch.testing.assert_close(_logits(saved, ids), _logits(on_load, ids), rtol=0, atol=0)
+    with pytest.raises(LoadError, match="already quantized as int4"):
+        load_model(out, dtype="float32", device="cpu", quantization="int8")
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_tied_int4_embedding_is_held_once(tiny_ckpt):
+    model = load_model(tiny_ckpt, dtype="float32", device="cpu", quantization="int4:32")
+    embed = model.model.language_model.embed_tokens
+    assert isinstance(embed, QuantEmbedding) and embed.qweight is None and embed._source is model.lm_head
+    full = load_model(tiny_ckpt, dtype="float32", device="cpu")
+    q_bytes = sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, QuantLinear)
+                  for t in ([*m._cpu4] if m._cpu4 else [x for x in m.portable().values() if x is not None]))
+    f_bytes = sum(p.numel() * 4 for n, p in full.named_parameters()
+                  if quant.is_quantizable(n, tuple(p.shape), quant.QuantSpec(4, 32)))
+    assert q_bytes < f_bytes / 4
+
+
+def test_bad_quantization_names():
+    with pytest.raises(ValueError, match="unknown quantization"):
+        quant.QuantSpec.parse("int3")
+    with pytest.raises(ValueError, match="group size"):
+        quant.QuantSpec.parse("int4:48")
+    assert quant.QuantSpec.parse("none") is None and quant.QuantSpec.parse("int4:128").group_size == 128
+    assert quant_tag("qwen3.5:9b-int4") == "int4" and quant_tag("qwen3.5:9b-q4_k_m") is None
+    assert split_quant("qwen3.5:0.8b-int8") == ("qwen3.5:0.8b", "int8")
+
+
+def test_cli_quantize_then_generate(chat_ckpt, tmp_path, capsys):
+    from deltarun import LLM, SamplingParams
+
+    out = tmp_path / "chat-q8"
+    assert main(["quantize", str(chat_ckpt), str(out), "--bits", "8"]) == 0
+    assert main(["generate", str(out), "hello there", "--raw", "--max-tokens", "6", "--temperature", "0",
+                 "--dtype", "float32"]) == 0
+    text = capsys.readouterr().out.strip()
+    llm = LLM(str(chat_ckpt), dtype="float32", device="cpu", quantization="int8")
+    want = llm.generate("hello there", SamplingParams(temperature=0, max_tokens=6))[0].outputs[0].text
+    assert text == want.strip()
+    assert main(["generate", str(chat_ckpt), "hi", "--quantize", "int5"]) == 1
+    assert "unknown quantization" in capsys.readouterr().err
+
+
+def test_int8_kv_cache_holds_keys_within_half_a_step():
+    from deltarun.cache.state import KVCache
+
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 2, 70, 32, generator=g), torch.randn(1, 2, 70, 32, generator=g)
+    c = KVCache(quantized=True)
+    c.append(k[:, :, :5], v[:, :, :5])
+    k_all, v_all = c.append(k[:, :, 5:], v[:, :, 5:])  # grows past the first reservation
+    for x, got in ((k, k_all), (v, v_all)):
+        step = x.abs().amax(-1, keepdim=True) / 127
+        assert got.dtype == x.dtype and ((got - x).abs() <= step * 0.5 + 1e-6).all()
+    plain = KVCache()
+    plain.append(k, v)
+    assert c.token_bytes() == 2 * 2 * (32 + 4) and plain.token_bytes() == 2 * 2 * 32 * 4
+    hit = KVCache()
+    hit.copy_prefix(c, 40)
+    torch.testing.assert_close(hit.append(k[:, :, 40:41], v[:, :, 40:41])[0], k_all[:, :, :41], rtol=0, atol=0)
+
+
+def test_int8_kv_cache_accuracy_and_exact_prefix_reuse(chat_ckpt):
+    from deltarun import LLM, SamplingParams
+
+    ids = torch.randint(0, 5000, (150,), generator=torch.Generator().manual_seed(3)).tolist()
+    params = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=0, ignore_eos=True)
+
+    def run(llm):
+        out = llm.generate(ids, params)[0]
+        lp = torch.tensor([next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]])
+        return lp, out.outputs[0].token_ids
+
+    lp_ref, _ = run(LLM(str(chat_ckpt), dtype="float32", device="cpu", mtp="off"))
+    llm = LLM(str(chat_ckpt), dtype="float32", device="cpu", kv_cache_dtype="int8", mtp="off",
+              max_prefill_tokens=64)
+    lp, cold = run(llm)
+    assert (lp - lp_ref).abs().mean() < 5e-3  # the accuracy cost of 8-bit keys/values
+    plain = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)  # prompt logprobs skip the cache
+    first = llm.generate(ids, plain)[0].outputs[0].token_ids
+    warm = llm.generate(ids, plain)[0].outputs[0].token_ids  # resumed from the prefix cache
+    assert llm.engine.prefix.hit_tokens >= 128
+    assert warm == first == cold
