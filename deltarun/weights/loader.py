@@ -19,7 +19,7 @@ from ..model.qwen3_5 import Qwen3_5ForCausalLM
 from . import quantize as quant
 
 UNUSED_PREFIXES = ("model.visual.", "mtp.")
-FP32_PARAMS = ("A_log",)  # tiny, and exp() of it sets every decay: keep full precision
+FP32_PARAMS = ("A_log", "in_proj_a.weight", "in_proj_b.weight")  # tiny, and they set every decay
 
 
 class LoadError(RuntimeError):
