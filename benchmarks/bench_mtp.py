@@ -60,6 +60,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", type=Path, help="model folder (default: the random 0.8B bench checkpoint)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--quantization", help="int8 / int4 weights for the target model (the head stays bf16)")
     ap.add_argument("--batch", type=int, default=1, help="concurrent requests (default 1)")
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per request (default 64)")
@@ -74,12 +75,12 @@ def main(argv=None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     folder = ensure_checkpoint(a.model)
-    model = load_model(folder, dtype=a.dtype, device="cpu")
+    model = load_model(folder, dtype=a.dtype, device="cpu", quantization=a.quantization)
     head = load_mtp(folder, dtype=a.dtype, device="cpu")
     if head is None:
         sys.exit(f"{folder} has no mtp.* tensors")
     ks, ps = [int(x) for x in a.k.split(",")], [float(x) for x in a.p.split(",")]
-    print(f"# MTP decode, {folder.name}, {a.dtype}, batch {a.batch}, prompt {a.prompt}, {a.tokens} tokens, "
+    print(f"# MTP decode, {folder.name}, {a.dtype}{' ' + a.quantization if a.quantization else ''}, batch {a.batch}, prompt {a.prompt}, {a.tokens} tokens, "
           f"{torch.get_num_threads()} threads, draft vocab {a.draft_vocab or 'all'}")
     run(model, head, a, "on", 2, 0.5)  # warm-up (weights paged in, kernels initialised): not reported
     off = run(model, head, a, "off", 1, None)["tok_s"]

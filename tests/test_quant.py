@@ -55,9 +55,24 @@ def test_packed_int4_rows_read_back_exactly():
     assert mod._cpu4 is not None and mod.qweight is None, "the kernel's copy should be the only copy"
     idx = torch.tensor([0, 31, 32, 63, 64, 100, 191, 5])
     torch.testing.assert_close(mod.rows(idx), portable[idx], rtol=0, atol=0)
+    torch.testing.assert_close(mod.dequantize(), portable, rtol=0, atol=0)  # in-order block reads
     emb = QuantEmbedding(192, 128, 4, 32, torch.float32, "meta")
     emb.share(mod)
     torch.testing.assert_close(emb(idx.view(2, 4)), portable[idx].view(2, 4, 128), rtol=0, atol=0)
+
+
+def test_int4_packing_by_row_blocks_equals_whole(monkeypatch):
+    import deltarun.ops.quant as q
+
+    w = _weight(256, 64, seed=4)
+    whole = QuantLinear.from_float(w, 4, 32, torch.float32)
+    whole.pack()
+    monkeypatch.setattr(q, "ROW_BLOCK", 64)
+    blocked = QuantLinear.from_float(w, 4, 32, torch.float32)
+    blocked.pack()
+    assert torch.equal(blocked._cpu4[0], whole._cpu4[0])
+    x = torch.randn(40, 64)
+    torch.testing.assert_close(blocked(x), whole(x), rtol=0, atol=0)  # the dequantized path, block by block
 
 
 def _logits(model, ids):

@@ -155,10 +155,22 @@ class QuantLinear(nn.Module):
         scale, zero = sz[:, idx, 0].t().float(), sz[:, idx, 1].t().float()  # [R, K/g]
         return ((q.view(len(idx), -1, g) - 8) * scale[..., None] + zero[..., None]).view(len(idx), k)
 
+    def row_block(self, start: int, end: int) -> torch.Tensor:
+        """Rows start … end−1 dequantized [end−start, K] in fp32, read in order (no gather) — what a
+        prefill matmul needs; `start`/`end` multiples of CPU_BLOCK_N (or end = N)."""
+        if self._cpu4 is None or start % CPU_BLOCK_N or end % CPU_BLOCK_N:
+            return self.rows(torch.arange(start, end, device=self._device()))
+        packed, sz = self._cpu4
+        k, half = self.in_features, CPU_BLOCK_N // 2
+        p = packed.view(-1, k, half)[start // CPU_BLOCK_N: end // CPU_BLOCK_N]  # [nb, K, 32]
+        q = torch.cat((p & 15, p >> 4), dim=-1).transpose(1, 2).reshape(end - start, k)  # rows n%64 <32 low
+        g = self.group_size
+        scale, zero = sz[:, start:end, 0].t().float(), sz[:, start:end, 1].t().float()
+        return ((q.view(end - start, -1, g).float() - 8) * scale[..., None] + zero[..., None]).view(end - start, k)
+
     def dequantize(self) -> torch.Tensor:
         """The weight [N, K] in fp32."""
-        idx = torch.arange(self.out_features, device=self._device())
-        return self.rows(idx)
+        return self.row_block(0, self.out_features)
 
     def _device(self) -> torch.device:
         return (self.qweight if self.qweight is not None else self._cpu4[0]).device
@@ -201,8 +213,8 @@ class QuantLinear(nn.Module):
         if self._kernel is not None and x2.shape[0] < PREFILL_ROWS:
             y = self._kernel(x2)
         else:  # dequantize in row blocks: never a whole fp32 copy of a large matrix
-            dev, n = x2.device, self.out_features
-            y = torch.cat([F.linear(x2, self.rows(torch.arange(i, min(i + ROW_BLOCK, n), device=dev)).to(self.dtype))
+            n = self.out_features
+            y = torch.cat([F.linear(x2, self.row_block(i, min(i + ROW_BLOCK, n)).to(self.dtype))
                            for i in range(0, n, ROW_BLOCK)], dim=-1)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
@@ -227,13 +239,15 @@ def _int8_kernel(mod: QuantLinear) -> _Kernel:
 
 
 def _int4_kernel(mod: QuantLinear) -> _Kernel:
-    q = unpack_int4(mod.qweight)
     sz = torch.stack((mod.scales, mod.zeros), dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
-    g = mod.group_size
-    if q.device.type == "cpu":
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    g, n = mod.group_size, mod.out_features
+    if mod.qweight.device.type == "cpu":  # a row block at a time: an int32 copy of a 248K-row matrix is 1 GB
+        step = ROW_BLOCK if n % CPU_BLOCK_N == 0 else n
+        packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            unpack_int4(mod.qweight[i:i + step]).to(torch.int32), 1) for i in range(0, n, step)])
         return _Kernel(torch.ops.aten._weight_int4pack_mm_for_cpu, packed, g, sz)
     # CUDA (tinygemm): nibbles high-first, inner_k_tiles = 8
+    q = unpack_int4(mod.qweight)
     packed = torch.ops.aten._convert_weight_to_int4pack((q[:, 0::2] << 4 | q[:, 1::2]).contiguous(), 8)
     return _Kernel(torch.ops.aten._weight_int4pack_mm, packed, g, sz)
 
