@@ -148,7 +148,7 @@ def load_model(folder: str | Path, dtype: str | torch.dtype | None = "auto",
     adopt_tensors(folder, model, params, name_of, dtype_of, dev, convert=quantize_tensor if on_load else None)
     if spec:
         quant.finish(model, tied)
-    elif tied:
+    if tied and isinstance(model.lm_head, torch.nn.Linear):  # not quantized (e.g. K not a multiple of the group)
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
     model.eval().requires_grad_(False)
     return model
