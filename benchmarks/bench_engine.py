@@ -6,9 +6,16 @@ values), bf16 on CPU by default:
   2. time to first token of a 4,096-token prompt while 4 other sequences decode (and their decode rate);
   3. second-turn latency of an 8K-token chat with and without prefix reuse;
   4. peak RSS and time while prefilling long prompts (each length in a fresh process).
+     `--tail` measures what a whole prefill cannot finish on 2 cores (128K, 262K: hours of quadratic
+     attention): the engine prefills the first chunk for real, then the KV caches are filled with random
+     values up to the last two chunks (the KV of the whole prompt is reserved at admission as always),
+     and the last two chunks run through the real engine at full depth. Memory does not depend on the
+     values, so peak RSS is that of the end of the whole prefill; the prefill time is extrapolated from
+     the first and last chunk times (a chunk costs a + b·depth: attention is linear in the depth).
+     Validated against whole prefills at lengths both can run (see docs/benchmarks.md).
 
     .venv/bin/python benchmarks/bench_engine.py                  # all, prefill lengths 8K and 32K
-    .venv/bin/python benchmarks/bench_engine.py --parts 4 --lengths 32768,131072,262144
+    .venv/bin/python benchmarks/bench_engine.py --parts 4 --lengths 32768,131072,262144 --tail
 """
 from __future__ import annotations
 
@@ -112,26 +119,58 @@ def prefill_child(args) -> None:
     llm = _llm(args, prefix_cache_memory=0, max_model_len=max(n + 8, 4096), max_prefill_tokens=args.chunk)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t = time.perf_counter()
-    llm.generate(_ids(n, seed=5), _params(1))
-    dt = time.perf_counter() - t
+    if args.tail:
+        dt, first, last = _tail_prefill(llm.engine, n, args.chunk)
+    else:
+        llm.generate(_ids(n, seed=5), _params(1))
+        dt, first, last = time.perf_counter() - t, None, None
     kv = llm.engine.kv_token_bytes * n
     print(json.dumps({"n": n, "s": dt, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                      "rss_loaded": rss_loaded, "kv": kv}))
+                      "rss_loaded": rss_loaded, "kv": kv, "first_chunk_s": first, "last_chunk_s": last}))
+
+
+def _tail_prefill(eng, n: int, chunk: int) -> tuple[float, float, float]:
+    """The first chunk, then (random KV up to n − 2·chunk) the last two chunks, all in the engine.
+    Returns (extrapolated whole-prefill seconds, first chunk s, last chunk s)."""
+    eng.add_request("long", _ids(n, seed=5), _params(1))
+    seq = eng.queue[0]
+    t = time.perf_counter()
+    eng.step()  # admits (reserving the KV of all n tokens) and prefills the first chunk
+    first = time.perf_counter() - t
+    skip = n - 2 * chunk
+    assert seq.num_computed == chunk and skip >= chunk, "--tail needs a prompt of at least 3 chunks"
+    g = torch.Generator().manual_seed(0)
+    for kv in seq.state.kv:  # what the skipped chunks would have written (values do not matter)
+        for x in (kv.k, kv.v):
+            x[:, :, chunk:skip] = torch.randn(x[:, :, chunk:skip].shape, generator=g).to(x.dtype)
+        kv.length = skip
+    seq.num_computed = seq.state.length = skip
+    times = []
+    while eng.queue:
+        t = time.perf_counter()
+        eng.step()
+        times.append(time.perf_counter() - t)
+    last = times[-1]
+    b = (last - first) / (n - chunk)  # seconds per chunk per token of depth (the last chunk sits at n − chunk)
+    total = sum(first + b * d for d in range(0, n, chunk))
+    return total, first, last
 
 
 def part_long(args) -> list[str]:
-    rows = ["| prompt tokens | prefill s | prefill tok/s | peak RSS GB | after load GB | KV held GB |",
-            "|---|---|---|---|---|---|"]
+    est = " (extrapolated)" if args.tail else ""
+    rows = [f"| prompt tokens | prefill s{est} | prefill tok/s{est} | peak RSS GB | after load GB | KV held GB "
+            "| first / last chunk s |", "|---|---|---|---|---|---|---|"]
     for n in args.lengths:
         cmd = [sys.executable, __file__, "--child", str(n), "--model", str(args.model), "--dtype", args.dtype,
-               "--chunk", str(args.chunk)]
+               "--chunk", str(args.chunk), *(["--tail"] if args.tail else [])]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             rows.append(f"| {n} | failed: {res.stderr.strip().splitlines()[-1] if res.stderr else res.returncode} |")
             continue
         r = json.loads(res.stdout.strip().splitlines()[-1])
         rows.append(f"| {n:,} | {r['s']:.1f} | {n / r['s']:.0f} | {r['rss'] / 1e9:.2f} | "
-                    f"{r['rss_loaded'] / 1e9:.2f} | {r['kv'] / 1e9:.2f} |")
+                    f"{r['rss_loaded'] / 1e9:.2f} | {r['kv'] / 1e9:.2f} | "
+                    + (f"{r['first_chunk_s']:.1f} / {r['last_chunk_s']:.1f} |" if args.tail else "– |"))
         print(rows[-1], flush=True)
     return rows
 
@@ -146,6 +185,7 @@ def main() -> None:
     p.add_argument("--gen-len", type=int, default=32, help="timed decode steps per concurrency level")
     p.add_argument("--lengths", default="8192,32768", help="prompt lengths for the memory part")
     p.add_argument("--chunk", type=int, default=2048, help="prefill chunk for the memory part")
+    p.add_argument("--tail", action="store_true", help="memory part: run only the first and last chunks (see top)")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:

@@ -10,6 +10,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# one build of the CPU decode kernels for the session, whatever HOME a test gives its subprocesses
+os.environ.setdefault("DELTARUN_KERNELS_DIR", str(Path.home() / ".cache" / "deltarun" / "kernels"))
 
 from tiny import VARIANTS, make_checkpoint, tiny_config  # noqa: E402
 

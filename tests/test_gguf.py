@@ -22,7 +22,8 @@ from deltarun.weights.gguf_meta import sidecar_for
 from deltarun.weights.hub import resolve_model
 from deltarun.weights.loader import LoadError, load_model
 
-LLAMA_CPP = Path("/work/llama/llama_cpp_python-0.3.36/vendor/llama.cpp")
+# llama.cpp sources (its converter; llama-quantize when built): .ci/run unpacks them from llama-cpp-python's sdist
+LLAMA_CPP = Path(os.environ.get("LLAMA_CPP_DIR", "/work/llama/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 # Row lengths that are whole Q4_K super-blocks (256) and value heads of 64 (whole int4 groups).
 BIG = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 8, "head_dim": 32,
        "linear_key_head_dim": 32, "linear_value_head_dim": 64}

@@ -6,7 +6,8 @@ Formats (what quantized folders store, per quantized Linear `X`, and what GGUF t
   column in the low nibble), `X.scales` and `X.zeros` [N, K/group]; w = (q − 8) · scale + zero with
   q ∈ 0…15. This is the affine form of torch's int4 kernels, and GGUF's Q4_0 (zero = 0) and Q4_K
   (zero = 8·scale − min) map onto it exactly.
-The matmuls use torch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm[_for_cpu]`),
+The matmuls use torch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm[_for_cpu]`; int8
+on the CPU: ops/gemv.py's kernel for decode rows where it is built),
 which read the small weights once per call; every kernel path is checked against the dequantized
 reference when a layer is packed, and falls back to it (dequantize + F.linear) where a kernel is
 missing or disagrees. Activations and outputs stay in the model dtype. Nothing here knows layer names.
@@ -235,7 +236,10 @@ class _Kernel:
 
 
 def _int8_kernel(mod: QuantLinear) -> _Kernel:
-    return _Kernel(torch.ops.aten._weight_int8pack_mm, mod.qweight.contiguous(), mod.scales.contiguous())
+    from . import gemv
+
+    op = gemv.int8_mm if mod.qweight.device.type == "cpu" and gemv.available() else torch.ops.aten._weight_int8pack_mm
+    return _Kernel(op, mod.qweight.contiguous(), mod.scales.contiguous())
 
 
 def _int4_kernel(mod: QuantLinear) -> _Kernel:

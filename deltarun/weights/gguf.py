@@ -28,6 +28,7 @@ from torch import nn
 
 from ..config import ConfigError, ModelConfig, apply_rope_override
 from ..model.qwen3_5 import Qwen3_5ForCausalLM
+from ..ops import gemv
 from ..ops.quant import QuantEmbedding, QuantLinear, pack_int4, quantize_int8
 from . import quantize as quant
 from .gguf_file import GGUFTensor, dequantize_blocks, int4_blocks, q8_0_values
@@ -250,7 +251,9 @@ def load_gguf(folder: str | Path, dtype=None, device=None, rope_scaling=None, co
     elif tied:
         model.lm_head.weight = embed.weight
     quant.finish(model, tied)  # ties a quantized lm_head, packs every QuantLinear
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    gemv.accelerate(model)  # decode matmuls through the CPU kernel where it is built
+    return model
 
 
 def _adopt(model: nn.Module, name: str, w: Weight, transform: str, dt: torch.dtype, dev: torch.device,

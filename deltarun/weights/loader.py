@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..config import ConfigError, ModelConfig, apply_rope_override
 from ..model.qwen3_5 import Qwen3_5ForCausalLM
+from ..ops import gemv
 from . import quantize as quant
 
 UNUSED_PREFIXES = ("model.visual.", "mtp.")
@@ -151,6 +152,7 @@ def load_model(folder: str | Path, dtype: str | torch.dtype | None = "auto",
     if tied and isinstance(model.lm_head, torch.nn.Linear):  # not quantized (e.g. K not a multiple of the group)
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
     model.eval().requires_grad_(False)
+    gemv.accelerate(model)  # decode matmuls through the CPU kernel where it is built (ops/gemv.py)
     return model
 
 

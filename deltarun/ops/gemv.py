@@ -1,0 +1,129 @@
+"""Fast decode matmuls on the CPU (csrc/gemv.cpp), built on first use, with F.linear as the reference.
+
+Decode multiplies one token per sequence by every weight: memory-bound, and torch's bf16 `F.linear`
+streams weights at roughly half the machine's bandwidth for so few rows. The kernel here reads each
+weight row once for up to 16 activation rows (bf16 weights; int8 weights with a per-row scale, used by
+ops/quant.py). It is compiled for this machine (-march=native) by torch's extension builder into
+~/.cache/deltarun/kernels (or $DELTARUN_KERNELS_DIR) the first time a model loads on the CPU (~1 min, once), and is optional:
+without a compiler, with `DELTARUN_CPU_KERNELS=0`, or if its self-check against F.linear fails,
+everything runs on torch's own ops. Not here: the int4 path (torch's int4 kernel), prefill (≥ 16 rows:
+F.linear's GEMM is already compute-bound).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+MAX_ROWS = 4  # measured: up to 4 rows the kernel wins (1.8× at one row); from 8, F.linear's GEMM is as fast
+SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
+_state: dict[str, object] = {}
+
+
+def _cpu_tag() -> str:
+    """Short hash of the CPU's feature flags and torch's version: a build made for another CPU (a shared
+    home directory) or another torch is never loaded."""
+    flags = ""
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        pass
+    text = flags + torch.__version__ + SOURCE.read_text()
+    return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+
+def available() -> bool:
+    """Build (once) and load the kernels; False where they cannot be used (then torch's ops run)."""
+    if "ok" in _state:
+        return bool(_state["ok"])
+    _state["ok"] = False
+    if os.environ.get("DELTARUN_CPU_KERNELS", "1") == "0":
+        return False
+    if not (shutil.which("c++") or shutil.which("g++")) or sys.platform == "win32":
+        log.info("no C++ compiler: CPU decode uses torch's matmuls")
+        return False
+    try:
+        from torch.utils import cpp_extension
+
+        root = os.environ.get("DELTARUN_KERNELS_DIR") or Path.home() / ".cache" / "deltarun" / "kernels"
+        build = Path(root) / _cpu_tag()
+        build.mkdir(parents=True, exist_ok=True)
+        if not (build / "deltarun_gemv.so").exists():
+            print("deltarun: building the CPU decode kernels for this machine (once, about a minute) …",
+                  file=sys.stderr, flush=True)
+        cpp_extension.load(name="deltarun_gemv", sources=[str(SOURCE)], build_directory=str(build),
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           is_python_module=False, verbose=False)
+        _state["ok"] = _self_check()
+    except Exception as e:  # a missing ninja, a compiler error, …: the torch path still works
+        log.warning("CPU decode kernels unavailable (%s): using torch's matmuls", str(e).splitlines()[0][:200])
+    return bool(_state["ok"])
+
+
+def _self_check() -> bool:
+    g = torch.Generator().manual_seed(0)
+    for m, n, k in ((1, 70, 96), (5, 257, 64), (16, 33, 48)):
+        x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+        xb, wb = x.bfloat16(), w.bfloat16()
+        ref = F.linear(xb.float(), wb.float())
+        if not torch.allclose(torch.ops.deltarun.gemv_bf16(xb, wb), ref, rtol=1e-3, atol=1e-3):
+            log.warning("CPU decode kernel disagrees with F.linear: not used")
+            return False
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        s = torch.rand(n, generator=g)
+        ref8 = F.linear(x, q.float() * s[:, None])
+        if not torch.allclose(torch.ops.deltarun.gemv_int8(x, q, s), ref8, rtol=1e-4, atol=1e-3):
+            log.warning("CPU int8 decode kernel disagrees with F.linear: not used")
+            return False
+    return True
+
+
+def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M ≤ 16, K] bf16 · w [N, K] bf16 → [M, N] fp32 (fp32 accumulation)."""
+    return torch.ops.deltarun.gemv_bf16(x, w)
+
+
+def gemv_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M ≤ 16, K] · (q int8 [N, K] · scales [N]) → [M, N] fp32."""
+    return torch.ops.deltarun.gemv_int8(x, q, scales)
+
+
+def int8_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Weight-only int8 matmul for decode: the kernel up to MAX_ROWS rows, torch's beyond; x's dtype out."""
+    if x.shape[0] <= MAX_ROWS:
+        return gemv_int8(x, q, scales).to(x.dtype)
+    return torch.ops.aten._weight_int8pack_mm(x, q, scales)
+
+
+class DecodeLinear(nn.Linear):
+    """nn.Linear whose few-row calls (decode) use the bf16 kernel; same parameters, same names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if 0 < rows <= MAX_ROWS and x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+            y = gemv_bf16(x.reshape(rows, -1), self.weight).to(x.dtype)
+            if self.bias is not None:
+                y += self.bias
+            return y.reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
+def accelerate(model: nn.Module) -> int:
+    """Route the decode calls of every bf16 CPU nn.Linear of `model` through the kernel (the module's
+    class becomes DecodeLinear; weights untouched, so tying and state_dict stay as they were).
+    Returns how many layers were switched (0 when the kernels are unavailable)."""
+    mods = [m for m in model.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"
+            and m.weight.dtype == torch.bfloat16 and m.weight.is_contiguous()]
+    if not mods or not available():
+        return 0
+    for m in mods:
+        m.__class__ = DecodeLinear
+    return len(mods)

@@ -1,0 +1,90 @@
+"""The CPU decode kernels (ops/csrc/gemv.cpp) against their plain torch reference, F.linear."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltarun.ops import gemv
+from deltarun.ops.quant import QuantLinear, dequantize_int8
+from deltarun.weights.loader import load_model
+
+pytestmark = pytest.mark.skipif(not gemv.available(), reason="CPU decode kernels not built here (no compiler?)")
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16])
+@pytest.mark.parametrize("n,k", [(1, 64), (7, 64), (257, 128), (1000, 1024), (64, 96), (33, 40)])
+def test_bf16_kernel_matches_fp32_reference(m, n, k):
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x, w = torch.randn(m, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16()
+    want = F.linear(x.float(), w.float())  # the exact products of the bf16 values, summed in fp32
+    torch.testing.assert_close(gemv.gemv_bf16(x, w), want, rtol=1e-4, atol=1e-4 * k ** 0.5)
+
+
+@pytest.mark.parametrize("m", [1, 4, 9])
+@pytest.mark.parametrize("n,k", [(5, 32), (300, 1024), (17, 48)])
+def test_int8_kernel_matches_dequantized_reference(m, n, k):
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    s = (torch.rand(n, generator=g) / 100).bfloat16()
+    want = F.linear(x.float(), dequantize_int8(q, s))
+    torch.testing.assert_close(gemv.gemv_int8(x, q, s), want, rtol=1e-4, atol=1e-4)
+    mod = QuantLinear.from_float(dequantize_int8(q, s), 8, dtype=torch.bfloat16)
+    mod.pack()
+    own = F.linear(x.float(), mod.dequantize())  # the module's path (kernel or torch's beyond 4 rows), bf16 out
+    torch.testing.assert_close(mod(x).float(), own, rtol=1e-2, atol=1e-2 * own.abs().max().item())
+
+
+def test_bad_shapes_are_errors():
+    with pytest.raises(RuntimeError, match="x \\[M, K\\] and w \\[N, K\\]"):
+        gemv.gemv_bf16(torch.zeros(1, 8, dtype=torch.bfloat16), torch.zeros(4, 9, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="at most 16 rows"):
+        gemv.gemv_bf16(torch.zeros(17, 8, dtype=torch.bfloat16), torch.zeros(4, 8, dtype=torch.bfloat16))
+
+
+def test_decode_linear_routes_few_rows_and_keeps_parameters():
+    lin = nn.Linear(128, 96, bias=True).bfloat16()
+    ref = nn.Linear(128, 96, bias=True).bfloat16()
+    ref.load_state_dict(lin.state_dict())
+    assert gemv.accelerate(lin) == 1 and isinstance(lin, gemv.DecodeLinear)
+    assert list(lin.state_dict()) == ["weight", "bias"]
+    with torch.inference_mode():
+        for rows in (1, 4, 40):  # 40 rows: F.linear itself
+            x = torch.randn(2, rows, 128).bfloat16()
+            torch.testing.assert_close(lin(x).float(), ref(x).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_model_decodes_the_same_with_and_without_kernels(tiny_ckpt):
+    """Greedy decode of a bf16 model: the kernel path agrees with F.linear everywhere (logits close,
+    same tokens)."""
+    fast = load_model(tiny_ckpt, dtype="bfloat16", device="cpu")
+    plain = load_model(tiny_ckpt, dtype="bfloat16", device="cpu")
+    assert any(isinstance(m, gemv.DecodeLinear) for m in fast.modules())
+    for m in plain.modules():
+        if isinstance(m, gemv.DecodeLinear):
+            m.__class__ = nn.Linear
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        out = []
+        for model in (fast, plain):
+            cache = model.new_cache(2)
+            logits = [model.logits(model(ids, cache)[:, -1])]
+            tok = logits[-1].argmax(-1, keepdim=True)
+            for _ in range(8):  # decode steps: 2 rows through the kernel
+                logits.append(model.logits(model(tok, cache)[:, -1]))
+                tok = logits[-1].argmax(-1, keepdim=True)
+            out.append(torch.stack(logits))
+    torch.testing.assert_close(out[0], out[1], rtol=0.05, atol=0.05)
+    assert torch.equal(out[0].argmax(-1), out[1].argmax(-1))
+
+
+def test_switched_off_by_environment(tmp_path):
+    code = "from deltarun.ops import gemv; print(gemv.available())"
+    env = {"DELTARUN_CPU_KERNELS": "0", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
