@@ -83,6 +83,14 @@ def _self_check() -> bool:
         if not torch.allclose(torch.ops.deltarun.gemv_int8(x, q, s), ref8, rtol=1e-4, atol=1e-3):
             log.warning("CPU int8 decode kernel disagrees with F.linear: not used")
             return False
+    q4 = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=g)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4, 1)
+    sz = (torch.rand(2, 128, 2, generator=g) / 10).bfloat16()  # group 32
+    x = torch.randn(3, 64, generator=g).bfloat16()
+    ref4 = torch.ops.aten._weight_int4pack_mm_for_cpu(x.float(), packed, 32, sz.float())
+    if not torch.allclose(torch.ops.deltarun.gemv_int4(x, packed, 32, sz), ref4, rtol=1e-3, atol=1e-3):
+        log.warning("CPU int4 decode kernel disagrees with torch's int4 kernel: not used")
+        return False
     return True
 
 
@@ -94,6 +102,14 @@ def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def gemv_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M ≤ 16, K] · (q int8 [N, K] · scales [N]) → [M, N] fp32."""
     return torch.ops.deltarun.gemv_int8(x, q, scales)
+
+
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, sz: torch.Tensor) -> torch.Tensor:
+    """Weight-only int4 matmul on torch's CPU layout (packed [N/64, K, 32], sz [K/g, N, 2]): the kernel up
+    to MAX_ROWS rows with bf16 scales, torch's `_weight_int4pack_mm_for_cpu` otherwise; x's dtype out."""
+    if x.shape[0] <= MAX_ROWS and sz.dtype == torch.bfloat16:
+        return torch.ops.deltarun.gemv_int4(x, packed, group, sz).to(x.dtype)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
 
 
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

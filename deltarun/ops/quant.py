@@ -249,7 +249,10 @@ def _int4_kernel(mod: QuantLinear) -> _Kernel:
         step = ROW_BLOCK if n % CPU_BLOCK_N == 0 else n
         packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             unpack_int4(mod.qweight[i:i + step]).to(torch.int32), 1) for i in range(0, n, step)])
-        return _Kernel(torch.ops.aten._weight_int4pack_mm_for_cpu, packed, g, sz)
+        from . import gemv
+
+        op = gemv.int4_mm if gemv.available() else torch.ops.aten._weight_int4pack_mm_for_cpu
+        return _Kernel(op, packed, g, sz)
     # CUDA (tinygemm): nibbles high-first, inner_k_tiles = 8
     q = unpack_int4(mod.qweight)
     packed = torch.ops.aten._convert_weight_to_int4pack((q[:, 0::2] << 4 | q[:, 1::2]).contiguous(), 8)

@@ -1,5 +1,5 @@
 // Decode-time matmuls on the CPU: y[M, N] = x[M, K] · W[N, K]ᵀ for few rows M (one token per running
-// sequence), with W in bf16 or int8 (one scale per row). Memory-bound: every weight byte is read once
+// sequence), with W in bf16, int8 (one scale per row) or int4 (torch's CPU int4 layout, group-wise). Memory-bound: every weight byte is read once
 // per call, rows are split across torch's intra-op threads (at::parallel_for), and the M activation rows
 // stay in L1 while a weight row streams past. bf16 uses AVX512-BF16 dot products where the compiler
 // targets them; otherwise bf16/int8 values are widened to fp32 and multiplied in fp32 (vectorised by
@@ -144,6 +144,110 @@ inline void int8_block(const float* xf, int64_t M, int64_t K, const int8_t* w, i
   }
 }
 
+
+// ---------------------------------------------------------------- int4 weights in torch's CPU layout
+// packed [N/64, K, 32] uint8: byte (b, k, j) holds row 64b+j (low nibble) and row 64b+32+j (high);
+// sz [K/g, N, 2] bf16 (scale, zero) per group of g columns: w = (q − 8)·scale + zero.
+#if defined(__AVX512F__)
+template <int MC>
+inline void int4_block(const float* x, const float* xsum, int64_t K, int64_t g, const uint8_t* pb,
+                       const uint32_t* sz, int64_t N, int64_t b, float* out) {
+  __m512 tot[MC][4];
+  for (int m = 0; m < MC; ++m)
+    for (int v = 0; v < 4; ++v) tot[m][v] = _mm512_setzero_ps();
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const int64_t G = K / g;
+  for (int64_t gi = 0; gi < G; ++gi) {
+    __m512 acc[MC][4];
+    for (int m = 0; m < MC; ++m)
+      for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_setzero_ps();
+    for (int64_t k = gi * g; k < (gi + 1) * g; ++k) {
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + k * 32));
+      const __m256i lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+      __m512 q[4];
+      q[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(lo)));
+      q[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(lo, 1)));
+      q[2] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(hi)));
+      q[3] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(hi, 1)));
+      for (int m = 0; m < MC; ++m) {
+        const __m512 xk = _mm512_set1_ps(x[m * K + k]);
+        for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_fmadd_ps(q[v], xk, acc[m][v]);
+      }
+    }
+    const uint32_t* s = sz + gi * N + b * 64;  // 64 (scale, zero) bf16 pairs as uint32
+    for (int v = 0; v < 4; ++v) {
+      const __m512i pair = _mm512_loadu_si512(s + 16 * v);
+      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+      const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF0000u)));
+      for (int m = 0; m < MC; ++m) {
+        const float sx = xsum[m * G + gi];
+        // Σ((q−8)s + z)x = s·(Σqx − 8Σx) + z·Σx
+        const __m512 t = _mm512_sub_ps(acc[m][v], _mm512_set1_ps(8.f * sx));
+        tot[m][v] = _mm512_fmadd_ps(scale, t, _mm512_fmadd_ps(zero, _mm512_set1_ps(sx), tot[m][v]));
+      }
+    }
+  }
+  for (int m = 0; m < MC; ++m)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(out + m * N + b * 64 + 16 * v, tot[m][v]);
+}
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+// The same with bf16 dot products over column pairs (k, k+1): nibbles become bf16 integers by table
+// lookup (exact), x stays bf16 (exact), products are summed in fp32. About half the instructions.
+template <int MC>
+inline void int4_block_bf16(const uint16_t* x, const float* xsum, int64_t K, int64_t g, const uint8_t* pb,
+                            const uint32_t* sz, int64_t N, int64_t b, float* out) {
+  alignas(64) static const uint8_t pairs_idx[64] = {
+      0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45,
+      14, 46, 15, 47, 16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
+      27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  alignas(64) static const uint16_t bf16_int[32] = {
+      0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0x4100, 0x4110, 0x4120, 0x4130,
+      0x4140, 0x4150, 0x4160, 0x4170, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+  const __m512i idx = _mm512_load_si512(pairs_idx), table = _mm512_load_si512(bf16_int);
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 tot[MC][4];
+  for (int m = 0; m < MC; ++m)
+    for (int v = 0; v < 4; ++v) tot[m][v] = _mm512_setzero_ps();
+  const int64_t G = K / g;
+  for (int64_t gi = 0; gi < G; ++gi) {
+    __m512 acc[MC][4];
+    for (int m = 0; m < MC; ++m)
+      for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_setzero_ps();
+    for (int64_t k = gi * g; k < (gi + 1) * g; k += 2) {
+      const __m512i z = _mm512_loadu_si512(pb + k * 32);  // columns k and k+1, 32 bytes each
+      const __m512i lo = _mm512_permutexvar_epi8(idx, _mm512_and_si512(z, low4));  // rows 0..31, (k, k+1) pairs
+      const __m512i hi = _mm512_permutexvar_epi8(idx, _mm512_and_si512(_mm512_srli_epi16(z, 4), low4));
+      __m512bh w[4];
+      w[0] = (__m512bh)_mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(lo)), table);
+      w[1] = (__m512bh)_mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(lo, 1)), table);
+      w[2] = (__m512bh)_mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(hi)), table);
+      w[3] = (__m512bh)_mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(hi, 1)), table);
+      for (int m = 0; m < MC; ++m) {
+        uint32_t xp;
+        std::memcpy(&xp, x + m * K + k, 4);
+        const __m512bh xk = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp));
+        for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], xk, w[v]);
+      }
+    }
+    const uint32_t* s = sz + gi * N + b * 64;
+    for (int v = 0; v < 4; ++v) {
+      const __m512i pair = _mm512_loadu_si512(s + 16 * v);
+      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+      const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF0000u)));
+      for (int m = 0; m < MC; ++m) {
+        const float sx = xsum[m * G + gi];
+        const __m512 t = _mm512_sub_ps(acc[m][v], _mm512_set1_ps(8.f * sx));
+        tot[m][v] = _mm512_fmadd_ps(scale, t, _mm512_fmadd_ps(zero, _mm512_set1_ps(sx), tot[m][v]));
+      }
+    }
+  }
+  for (int m = 0; m < MC; ++m)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(out + m * N + b * 64 + 16 * v, tot[m][v]);
+}
+#endif
+
 void check(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "gemv: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv: x [M, K] and w [N, K]");
@@ -197,12 +301,73 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return out.mul_(scales.to(at::kFloat).view({1, N}));
 }
 
+
+// x [M, K] (any float dtype), packed [N/64, K, 32] uint8, sz [K/g, N, 2] bf16 → [M, N] fp32
+at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, const at::Tensor& sz) {
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "gemv_int4: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= MAX_M, "gemv_int4: x [M ≤ 16, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = sz.size(1);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() == N * K / 2 && N % 64 == 0,
+              "gemv_int4: packed [N/64, K, 32] uint8");
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 && sz.size(0) * g == K &&
+              sz.size(2) == 2, "gemv_int4: sz [K/g, N, 2] bf16");
+#if defined(__AVX512F__)
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const int64_t G = K / g;
+  const at::Tensor xsum = xf.view({M, G, g}).sum(-1).contiguous();  // [M, K/g]
+  at::Tensor out = at::empty({M, N}, xf.options());
+  const float* X = xf.data_ptr<float>();
+  const float* XS = xsum.data_ptr<float>();
+  const uint8_t* P = packed.data_ptr<uint8_t>();
+  const auto* SZ = reinterpret_cast<const uint32_t*>(sz.data_ptr());
+  float* O = out.data_ptr<float>();
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+  if (x.scalar_type() == at::kBFloat16 && g % 2 == 0) {
+    const at::Tensor xb = x.contiguous();
+    const auto* XB = reinterpret_cast<const uint16_t*>(xb.data_ptr());
+    at::parallel_for(0, N / 64, 4, [&](int64_t a, int64_t e) {
+      for (int64_t b = a; b < e; ++b) {
+        const uint8_t* pb = P + b * K * 32;
+        for (int64_t m = 0; m < M; m += 4) {
+          const int64_t mc = M - m < 4 ? M - m : 4;
+          float* o = O + m * N;
+          if (mc == 1) int4_block_bf16<1>(XB + m * K, XS + m * G, K, g, pb, SZ, N, b, o);
+          else if (mc == 2) int4_block_bf16<2>(XB + m * K, XS + m * G, K, g, pb, SZ, N, b, o);
+          else if (mc == 3) int4_block_bf16<3>(XB + m * K, XS + m * G, K, g, pb, SZ, N, b, o);
+          else int4_block_bf16<4>(XB + m * K, XS + m * G, K, g, pb, SZ, N, b, o);
+        }
+      }
+    });
+    return out;
+  }
+#endif
+  at::parallel_for(0, N / 64, 4, [&](int64_t a, int64_t e) {
+    for (int64_t b = a; b < e; ++b) {
+      const uint8_t* pb = P + b * K * 32;
+      for (int64_t m = 0; m < M; m += 4) {
+        const int64_t mc = M - m < 4 ? M - m : 4;
+        float* o = O + m * N;
+        if (mc == 1) int4_block<1>(X + m * K, XS + m * G, K, g, pb, SZ, N, b, o);
+        else if (mc == 2) int4_block<2>(X + m * K, XS + m * G, K, g, pb, SZ, N, b, o);
+        else if (mc == 3) int4_block<3>(X + m * K, XS + m * G, K, g, pb, SZ, N, b, o);
+        else int4_block<4>(X + m * K, XS + m * G, K, g, pb, SZ, N, b, o);
+      }
+    }
+  });
+  return out;
+#else
+  TORCH_CHECK(false, "gemv_int4: built without AVX-512");
+#endif
+}
+
 TORCH_LIBRARY(deltarun, m) {
   m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
+  m.def("gemv_int4(Tensor x, Tensor packed, int group, Tensor sz) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(deltarun, CPU, m) {
   m.impl("gemv_bf16", &gemv_bf16);
   m.impl("gemv_int8", &gemv_int8);
+  m.impl("gemv_int4", &gemv_int4);
 }
