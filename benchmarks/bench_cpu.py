@@ -25,11 +25,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = Path("~/.cache/deltarun/bench-0.8b-tok").expanduser()
 DELTARUN = {"deltarun-bf16": "bf16", "deltarun-int8": "int8", "deltarun-int4": "int4", "deltarun-int4g32": "int4:32"}
+# the same, loaded from folders written once by `deltarun quantize` (what llama.cpp's GGUF files are to it):
+# nothing is quantized while loading, so peak RSS is the quantized model's own
+SAVED = {"deltarun-int8-saved": "int8", "deltarun-int4-saved": "int4"}
 LLAMA = {"llama.cpp-BF16": "bf16", "llama.cpp-Q8_0": "Q8_0", "llama.cpp-Q4_K_M": "Q4_K_M", "llama.cpp-Q4_0": "Q4_0"}
 HF = {"transformers-bf16": "hf-bf16"}
 PAIRS = [("deltarun-bf16", "llama.cpp-BF16"), ("deltarun-int8", "llama.cpp-Q8_0"),
          ("deltarun-int4", "llama.cpp-Q4_0"), ("deltarun-int4", "llama.cpp-Q4_K_M"),
-         ("deltarun-int4g32", "llama.cpp-Q4_0"), ("deltarun-bf16", "transformers-bf16")]
+         ("deltarun-int4g32", "llama.cpp-Q4_0"), ("deltarun-int8-saved", "llama.cpp-Q8_0"),
+         ("deltarun-int4-saved", "llama.cpp-Q4_0"), ("deltarun-int4-saved", "llama.cpp-Q4_K_M"),
+         ("deltarun-bf16", "transformers-bf16")]
 
 
 def ensure_model(path: Path) -> Path:
@@ -58,6 +63,15 @@ def ensure_gguf(model: Path, llama: Path, quant: str) -> Path:
         subprocess.run([str(llama / "build/bin/llama-quantize"), str(bf16), str(path), quant], check=True,
                        capture_output=True)
     return path
+
+
+def ensure_saved(model: Path, quant: str) -> Path:
+    out = model / f"quantized-{quant}"
+    if not (out / "config.json").is_file():
+        from deltarun.weights.quantize import QuantSpec, save_quantized
+        print(f"writing {out} (once) ...", file=sys.stderr)
+        save_quantized(model, out, QuantSpec.parse(quant))
+    return out
 
 
 def run_llama(llama: Path, gguf: Path, a) -> dict:
@@ -102,7 +116,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--llama-cpp", type=Path, default=os.environ.get("LLAMA_CPP_DIR"),
                    help="llama.cpp source tree with build/bin/llama-bench (default $LLAMA_CPP_DIR; none: skipped)")
-    p.add_argument("--systems", default=",".join([*DELTARUN, *LLAMA, *HF]))
+    p.add_argument("--systems", default=",".join([*DELTARUN, *SAVED, *LLAMA, *HF]))
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=512)
@@ -119,6 +133,8 @@ def main(argv=None) -> None:
         for s in systems:
             if s in DELTARUN:
                 r = run_deltarun(model, DELTARUN[s], a)
+            elif s in SAVED:
+                r = run_deltarun(ensure_saved(model, SAVED[s]), "bf16", a)
             elif s in LLAMA:
                 r = run_llama(a.llama_cpp, ggufs[s], a)
             else:

@@ -33,7 +33,9 @@ def test_int8_kernel_matches_dequantized_reference(m, n, k):
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     s = (torch.rand(n, generator=g) / 100).bfloat16()
     want = F.linear(x.float(), dequantize_int8(q, s))
-    torch.testing.assert_close(gemv.gemv_int8(x, q, s), want, rtol=1e-4, atol=1e-4)
+    # activations enter the int8 dot products as 13-bit integers (per-row scale): error ≤ 1e-3 of the
+    # output's scale, an order of magnitude below the bf16 rounding of the result
+    torch.testing.assert_close(gemv.gemv_int8(x, q, s), want, rtol=0, atol=1e-3 * want.abs().max().item())
     mod = QuantLinear.from_float(dequantize_int8(q, s), 8, dtype=torch.bfloat16)
     mod.pack()
     own = F.linear(x.float(), mod.dequantize())  # the module's path (kernel or torch's beyond 4 rows), bf16 out

@@ -248,6 +248,31 @@ inline void int4_block_bf16(const uint16_t* x, const float* xsum, int64_t K, int
 }
 #endif
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// int8 weights · 16-bit activations with VNNI (vpdpwssd): x is scaled per row to at most XQ_MAX in
+// magnitude, so its rounding error (≤ max|x|/(2·XQ_MAX)) stays far below bf16's own (max|x|/256), and
+// int32 sums are flushed to fp32 every XQ_FLUSH columns, so they cannot overflow (127·XQ_MAX·XQ_FLUSH < 2³¹).
+constexpr int XQ_MAX = 8191;
+constexpr int64_t XQ_FLUSH = 1024;
+
+template <int MC>
+inline void int8_row_vnni(const int16_t* xq, int64_t K, const int8_t* wr, float* out, int64_t N) {
+  __m512 accf[MC];
+  for (int m = 0; m < MC; ++m) accf[m] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += XQ_FLUSH) {
+    const int64_t k1 = k0 + XQ_FLUSH < K ? k0 + XQ_FLUSH : K;
+    __m512i acc[MC];
+    for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_si512();
+    for (int64_t k = k0; k < k1; k += 32) {
+      const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k)));
+      for (int m = 0; m < MC; ++m) acc[m] = _mm512_dpwssd_epi32(acc[m], w, _mm512_loadu_si512(xq + m * K + k));
+    }
+    for (int m = 0; m < MC; ++m) accf[m] = _mm512_add_ps(accf[m], _mm512_cvtepi32_ps(acc[m]));
+  }
+  for (int m = 0; m < MC; ++m) out[m * N] = _mm512_reduce_add_ps(accf[m]);
+}
+#endif
+
 void check(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "gemv: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv: x [M, K] and w [N, K]");
@@ -285,10 +310,38 @@ at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& w) {
   return out;
 }
 
-// x [M, K] (any float dtype), w [N, K] int8, scales [N] → [M, N] fp32
+// x [M, K] (any float dtype), w [N, K] int8, scales [N] → [M, N] fp32. bf16/fp16 activations go through
+// VNNI as 13-bit integers; fp32 activations are widened and multiplied exactly in fp32.
 at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
   check(x, w);
   TORCH_CHECK(w.scalar_type() == at::kChar, "gemv_int8: int8 weights");
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (x.size(1) % 32 == 0 && x.scalar_type() != at::kFloat) {  // fp32 activations take the exact path below
+    const at::Tensor xf = x.to(at::kFloat);
+    const at::Tensor sx = xf.abs().amax(1, true).clamp_min(1e-30) / XQ_MAX;  // [M, 1]
+    const at::Tensor xq = (xf / sx).round_().to(at::kShort).contiguous();
+    const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+    at::Tensor out = at::empty({M, N}, xf.options());
+    const int16_t* XQ = xq.data_ptr<int16_t>();
+    const int8_t* W = w.data_ptr<int8_t>();
+    float* O = out.data_ptr<float>();
+    at::parallel_for(0, N, GRAIN, [&](int64_t a, int64_t b) {
+      for (int64_t n = a; n < b; ++n) {
+        for (int64_t m = 0; m < M; m += 4) {
+          const int16_t* xm = XQ + m * K;
+          float* o = O + m * N + n;
+          switch (M - m < 4 ? M - m : 4) {
+            case 1: int8_row_vnni<1>(xm, K, W + n * K, o, N); break;
+            case 2: int8_row_vnni<2>(xm, K, W + n * K, o, N); break;
+            case 3: int8_row_vnni<3>(xm, K, W + n * K, o, N); break;
+            default: int8_row_vnni<4>(xm, K, W + n * K, o, N); break;
+          }
+        }
+      }
+    });
+    return out.mul_(sx).mul_(scales.to(at::kFloat).view({1, N}));
+  }
+#endif
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   at::Tensor out = at::empty({M, N}, xf.options());
