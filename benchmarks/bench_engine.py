@@ -116,7 +116,7 @@ def part_prefix(args) -> list[str]:
 def prefill_child(args) -> None:
     """Run in a fresh process: prefill one long prompt, report time and peak RSS as JSON."""
     n = args.child
-    llm = _llm(args, prefix_cache_memory=0, max_model_len=max(n + 8, 4096), max_prefill_tokens=args.chunk)
+    llm = _llm(args, prefix_cache_memory=0, max_model_len=max(n + 1, 4096), max_prefill_tokens=args.chunk)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t = time.perf_counter()
     if args.tail:
@@ -129,31 +129,39 @@ def prefill_child(args) -> None:
                       "rss_loaded": rss_loaded, "kv": kv, "first_chunk_s": first, "last_chunk_s": last}))
 
 
+def _fill_kv(seq, start: int, end: int, g: torch.Generator) -> None:
+    for kv in seq.state.kv:  # what the skipped chunks would have written (values do not matter)
+        for x in (kv.k, kv.v):
+            for a in range(start, end, 8192):  # bounded temporaries
+                b = min(end, a + 8192)
+                x[:, :, a:b] = torch.randn(x[:, :, a:b].shape, generator=g).to(x.dtype)
+        kv.length = end
+
+
 def _tail_prefill(eng, n: int, chunk: int) -> tuple[float, float, float]:
-    """The first chunk, then (random KV up to n − 2·chunk) the last two chunks, all in the engine.
-    Returns (extrapolated whole-prefill seconds, first chunk s, last chunk s)."""
+    """The first chunk, then (random KV up to about n − 2·chunk) the last chunks, all in the engine.
+    Returns (extrapolated whole-prefill seconds, first chunk s, deepest full chunk s): a token at depth d
+    costs α + β·d, fitted to the first chunk and the deepest chunk of the most tokens."""
     eng.add_request("long", _ids(n, seed=5), _params(1))
     seq = eng.queue[0]
     t = time.perf_counter()
     eng.step()  # admits (reserving the KV of all n tokens) and prefills the first chunk
     first = time.perf_counter() - t
-    skip = n - 2 * chunk
+    skip = (n - 2 * chunk) // 64 * 64  # a prefix-block boundary, as the engine's own chunks end
     assert seq.num_computed == chunk and skip >= chunk, "--tail needs a prompt of at least 3 chunks"
-    g = torch.Generator().manual_seed(0)
-    for kv in seq.state.kv:  # what the skipped chunks would have written (values do not matter)
-        for x in (kv.k, kv.v):
-            x[:, :, chunk:skip] = torch.randn(x[:, :, chunk:skip].shape, generator=g).to(x.dtype)
-        kv.length = skip
+    with torch.inference_mode():  # the engine made these caches inside inference mode
+        _fill_kv(seq, chunk, skip, torch.Generator().manual_seed(0))
     seq.num_computed = seq.state.length = skip
-    times = []
+    steps = []  # (tokens, depth of the chunk's middle, seconds)
     while eng.queue:
-        t = time.perf_counter()
+        before, t = seq.num_computed, time.perf_counter()
         eng.step()
-        times.append(time.perf_counter() - t)
-    last = times[-1]
-    b = (last - first) / (n - chunk)  # seconds per chunk per token of depth (the last chunk sits at n − chunk)
-    total = sum(first + b * d for d in range(0, n, chunk))
-    return total, first, last
+        steps.append((seq.num_computed - before, (before + seq.num_computed) / 2, time.perf_counter() - t))
+    tokens, depth, last = max(steps, key=lambda s: (s[0], s[1]))
+    alpha0 = first / chunk  # per token at depth ≈ chunk / 2
+    beta = (last / tokens - alpha0) / (depth - chunk / 2)
+    alpha = alpha0 - beta * chunk / 2
+    return n * alpha + beta * n * n / 2, first, last
 
 
 def part_long(args) -> list[str]:

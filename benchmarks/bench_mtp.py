@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -68,6 +69,7 @@ def main(argv=None) -> None:
     ap.add_argument("--p", default="0.5,0.6,0.7,0.8,0.9,0.95", help="forced acceptance rates")
     ap.add_argument("--draft-vocab", type=int, default=0,
                     help="draft over the first N token ids only (EngineConfig.mtp_draft_vocab; 0 = all)")
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions per row (medians)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 8 tokens, k=2, p=0.5,0.9")
     a = ap.parse_args(argv)
     if a.quick:
@@ -83,18 +85,24 @@ def main(argv=None) -> None:
     print(f"# MTP decode, {folder.name}, {a.dtype}{' ' + a.quantization if a.quantization else ''}, batch {a.batch}, prompt {a.prompt}, {a.tokens} tokens, "
           f"{torch.get_num_threads()} threads, draft vocab {a.draft_vocab or 'all'}")
     run(model, head, a, "on", 2, 0.5)  # warm-up (weights paged in, kernels initialised): not reported
-    off = run(model, head, a, "off", 1, None)["tok_s"]
-    print(f"\nMTP off: {off:.2f} tok/s\n")
-    print("| k | acceptance (forced) | measured | on tok/s | on speedup | auto tok/s | auto speedup "
+    # Memory bandwidth drifts on these machines (±15% between runs of a few seconds): every row runs MTP
+    # off, on and auto interleaved a.reps times and reports medians, speedups against that row's own off.
+    print("\n| k | acceptance (forced) | measured | off tok/s | on tok/s | on speedup | auto tok/s | auto speedup "
           "| auto spec share |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for k in ks:
         for p in [None, *ps]:
-            on = run(model, head, a, "on", k, p)
-            auto = run(model, head, a, "auto", k, p)
+            runs = {"off": [], "on": [], "auto": []}
+            for _ in range(a.reps):
+                runs["off"].append(run(model, head, a, "off", 1, None))
+                runs["on"].append(run(model, head, a, "on", k, p))
+                runs["auto"].append(run(model, head, a, "auto", k, p))
+            off, on, auto = ({key: statistics.median(r[key] for r in runs[m]) for key in ("tok_s", "acc", "spec_share")}
+                             for m in ("off", "on", "auto"))
             label = "real head" if p is None else f"{p:.2f}"
-            print(f"| {k} | {label} | {on['acc']:.2f} | {on['tok_s']:.2f} | {on['tok_s'] / off:.2f}× | "
-                  f"{auto['tok_s']:.2f} | {auto['tok_s'] / off:.2f}× | {auto['spec_share']:.2f} |", flush=True)
+            print(f"| {k} | {label} | {on['acc']:.2f} | {off['tok_s']:.2f} | {on['tok_s']:.2f} | "
+                  f"{on['tok_s'] / off['tok_s']:.2f}× | {auto['tok_s']:.2f} | {auto['tok_s'] / off['tok_s']:.2f}× | "
+                  f"{auto['spec_share']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
