@@ -68,9 +68,11 @@ def ensure_gguf(model: Path, llama: Path, quant: str) -> Path:
 def ensure_saved(model: Path, quant: str) -> Path:
     out = model / f"quantized-{quant}"
     if not (out / "config.json").is_file():
-        from deltarun.weights.quantize import QuantSpec, save_quantized
         print(f"writing {out} (once) ...", file=sys.stderr)
-        save_quantized(model, out, QuantSpec.parse(quant))
+        # in a child: a parent that grew to the model's size would pass its peak RSS on to every later
+        # child (Linux keeps ru_maxrss across fork + exec)
+        subprocess.run([sys.executable, "-m", "deltarun.cli", "quantize", str(model), str(out),
+                        "--bits", quant.removeprefix("int")], check=True, capture_output=True)
     return out
 
 
