@@ -4,7 +4,7 @@ Decode multiplies one token per sequence by every weight: memory-bound, and torc
 streams weights at roughly half the machine's bandwidth for so few rows. The kernel here reads each
 weight row once for up to 16 activation rows (bf16 weights; int8 weights with a per-row scale, used by
 ops/quant.py). It is compiled for this machine (-march=native) by torch's extension builder into
-~/.cache/deltarun/kernels (or $DELTARUN_KERNELS_DIR) the first time a model loads on the CPU (~1 min, once), and is optional:
+~/.cache/deltarun/kernels (or $DELTARUN_KERNELS_DIR) the first time a model loads on the CPU (~20 s, once), and is optional:
 without a compiler, with `DELTARUN_CPU_KERNELS=0`, or if its self-check against F.linear fails,
 everything runs on torch's own ops. Not here: the int4 path (torch's int4 kernel), prefill (≥ 16 rows:
 F.linear's GEMM is already compute-bound).
@@ -36,7 +36,7 @@ def _cpu_tag() -> str:
         flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
     except OSError:
         pass
-    text = flags + torch.__version__ + SOURCE.read_text()
+    text = flags + torch.__version__ + "".join(f.read_text() for f in sorted(SOURCE.parent.iterdir()))
     return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 
@@ -57,7 +57,7 @@ def available() -> bool:
         build = Path(root) / _cpu_tag()
         build.mkdir(parents=True, exist_ok=True)
         if not (build / "deltarun_gemv.so").exists():
-            print("deltarun: building the CPU decode kernels for this machine (once, about a minute) …",
+            print("deltarun: building the CPU decode kernels for this machine (once, ~20 s) …",
                   file=sys.stderr, flush=True)
         cpp_extension.load(name="deltarun_gemv", sources=[str(SOURCE)], build_directory=str(build),
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],

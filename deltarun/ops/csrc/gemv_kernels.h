@@ -1,0 +1,269 @@
+// Inner loops of the CPU decode kernels (gemv.cpp holds the ops that call them): one weight row or
+// one 64-row int4 block against up to 4 activation rows, per instruction set. Included once.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t ROWS = 4;      // weight rows per inner step (x loads shared across them)
+constexpr int64_t MAX_M = 16;    // activation rows per call (the Python side routes more to F.linear)
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// ---------------------------------------------------------------- bf16 weights
+#if defined(__AVX512BF16__)
+// One weight row against MC activation rows (K a multiple of 64): the row streams through once, two
+// partial sums per activation row keep the dot products independent.
+template <int MC>
+inline void bf16_row(const uint16_t* x, int64_t K, const uint16_t* wr, float* out, int64_t N) {
+  __m512 acc[MC][2];
+  for (int m = 0; m < MC; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 64) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k), w1 = (__m512bh)_mm512_loadu_si512(wr + k + 32);
+    for (int m = 0; m < MC; ++m) {
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_loadu_si512(x + m * K + k), w0);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], (__m512bh)_mm512_loadu_si512(x + m * K + k + 32), w1);
+    }
+  }
+  for (int m = 0; m < MC; ++m) out[m * N] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+}
+
+inline void bf16_block(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int64_t nr,
+                       float* out, int64_t N) {
+  for (int64_t n = n0; n < n0 + nr; ++n) {
+    const uint16_t* wr = w + n * K;
+    for (int64_t m = 0; m < M; m += 4) {
+      const uint16_t* xm = x + m * K;
+      float* o = out + m * N + n;
+      switch (M - m < 4 ? M - m : 4) {
+        case 1: bf16_row<1>(xm, K, wr, o, N); break;
+        case 2: bf16_row<2>(xm, K, wr, o, N); break;
+        case 3: bf16_row<3>(xm, K, wr, o, N); break;
+        default: bf16_row<4>(xm, K, wr, o, N); break;
+      }
+    }
+  }
+}
+#endif
+
+// Generic: x already widened to fp32 (xf [M, K]).
+inline void bf16_block_generic(const float* xf, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int64_t nr,
+                               float* out, int64_t N) {
+  float wf[ROWS][256];
+  for (int64_t m = 0; m < M; ++m) {
+    float acc[ROWS][16] = {};
+    for (int64_t k0 = 0; k0 < K; k0 += 256) {
+      const int64_t kk = K - k0 < 256 ? K - k0 : 256;
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t k = 0; k < kk; ++k) wf[r][k] = bf16_to_f32(w[(n0 + r) * K + k0 + k]);
+      const float* xm = xf + m * K + k0;
+      for (int64_t r = 0; r < nr; ++r) {
+        int64_t k = 0;
+        for (; k + 16 <= kk; k += 16)
+          for (int64_t j = 0; j < 16; ++j) acc[r][j] += xm[k + j] * wf[r][k + j];
+        for (; k < kk; ++k) acc[r][0] += xm[k] * wf[r][k];
+      }
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      float s = 0.f;
+      for (int64_t j = 0; j < 16; ++j) s += acc[r][j];
+      out[m * N + n0 + r] = s;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- int8 weights (per-row scale)
+#if defined(__AVX512F__)
+// One int8 weight row against MC fp32 activation rows (K a multiple of 32), widened to fp32 on the fly.
+template <int MC>
+inline void int8_row(const float* x, int64_t K, const int8_t* wr, float* out, int64_t N) {
+  __m512 acc[MC][2];
+  for (int m = 0; m < MC; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k))));
+    const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k + 16))));
+    for (int m = 0; m < MC; ++m) {
+      acc[m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), w0, acc[m][0]);
+      acc[m][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k + 16), w1, acc[m][1]);
+    }
+  }
+  for (int m = 0; m < MC; ++m) out[m * N] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+}
+#endif
+
+inline void int8_block(const float* xf, int64_t M, int64_t K, const int8_t* w, int64_t n0, int64_t nr,
+                       float* out, int64_t N) {
+#if defined(__AVX512F__)
+  if (K % 32 == 0) {
+    for (int64_t n = n0; n < n0 + nr; ++n) {
+      const int8_t* wr = w + n * K;
+      for (int64_t m = 0; m < M; m += 4) {
+        const float* xm = xf + m * K;
+        float* o = out + m * N + n;
+        switch (M - m < 4 ? M - m : 4) {
+          case 1: int8_row<1>(xm, K, wr, o, N); break;
+          case 2: int8_row<2>(xm, K, wr, o, N); break;
+          case 3: int8_row<3>(xm, K, wr, o, N); break;
+          default: int8_row<4>(xm, K, wr, o, N); break;
+        }
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = xf + m * K;
+    for (int64_t r = 0; r < nr; ++r) {
+      float acc[16] = {};
+      const int8_t* wr = w + (n0 + r) * K;
+      int64_t k = 0;
+      for (; k + 16 <= K; k += 16)
+        for (int64_t j = 0; j < 16; ++j) acc[j] += xm[k + j] * static_cast<float>(wr[k + j]);
+      float s = 0.f;
+      for (; k < K; ++k) s += xm[k] * static_cast<float>(wr[k]);
+      for (int64_t j = 0; j < 16; ++j) s += acc[j];
+      out[m * N + n0 + r] = s;
+    }
+  }
+}
+
+
+// ---------------------------------------------------------------- int4 weights in torch's CPU layout
+// packed [N/64, K, 32] uint8: byte (b, k, j) holds row 64b+j (low nibble) and row 64b+32+j (high);
+// sz [K/g, N, 2] bf16 (scale, zero) per group of g columns: w = (q − 8)·scale + zero.
+#if defined(__AVX512F__)
+template <int MC>
+inline void int4_block(const float* x, const float* xsum, int64_t K, int64_t g, const uint8_t* pb,
+                       const uint32_t* sz, int64_t N, int64_t b, float* out) {
+  __m512 tot[MC][4];
+  for (int m = 0; m < MC; ++m)
+    for (int v = 0; v < 4; ++v) tot[m][v] = _mm512_setzero_ps();
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const int64_t G = K / g;
+  for (int64_t gi = 0; gi < G; ++gi) {
+    __m512 acc[MC][4];
+    for (int m = 0; m < MC; ++m)
+      for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_setzero_ps();
+    for (int64_t k = gi * g; k < (gi + 1) * g; ++k) {
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + k * 32));
+      const __m256i lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+      __m512 q[4];
+      q[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(lo)));
+      q[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(lo, 1)));
+      q[2] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(hi)));
+      q[3] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(hi, 1)));
+      for (int m = 0; m < MC; ++m) {
+        const __m512 xk = _mm512_set1_ps(x[m * K + k]);
+        for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_fmadd_ps(q[v], xk, acc[m][v]);
+      }
+    }
+    const uint32_t* s = sz + gi * N + b * 64;  // 64 (scale, zero) bf16 pairs as uint32
+    for (int v = 0; v < 4; ++v) {
+      const __m512i pair = _mm512_loadu_si512(s + 16 * v);
+      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+      const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF0000u)));
+      for (int m = 0; m < MC; ++m) {
+        const float sx = xsum[m * G + gi];
+        // Σ((q−8)s + z)x = s·(Σqx − 8Σx) + z·Σx
+        const __m512 t = _mm512_sub_ps(acc[m][v], _mm512_set1_ps(8.f * sx));
+        tot[m][v] = _mm512_fmadd_ps(scale, t, _mm512_fmadd_ps(zero, _mm512_set1_ps(sx), tot[m][v]));
+      }
+    }
+  }
+  for (int m = 0; m < MC; ++m)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(out + m * N + b * 64 + 16 * v, tot[m][v]);
+}
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+// The same with bf16 dot products over column pairs (k, k+1): nibbles become bf16 integers by table
+// lookup (exact), x stays bf16 (exact), products are summed in fp32. About half the instructions.
+template <int MC>
+inline void int4_block_bf16(const uint16_t* x, const float* xsum, int64_t K, int64_t g, const uint8_t* pb,
+                            const uint32_t* sz, int64_t N, int64_t b, float* out) {
+  alignas(64) static const uint8_t pairs_idx[64] = {
+      0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45,
+      14, 46, 15, 47, 16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
+      27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  alignas(64) static const uint16_t bf16_int[32] = {
+      0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0x4100, 0x4110, 0x4120, 0x4130,
+      0x4140, 0x4150, 0x4160, 0x4170, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+  const __m512i idx = _mm512_load_si512(pairs_idx), table = _mm512_load_si512(bf16_int);
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 tot[MC][4];
+  for (int m = 0; m < MC; ++m)
+    for (int v = 0; v < 4; ++v) tot[m][v] = _mm512_setzero_ps();
+  const int64_t G = K / g;
+  for (int64_t gi = 0; gi < G; ++gi) {
+    __m512 acc[MC][4];
+    for (int m = 0; m < MC; ++m)
+      for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_setzero_ps();
+    for (int64_t k = gi * g; k < (gi + 1) * g; k += 2) {
+      const __m512i z = _mm512_loadu_si512(pb + k * 32);  // columns k and k+1, 32 bytes each
+      const __m512i lo = _mm512_permutexvar_epi8(idx, _mm512_and_si512(z, low4));  // rows 0..31, (k, k+1) pairs
+      const __m512i hi = _mm512_permutexvar_epi8(idx, _mm512_and_si512(_mm512_srli_epi16(z, 4), low4));
+      __m512bh w[4];
+      w[0] = (__m512bh)_mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(lo)), table);
+      w[1] = (__m512bh)_mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(lo, 1)), table);
+      w[2] = (__m512bh)_mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(hi)), table);
+      w[3] = (__m512bh)_mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(hi, 1)), table);
+      for (int m = 0; m < MC; ++m) {
+        uint32_t xp;
+        std::memcpy(&xp, x + m * K + k, 4);
+        const __m512bh xk = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp));
+        for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], xk, w[v]);
+      }
+    }
+    const uint32_t* s = sz + gi * N + b * 64;
+    for (int v = 0; v < 4; ++v) {
+      const __m512i pair = _mm512_loadu_si512(s + 16 * v);
+      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+      const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF0000u)));
+      for (int m = 0; m < MC; ++m) {
+        const float sx = xsum[m * G + gi];
+        const __m512 t = _mm512_sub_ps(acc[m][v], _mm512_set1_ps(8.f * sx));
+        tot[m][v] = _mm512_fmadd_ps(scale, t, _mm512_fmadd_ps(zero, _mm512_set1_ps(sx), tot[m][v]));
+      }
+    }
+  }
+  for (int m = 0; m < MC; ++m)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(out + m * N + b * 64 + 16 * v, tot[m][v]);
+}
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// int8 weights · 16-bit activations with VNNI (vpdpwssd): x is scaled per row to at most XQ_MAX in
+// magnitude, so its rounding error (≤ max|x|/(2·XQ_MAX)) stays far below bf16's own (max|x|/256), and
+// int32 sums are flushed to fp32 every XQ_FLUSH columns, so they cannot overflow (127·XQ_MAX·XQ_FLUSH < 2³¹).
+constexpr int XQ_MAX = 8191;
+constexpr int64_t XQ_FLUSH = 1024;
+
+template <int MC>
+inline void int8_row_vnni(const int16_t* xq, int64_t K, const int8_t* wr, float* out, int64_t N) {
+  __m512 accf[MC];
+  for (int m = 0; m < MC; ++m) accf[m] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += XQ_FLUSH) {
+    const int64_t k1 = k0 + XQ_FLUSH < K ? k0 + XQ_FLUSH : K;
+    __m512i acc[MC];
+    for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_si512();
+    for (int64_t k = k0; k < k1; k += 32) {
+      const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k)));
+      for (int m = 0; m < MC; ++m) acc[m] = _mm512_dpwssd_epi32(acc[m], w, _mm512_loadu_si512(xq + m * K + k));
+    }
+    for (int m = 0; m < MC; ++m) accf[m] = _mm512_add_ps(accf[m], _mm512_cvtepi32_ps(acc[m]));
+  }
+  for (int m = 0; m < MC; ++m) out[m * N] = _mm512_reduce_add_ps(accf[m]);
+}
+#endif
+
+}  // namespace
