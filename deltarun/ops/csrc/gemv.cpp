@@ -98,6 +98,31 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 }
 
 
+#if defined(__AVX512F__)
+// Every 64-row block of an int4 weight, in torch's threads, against x's rows four at a time.
+template <class Kernel, typename T>
+void int4_all(const T* X, const float* XS, int64_t M, int64_t K, int64_t g, const uint8_t* P, const uint32_t* SZ,
+              int64_t N, float* O) {
+  const int64_t G = K / g;
+  at::parallel_for(0, N / 64, 4, [&](int64_t a, int64_t e) {
+    for (int64_t b = a; b < e; ++b) {
+      const uint8_t* pb = P + b * K * 32;
+      for (int64_t m = 0; m < M; m += 4) {
+        const T* x = X + m * K;
+        const float* xs = XS + m * G;
+        float* o = O + m * N;
+        switch (M - m < 4 ? M - m : 4) {
+          case 1: Kernel::template run<1>(x, xs, K, g, pb, SZ, N, b, o); break;
+          case 2: Kernel::template run<2>(x, xs, K, g, pb, SZ, N, b, o); break;
+          case 3: Kernel::template run<3>(x, xs, K, g, pb, SZ, N, b, o); break;
+          default: Kernel::template run<4>(x, xs, K, g, pb, SZ, N, b, o); break;
+        }
+      }
+    }
+  });
+}
+#endif
+
 // x [M, K] (any float dtype), packed [N/64, K, 32] uint8, sz [K/g, N, 2] bf16 → [M, N] fp32
 at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, const at::Tensor& sz) {
   TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "gemv_int4: CPU tensors only");
@@ -120,36 +145,11 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, c
 #if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
   if (x.scalar_type() == at::kBFloat16 && g % 2 == 0) {
     const at::Tensor xb = x.contiguous();
-    const auto* XB = reinterpret_cast<const uint16_t*>(xb.data_ptr());
-    at::parallel_for(0, N / 64, 4, [&](int64_t a, int64_t e) {
-      for (int64_t b = a; b < e; ++b) {
-        const uint8_t* pb = P + b * K * 32;
-        for (int64_t m = 0; m < M; m += 4) {
-          const int64_t mc = M - m < 4 ? M - m : 4;
-          float* o = O + m * N;
-          if (mc == 1) int4_block_bf16<1>(XB + m * K, XS + m * G, K, g, pb, SZ, N, b, o);
-          else if (mc == 2) int4_block_bf16<2>(XB + m * K, XS + m * G, K, g, pb, SZ, N, b, o);
-          else if (mc == 3) int4_block_bf16<3>(XB + m * K, XS + m * G, K, g, pb, SZ, N, b, o);
-          else int4_block_bf16<4>(XB + m * K, XS + m * G, K, g, pb, SZ, N, b, o);
-        }
-      }
-    });
+    int4_all<Int4Bf16>(reinterpret_cast<const uint16_t*>(xb.data_ptr()), XS, M, K, g, P, SZ, N, O);
     return out;
   }
 #endif
-  at::parallel_for(0, N / 64, 4, [&](int64_t a, int64_t e) {
-    for (int64_t b = a; b < e; ++b) {
-      const uint8_t* pb = P + b * K * 32;
-      for (int64_t m = 0; m < M; m += 4) {
-        const int64_t mc = M - m < 4 ? M - m : 4;
-        float* o = O + m * N;
-        if (mc == 1) int4_block<1>(X + m * K, XS + m * G, K, g, pb, SZ, N, b, o);
-        else if (mc == 2) int4_block<2>(X + m * K, XS + m * G, K, g, pb, SZ, N, b, o);
-        else if (mc == 3) int4_block<3>(X + m * K, XS + m * G, K, g, pb, SZ, N, b, o);
-        else int4_block<4>(X + m * K, XS + m * G, K, g, pb, SZ, N, b, o);
-      }
-    }
-  });
+  int4_all<Int4F32>(X, XS, M, K, g, P, SZ, N, O);
   return out;
 #else
   TORCH_CHECK(false, "gemv_int4: built without AVX-512");

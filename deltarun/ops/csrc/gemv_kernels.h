@@ -142,6 +142,25 @@ inline void int8_block(const float* xf, int64_t M, int64_t K, const int8_t* w, i
 // packed [N/64, K, 32] uint8: byte (b, k, j) holds row 64b+j (low nibble) and row 64b+32+j (high);
 // sz [K/g, N, 2] bf16 (scale, zero) per group of g columns: w = (q − 8)·scale + zero.
 #if defined(__AVX512F__)
+// End of one group of columns for a 64-row block: fold the group's Σq·x (acc) into the totals with the
+// rows' scales and zeros (s: 64 (scale, zero) bf16 pairs read as uint32): Σ((q−8)s + z)x = s·(Σqx − 8Σx) + z·Σx.
+template <int MC>
+inline void int4_group_end(const __m512 (&acc)[MC][4], __m512 (&tot)[MC][4], const uint32_t* s, const float* xsum,
+                           int64_t G, int64_t gi) {
+  for (int v = 0; v < 4; ++v) {
+    const __m512i pair = _mm512_loadu_si512(s + 16 * v);
+    const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+    const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF0000u)));
+    for (int m = 0; m < MC; ++m) {
+      const float sx = xsum[m * G + gi];
+      const __m512 t = _mm512_sub_ps(acc[m][v], _mm512_set1_ps(8.f * sx));
+      tot[m][v] = _mm512_fmadd_ps(scale, t, _mm512_fmadd_ps(zero, _mm512_set1_ps(sx), tot[m][v]));
+    }
+  }
+}
+#endif
+
+#if defined(__AVX512F__)
 template <int MC>
 inline void int4_block(const float* x, const float* xsum, int64_t K, int64_t g, const uint8_t* pb,
                        const uint32_t* sz, int64_t N, int64_t b, float* out) {
@@ -167,18 +186,7 @@ inline void int4_block(const float* x, const float* xsum, int64_t K, int64_t g, 
         for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_fmadd_ps(q[v], xk, acc[m][v]);
       }
     }
-    const uint32_t* s = sz + gi * N + b * 64;  // 64 (scale, zero) bf16 pairs as uint32
-    for (int v = 0; v < 4; ++v) {
-      const __m512i pair = _mm512_loadu_si512(s + 16 * v);
-      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-      const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF0000u)));
-      for (int m = 0; m < MC; ++m) {
-        const float sx = xsum[m * G + gi];
-        // Σ((q−8)s + z)x = s·(Σqx − 8Σx) + z·Σx
-        const __m512 t = _mm512_sub_ps(acc[m][v], _mm512_set1_ps(8.f * sx));
-        tot[m][v] = _mm512_fmadd_ps(scale, t, _mm512_fmadd_ps(zero, _mm512_set1_ps(sx), tot[m][v]));
-      }
-    }
+    int4_group_end<MC>(acc, tot, sz + gi * N + b * 64, xsum, G, gi);
   }
   for (int m = 0; m < MC; ++m)
     for (int v = 0; v < 4; ++v) _mm512_storeu_ps(out + m * N + b * 64 + 16 * v, tot[m][v]);
@@ -224,21 +232,27 @@ inline void int4_block_bf16(const uint16_t* x, const float* xsum, int64_t K, int
         for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], xk, w[v]);
       }
     }
-    const uint32_t* s = sz + gi * N + b * 64;
-    for (int v = 0; v < 4; ++v) {
-      const __m512i pair = _mm512_loadu_si512(s + 16 * v);
-      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-      const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF0000u)));
-      for (int m = 0; m < MC; ++m) {
-        const float sx = xsum[m * G + gi];
-        const __m512 t = _mm512_sub_ps(acc[m][v], _mm512_set1_ps(8.f * sx));
-        tot[m][v] = _mm512_fmadd_ps(scale, t, _mm512_fmadd_ps(zero, _mm512_set1_ps(sx), tot[m][v]));
-      }
-    }
+    int4_group_end<MC>(acc, tot, sz + gi * N + b * 64, xsum, G, gi);
   }
   for (int m = 0; m < MC; ++m)
     for (int v = 0; v < 4; ++v) _mm512_storeu_ps(out + m * N + b * 64 + 16 * v, tot[m][v]);
 }
+#endif
+
+#if defined(__AVX512F__)
+// int4 kernels as types, so one dispatch loop (gemv.cpp) serves both activation formats
+struct Int4F32 {
+  template <int MC>
+  static void run(const float* x, const float* xsum, int64_t K, int64_t g, const uint8_t* pb, const uint32_t* sz,
+                  int64_t N, int64_t b, float* out) { int4_block<MC>(x, xsum, K, g, pb, sz, N, b, out); }
+};
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+struct Int4Bf16 {
+  template <int MC>
+  static void run(const uint16_t* x, const float* xsum, int64_t K, int64_t g, const uint8_t* pb, const uint32_t* sz,
+                  int64_t N, int64_t b, float* out) { int4_block_bf16<MC>(x, xsum, K, g, pb, sz, N, b, out); }
+};
 #endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
