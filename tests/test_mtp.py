@@ -79,11 +79,28 @@ def test_greedy_mtp_equals_plain_batched(tiny_ckpt, plain_batch, rate, k, draft_
     params, plain = BATCH_PARAMS, plain_batch
     llm = _llm(tiny_ckpt, mtp="on", num_speculative_tokens=k, max_prefill_tokens=64, max_num_seqs=4,
                mtp_draft_vocab=draft_vocab)
-    assert (llm.engine.spec.draft_weight is not None) == (draft_vocab > 0)
+    assert (llm.engine.spec.draft_head is not None) == (draft_vocab > 0)
     _oracle(llm, {tuple(p): r[0] for p, r in zip(PROMPTS, plain)}, rate, seed=k)
     assert _tokens(llm.generate(PROMPTS, params)) == plain
     st = llm.engine.stats
     assert st["spec_steps"] > 0 and (st["spec_accepted"] > 0) == (rate > 0)
+    assert _free(llm)
+
+
+@pytest.mark.parametrize("scheme", ["int4:32", "int8"])
+def test_greedy_mtp_on_a_quantized_model_with_a_draft_vocabulary(tiny_ckpt, scheme):
+    """The draft head over the first ids of a quantized lm_head is quantized too; greedy output stays the
+    quantized model's own plain output."""
+    from deltarun.ops.quant import QuantLinear
+
+    plain = _tokens(_llm(tiny_ckpt, mtp="off", quantization=scheme).generate(PROMPTS, BATCH_PARAMS))
+    llm = _llm(tiny_ckpt, mtp="on", num_speculative_tokens=2, max_num_seqs=4, quantization=scheme,
+               mtp_draft_vocab=320)
+    head = llm.engine.spec.draft_head
+    assert isinstance(head, QuantLinear) and head.out_features == 320 and head.bits == int(scheme[3])
+    _oracle(llm, {tuple(p): r[0] for p, r in zip(PROMPTS, plain)}, 0.7, seed=3)
+    assert _tokens(llm.generate(PROMPTS, BATCH_PARAMS)) == plain
+    assert llm.engine.stats["spec_accepted"] > 0
     assert _free(llm)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from ..cache.state import StatePool
 from ..config import TextConfig
 from ..ops.conv1d import causal_conv1d
-from ..ops.gdn import chunk_gated_delta_rule, gated_delta_step_, recurrent_gated_delta_rule
+from ..ops.gdn import chunk_gated_delta_rule, decode_step, gated_delta_step_, recurrent_gated_delta_rule
 from .layers import RMSNormGated
 
 
@@ -62,36 +62,30 @@ class GatedDeltaNet(nn.Module):
         o = self.norm(o, z).reshape(b, t, self.value_dim)
         return self.out_proj(o)
 
-    def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, hidden] → (beta, g) [B, T, Hv] fp32: write strength sigmoid(b) and log-decay
-        −exp(A_log)·softplus(a + dt_bias). The a/b projections are tiny (Hv rows) and run in fp32 —
-        faster than bf16 GEMV at this size and free of overflow in exp."""
+    def _projections_ab(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, hidden] → in_proj_a(x), in_proj_b(x) [B, T, Hv] in fp32. These projections are tiny (Hv
+        rows) and run in fp32 — faster than bf16 GEMV at this size and free of overflow in exp."""
         xf = x.float()
 
         def proj(mod: nn.Module) -> torch.Tensor:  # a GGUF file may hold them quantized: then its module runs
             return F.linear(xf, mod.weight.float()) if isinstance(mod, nn.Linear) else mod(x).float()
-        beta = proj(self.in_proj_b).sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(proj(self.in_proj_a) + self.dt_bias.float())
-        return beta, g
+        return proj(self.in_proj_a), proj(self.in_proj_b)
+
+    def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, hidden] → (beta, g) [B, T, Hv] fp32: write strength sigmoid(b) and log-decay
+        −exp(A_log)·softplus(a + dt_bias)."""
+        a, b = self._projections_ab(x)
+        return b.sigmoid(), -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())
 
     def _decode_step(self, x: torch.Tensor, pool: StatePool, index: int, slots: torch.Tensor | slice) -> torch.Tensor:
-        """forward for one token per sequence (x [B, 1, hidden]) with fewer passes over the states:
-        the 4-tap conv as a product-sum and the delta rule in place on the pool (ops/gdn.py)."""
+        """forward for one token per sequence (x [B, 1, hidden]): the projections here, everything between
+        them in one step on the pooled states (ops/gdn.py `decode_step`: a fused op on the CPU)."""
         b = x.shape[0]
-        conv_state = pool.conv[index][slots]  # [B, C, K-1]
-        window = torch.cat([conv_state, self.in_proj_qkv(x).transpose(1, 2).to(conv_state.dtype)], dim=-1)
-        pool.conv[index][slots] = window[:, :, 1:]
-        w = self.conv1d.weight.squeeze(1)  # [C, K]
-        qkv = F.silu((window.float() * w.float()).sum(-1)).to(x.dtype)  # [B, C]: conv1d over the window
-        q, k, v = torch.split(qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        beta, g = self._gates(x)
-        state = pool.recurrent[index][slots]  # a view of the pool when `slots` is a slice
-        o = gated_delta_step_(q.reshape(b, 1, self.hk, self.dk), k.reshape(b, 1, self.hk, self.dk),
-                              v.reshape(b, 1, self.hv, self.dv), g, beta, state)
-        if not isinstance(slots, slice):
-            pool.recurrent[index][slots] = state
-        z = self.in_proj_z(x).reshape(b, 1, self.hv, self.dv)
-        return self.out_proj(self.norm(o, z).reshape(b, 1, self.value_dim))
+        a, bp = self._projections_ab(x)
+        o = decode_step(self.in_proj_qkv(x).view(b, -1), pool.conv[index], self.conv1d.weight.view(self.conv_dim, -1),
+                        a.view(b, -1), bp.view(b, -1), self.A_log, self.dt_bias, pool.recurrent[index], slots,
+                        self.hk, self.in_proj_z(x).view(b, -1), self.norm.weight, self.norm.eps)
+        return self.out_proj(o.view(b, 1, self.value_dim))
 
     def _verify_steps(self, x: torch.Tensor, pool: StatePool, index: int, slots: torch.Tensor | slice) -> torch.Tensor:
         """forward over a few positions (x [B, T, hidden]), each computed as `_decode_step` computes one,

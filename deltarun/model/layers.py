@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import RopeConfig
+from ..ops.gdn import rms_norm_gated
 
 
 class RMSNorm(nn.Module):
@@ -37,12 +38,7 @@ class RMSNormGated(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        # Same rounding points as the reference: normalised x back to the input dtype before the weight.
-        out = self.weight * xf.to(dtype)
-        return (out * F.silu(z.float())).to(dtype)
+        return rms_norm_gated(x, z, self.weight, self.eps)
 
 
 class MLP(nn.Module):

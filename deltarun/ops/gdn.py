@@ -10,12 +10,15 @@ heads than v heads each q/k head serves `Hv // Hk` consecutive v heads.
 Two forms with one signature and the same result:
   * `chunk_gated_delta_rule`   — prefill: blocks of `chunk_size` tokens via the UT transform.
   * `recurrent_gated_delta_rule` — decode: token by token (the reference for the chunked form too).
+And the whole decode token of a DeltaNet layer between its projections (conv step, gates, rule, output
+norm): `decode_step_reference` in torch, `decode_step` = the fused CPU op (ops/csrc/gdn.cpp) where built.
 Shapes: q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g, beta [B, T, Hv]; state [B, Hv, Dk, Dv] fp32.
 Both return (o [B, T, Hv, Dv] in v's dtype, final state [B, Hv, Dk, Dv] fp32).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def _prepare(q, k, v, g, beta):
@@ -116,3 +119,63 @@ def gated_delta_step_(
     if s.data_ptr() != state.data_ptr() or not state.is_contiguous():
         state.copy_(s.view_as(state))
     return o.view(b, h, 1, dv).transpose(1, 2).to(out_dtype)
+
+
+def rms_norm_gated(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`weight * rmsnorm(x) * silu(z)` over the last dim (the DeltaNet output norm), in x's dtype, rounded
+    where the reference implementation rounds (normalised x back to x's dtype before the weight)."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return ((weight * xf.to(dtype)) * F.silu(z.float())).to(dtype)
+
+
+def decode_step_reference(
+    mixed: torch.Tensor, conv_pool: torch.Tensor, conv_w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+    A_log: torch.Tensor, dt_bias: torch.Tensor, rec_pool: torch.Tensor, slots: torch.Tensor | slice, hk: int,
+    z: torch.Tensor, norm_w: torch.Tensor, eps: float,
+) -> torch.Tensor:
+    """One Gated DeltaNet decode token after the input projections, in torch: conv1d step + SiLU on
+    mixed [B, C] (= in_proj_qkv(x), C = 2·Hk·Dk + Hv·Dv) against conv_pool[slots] [B, C, K−1], gates from
+    a, b [B, Hv] (in_proj_a/b outputs, fp32), the delta rule on rec_pool[slots] [B, Hv, Dk, Dv] fp32, and
+    the gated RMSNorm with z [B, Hv·Dv] → o [B, Hv·Dv] in mixed's dtype, ready for out_proj. Both pools
+    are advanced (in place where `slots` is a slice)."""
+    bsz = mixed.shape[0]
+    hv, dk, dv = rec_pool.shape[1:]
+    conv_state = conv_pool[slots]  # [B, C, K-1]
+    window = torch.cat([conv_state, mixed.unsqueeze(-1).to(conv_state.dtype)], dim=-1)
+    conv_pool[slots] = window[:, :, 1:]
+    qkv = F.silu((window.float() * conv_w.float()).sum(-1)).to(mixed.dtype)  # [B, C]
+    q, k, v = torch.split(qkv, [hk * dk, hk * dk, hv * dv], dim=-1)
+    beta = b.sigmoid().view(bsz, 1, hv)
+    g = (-A_log.float().exp() * F.softplus(a + dt_bias.float())).view(bsz, 1, hv)
+    state = rec_pool[slots]  # a view of the pool when `slots` is a slice
+    o = gated_delta_step_(q.reshape(bsz, 1, hk, dk), k.reshape(bsz, 1, hk, dk), v.reshape(bsz, 1, hv, dv),
+                          g, beta, state)
+    if not isinstance(slots, slice):
+        rec_pool[slots] = state
+    return rms_norm_gated(o.reshape(bsz, hv, dv), z.view(bsz, hv, dv), norm_w, eps).reshape(bsz, hv * dv)
+
+
+def decode_step(
+    mixed: torch.Tensor, conv_pool: torch.Tensor, conv_w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+    A_log: torch.Tensor, dt_bias: torch.Tensor, rec_pool: torch.Tensor, slots: torch.Tensor | slice, hk: int,
+    z: torch.Tensor, norm_w: torch.Tensor, eps: float,
+) -> torch.Tensor:
+    """`decode_step_reference`, as one fused C++ op on the CPU where the kernels are built (ops/csrc/gdn.cpp)."""
+    from . import gemv
+
+    if (mixed.device.type == "cpu" and mixed.dtype in (torch.float32, torch.bfloat16) and gemv.available()
+            and _state_ok(conv_pool, rec_pool, mixed, norm_w, z)):
+        if isinstance(slots, slice):
+            slots = torch.arange(slots.start, slots.stop)
+        return torch.ops.deltarun.gdn_decode_(
+            mixed.contiguous(), conv_pool, conv_w.contiguous(), a.contiguous(), b.contiguous(), A_log.float(),
+            dt_bias.float(), rec_pool, slots, hk, z.contiguous(), norm_w.contiguous(), eps)
+    return decode_step_reference(mixed, conv_pool, conv_w, a, b, A_log, dt_bias, rec_pool, slots, hk, z, norm_w, eps)
+
+
+def _state_ok(conv_pool: torch.Tensor, rec_pool: torch.Tensor, mixed: torch.Tensor, norm_w: torch.Tensor,
+              z: torch.Tensor) -> bool:
+    return (conv_pool.dtype == mixed.dtype == norm_w.dtype == z.dtype and conv_pool.is_contiguous()
+            and rec_pool.dtype == torch.float32 and rec_pool.is_contiguous())

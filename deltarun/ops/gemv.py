@@ -2,12 +2,12 @@
 
 Decode multiplies one token per sequence by every weight: memory-bound, and torch's bf16 `F.linear`
 streams weights at roughly half the machine's bandwidth for so few rows. The kernel here reads each
-weight row once for up to 16 activation rows (bf16 weights; int8 weights with a per-row scale, used by
-ops/quant.py). It is compiled for this machine (-march=native) by torch's extension builder into
+weight row once for up to 16 activation rows (bf16 weights; int8 weights with a per-row scale and int4
+in torch's CPU layout, used by ops/quant.py), with AVX-512 (BF16/VNNI where present) or AVX2+FMA inner
+loops. It is compiled for this machine (-march=native) by torch's extension builder into
 ~/.cache/deltarun/kernels (or $DELTARUN_KERNELS_DIR) the first time a model loads on the CPU (~20 s, once), and is optional:
 without a compiler, with `DELTARUN_CPU_KERNELS=0`, or if its self-check against F.linear fails,
-everything runs on torch's own ops. Not here: the int4 path (torch's int4 kernel), prefill (≥ 16 rows:
-F.linear's GEMM is already compute-bound).
+everything runs on torch's own ops. Not here: prefill (≥ 16 rows: F.linear's GEMM is already compute-bound).
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def available() -> bool:
         if not (build / "deltarun_gemv.so").exists():
             print("deltarun: building the CPU decode kernels for this machine (once, ~20 s) …",
                   file=sys.stderr, flush=True)
-        cpp_extension.load(name="deltarun_gemv", sources=[str(SOURCE)], build_directory=str(build),
+        cpp_extension.load(name="deltarun_gemv", sources=[str(SOURCE), str(SOURCE.with_name("gdn.cpp"))], build_directory=str(build),
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
         _state["ok"] = _self_check()
@@ -86,12 +86,27 @@ def _self_check() -> bool:
                 torch.ops.deltarun.gemv_int8(xb, q, s), ref8b, rtol=0, atol=1e-3 * ref8b.abs().max().item())):
             log.warning("CPU int8 decode kernel disagrees with F.linear: not used")
             return False
+    _state["int4"] = _int4_check(g)
+    return True
+
+
+def _int4_check(g: torch.Generator) -> bool:
+    """The int4 kernel reads torch's CPU layout, whose row-block size follows torch's CPU capability:
+    used only where this build reads the same layout and agrees with torch's int4 kernel."""
+    from .quant import cpu_int4_block
+
+    if torch.ops.deltarun.int4_block() != cpu_int4_block():
+        log.info("int4 decode kernel not built for torch's int4 layout here: torch's int4 kernel is used")
+        return False
     q4 = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=g)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4, 1)
     sz = (torch.rand(2, 128, 2, generator=g) / 10).bfloat16()  # group 32
     x = torch.randn(3, 64, generator=g).bfloat16()
     ref4 = torch.ops.aten._weight_int4pack_mm_for_cpu(x.float(), packed, 32, sz.float())
-    if not torch.allclose(torch.ops.deltarun.gemv_int4(x, packed, 32, sz), ref4, rtol=1e-3, atol=1e-3):
+    # fp32 activations: exact products; bf16 ones may enter as int8 per group (AVX2): within 3% of the scale
+    if not (torch.allclose(torch.ops.deltarun.gemv_int4(x.float(), packed, 32, sz), ref4, rtol=1e-3, atol=1e-3)
+            and torch.allclose(torch.ops.deltarun.gemv_int4(x, packed, 32, sz), ref4, rtol=0,
+                               atol=0.03 * ref4.abs().max().item())):
         log.warning("CPU int4 decode kernel disagrees with torch's int4 kernel: not used")
         return False
     return True
@@ -108,9 +123,9 @@ def gemv_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.T
 
 
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, sz: torch.Tensor) -> torch.Tensor:
-    """Weight-only int4 matmul on torch's CPU layout (packed [N/64, K, 32], sz [K/g, N, 2]): the kernel up
+    """Weight-only int4 matmul on torch's CPU layout (packed [N/B, K, B/2], sz [K/g, N, 2]): the kernel up
     to MAX_ROWS rows with bf16 scales, torch's `_weight_int4pack_mm_for_cpu` otherwise; x's dtype out."""
-    if x.shape[0] <= MAX_ROWS and sz.dtype == torch.bfloat16:
+    if x.shape[0] <= MAX_ROWS and sz.dtype == torch.bfloat16 and _state.get("int4"):
         return torch.ops.deltarun.gemv_int4(x, packed, group, sz).to(x.dtype)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
 

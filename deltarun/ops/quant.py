@@ -91,7 +91,24 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 
 # ------------------------------------------------------------------ modules
 PREFILL_ROWS = 16  # from this many rows, dequantize + bf16 matmul beats the weight-only kernels on CPU
-CPU_BLOCK_N = 64  # torch's CPU int4 layout: [N/64, K, 32] bytes, rows n%64 < 32 in the low nibble
+_cpu_block: list[int] = []
+
+
+def cpu_int4_block() -> int:
+    """Rows per block B of torch's CPU int4 layout, [N/B, K, B/2] bytes with rows n%B < B/2 in the low
+    nibble: it follows torch's CPU capability (64 with AVX-512, 32 with AVX2), so it is read off a probe
+    packed once; 0 if the layout is neither (then only torch's own kernel reads it)."""
+    if not _cpu_block:
+        q = torch.randint(0, 16, (64, 32), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        got = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1).flatten()
+        _cpu_block.append(next((b for b in (64, 32) if torch.equal(got, _cpu_layout(q, b).flatten())), 0))
+    return _cpu_block[0]
+
+
+def _cpu_layout(q: torch.Tensor, block: int) -> torch.Tensor:
+    """q [N, K] in 0…15 → torch's CPU int4 bytes [N/B, K, B/2] for row blocks of B (see cpu_int4_block)."""
+    r = q.to(torch.uint8).view(-1, 2, block // 2, q.shape[1])
+    return (r[:, 0] | r[:, 1] << 4).transpose(1, 2).contiguous()
 
 
 class QuantLinear(nn.Module):
@@ -147,24 +164,25 @@ class QuantLinear(nn.Module):
         if self._cpu4 is None:
             return dequantize_int4(self.qweight[idx], self.scales[idx], self.zeros[idx])
         packed, sz = self._cpu4
-        k = self.in_features
-        blocks = packed.view(-1, k, CPU_BLOCK_N // 2)
-        within = idx % CPU_BLOCK_N
-        sel = blocks[idx // CPU_BLOCK_N, :, within % (CPU_BLOCK_N // 2)]  # [R, K]
-        q = torch.where((within < CPU_BLOCK_N // 2)[:, None], sel & 15, sel >> 4).float()
+        k, blk = self.in_features, cpu_int4_block()
+        blocks = packed.view(-1, k, blk // 2)
+        within = idx % blk
+        sel = blocks[idx // blk, :, within % (blk // 2)]  # [R, K]
+        q = torch.where((within < blk // 2)[:, None], sel & 15, sel >> 4).float()
         g = self.group_size
         scale, zero = sz[:, idx, 0].t().float(), sz[:, idx, 1].t().float()  # [R, K/g]
         return ((q.view(len(idx), -1, g) - 8) * scale[..., None] + zero[..., None]).view(len(idx), k)
 
     def row_block(self, start: int, end: int) -> torch.Tensor:
         """Rows start … end−1 dequantized [end−start, K] in fp32, read in order (no gather) — what a
-        prefill matmul needs; `start`/`end` multiples of CPU_BLOCK_N (or end = N)."""
-        if self._cpu4 is None or start % CPU_BLOCK_N or end % CPU_BLOCK_N:
+        prefill matmul needs; `start`/`end` multiples of 64 (or end = N)."""
+        blk = cpu_int4_block()
+        if self._cpu4 is None or start % blk or end % blk:
             return self.rows(torch.arange(start, end, device=self._device()))
         packed, sz = self._cpu4
-        k, half = self.in_features, CPU_BLOCK_N // 2
-        p = packed.view(-1, k, half)[start // CPU_BLOCK_N: end // CPU_BLOCK_N]  # [nb, K, 32]
-        q = torch.cat((p & 15, p >> 4), dim=-1).transpose(1, 2).reshape(end - start, k)  # rows n%64 <32 low
+        k = self.in_features
+        p = packed.view(-1, k, blk // 2)[start // blk: end // blk]  # [nb, K, B/2]
+        q = torch.cat((p & 15, p >> 4), dim=-1).transpose(1, 2).reshape(end - start, k)  # rows n%B < B/2 low
         g = self.group_size
         scale, zero = sz[:, start:end, 0].t().float(), sz[:, start:end, 1].t().float()
         return ((q.view(end - start, -1, g).float() - 8) * scale[..., None] + zero[..., None]).view(end - start, k)
@@ -188,7 +206,7 @@ class QuantLinear(nn.Module):
         dev = self._device()
         probe = torch.randn(3, self.in_features, generator=torch.Generator().manual_seed(0)).to(dev, self.dtype)
         n = self.out_features
-        idx = torch.unique(torch.cat([torch.arange(min(n, 2 * CPU_BLOCK_N)), torch.arange(max(0, n - CPU_BLOCK_N), n),
+        idx = torch.unique(torch.cat([torch.arange(min(n, 128)), torch.arange(max(0, n - 64), n),
                                       torch.randint(0, n, (64,), generator=torch.Generator().manual_seed(1))])).to(dev)
         portable = self.rows(idx)
         want = F.linear(probe.float(), portable)
@@ -201,7 +219,7 @@ class QuantLinear(nn.Module):
         if not torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item()):
             return
         self._kernel = kernel
-        if self.bits == 4 and dev.type == "cpu" and n % CPU_BLOCK_N == 0:
+        if self.bits == 4 and dev.type == "cpu" and cpu_int4_block() and n % cpu_int4_block() == 0:
             self._cpu4 = kernel.packed, kernel.sz
             if torch.equal(self.rows(idx), portable):  # our reading of the CPU layout holds
                 self.qweight = self.scales = self.zeros = None  # the kernel's copy is the only one
@@ -246,7 +264,7 @@ def _int4_kernel(mod: QuantLinear) -> _Kernel:
     sz = torch.stack((mod.scales, mod.zeros), dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
     g, n = mod.group_size, mod.out_features
     if mod.qweight.device.type == "cpu":  # a row block at a time: an int32 copy of a 248K-row matrix is 1 GB
-        step = ROW_BLOCK if n % CPU_BLOCK_N == 0 else n
+        step = ROW_BLOCK if cpu_int4_block() and n % cpu_int4_block() == 0 else n
         packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             unpack_int4(mod.qweight[i:i + step]).to(torch.int32), 1) for i in range(0, n, step)])
         from . import gemv

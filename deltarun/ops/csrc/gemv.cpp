@@ -3,7 +3,7 @@
 // bound: every weight byte is read once per call, rows are split across torch's intra-op threads
 // (at::parallel_for), activation rows stay in L1 while a weight row streams past. Accumulation is fp32.
 // Here: argument checks, dispatch by instruction set, registration as torch.ops.deltarun.*; the inner
-// loops are in gemv_kernels.h. References: F.linear and torch's int8/int4 ops (ops/gemv.py's self-check,
+// loops are in gemv_kernels.h (AVX-512) and gemv_avx2.h (AVX2, plain C++). References: F.linear and torch's int8/int4 ops (ops/gemv.py's self-check,
 // tests/test_gemv.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "gemv_kernels.h"
+#include "gemv_avx2.h"
 
 namespace {
 
@@ -47,6 +48,15 @@ at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& w) {
 #endif
   const at::Tensor xf = x.to(at::kFloat);
   const float* XF = xf.data_ptr<float>();
+#if defined(__AVX2__) && defined(__FMA__)
+  if (K % 16 == 0) {
+    at::parallel_for(0, N, GRAIN, [&](int64_t a, int64_t b) {
+      for (int64_t n = a; n < b; ++n)
+        by_rows<4>(M, [&](auto mc, int64_t m) { bf16_row_avx2<mc.value>(XF + m * K, K, W + n * K, O + m * N + n, N); });
+    });
+    return out;
+  }
+#endif
   at::parallel_for(0, N, GRAIN, [&](int64_t a, int64_t b) {
     for (int64_t n = a; n < b; n += ROWS) bf16_block_generic(XF, M, K, W, n, std::min(ROWS, b - n), O, N);
   });
@@ -54,85 +64,84 @@ at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& w) {
 }
 
 // x [M, K] (any float dtype), w [N, K] int8, scales [N] → [M, N] fp32. bf16/fp16 activations go through
-// VNNI as 13-bit integers; fp32 activations are widened and multiplied exactly in fp32.
+// VNNI (or AVX2's vpmaddwd) as 13-bit integers; fp32 activations are widened and multiplied exactly in fp32.
 at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
   check(x, w);
   TORCH_CHECK(w.scalar_type() == at::kChar, "gemv_int8: int8 weights");
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  if (x.size(1) % 32 == 0 && x.scalar_type() != at::kFloat) {  // fp32 activations take the exact path below
-    const at::Tensor xf = x.to(at::kFloat);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int8_t* W = w.data_ptr<int8_t>();
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({M, N}, xf.options());
+  float* O = out.data_ptr<float>();
+#if (defined(__AVX512VNNI__) && defined(__AVX512BW__)) || (defined(__AVX2__) && defined(__FMA__))
+  if (K % 32 == 0 && x.scalar_type() != at::kFloat) {  // fp32 activations take the exact path below
     const at::Tensor sx = xf.abs().amax(1, true).clamp_min(1e-30) / XQ_MAX;  // [M, 1]
     const at::Tensor xq = (xf / sx).round_().to(at::kShort).contiguous();
-    const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-    at::Tensor out = at::empty({M, N}, xf.options());
     const int16_t* XQ = xq.data_ptr<int16_t>();
-    const int8_t* W = w.data_ptr<int8_t>();
-    float* O = out.data_ptr<float>();
     at::parallel_for(0, N, GRAIN, [&](int64_t a, int64_t b) {
       for (int64_t n = a; n < b; ++n) {
-        for (int64_t m = 0; m < M; m += 4) {
-          const int16_t* xm = XQ + m * K;
-          float* o = O + m * N + n;
-          switch (M - m < 4 ? M - m : 4) {
-            case 1: int8_row_vnni<1>(xm, K, W + n * K, o, N); break;
-            case 2: int8_row_vnni<2>(xm, K, W + n * K, o, N); break;
-            case 3: int8_row_vnni<3>(xm, K, W + n * K, o, N); break;
-            default: int8_row_vnni<4>(xm, K, W + n * K, o, N); break;
-          }
-        }
+        by_rows<4>(M, [&](auto mc, int64_t m) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+          int8_row_vnni<mc.value>(XQ + m * K, K, W + n * K, O + m * N + n, N);
+#else
+          int8_row_madd<mc.value>(XQ + m * K, K, W + n * K, O + m * N + n, N);
+#endif
+        });
       }
     });
     return out.mul_(sx).mul_(scales.to(at::kFloat).view({1, N}));
   }
 #endif
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  at::Tensor out = at::empty({M, N}, xf.options());
   const float* XF = xf.data_ptr<float>();
-  const int8_t* W = w.data_ptr<int8_t>();
-  float* O = out.data_ptr<float>();
   at::parallel_for(0, N, GRAIN, [&](int64_t a, int64_t b) {
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+    if (K % 16 == 0) {
+      for (int64_t n = a; n < b; ++n)
+        by_rows<4>(M, [&](auto mc, int64_t m) { int8_row_avx2<mc.value>(XF + m * K, K, W + n * K, O + m * N + n, N); });
+      return;
+    }
+#endif
     for (int64_t n = a; n < b; n += ROWS) int8_block(XF, M, K, W, n, std::min(ROWS, b - n), O, N);
   });
   return out.mul_(scales.to(at::kFloat).view({1, N}));
 }
 
-
-#if defined(__AVX512F__)
-// Every 64-row block of an int4 weight, in torch's threads, against x's rows four at a time.
+// Every Kernel::BLOCK-row block of an int4 weight, in torch's threads, against x's rows Kernel::MC_MAX at a time.
 template <class Kernel, typename T>
 void int4_all(const T* X, const float* XS, int64_t M, int64_t K, int64_t g, const uint8_t* P, const uint32_t* SZ,
               int64_t N, float* O) {
-  const int64_t G = K / g;
-  at::parallel_for(0, N / 64, 4, [&](int64_t a, int64_t e) {
-    for (int64_t b = a; b < e; ++b) {
-      const uint8_t* pb = P + b * K * 32;
-      for (int64_t m = 0; m < M; m += 4) {
-        const T* x = X + m * K;
-        const float* xs = XS + m * G;
-        float* o = O + m * N;
-        switch (M - m < 4 ? M - m : 4) {
-          case 1: Kernel::template run<1>(x, xs, K, g, pb, SZ, N, b, o); break;
-          case 2: Kernel::template run<2>(x, xs, K, g, pb, SZ, N, b, o); break;
-          case 3: Kernel::template run<3>(x, xs, K, g, pb, SZ, N, b, o); break;
-          default: Kernel::template run<4>(x, xs, K, g, pb, SZ, N, b, o); break;
-        }
-      }
-    }
+  const int64_t G = K / g, B = Kernel::BLOCK;
+  at::parallel_for(0, N / B, 256 / B, [&](int64_t a, int64_t e) {
+    for (int64_t b = a; b < e; ++b)
+      by_rows<Kernel::MC_MAX>(M, [&](auto mc, int64_t m) {
+        Kernel::template run<mc.value>(X + m * K, XS + m * G, K, g, P + b * K * B / 2, SZ, N, b, O + m * N);
+      });
   });
 }
-#endif
 
-// x [M, K] (any float dtype), packed [N/64, K, 32] uint8, sz [K/g, N, 2] bf16 → [M, N] fp32
+// Which of torch's int4 layouts this build reads (the row-block size of `_convert_weight_to_int4pack_for_cpu`,
+// which follows torch's own CPU capability: 64 for AVX-512, 32 for AVX2), 0 for none.
+int64_t int4_block() {
+#if defined(__AVX512F__)
+  return 64;
+#elif defined(__AVX2__) && defined(__FMA__)
+  return 32;
+#else
+  return 0;
+#endif
+}
+
+// x [M, K] (any float dtype), packed [N/B, K, B/2] uint8 (B = int4_block()), sz [K/g, N, 2] bf16 → [M, N] fp32
 at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, const at::Tensor& sz) {
+  const int64_t B = int4_block();
+  TORCH_CHECK(B > 0, "gemv_int4: built without AVX2/AVX-512");
   TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "gemv_int4: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && x.size(0) <= MAX_M, "gemv_int4: x [M ≤ 16, K]");
   const int64_t M = x.size(0), K = x.size(1), N = sz.size(1);
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() == N * K / 2 && N % 64 == 0,
-              "gemv_int4: packed [N/64, K, 32] uint8");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() == N * K / 2 && N % B == 0,
+              "gemv_int4: packed [N/B, K, B/2] uint8");
   TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 && sz.size(0) * g == K &&
               sz.size(2) == 2, "gemv_int4: sz [K/g, N, 2] bf16");
-#if defined(__AVX512F__)
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const int64_t G = K / g;
   const at::Tensor xsum = xf.view({M, G, g}).sum(-1).contiguous();  // [M, K/g]
@@ -149,17 +158,37 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, c
     return out;
   }
 #endif
+#if defined(__AVX512F__)
   int4_all<Int4F32>(X, XS, M, K, g, P, SZ, N, O);
-  return out;
-#else
-  TORCH_CHECK(false, "gemv_int4: built without AVX-512");
+#elif defined(__AVX2__) && defined(__FMA__)
+  if (x.scalar_type() != at::kFloat && g % 16 == 0) {  // bf16/fp16 activations: integer products, as int8's path
+    // x̃ = xs·xq with xq int8 per group of g columns (xs = max|x|/127): the product is exact for x̃
+    const at::Tensor xg = xf.view({M, G, g});
+    const at::Tensor xs = (xg.abs().amax(-1) / 127.f).clamp_min(1e-30).contiguous();  // [M, G]
+    const at::Tensor xq = (xg / xs.unsqueeze(-1)).round_().clamp_(-127, 127);
+    const at::Tensor xqs = xq.sum(-1).contiguous();                                   // [M, G]
+    const at::Tensor xp = xq.to(at::kChar).view({M, K}).contiguous();
+    const auto* XP = reinterpret_cast<const int16_t*>(xp.data_ptr());
+    const float *XSC = xs.data_ptr<float>(), *XQS = xqs.data_ptr<float>();
+    at::parallel_for(0, N / 32, 8, [&](int64_t a, int64_t e) {
+      for (int64_t b = a; b < e; ++b)
+        by_rows<Int4Avx2Q8::MC_MAX>(M, [&](auto mc, int64_t m) {
+          Int4Avx2Q8::run<mc.value>(XP + m * K / 2, XSC + m * G, XQS + m * G, K, g, P + b * K * 16, SZ, N, b,
+                                    O + m * N);
+        });
+    });
+    return out;
+  }
+  int4_all<Int4Avx2>(X, XS, M, K, g, P, SZ, N, O);
 #endif
+  return out;
 }
 
 TORCH_LIBRARY(deltarun, m) {
   m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor packed, int group, Tensor sz) -> Tensor");
+  m.def("int4_block() -> int", &int4_block);  // no tensors: not dispatched by device
 }
 
 TORCH_LIBRARY_IMPL(deltarun, CPU, m) {

@@ -4,7 +4,7 @@
 
 #include <cstdint>
 #include <cstring>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -242,6 +242,7 @@ inline void int4_block_bf16(const uint16_t* x, const float* xsum, int64_t K, int
 #if defined(__AVX512F__)
 // int4 kernels as types, so one dispatch loop (gemv.cpp) serves both activation formats
 struct Int4F32 {
+  static constexpr int MC_MAX = 4, BLOCK = 64;
   template <int MC>
   static void run(const float* x, const float* xsum, int64_t K, int64_t g, const uint8_t* pb, const uint32_t* sz,
                   int64_t N, int64_t b, float* out) { int4_block<MC>(x, xsum, K, g, pb, sz, N, b, out); }
@@ -249,18 +250,20 @@ struct Int4F32 {
 #endif
 #if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
 struct Int4Bf16 {
+  static constexpr int MC_MAX = 4, BLOCK = 64;
   template <int MC>
   static void run(const uint16_t* x, const float* xsum, int64_t K, int64_t g, const uint8_t* pb, const uint32_t* sz,
                   int64_t N, int64_t b, float* out) { int4_block_bf16<MC>(x, xsum, K, g, pb, sz, N, b, out); }
 };
 #endif
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// int8 weights · 16-bit activations with VNNI (vpdpwssd): x is scaled per row to at most XQ_MAX in
-// magnitude, so its rounding error (≤ max|x|/(2·XQ_MAX)) stays far below bf16's own (max|x|/256), and
-// int32 sums are flushed to fp32 every XQ_FLUSH columns, so they cannot overflow (127·XQ_MAX·XQ_FLUSH < 2³¹).
+// int8 weights · 16-bit activations (VNNI's vpdpwssd, AVX2's vpmaddwd): x is scaled per row to at most
+// XQ_MAX in magnitude, so its rounding error (≤ max|x|/(2·XQ_MAX)) stays far below bf16's own (max|x|/256),
+// and int32 sums are flushed to fp32 every XQ_FLUSH columns, so they cannot overflow (127·XQ_MAX·XQ_FLUSH < 2³¹).
 constexpr int XQ_MAX = 8191;
 constexpr int64_t XQ_FLUSH = 1024;
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 
 template <int MC>
 inline void int8_row_vnni(const int16_t* xq, int64_t K, const int8_t* wr, float* out, int64_t N) {

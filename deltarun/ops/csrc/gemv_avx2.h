@@ -1,0 +1,207 @@
+// Inner loops of the CPU decode kernels for machines without AVX-512 (most laptops: AVX2 + FMA). Same contracts and the same
+// arithmetic as gemv_kernels.h (exact bf16·bf16 / int8·fp32 products summed in fp32; bf16 activations
+// into the int8 path as 13-bit integers). Included once, after gemv_kernels.h.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+namespace {
+
+// Runs f(std::integral_constant<int, MC>, m) over activation rows m, MC_MAX at a time (register blocking).
+template <int MC_MAX, class F>
+inline void by_rows(int64_t M, F&& f) {
+  for (int64_t m = 0; m < M; m += MC_MAX) {
+    const int64_t r = M - m < MC_MAX ? M - m : MC_MAX;
+    if (r >= 4 && MC_MAX >= 4) f(std::integral_constant<int, (MC_MAX >= 4 ? 4 : 1)>{}, m);
+    else if (r == 3) f(std::integral_constant<int, (MC_MAX >= 3 ? 3 : 1)>{}, m);
+    else if (r == 2) f(std::integral_constant<int, (MC_MAX >= 2 ? 2 : 1)>{}, m);
+    else f(std::integral_constant<int, 1>{}, m);
+  }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline __m256 bf16x8(const uint16_t* p) {  // 8 bf16 → 8 fp32, exact
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+
+// One bf16 weight row against MC fp32 activation rows (K a multiple of 16).
+template <int MC>
+inline void bf16_row_avx2(const float* x, int64_t K, const uint16_t* wr, float* out, int64_t N) {
+  __m256 acc[MC][2];
+  for (int m = 0; m < MC; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m256 w0 = bf16x8(wr + k), w1 = bf16x8(wr + k + 8);
+    for (int m = 0; m < MC; ++m) {
+      acc[m][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k), w0, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k + 8), w1, acc[m][1]);
+    }
+  }
+  for (int m = 0; m < MC; ++m) out[m * N] = hsum256(_mm256_add_ps(acc[m][0], acc[m][1]));
+}
+
+// One int8 weight row against MC fp32 activation rows (K a multiple of 16): exact products.
+template <int MC>
+inline void int8_row_avx2(const float* x, int64_t K, const int8_t* wr, float* out, int64_t N) {
+  __m256 acc[MC][2];
+  for (int m = 0; m < MC; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k));
+    const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+    for (int m = 0; m < MC; ++m) {
+      acc[m][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k), w0, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k + 8), w1, acc[m][1]);
+    }
+  }
+  for (int m = 0; m < MC; ++m) out[m * N] = hsum256(_mm256_add_ps(acc[m][0], acc[m][1]));
+}
+
+// int8 weights · 16-bit activations (quantized as for VNNI) with vpmaddwd, flushed to fp32 every XQ_FLUSH.
+template <int MC>
+inline void int8_row_madd(const int16_t* xq, int64_t K, const int8_t* wr, float* out, int64_t N) {
+  __m256 accf[MC];
+  for (int m = 0; m < MC; ++m) accf[m] = _mm256_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += XQ_FLUSH) {
+    const int64_t k1 = k0 + XQ_FLUSH < K ? k0 + XQ_FLUSH : K;
+    __m256i acc[MC];
+    for (int m = 0; m < MC; ++m) acc[m] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; k += 16) {
+      const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k)));
+      for (int m = 0; m < MC; ++m)
+        acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(w, _mm256_loadu_si256(
+                                                                   reinterpret_cast<const __m256i*>(xq + m * K + k))));
+    }
+    for (int m = 0; m < MC; ++m) accf[m] = _mm256_add_ps(accf[m], _mm256_cvtepi32_ps(acc[m]));
+  }
+  for (int m = 0; m < MC; ++m) out[m * N] = hsum256(accf[m]);
+}
+
+// int4 weights in torch's CPU layout for AVX2 machines: packed [N/32, K, 16] uint8, byte (b, k, j) holds
+// row 32b+j (low nibble) and row 32b+16+j (high); sz [K/g, N, 2] bf16 as for the 64-row layout.
+// One 32-row block against MC ≤ 2 fp32 activation rows (accumulators and widened nibbles in 16 registers).
+template <int MC>
+inline void int4_block_avx2(const float* x, const float* xsum, int64_t K, int64_t g, const uint8_t* pb,
+                            const uint32_t* sz, int64_t N, int64_t b, float* out) {
+  static_assert(MC <= 2, "register budget");
+  __m256 tot[MC][4];
+  for (int m = 0; m < MC; ++m)
+    for (int v = 0; v < 4; ++v) tot[m][v] = _mm256_setzero_ps();
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const int64_t G = K / g;
+  for (int64_t gi = 0; gi < G; ++gi) {
+    __m256 acc[MC][4];
+    for (int m = 0; m < MC; ++m)
+      for (int v = 0; v < 4; ++v) acc[m][v] = _mm256_setzero_ps();
+    for (int64_t k = gi * g; k < (gi + 1) * g; ++k) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(pb + k * 16));
+      const __m128i lo = _mm_and_si128(bytes, low4), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+      const __m256 q[4] = {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)),
+                           _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
+                           _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
+                           _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)))};
+      for (int m = 0; m < MC; ++m) {
+        const __m256 xk = _mm256_broadcast_ss(x + m * K + k);
+        for (int v = 0; v < 4; ++v) acc[m][v] = _mm256_fmadd_ps(q[v], xk, acc[m][v]);
+      }
+    }
+    // Σ((q−8)s + z)x = s·(Σqx − 8Σx) + z·Σx, with the rows' (scale, zero) bf16 pairs read as uint32
+    const uint32_t* s = sz + gi * N + b * 32;
+    for (int v = 0; v < 4; ++v) {
+      const __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 8 * v));
+      const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+      const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pair, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+      for (int m = 0; m < MC; ++m) {
+        const __m256 sx = _mm256_set1_ps(xsum[m * G + gi]);
+        const __m256 t = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), sx, acc[m][v]);
+        tot[m][v] = _mm256_fmadd_ps(scale, t, _mm256_fmadd_ps(zero, sx, tot[m][v]));
+      }
+    }
+  }
+  for (int m = 0; m < MC; ++m)
+    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(out + m * N + b * 32 + 8 * v, tot[m][v]);
+}
+
+// The same block with integer products (llama.cpp's approach): x quantized to int8 per group of g columns
+// (xq [M, K], scale xs and Σxq per (row, group)), nibbles · xq by vpmaddubsw over column pairs (k, k+1)
+// into int16 (|sum| ≤ 8 pairs · 2 · 15 · 127 < 2¹⁵), widened to int32 every 8 pairs. Exact for that x̃.
+template <int MC>
+inline void int4_block_avx2_q8(const int16_t* xp, const float* xs, const float* xqs, int64_t K, int64_t g,
+                               const uint8_t* pb, const uint32_t* sz, int64_t N, int64_t b, float* out) {
+  static_assert(MC <= 2, "register budget");
+  // within each 128-bit lane: bytes 0..7 = column k (8 rows), 8..15 = column k+1 → (k, k+1) pairs per row
+  const __m256i pairs = _mm256_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15,
+                                         0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const int64_t G = K / g, P = K / 2;  // xp holds one int16 = (x_k, x_k+1) int8 pair per column pair
+  __m256 tot[MC][4];
+  for (int m = 0; m < MC; ++m)
+    for (int v = 0; v < 4; ++v) tot[m][v] = _mm256_setzero_ps();
+  for (int64_t gi = 0; gi < G; ++gi) {
+    __m256i acc[MC][4];  // int32: rows 0-7, 8-15, 16-23, 24-31
+    for (int m = 0; m < MC; ++m)
+      for (int v = 0; v < 4; ++v) acc[m][v] = _mm256_setzero_si256();
+    for (int64_t k0 = gi * g; k0 < (gi + 1) * g; k0 += 16) {
+      __m256i a16[MC][2];
+      for (int m = 0; m < MC; ++m) a16[m][0] = a16[m][1] = _mm256_setzero_si256();
+      for (int64_t k = k0; k < k0 + 16; k += 2) {
+        // columns k, k+1 (16 bytes each) → lanes [k rows 0-7 | k+1 rows 0-7], [k rows 8-15 | k+1 rows 8-15]
+        __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + k * 16));
+        v = _mm256_shuffle_epi8(_mm256_permute4x64_epi64(v, 0xD8), pairs);
+        const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        for (int m = 0; m < MC; ++m) {
+          const __m256i xk = _mm256_set1_epi16(xp[m * P + k / 2]);
+          a16[m][0] = _mm256_add_epi16(a16[m][0], _mm256_maddubs_epi16(lo, xk));  // rows 0-15
+          a16[m][1] = _mm256_add_epi16(a16[m][1], _mm256_maddubs_epi16(hi, xk));  // rows 16-31
+        }
+      }
+      for (int m = 0; m < MC; ++m)
+        for (int h = 0; h < 2; ++h) {
+          acc[m][2 * h] = _mm256_add_epi32(acc[m][2 * h], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(a16[m][h])));
+          acc[m][2 * h + 1] =
+              _mm256_add_epi32(acc[m][2 * h + 1], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(a16[m][h], 1)));
+        }
+    }
+    // Σ((q−8)s + z)·x̃ = xs·(s·(Σq·xq − 8Σxq) + z·Σxq)
+    const uint32_t* s = sz + gi * N + b * 32;
+    for (int v = 0; v < 4; ++v) {
+      const __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 8 * v));
+      const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+      const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pair, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+      for (int m = 0; m < MC; ++m) {
+        const __m256 sq = _mm256_set1_ps(xqs[m * G + gi]), sc = _mm256_set1_ps(xs[m * G + gi]);
+        const __m256 t = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), sq, _mm256_cvtepi32_ps(acc[m][v]));
+        tot[m][v] = _mm256_fmadd_ps(sc, _mm256_fmadd_ps(scale, t, _mm256_mul_ps(zero, sq)), tot[m][v]);
+      }
+    }
+  }
+  for (int m = 0; m < MC; ++m)
+    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(out + m * N + b * 32 + 8 * v, tot[m][v]);
+}
+
+struct Int4Avx2Q8 {
+  static constexpr int MC_MAX = 2, BLOCK = 32;
+  template <int MC>
+  static void run(const int16_t* xp, const float* xs, const float* xqs, int64_t K, int64_t g, const uint8_t* pb,
+                  const uint32_t* sz, int64_t N, int64_t b, float* out) {
+    int4_block_avx2_q8<MC>(xp, xs, xqs, K, g, pb, sz, N, b, out);
+  }
+};
+
+struct Int4Avx2 {
+  static constexpr int MC_MAX = 2, BLOCK = 32;
+  template <int MC>
+  static void run(const float* x, const float* xsum, int64_t K, int64_t g, const uint8_t* pb, const uint32_t* sz,
+                  int64_t N, int64_t b, float* out) { int4_block_avx2<MC>(x, xsum, K, g, pb, sz, N, b, out); }
+};
+#endif
+
+}  // namespace
