@@ -10,7 +10,10 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "gemv_kernels.h"
 #include "gemv_avx2.h"
@@ -144,10 +147,12 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, c
               sz.size(2) == 2, "gemv_int4: sz [K/g, N, 2] bf16");
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const int64_t G = K / g;
-  const at::Tensor xsum = xf.view({M, G, g}).sum(-1).contiguous();  // [M, K/g]
   at::Tensor out = at::empty({M, N}, xf.options());
   const float* X = xf.data_ptr<float>();
-  const float* XS = xsum.data_ptr<float>();
+  std::vector<float> xsum(M * G);  // Σx per (row, group) [M, K/g]
+  for (int64_t i = 0; i < M * G; ++i)
+    for (int64_t k = 0; k < g; ++k) xsum[i] += X[i * g + k];
+  const float* XS = xsum.data();
   const uint8_t* P = packed.data_ptr<uint8_t>();
   const auto* SZ = reinterpret_cast<const uint32_t*>(sz.data_ptr());
   float* O = out.data_ptr<float>();
@@ -162,19 +167,29 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, c
   int4_all<Int4F32>(X, XS, M, K, g, P, SZ, N, O);
 #elif defined(__AVX2__) && defined(__FMA__)
   if (x.scalar_type() != at::kFloat && g % 16 == 0) {  // bf16/fp16 activations: integer products, as int8's path
-    // x̃ = xs·xq with xq int8 per group of g columns (xs = max|x|/127): the product is exact for x̃
-    const at::Tensor xg = xf.view({M, G, g});
-    const at::Tensor xs = (xg.abs().amax(-1) / 127.f).clamp_min(1e-30).contiguous();  // [M, G]
-    const at::Tensor xq = (xg / xs.unsqueeze(-1)).round_().clamp_(-127, 127);
-    const at::Tensor xqs = xq.sum(-1).contiguous();                                   // [M, G]
-    const at::Tensor xp = xq.to(at::kChar).view({M, K}).contiguous();
-    const auto* XP = reinterpret_cast<const int16_t*>(xp.data_ptr());
-    const float *XSC = xs.data_ptr<float>(), *XQS = xqs.data_ptr<float>();
+    // x̃ = xs·xq with xq int8 per group of g columns (xs = max|x|/127): the product is exact for x̃. Plain
+    // loops: a handful of torch ops here would cost as much as a small layer's whole matmul.
+    std::vector<int8_t> xq(M * K);
+    std::vector<float> xs(M * G), xqs(M * G);
+    for (int64_t i = 0; i < M * G; ++i) {
+      const float* xv = X + i * g;
+      float amax = 0.f;
+      for (int64_t k = 0; k < g; ++k) amax = std::max(amax, std::abs(xv[k]));
+      const float sc = std::max(amax / 127.f, 1e-30f);
+      int32_t sum = 0;
+      for (int64_t k = 0; k < g; ++k) {
+        const int32_t q = static_cast<int32_t>(std::nearbyint(std::min(127.f, std::max(-127.f, xv[k] / sc))));
+        xq[i * g + k] = static_cast<int8_t>(q);
+        sum += q;
+      }
+      xs[i] = sc, xqs[i] = static_cast<float>(sum);
+    }
+    const auto* XP = reinterpret_cast<const int16_t*>(xq.data());
     at::parallel_for(0, N / 32, 8, [&](int64_t a, int64_t e) {
       for (int64_t b = a; b < e; ++b)
         by_rows<Int4Avx2Q8::MC_MAX>(M, [&](auto mc, int64_t m) {
-          Int4Avx2Q8::run<mc.value>(XP + m * K / 2, XSC + m * G, XQS + m * G, K, g, P + b * K * 16, SZ, N, b,
-                                    O + m * N);
+          Int4Avx2Q8::run<mc.value>(XP + m * K / 2, xs.data() + m * G, xqs.data() + m * G, K, g, P + b * K * 16, SZ,
+                                    N, b, O + m * N);
         });
     });
     return out;
