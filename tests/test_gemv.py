@@ -127,3 +127,28 @@ def test_int4_cpu_layout_is_read_right():
     got = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     assert torch.equal(got.flatten(), _cpu_layout(q, cpu_int4_block()).flatten())
     assert torch.ops.deltarun.int4_block() == cpu_int4_block()  # the kernel is built for this machine's layout
+
+
+def test_linear_via_fp32_is_a_bf16_linear_computed_in_fp32(monkeypatch):
+    """Prefill matmuls on CPUs without hardware bf16: the same products, fp32 sums, one rounding; the
+    weight widened a row block at a time (also across a block boundary)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 20, 64, generator=g).bfloat16()
+    w, b = torch.randn(300, 64, generator=g).bfloat16(), torch.randn(300, generator=g).bfloat16()
+    want = F.linear(x.float(), w.float(), b.float()).bfloat16()
+    assert torch.equal(gemv.linear_via_fp32(x, w, b), want)
+    monkeypatch.setattr(gemv, "WIDEN_ROWS", 128)
+    assert torch.equal(gemv.linear_via_fp32(x, w, b), want)
+    mod = torch.nn.Linear(64, 300).bfloat16()
+    mod.weight.data, mod.bias.data = w, b
+    mod.__class__ = gemv.DecodeLinear
+    monkeypatch.setitem(gemv._state, "native_bf16", False)
+    with torch.no_grad():
+        assert torch.equal(mod(x), want)  # 40 rows: the widened path
+        torch.testing.assert_close(mod(x[:1, :2]).float(), want[:1, :2].float(), rtol=1e-2, atol=1e-2)  # decode
+
+
+def test_native_bf16_matmul_follows_the_cpu_flags():
+    flags = next((ln for ln in open("/proc/cpuinfo").read().splitlines() if ln.startswith(("flags", "Features"))), "")
+    native = any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))
+    assert gemv.native_bf16_matmul() == native

@@ -13,8 +13,14 @@ import torch.nn.functional as F
 def causal_conv1d(
     x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    t, c = x.shape[1], x.shape[2]
+    t, k = x.shape[1], weight.shape[1]
     window = torch.cat([state.to(x.dtype), x.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
     new_state = window[:, :, window.shape[-1] - state.shape[-1]:]
-    y = F.conv1d(window.to(weight.dtype), weight.unsqueeze(1), groups=c)  # [B, C, T]
-    return F.silu(y[:, :, -t:]).transpose(1, 2).to(x.dtype), new_state
+    # K shifted products summed in fp32 (as the decode step does): torch's depthwise conv1d has no fast
+    # bf16 path on CPUs (a per-channel loop: 85 ms against 7 ms for these K fused multiply-adds at
+    # C = 6,144, T = 512), and fp32 sums round once, at the end
+    wf, xf = weight.float(), window.float()
+    y = xf[..., :t] * wf[:, :1]
+    for i in range(1, k):
+        y.addcmul_(xf[..., i:i + t], wf[:, i:i + 1])
+    return F.silu(y).transpose(1, 2).to(x.dtype), new_state

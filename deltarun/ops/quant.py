@@ -233,13 +233,21 @@ class QuantLinear(nn.Module):
             y = self._kernel(x2)
         else:  # dequantize in row blocks: never a whole fp32 copy of a large matrix
             n = self.out_features
-            y = torch.cat([F.linear(x2, self.row_block(i, min(i + ROW_BLOCK, n)).to(self.dtype))
-                           for i in range(0, n, ROW_BLOCK)], dim=-1)
+            # without hardware bf16 matmul the rows stay fp32 (ops/gemv.py `native_bf16_matmul`)
+            xm, wt = (x2.float(), torch.float32) if x2.device.type == "cpu" and not _native_bf16(x2) else (x2, self.dtype)
+            y = torch.cat([F.linear(xm, self.row_block(i, min(i + ROW_BLOCK, n)).to(wt))
+                           for i in range(0, n, ROW_BLOCK)], dim=-1).to(self.dtype)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{g}"
+
+
+def _native_bf16(x: torch.Tensor) -> bool:
+    from .gemv import native_bf16_matmul
+
+    return x.dtype != torch.bfloat16 or native_bf16_matmul()
 
 
 class _Kernel:
