@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -92,6 +93,26 @@ def test_switched_off_by_environment(tmp_path):
     assert out.stdout.strip() == "False"
 
 
+def test_a_killed_build_does_not_block_the_next_load(tmp_path):
+    """torch's build lock left behind by an interrupted first build (Ctrl-C while a model loads) is
+    cleared once stale, instead of waiting on it forever."""
+    import os
+    import shutil
+    import time
+
+    src = Path(os.environ["DELTARUN_KERNELS_DIR"]) / gemv._cpu_tag()
+    dst = tmp_path / gemv._cpu_tag()
+    shutil.copytree(src, dst)
+    lock = dst / "lock"
+    lock.touch()
+    old = time.time() - gemv.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    code = "from deltarun.ops import gemv; print(gemv.available())"
+    env = {**os.environ, "DELTARUN_KERNELS_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True" and not lock.exists()
+
+
 @pytest.mark.parametrize("m", [1, 2, 4, 7])
 @pytest.mark.parametrize("n,k,group", [(64, 64, 32), (192, 256, 64), (128, 512, 128)])
 def test_int4_kernel_matches_torch_int4_and_dequantized(m, n, k, group):
@@ -152,3 +173,24 @@ def test_native_bf16_matmul_follows_the_cpu_flags():
     flags = next((ln for ln in open("/proc/cpuinfo").read().splitlines() if ln.startswith(("flags", "Features"))), "")
     native = any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))
     assert gemv.native_bf16_matmul() == native
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("wdtype", ["same", "fp32"])
+def test_fused_norms_match_torch(dtype, wdtype):
+    """csrc/norm.cpp's zero-centred RMSNorm, alone and after the residual add, against F.rms_norm in fp32."""
+    g = torch.Generator().manual_seed(7)
+    x, h = (torch.randn(3, 5, 64, generator=g).to(dtype) for _ in range(2))
+    w = (torch.randn(64, generator=g) / 10).to(dtype if wdtype == "same" else torch.float32)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)  # ≤ 1 bf16 ulp
+
+    def ref(v):
+        return F.rms_norm(v.float(), (64,), 1.0 + w.float(), 1e-6).to(dtype)
+    torch.testing.assert_close(torch.ops.deltarun.rms_norm_zc(x, w, 1e-6), ref(x), **tol)
+    xt = x.transpose(0, 1)  # not contiguous
+    torch.testing.assert_close(torch.ops.deltarun.rms_norm_zc(xt, w, 1e-6), ref(xt), **tol)
+    s, y = torch.ops.deltarun.add_rms_norm_zc(x, h, w, 1e-6)
+    assert torch.equal(s, x + h)  # the residual sum rounds as torch's add does
+    torch.testing.assert_close(y, ref(x + h), **tol)
+    with pytest.raises(RuntimeError, match="weight"):
+        torch.ops.deltarun.rms_norm_zc(x, w[:10], 1e-6)

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import RopeConfig
 from ..ops.gdn import rms_norm_gated
+from ..ops.gemv import fused_norm
 
 
 class RMSNorm(nn.Module):
@@ -25,8 +26,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_norm(x):  # decode on the CPU: one C++ op (ops/csrc/norm.cpp), the same math
+            return torch.ops.deltarun.rms_norm_zc(x, self.weight, self.eps)
         # torch's fused kernel: the same fp32 math as the reference (x·rsqrt(mean(x²)+eps)·(1+w)) in one op
         return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + self.weight.float(), self.eps).to(x.dtype)
+
+
+def residual_norm(x: torch.Tensor, h: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, norm(s)) with s = x + h: the residual add and the next norm, one op for decode on the CPU."""
+    if fused_norm(x):
+        return torch.ops.deltarun.add_rms_norm_zc(x, h, norm.weight, norm.eps)
+    s = x + h
+    return s, norm(s)
 
 
 class RMSNormGated(nn.Module):

@@ -13,7 +13,7 @@ from ..cache.state import KVCache, ModelCache, SeqState, StatePool
 from ..config import ModelConfig, TextConfig
 from .attention import GatedAttention
 from .deltanet import GatedDeltaNet
-from .layers import MLP, RMSNorm, RotaryEmbedding
+from .layers import MLP, RMSNorm, RotaryEmbedding, residual_norm
 
 
 class DecoderLayer(nn.Module):
@@ -35,8 +35,8 @@ class DecoderLayer(nn.Module):
             h = self.linear_attn(h, cache.pool, self.state_index, slots)
         else:
             h = self.self_attn(h, rope, [s.kv[self.state_index] for s in cache.seqs])
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = residual_norm(x, h, self.post_attention_layernorm)
+        return x + self.mlp(h)
 
 
 class TextModel(nn.Module):

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +26,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 MAX_ROWS = 4  # measured: up to 4 rows the kernel wins (1.8× at one row); from 8, F.linear's GEMM is as fast
 SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
+SOURCES = ("gemv.cpp", "gdn.cpp", "norm.cpp")  # one extension: the matmuls, the DeltaNet step, the norms
+STALE_LOCK_S = 300  # a first build takes ~30 s
 _state: dict[str, object] = {}
 
 
@@ -56,10 +59,12 @@ def available() -> bool:
         root = os.environ.get("DELTARUN_KERNELS_DIR") or Path.home() / ".cache" / "deltarun" / "kernels"
         build = Path(root) / _cpu_tag()
         build.mkdir(parents=True, exist_ok=True)
+        lock = build / "lock"  # torch's build lock: one left by a build that was killed would block forever
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
         if not (build / "deltarun_gemv.so").exists():
-            print("deltarun: building the CPU decode kernels for this machine (once, ~20 s) …",
-                  file=sys.stderr, flush=True)
-        cpp_extension.load(name="deltarun_gemv", sources=[str(SOURCE), str(SOURCE.with_name("gdn.cpp"))], build_directory=str(build),
+            print("deltarun: building the CPU kernels for this machine (once, ~30 s) …", file=sys.stderr, flush=True)
+        cpp_extension.load(name="deltarun_gemv", sources=[str(SOURCE.with_name(f)) for f in SOURCES], build_directory=str(build),
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
         _state["ok"] = _self_check()
@@ -126,7 +131,7 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, sz: torch.Tensor)
     """Weight-only int4 matmul on torch's CPU layout (packed [N/B, K, B/2], sz [K/g, N, 2]): the kernel up
     to MAX_ROWS rows with bf16 scales, torch's `_weight_int4pack_mm_for_cpu` otherwise; x's dtype out."""
     if x.shape[0] <= MAX_ROWS and sz.dtype == torch.bfloat16 and _state.get("int4"):
-        return torch.ops.deltarun.gemv_int4(x, packed, group, sz).to(x.dtype)
+        return torch.ops.deltarun.gemv_int4(x, packed, group, sz, True)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
 
 
@@ -134,8 +139,14 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Ten
     """Weight-only int8 matmul for decode: the kernel up to 16 rows (it beats torch's at every row count
     measured), torch's beyond; x's dtype out."""
     if x.shape[0] <= 16:
-        return gemv_int8(x, q, scales).to(x.dtype)
+        return torch.ops.deltarun.gemv_int8(x, q, scales, True)
     return torch.ops.aten._weight_int8pack_mm(x, q, scales)
+
+
+def fused_norm(x: torch.Tensor) -> bool:
+    """Whether x (a decode-sized CPU activation) takes the fused norm ops of csrc/norm.cpp."""
+    return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and x.numel() <= 65536
+            and not torch.is_grad_enabled() and available())
 
 
 def native_bf16_matmul() -> bool:
@@ -178,7 +189,7 @@ class DecodeLinear(nn.Linear):
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
             if 0 < rows <= MAX_ROWS and available():
-                y = gemv_bf16(x.reshape(rows, -1), self.weight).to(x.dtype)
+                y = torch.ops.deltarun.gemv_bf16(x.reshape(rows, -1), self.weight, True)
                 if self.bias is not None:
                     y += self.bias
                 return y.reshape(*x.shape[:-1], self.out_features)

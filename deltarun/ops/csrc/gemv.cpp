@@ -27,12 +27,17 @@ void check(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(w.is_contiguous(), "gemv: w must be contiguous");
 }
 
+// fp32 results, or (cast) in the activations' dtype: what a Linear returns, without a second op from Python
+at::Tensor finish(const at::Tensor& out, const at::Tensor& x, bool cast) {
+  return cast && x.scalar_type() != at::kFloat ? out.to(x.scalar_type()) : out;
+}
+
 constexpr int64_t GRAIN = 256;  // rows per parallel task: ≥ 0.5 MB of bf16 weights at K = 1024
 
 }  // namespace
 
 // x [M, K] bf16, w [N, K] bf16 → [M, N] fp32
-at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& w) {
+at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& w, bool cast) {
   check(x_in, w);
   TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "gemv_bf16: bf16 tensors");
   const at::Tensor x = x_in.contiguous();
@@ -46,7 +51,7 @@ at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& w) {
     at::parallel_for(0, N, GRAIN, [&](int64_t a, int64_t b) {
       for (int64_t n = a; n < b; n += ROWS) bf16_block(X, M, K, W, n, std::min(ROWS, b - n), O, N);
     });
-    return out;
+    return finish(out, x, cast);
   }
 #endif
   const at::Tensor xf = x.to(at::kFloat);
@@ -57,18 +62,18 @@ at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& w) {
       for (int64_t n = a; n < b; ++n)
         by_rows<4>(M, [&](auto mc, int64_t m) { bf16_row_avx2<mc.value>(XF + m * K, K, W + n * K, O + m * N + n, N); });
     });
-    return out;
+    return finish(out, x, cast);
   }
 #endif
   at::parallel_for(0, N, GRAIN, [&](int64_t a, int64_t b) {
     for (int64_t n = a; n < b; n += ROWS) bf16_block_generic(XF, M, K, W, n, std::min(ROWS, b - n), O, N);
   });
-  return out;
+  return finish(out, x, cast);
 }
 
 // x [M, K] (any float dtype), w [N, K] int8, scales [N] → [M, N] fp32. bf16/fp16 activations go through
 // VNNI (or AVX2's vpmaddwd) as 13-bit integers; fp32 activations are widened and multiplied exactly in fp32.
-at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, bool cast) {
   check(x, w);
   TORCH_CHECK(w.scalar_type() == at::kChar, "gemv_int8: int8 weights");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -92,7 +97,7 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
         });
       }
     });
-    return out.mul_(sx).mul_(scales.to(at::kFloat).view({1, N}));
+    return finish(out.mul_(sx).mul_(scales.to(at::kFloat).view({1, N})), x, cast);
   }
 #endif
   const float* XF = xf.data_ptr<float>();
@@ -106,7 +111,7 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 #endif
     for (int64_t n = a; n < b; n += ROWS) int8_block(XF, M, K, W, n, std::min(ROWS, b - n), O, N);
   });
-  return out.mul_(scales.to(at::kFloat).view({1, N}));
+  return finish(out.mul_(scales.to(at::kFloat).view({1, N})), x, cast);
 }
 
 // Every Kernel::BLOCK-row block of an int4 weight, in torch's threads, against x's rows Kernel::MC_MAX at a time.
@@ -135,7 +140,7 @@ int64_t int4_block() {
 }
 
 // x [M, K] (any float dtype), packed [N/B, K, B/2] uint8 (B = int4_block()), sz [K/g, N, 2] bf16 → [M, N] fp32
-at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, const at::Tensor& sz) {
+at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, const at::Tensor& sz, bool cast) {
   const int64_t B = int4_block();
   TORCH_CHECK(B > 0, "gemv_int4: built without AVX2/AVX-512");
   TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "gemv_int4: CPU tensors only");
@@ -160,7 +165,7 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, c
   if (x.scalar_type() == at::kBFloat16 && g % 2 == 0) {
     const at::Tensor xb = x.contiguous();
     int4_all<Int4Bf16>(reinterpret_cast<const uint16_t*>(xb.data_ptr()), XS, M, K, g, P, SZ, N, O);
-    return out;
+    return finish(out, x, cast);
   }
 #endif
 #if defined(__AVX512F__)
@@ -192,17 +197,17 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, c
                                     N, b, O + m * N);
         });
     });
-    return out;
+    return finish(out, x, cast);
   }
   int4_all<Int4Avx2>(X, XS, M, K, g, P, SZ, N, O);
 #endif
-  return out;
+  return finish(out, x, cast);
 }
 
 TORCH_LIBRARY(deltarun, m) {
-  m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
-  m.def("gemv_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
-  m.def("gemv_int4(Tensor x, Tensor packed, int group, Tensor sz) -> Tensor");
+  m.def("gemv_bf16(Tensor x, Tensor w, bool cast=False) -> Tensor");
+  m.def("gemv_int8(Tensor x, Tensor w, Tensor scales, bool cast=False) -> Tensor");
+  m.def("gemv_int4(Tensor x, Tensor packed, int group, Tensor sz, bool cast=False) -> Tensor");
   m.def("int4_block() -> int", &int4_block);  // no tensors: not dispatched by device
 }
 
