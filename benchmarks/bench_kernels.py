@@ -1,0 +1,65 @@
+"""CPU decode matmul kernels vs torch's ops: GB/s of weights streamed for one activation row.
+
+Shapes of the 0.8B model (the tied lm_head, in_proj_qkv, MLP up/down); `x.sum()` over 1 GiB first, as the
+host's streaming reference (it swings between runs on shared machines: compare within one run).
+
+    python benchmarks/bench_kernels.py [--threads 2] [--reps 10]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from deltarun.ops import gemv
+
+SHAPES = ((248320, 1024), (6144, 1024), (3584, 1024), (1024, 3584))
+
+
+def seconds(fn, reps: int) -> float:
+    fn()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=10)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if not gemv.available():
+        raise SystemExit("the CPU kernels are not available here")
+    big = torch.ones(256 * 1024 * 1024)
+    print(f"x.sum() over 1 GiB: {1.0737 / seconds(big.sum, a.reps):.1f} GB/s; torch CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, int4 layout rows {torch.ops.deltarun.int4_block()}")
+    del big
+    print("| weights | N×K | kernel GB/s | torch GB/s |\n|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for n, k in SHAPES:
+        x = torch.randn(1, k, generator=g).bfloat16()
+        w = torch.randn(n, k, generator=g).bfloat16()
+        rows = [("bf16", w.numel() * 2, lambda: gemv.gemv_bf16(x, w), lambda: F.linear(x, w))]
+        q, s = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), torch.rand(n, generator=g)
+        rows.append(("int8", q.numel(), lambda: gemv.gemv_int8(x, q, s),
+                     lambda: torch.ops.aten._weight_int8pack_mm(x, q, s.bfloat16())))
+        p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g), 1)
+        sz = (torch.rand(k // 64, n, 2, generator=g) / 10).bfloat16()
+        rows.append(("int4 g64", n * k // 2, lambda: gemv.int4_mm(x, p, 64, sz),
+                     lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, 64, sz)))
+        for name, nbytes, ours, theirs in rows:
+            print(f"| {name} | {n}×{k} | {nbytes / seconds(ours, a.reps) / 1e9:.1f} | "
+                  f"{nbytes / seconds(theirs, a.reps) / 1e9:.1f} |", flush=True)
+        del w, q, p
+
+
+if __name__ == "__main__":
+    main()
