@@ -13,7 +13,7 @@ from torch import nn
 from ..cache.state import StatePool
 from ..config import TextConfig
 from ..ops.conv1d import causal_conv1d
-from ..ops.gdn import chunk_gated_delta_rule, decode_step, gated_delta_step_, recurrent_gated_delta_rule
+from ..ops.gdn import chunk_gated_delta_rule, decode_step, recurrent_gated_delta_rule
 from .layers import RMSNormGated
 
 
@@ -88,28 +88,21 @@ class GatedDeltaNet(nn.Module):
         return self.out_proj(o.view(b, 1, self.value_dim))
 
     def _verify_steps(self, x: torch.Tensor, pool: StatePool, index: int, slots: torch.Tensor | slice) -> torch.Tensor:
-        """forward over a few positions (x [B, T, hidden]), each computed as `_decode_step` computes one,
-        that also records in `pool.capture[index]` the conv input window [B, C, K-1+T] (the conv state after
-        position i is window[..., i+1 : i+K]) and the recurrent state after every position (a list of T
-        [B, Hv, Dk, Dv] fp32): speculative decoding resumes from whichever position it accepts."""
-        b, t, _ = x.shape
-        conv_state = pool.conv[index][slots]
-        window = torch.cat([conv_state, self.in_proj_qkv(x).transpose(1, 2).to(conv_state.dtype)], dim=-1)
-        pool.conv[index][slots] = window[:, :, t:]
-        taps = window.unfold(-1, self.kernel, 1).float() * self.conv1d.weight.squeeze(1).float()[:, None]
-        qkv = F.silu(taps.sum(-1)).transpose(1, 2).to(x.dtype)  # [B, T, C]: conv1d, window by window
-        q, k, v = torch.split(qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q, k = q.reshape(b, t, self.hk, self.dk), k.reshape(b, t, self.hk, self.dk)
-        v = v.reshape(b, t, self.hv, self.dv)
-        beta, g = self._gates(x)
-        state = pool.recurrent[index][slots]  # advanced in place (a view of the pool when `slots` is a slice)
+        """forward over a few positions (x [B, T, hidden]), each computed by the very step `_decode_step`
+        takes for one token (so a verified token is bit for bit a plain decode's), recording in
+        `pool.capture[index]` the conv input window [B, C, K-1+T] (the conv state after position i is
+        window[..., i+1 : i+K]) and the recurrent state after every position (a list of T [B, Hv, Dk, Dv]
+        fp32, the last one the pool's own): speculative decoding resumes from whichever position it accepts."""
+        t = x.shape[1]
+        mixed, z = self.in_proj_qkv(x), self.in_proj_z(x)
+        a, bp = self._projections_ab(x)
+        conv, rec = pool.conv[index], pool.recurrent[index]
+        window = torch.cat([conv[slots], mixed.transpose(1, 2).to(conv.dtype)], dim=-1)
+        w = self.conv1d.weight.view(self.conv_dim, -1)
         outs, states = [], []
         for i in range(t):
-            p = slice(i, i + 1)
-            outs.append(gated_delta_step_(q[:, p], k[:, p], v[:, p], g[:, p], beta[:, p], state))
-            states.append(state.clone() if i < t - 1 else state)  # the last one is the pool's new state
-        if not isinstance(slots, slice):
-            pool.recurrent[index][slots] = state
+            outs.append(decode_step(mixed[:, i], conv, w, a[:, i], bp[:, i], self.A_log, self.dt_bias, rec, slots,
+                                    self.hk, z[:, i], self.norm.weight, self.norm.eps))
+            states.append(rec[slots].clone() if i < t - 1 else rec[slots])
         pool.capture[index] = (window, states)
-        z = self.in_proj_z(x).reshape(b, t, self.hv, self.dv)
-        return self.out_proj(self.norm(torch.cat(outs, 1), z).reshape(b, t, self.value_dim))
+        return self.out_proj(torch.stack(outs, 1))
