@@ -39,7 +39,7 @@ def main() -> None:
         raise SystemExit("the CPU kernels are not available here")
     big = torch.ones(256 * 1024 * 1024)
     print(f"x.sum() over 1 GiB: {1.0737 / seconds(big.sum, a.reps):.1f} GB/s; torch CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, int4 layout rows {torch.ops.deltarun.int4_block()}")
+          f"{torch.backends.cpu.get_cpu_capability()}, int4 layout rows {torch.ops.deltarun.int4_layout_rows()}")
     del big
     print("| weights | N×K | kernel GB/s | torch GB/s |\n|---|---|---|---|")
     g = torch.Generator().manual_seed(0)

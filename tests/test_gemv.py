@@ -130,7 +130,7 @@ def test_int4_kernel_matches_torch_int4_and_dequantized(m, n, k, group):
     # quantizes them: the products are then exact for x̃; with AVX-512 they are exact for x itself
     xg = x.float().view(m, -1, group)
     xs = (xg.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-30)
-    x_t = ((xg / xs).round().clamp(-127, 127) * xs).view(m, k) if torch.ops.deltarun.int4_block() == 32 else x.float()
+    x_t = ((xg / xs).round().clamp(-127, 127) * xs).view(m, k) if torch.ops.deltarun.int4_layout_rows() == 32 else x.float()
     want_t = F.linear(x_t, mod.dequantize())
     torch.testing.assert_close(torch.ops.deltarun.gemv_int4(x, packed, group, sz), want_t, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.ops.deltarun.gemv_int4(x.float(), packed, group, sz), want,
@@ -147,7 +147,7 @@ def test_int4_cpu_layout_is_read_right():
     assert cpu_int4_block() in (32, 64)
     got = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     assert torch.equal(got.flatten(), _cpu_layout(q, cpu_int4_block()).flatten())
-    assert torch.ops.deltarun.int4_block() == cpu_int4_block()  # the kernel is built for this machine's layout
+    assert torch.ops.deltarun.int4_layout_rows() == cpu_int4_block()  # the kernel is built for this machine's layout
 
 
 def test_linear_via_fp32_is_a_bf16_linear_computed_in_fp32(monkeypatch):
@@ -194,3 +194,24 @@ def test_fused_norms_match_torch(dtype, wdtype):
     torch.testing.assert_close(y, ref(x + h), **tol)
     with pytest.raises(RuntimeError, match="weight"):
         torch.ops.deltarun.rms_norm_zc(x, w[:10], 1e-6)
+
+
+def test_kernel_sources_compile_for_the_other_cpu_family():
+    """The instruction-set branches this host does not build are type-checked too (an AVX-512-only
+    mistake must not surface first on a user's AVX-512 machine, nor an AVX2 one on a laptop): AVX-512
+    hosts check the AVX2 build, others the AVX-512 (BF16, VNNI, VBMI) one."""
+    import platform
+    import shutil
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs an x86 C++ compiler")
+    flags = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    march = "haswell" if "avx512f" in open("/proc/cpuinfo").read() else "sapphirerapids"
+    for name in gemv.SOURCES:
+        out = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", f"-march={march}", "-fopenmp", *flags,
+                              str(gemv.SOURCE.with_name(name))], capture_output=True, text=True)
+        assert out.returncode == 0, f"{name} with -march={march}:\n{out.stderr[-2000:]}"

@@ -100,7 +100,7 @@ def _int4_check(g: torch.Generator) -> bool:
     used only where this build reads the same layout and agrees with torch's int4 kernel."""
     from .quant import cpu_int4_block
 
-    if torch.ops.deltarun.int4_block() != cpu_int4_block():
+    if torch.ops.deltarun.int4_layout_rows() != cpu_int4_block():
         log.info("int4 decode kernel not built for torch's int4 layout here: torch's int4 kernel is used")
         return False
     q4 = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=g)

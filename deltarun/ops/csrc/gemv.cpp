@@ -129,7 +129,7 @@ void int4_all(const T* X, const float* XS, int64_t M, int64_t K, int64_t g, cons
 
 // Which of torch's int4 layouts this build reads (the row-block size of `_convert_weight_to_int4pack_for_cpu`,
 // which follows torch's own CPU capability: 64 for AVX-512, 32 for AVX2), 0 for none.
-int64_t int4_block() {
+int64_t int4_layout_rows() {
 #if defined(__AVX512F__)
   return 64;
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -139,9 +139,9 @@ int64_t int4_block() {
 #endif
 }
 
-// x [M, K] (any float dtype), packed [N/B, K, B/2] uint8 (B = int4_block()), sz [K/g, N, 2] bf16 → [M, N] fp32
+// x [M, K] (any float dtype), packed [N/B, K, B/2] uint8 (B = int4_layout_rows()), sz [K/g, N, 2] bf16 → [M, N] fp32
 at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, const at::Tensor& sz, bool cast) {
-  const int64_t B = int4_block();
+  const int64_t B = int4_layout_rows();
   TORCH_CHECK(B > 0, "gemv_int4: built without AVX2/AVX-512");
   TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "gemv_int4: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && x.size(0) <= MAX_M, "gemv_int4: x [M ≤ 16, K]");
@@ -208,7 +208,7 @@ TORCH_LIBRARY(deltarun, m) {
   m.def("gemv_bf16(Tensor x, Tensor w, bool cast=False) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor w, Tensor scales, bool cast=False) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor packed, int group, Tensor sz, bool cast=False) -> Tensor");
-  m.def("int4_block() -> int", &int4_block);  // no tensors: not dispatched by device
+  m.def("int4_layout_rows() -> int", &int4_layout_rows);  // no tensors: not dispatched by device
 }
 
 TORCH_LIBRARY_IMPL(deltarun, CPU, m) {
