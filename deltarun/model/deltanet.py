@@ -13,7 +13,7 @@ from torch import nn
 from ..cache.state import StatePool
 from ..config import TextConfig
 from ..ops.conv1d import causal_conv1d
-from ..ops.gdn import chunk_gated_delta_rule, decode_step, recurrent_gated_delta_rule
+from ..ops.gdn import chunk_gated_delta_rule, decode_step
 from .layers import RMSNormGated
 
 
@@ -55,8 +55,7 @@ class GatedDeltaNet(nn.Module):
         k = k.reshape(b, t, self.hk, self.dk)
         v = v.reshape(b, t, self.hv, self.dv)
         beta, g = self._gates(x)
-        rule = recurrent_gated_delta_rule if t == 1 else chunk_gated_delta_rule
-        o, state = rule(q, k, v, g, beta, pool.recurrent[index][slots])
+        o, state = chunk_gated_delta_rule(q, k, v, g, beta, pool.recurrent[index][slots])
         pool.recurrent[index][slots] = state
         z = self.in_proj_z(x).reshape(b, t, self.hv, self.dv)
         o = self.norm(o, z).reshape(b, t, self.value_dim)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import gemv
+
 
 def _prepare(q, k, v, g, beta):
     """fp32, L2-normalised and scaled q/k expanded to the v heads, head-major [B, H, T, D]."""
@@ -163,8 +165,6 @@ def decode_step(
     z: torch.Tensor, norm_w: torch.Tensor, eps: float,
 ) -> torch.Tensor:
     """`decode_step_reference`, as one fused C++ op on the CPU where the kernels are built (ops/csrc/gdn.cpp)."""
-    from . import gemv
-
     if (mixed.device.type == "cpu" and mixed.dtype in (torch.float32, torch.bfloat16) and gemv.available()
             and _state_ok(conv_pool, rec_pool, mixed, norm_w, z)):
         if isinstance(slots, slice):

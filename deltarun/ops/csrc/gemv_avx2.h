@@ -33,30 +33,27 @@ inline __m256 bf16x8(const uint16_t* p) {  // 8 bf16 → 8 fp32, exact
   return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
 }
 
-// One bf16 weight row against MC fp32 activation rows (K a multiple of 16).
-template <int MC>
-inline void bf16_row_avx2(const float* x, int64_t K, const uint16_t* wr, float* out, int64_t N) {
-  __m256 acc[MC][2];
-  for (int m = 0; m < MC; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    const __m256 w0 = bf16x8(wr + k), w1 = bf16x8(wr + k + 8);
-    for (int m = 0; m < MC; ++m) {
-      acc[m][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k), w0, acc[m][0]);
-      acc[m][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k + 8), w1, acc[m][1]);
-    }
+// Weights k … k+15 of a row widened exactly to fp32: bf16 (shift into the high half) and int8.
+struct WidenBf16 {
+  static void load(const uint16_t* wr, __m256& w0, __m256& w1) { w0 = bf16x8(wr), w1 = bf16x8(wr + 8); }
+};
+struct WidenInt8 {
+  static void load(const int8_t* wr, __m256& w0, __m256& w1) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr));
+    w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
   }
-  for (int m = 0; m < MC; ++m) out[m * N] = hsum256(_mm256_add_ps(acc[m][0], acc[m][1]));
-}
+};
 
-// One int8 weight row against MC fp32 activation rows (K a multiple of 16): exact products.
-template <int MC>
-inline void int8_row_avx2(const float* x, int64_t K, const int8_t* wr, float* out, int64_t N) {
+// One weight row (bf16 or int8, widened by Widen) against MC fp32 activation rows (K a multiple of 16):
+// exact products summed in fp32.
+template <int MC, class Widen, typename W>
+inline void row_fma_avx2(const float* x, int64_t K, const W* wr, float* out, int64_t N) {
   __m256 acc[MC][2];
   for (int m = 0; m < MC; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += 16) {
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k));
-    const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-    const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+    __m256 w0, w1;
+    Widen::load(wr + k, w0, w1);
     for (int m = 0; m < MC; ++m) {
       acc[m][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k), w0, acc[m][0]);
       acc[m][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k + 8), w1, acc[m][1]);
