@@ -37,10 +37,14 @@ def test_fused_decode_step_matches_reference_over_steps(dtype, hk, hv, dk, dv, s
     for step in range(4):
         mixed, a, b, z = _inputs(dtype, 3, c, hv, dv, step)
         args = (hk, z)
+        snap_ref, snap = torch.full((2, 3, hv, dk, dv), float("nan")), torch.full((2, 3, hv, dk, dv), float("nan"))
         want = gdn.decode_step_reference(mixed, ref["conv_pool"], ref["conv_w"], a, b, ref["A_log"], ref["dt_bias"],
-                                         ref["rec_pool"], sl, *args, ref["norm_w"], 1e-6)
+                                         ref["rec_pool"], sl, *args, ref["norm_w"], 1e-6, snap=snap_ref[step % 2])
         got = gdn.decode_step(mixed, fused["conv_pool"], fused["conv_w"], a, b, fused["A_log"], fused["dt_bias"],
-                              fused["rec_pool"], sl, *args, fused["norm_w"], 1e-6)
+                              fused["rec_pool"], sl, *args, fused["norm_w"], 1e-6, snap=snap[step % 2])
+        # the snapshot (speculative verify's record of the state after this position) is the pool's new rows
+        torch.testing.assert_close(snap[step % 2], fused["rec_pool"][sl], rtol=0, atol=0)
+        torch.testing.assert_close(snap_ref[step % 2], ref["rec_pool"][sl], rtol=0, atol=0)
         assert got.dtype == want.dtype and got.shape == want.shape
         torch.testing.assert_close(got.float(), want.float(), **tol)
         torch.testing.assert_close(fused["conv_pool"], ref["conv_pool"], rtol=0, atol=0)  # a shift: exact

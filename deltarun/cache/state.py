@@ -105,8 +105,20 @@ class StatePool:
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.num_slots = num_slots
         # Set to {} by speculative decoding's verify forward: each linear-attention layer then records
-        # {index: (conv input window [B, C, K-1+T], recurrent state after each position [B, T, Hv, Dk, Dv])}.
+        # {index: (conv input window [B, C, K-1+T], recurrent states after positions 0 … T−2 [T−1, B, Hv, Dk, Dv])}
+        # (after the last position the state is the pool's own); those live in `verify_buffer`.
         self.capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._verify: dict[int, torch.Tensor] = {}
+
+    def verify_buffer(self, index: int, t: int, b: int) -> torch.Tensor:
+        """Layer `index`'s scratch for t recurrent states of b rows [t, b, Hv, Dk, Dv], kept between verify
+        steps and grown as needed (fresh megabyte-sized allocations each step cost page faults: ~2× the copy)."""
+        buf = self._verify.get(index)
+        if buf is None or buf.shape[0] < t or buf.shape[1] < b:
+            old = (0, 0) if buf is None else buf.shape[:2]
+            r = self.recurrent[index]
+            buf = self._verify[index] = r.new_empty(max(t, old[0]), max(b, old[1]), *r.shape[1:])
+        return buf[:t, :b]
 
     def alloc(self) -> int:
         if not self.free_slots:

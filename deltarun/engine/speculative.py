@@ -276,7 +276,8 @@ class Speculator:
             k1 = pool.conv[layer].shape[-1]
             cols = (last[:, None] + 1 + torch.arange(k1, device=dev))[:, None, :].expand(-1, w.shape[1], -1)
             pool.conv[layer].index_copy_(0, slots, w.gather(2, cols))
-            pool.recurrent[layer].index_copy_(0, slots, torch.stack([rec[accepted[b]][b] for b in rows]))
+            for b in rows:  # rec [T−1, B, …]: states after positions 0 … T−2 (verify_buffer)
+                pool.recurrent[layer][states[b].slot].copy_(rec[accepted[b], b])
 
 
 def make_speculator(engine: "Engine", head: MTPHead | None, cfg) -> Speculator | None:

@@ -90,18 +90,17 @@ class GatedDeltaNet(nn.Module):
         """forward over a few positions (x [B, T, hidden]), each computed by the very step `_decode_step`
         takes for one token (so a verified token is bit for bit a plain decode's), recording in
         `pool.capture[index]` the conv input window [B, C, K-1+T] (the conv state after position i is
-        window[..., i+1 : i+K]) and the recurrent state after every position (a list of T [B, Hv, Dk, Dv]
-        fp32, the last one the pool's own): speculative decoding resumes from whichever position it accepts."""
+        window[..., i+1 : i+K]) and the recurrent state after positions 0 … T−2 ([T−1, B, Hv, Dk, Dv] fp32,
+        the pool's scratch; after the last position it is the pool's own state): speculative decoding resumes from whichever position it accepts."""
         t = x.shape[1]
         mixed, z = self.in_proj_qkv(x), self.in_proj_z(x)
         a, bp = self._projections_ab(x)
         conv, rec = pool.conv[index], pool.recurrent[index]
         window = torch.cat([conv[slots], mixed.transpose(1, 2).to(conv.dtype)], dim=-1)
         w = self.conv1d.weight.view(self.conv_dim, -1)
-        outs, states = [], []
-        for i in range(t):
-            outs.append(decode_step(mixed[:, i], conv, w, a[:, i], bp[:, i], self.A_log, self.dt_bias, rec, slots,
-                                    self.hk, z[:, i], self.norm.weight, self.norm.eps))
-            states.append(rec[slots].clone() if i < t - 1 else rec[slots])
-        pool.capture[index] = (window, states)
+        snaps = pool.verify_buffer(index, t - 1, x.shape[0])
+        outs = [decode_step(mixed[:, i], conv, w, a[:, i], bp[:, i], self.A_log, self.dt_bias, rec, slots, self.hk,
+                            z[:, i], self.norm.weight, self.norm.eps, snap=snaps[i] if i < t - 1 else None)
+                for i in range(t)]
+        pool.capture[index] = (window, snaps)
         return self.out_proj(torch.stack(outs, 1))

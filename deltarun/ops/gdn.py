@@ -135,13 +135,14 @@ def rms_norm_gated(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
 def decode_step_reference(
     mixed: torch.Tensor, conv_pool: torch.Tensor, conv_w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     A_log: torch.Tensor, dt_bias: torch.Tensor, rec_pool: torch.Tensor, slots: torch.Tensor | slice, hk: int,
-    z: torch.Tensor, norm_w: torch.Tensor, eps: float,
+    z: torch.Tensor, norm_w: torch.Tensor, eps: float, snap: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One Gated DeltaNet decode token after the input projections, in torch: conv1d step + SiLU on
     mixed [B, C] (= in_proj_qkv(x), C = 2·Hk·Dk + Hv·Dv) against conv_pool[slots] [B, C, K−1], gates from
     a, b [B, Hv] (in_proj_a/b outputs, fp32), the delta rule on rec_pool[slots] [B, Hv, Dk, Dv] fp32, and
     the gated RMSNorm with z [B, Hv·Dv] → o [B, Hv·Dv] in mixed's dtype, ready for out_proj. Both pools
-    are advanced (in place where `slots` is a slice)."""
+    are advanced (in place where `slots` is a slice); `snap` [B, Hv, Dk, Dv] fp32, if given, receives a copy
+    of the new recurrent states."""
     bsz = mixed.shape[0]
     hv, dk, dv = rec_pool.shape[1:]
     conv_state = conv_pool[slots]  # [B, C, K-1]
@@ -156,23 +157,26 @@ def decode_step_reference(
                           g, beta, state)
     if not isinstance(slots, slice):
         rec_pool[slots] = state
+    if snap is not None:
+        snap.copy_(state)
     return rms_norm_gated(o.reshape(bsz, hv, dv), z.view(bsz, hv, dv), norm_w, eps).reshape(bsz, hv * dv)
 
 
 def decode_step(
     mixed: torch.Tensor, conv_pool: torch.Tensor, conv_w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     A_log: torch.Tensor, dt_bias: torch.Tensor, rec_pool: torch.Tensor, slots: torch.Tensor | slice, hk: int,
-    z: torch.Tensor, norm_w: torch.Tensor, eps: float,
+    z: torch.Tensor, norm_w: torch.Tensor, eps: float, snap: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`decode_step_reference`, as one fused C++ op on the CPU where the kernels are built (ops/csrc/gdn.cpp)."""
     if (mixed.device.type == "cpu" and mixed.dtype in (torch.float32, torch.bfloat16) and gemv.available()
-            and _state_ok(conv_pool, rec_pool, mixed, norm_w, z)):
+            and _state_ok(conv_pool, rec_pool, mixed, norm_w, z) and (snap is None or snap.is_contiguous())):
         if isinstance(slots, slice):
             slots = torch.arange(slots.start, slots.stop)
         return torch.ops.deltarun.gdn_decode_(
             mixed.contiguous(), conv_pool, conv_w.contiguous(), a.contiguous(), b.contiguous(), A_log.float(),
-            dt_bias.float(), rec_pool, slots, hk, z.contiguous(), norm_w.contiguous(), eps)
-    return decode_step_reference(mixed, conv_pool, conv_w, a, b, A_log, dt_bias, rec_pool, slots, hk, z, norm_w, eps)
+            dt_bias.float(), rec_pool, slots, hk, z.contiguous(), norm_w.contiguous(), eps, snap)
+    return decode_step_reference(mixed, conv_pool, conv_w, a, b, A_log, dt_bias, rec_pool, slots, hk, z, norm_w, eps,
+                                 snap)
 
 
 def _state_ok(conv_pool: torch.Tensor, rec_pool: torch.Tensor, mixed: torch.Tensor, norm_w: torch.Tensor,

@@ -11,6 +11,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -62,7 +64,7 @@ template <typename T>
 void decode(const at::Tensor& mixed, const at::Tensor& conv_pool, const at::Tensor& conv_w, const at::Tensor& a,
             const at::Tensor& b, const at::Tensor& A_log, const at::Tensor& dt_bias, const at::Tensor& rec_pool,
             const at::Tensor& slots, int64_t hk, const at::Tensor& z, const at::Tensor& norm_w, double eps,
-            at::Tensor& out) {
+            at::Tensor& out, float* snap) {
   const int64_t B = mixed.size(0), C = mixed.size(1), K = conv_w.size(1);
   const int64_t hv = rec_pool.size(1), dk = rec_pool.size(2), dv = rec_pool.size(3), key_dim = hk * dk;
   const T* X = mixed.data_ptr<T>();
@@ -100,9 +102,10 @@ void decode(const at::Tensor& mixed, const at::Tensor& conv_pool, const at::Tens
       const float* row = Q + bi * C;
       const float g = -std::exp(AL[h]) * softplus(Aa[bh] + DT[h]);
       const float beta = 1.f / (1.f + std::exp(-Bb[bh]));
-      head_step<T>(R + (SL[bi] * hv + h) * dk * dv, row + kh * dk, row + key_dim + kh * dk,
-                   row + 2 * key_dim + h * dv, std::exp(g), beta, Z + bh * dv, NW, static_cast<float>(eps), dk, dv,
-                   O + bh * dv);
+      float* S = R + (SL[bi] * hv + h) * dk * dv;
+      head_step<T>(S, row + kh * dk, row + key_dim + kh * dk, row + 2 * key_dim + h * dv, std::exp(g), beta,
+                   Z + bh * dv, NW, static_cast<float>(eps), dk, dv, O + bh * dv);
+      if (snap) std::memcpy(snap + bh * dk * dv, S, sizeof(float) * dk * dv);  // still in cache: a write only
     }
   });
 }
@@ -113,10 +116,11 @@ void decode(const at::Tensor& mixed, const at::Tensor& conv_pool, const at::Tens
 // conv_w [C, K], a / b [B, Hv] fp32 (in_proj_a / in_proj_b outputs), A_log / dt_bias [Hv] fp32,
 // rec_pool [S, Hv, Dk, Dv] fp32 (updated in place), slots [B] int64, hk = q/k heads,
 // z [B, Hv·Dv], norm_w [Dv], eps → o [B, Hv·Dv] in mixed's dtype (gated-normed, ready for out_proj).
+// snap, when given: [B, Hv, Dk, Dv] fp32 receives a copy of each row's new state (speculative verify).
 at::Tensor gdn_decode_(const at::Tensor& mixed, const at::Tensor& conv_pool, const at::Tensor& conv_w,
                        const at::Tensor& a, const at::Tensor& b, const at::Tensor& A_log, const at::Tensor& dt_bias,
                        const at::Tensor& rec_pool, const at::Tensor& slots, int64_t hk, const at::Tensor& z,
-                       const at::Tensor& norm_w, double eps) {
+                       const at::Tensor& norm_w, double eps, const std::optional<at::Tensor>& snap) {
   const auto dt = mixed.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "gdn_decode_: fp32 or bf16");
   for (const at::Tensor* t : {&mixed, &conv_pool, &conv_w, &z, &norm_w})
@@ -129,17 +133,23 @@ at::Tensor gdn_decode_(const at::Tensor& mixed, const at::Tensor& conv_pool, con
               conv_pool.size(2) == conv_w.size(1) - 1 && hk > 0 && hv % hk == 0 &&
               mixed.size(1) == 2 * hk * dk + hv * dv && a.numel() == B * hv && b.numel() == B * hv &&
               z.numel() == B * hv * dv && norm_w.numel() == dv && slots.numel() == B, "gdn_decode_: shapes");
+  float* sn = nullptr;
+  if (snap.has_value()) {
+    TORCH_CHECK(snap->scalar_type() == at::kFloat && snap->is_contiguous() && snap->numel() == B * hv * dk * dv,
+                "gdn_decode_: snap must be a contiguous fp32 [B, Hv, Dk, Dv]");
+    sn = snap->data_ptr<float>();
+  }
   at::Tensor out = at::empty({B, hv * dv}, mixed.options());
   if (dt == at::kFloat)
-    decode<float>(mixed, conv_pool, conv_w, a, b, A_log, dt_bias, rec_pool, slots, hk, z, norm_w, eps, out);
+    decode<float>(mixed, conv_pool, conv_w, a, b, A_log, dt_bias, rec_pool, slots, hk, z, norm_w, eps, out, sn);
   else
-    decode<at::BFloat16>(mixed, conv_pool, conv_w, a, b, A_log, dt_bias, rec_pool, slots, hk, z, norm_w, eps, out);
+    decode<at::BFloat16>(mixed, conv_pool, conv_w, a, b, A_log, dt_bias, rec_pool, slots, hk, z, norm_w, eps, out, sn);
   return out;
 }
 
 TORCH_LIBRARY_FRAGMENT(deltarun, m) {
   m.def("gdn_decode_(Tensor mixed, Tensor(a!) conv_pool, Tensor conv_w, Tensor a, Tensor b, Tensor A_log, "
-        "Tensor dt_bias, Tensor(b!) rec_pool, Tensor slots, int hk, Tensor z, Tensor norm_w, float eps) -> Tensor");
+        "Tensor dt_bias, Tensor(b!) rec_pool, Tensor slots, int hk, Tensor z, Tensor norm_w, float eps, Tensor(c!)? snap=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(deltarun, CPU, m) { m.impl("gdn_decode_", &gdn_decode_); }
