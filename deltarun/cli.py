@@ -47,6 +47,8 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     e.add_argument("--mtp", choices=["on", "off", "auto"], default="auto",
                    help="speculative decoding with the model's MTP head (default auto: only while it is faster)")
     e.add_argument("--num-speculative-tokens", type=int, default=2, help="MTP drafts per step (default 2)")
+    e.add_argument("--mtp-draft-vocab", type=int, default=32768,
+                   help="MTP drafts only among the first N token ids, the most frequent (default 32768; 0 = all)")
     think = p.add_mutually_exclusive_group()
     think.add_argument("--think", dest="think", action="store_true", default=None, help="turn thinking on")
     think.add_argument("--no-think", dest="think", action="store_false", help="turn thinking off")
@@ -157,7 +159,8 @@ def engine_options(args: argparse.Namespace) -> dict:
                 prefix_cache_memory=parse_size(args.prefix_cache_memory) if args.prefix_cache_memory else None,
                 max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
                 kv_cache_dtype=args.kv_cache_dtype,
-                mtp=getattr(args, "mtp", "auto"), num_speculative_tokens=getattr(args, "num_speculative_tokens", 2))
+                mtp=getattr(args, "mtp", "auto"), num_speculative_tokens=getattr(args, "num_speculative_tokens", 2),
+                mtp_draft_vocab=getattr(args, "mtp_draft_vocab", 32768))
 
 
 def _err(msg: str) -> None:

@@ -45,7 +45,10 @@ class EngineConfig:
     prefix_block: int = 64  # prefix reuse granularity (tokens)
     mtp: str = "auto"  # speculative decoding with the MTP head: "on" | "off" | "auto" (only while it pays)
     num_speculative_tokens: int = 2  # drafts per step (engine/speculative.py)
-    mtp_draft_vocab: int = 0  # draft over the first N token ids only (0 = all): cheaper draft logits
+    # MTP drafts over the first N token ids only (0 = all; ignored when the vocabulary is not larger). BPE ids
+    # are merge-ranked, frequent first: 32K cover 92–94% of English and code tokens (76% CJK) and make a draft
+    # step read 32K lm_head rows instead of 248K (a third of the 0.8B's weights); EAGLE-3 drafts over 32K too.
+    mtp_draft_vocab: int = 32768
     kv_cache_dtype: str = "auto"  # "int8": keys/values held as int8 + a scale per head and token
 
 

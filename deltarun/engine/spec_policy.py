@@ -2,7 +2,7 @@
 
 Auto keeps MTP only while it really speeds decoding up: it measures, at run time, wall seconds per
 emitted token of speculative and of plain steps (exponential moving averages), starting with a short
-probe of each (plain first; a speculative probe that clearly loses ends after one measured step). It
+probe of each (plain first; a speculative probe that clearly loses ends after one or two measured steps). It
 then runs the cheaper mode and re-probes the other now and then, doubling the pause each time the
 decision stands, so a losing mode costs a vanishing share of steps (the issue's bar: auto never below
 0.97× plain). The first step after a switch is not measured: speculative rows resynchronise their MTP
@@ -15,7 +15,8 @@ import torch
 PROBE = 4  # measured steps per mode per probe
 FIRST_HOLD, MAX_HOLD = 64, 4096  # steps between probes of the losing mode
 MARGIN = 0.98  # speculate only when it is at least 2% cheaper per token (noise, and probe costs)
-EARLY = 1.5  # a speculative probe ends after one measured step when it costs this much more per token
+EARLY = 1.5  # a speculative probe ends after one measured step when it costs this much more per token,
+LOSING = 1.15  # and after two when it still costs this much more (a winning mode rarely measures so twice)
 EMA = 0.3
 
 
@@ -39,8 +40,9 @@ class SpecPolicy:
         if self.mode != "auto":
             return self.mode == "on"
         if self.probing is not None:
-            hopeless = self.probing and self.samples[True] and self.cost[False] is not None \
-                and self.cost[True] > EARLY * self.cost[False]  # do not pay a whole probe for a clear loser
+            n = self.samples[True]
+            hopeless = self.probing and n and self.cost[False] is not None \
+                and self.cost[True] > (EARLY if n == 1 else LOSING) * self.cost[False]  # not a whole probe for a loser
             if self.samples[self.probing] < PROBE and not hopeless:
                 return self.probing
             if self.cost[not self.probing] is None:  # first probes: measure the other mode too

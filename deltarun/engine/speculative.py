@@ -137,8 +137,7 @@ class Speculator:
                 keep[b] = seqs[b].state.draft.kv.length  # entries past this come from drafts: dropped below
         for j in range(max(budgets)):
             live = [b for b in rows if budgets[b] > j]
-            logits = self._draft_logits(torch.stack([last[b] for b in live]))  # [R, V]
-            toks = self._pick(logits, [seqs[b] for b in live], [qs[b] for b in live])
+            toks = self._pick(torch.stack([last[b] for b in live]), [seqs[b] for b in live], [qs[b] for b in live])
             for b, t in zip(live, toks):
                 drafts[b].append(t)
             live = [b for b in live if budgets[b] > j + 1]
@@ -155,20 +154,19 @@ class Speculator:
             seqs[b].state.draft.kv.length = keep[b]
         return drafts, qs
 
-    def _draft_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h [R, H] → fp32 logits [R, V] (−inf past the draft vocabulary when there is one)."""
-        if self.draft_head is None:
-            return self.engine.model.logits(h)
-        out = h.new_full((h.shape[0], self.engine.model.config.text.vocab_size), float("-inf"), dtype=torch.float32)
-        part = self.draft_head(h).float()
-        out[:, : part.shape[1]] = part
-        return out
-
-    def _pick(self, logits: torch.Tensor, seqs: list[Sequence], qs: list[list[torch.Tensor]]) -> list[int]:
-        """Draft one token per row from the head's logits [R, V]: argmax for greedy rows, a sample of q
-        (the request's own temperature/top-k/top-p/penalties at the step's start) for sampled rows."""
-        x = process_logits(logits, [s.sampler for s in seqs])
-        x[:, self.engine.valid_vocab :] = float("-inf")
+    def _pick(self, h: torch.Tensor, seqs: list[Sequence], qs: list[list[torch.Tensor]]) -> list[int]:
+        """Draft one token per row from the head's output h [R, H]: argmax for greedy rows, a sample of q
+        (the request's own temperature/top-k/top-p/penalties at the step's start) for sampled rows. Logits
+        exist only for the draft vocabulary when there is one; rows that need no logits processing (plain
+        greedy) take the argmax there directly, the others see −inf past it."""
+        head, valid = self.draft_head or self.engine.model.lm_head, self.engine.valid_vocab
+        part = head(h)  # [R, V or the draft vocabulary]
+        if all(s.sampler.plain_greedy() for s in seqs):
+            return part[:, :valid].argmax(-1).tolist()
+        x = part.new_full((h.shape[0], self.engine.model.config.text.vocab_size), float("-inf"), dtype=torch.float32)
+        x[:, : part.shape[1]] = part
+        x = process_logits(x, [s.sampler for s in seqs])
+        x[:, valid:] = float("-inf")
         toks = x.argmax(-1).tolist()
         for i, s in enumerate(seqs):
             if not s.request.params.greedy:
@@ -224,13 +222,17 @@ class Speculator:
                 tok, ok = int(r.token_ids[0]), False
                 lp, top = float(r.logprobs[0]), (r.top_logprobs[0] if r.top_logprobs is not None else [])
             else:
-                x = process_logits(logits[i : i + 1], [sampler])[0]
-                x[eng.valid_vocab :] = float("-inf")
-                if greedy:
-                    tok = int(x.argmax())
+                if sampler.plain_greedy():  # the bare argmax: no [V] copy for logits processing
+                    tok = int(logits[i, : eng.valid_vocab].argmax())
                     ok = self._agrees(tok, draft[i])
                 else:
-                    tok, ok = rejection_step(x.softmax(-1), q[i], draft[i], sampler.generator)
+                    x = process_logits(logits[i : i + 1], [sampler])[0]
+                    x[eng.valid_vocab :] = float("-inf")
+                    if greedy:
+                        tok = int(x.argmax())
+                        ok = self._agrees(tok, draft[i])
+                    else:
+                        tok, ok = rejection_step(x.softmax(-1), q[i], draft[i], sampler.generator)
                 tok = draft[i] if ok else tok
                 lse = torch.logsumexp(logits[i], -1)
                 lp, top = float(logits[i, tok] - lse), []
@@ -285,6 +287,8 @@ def make_speculator(engine: "Engine", head: MTPHead | None, cfg) -> Speculator |
     SpecPolicy(cfg.mtp)  # validates the mode
     if cfg.num_speculative_tokens < 0:
         raise ValueError(f"num_speculative_tokens must be >= 0, got {cfg.num_speculative_tokens}")
+    if cfg.mtp_draft_vocab < 0:
+        raise ValueError(f"mtp_draft_vocab must be >= 0 (0 = the whole vocabulary), got {cfg.mtp_draft_vocab}")
     if cfg.mtp == "off" or (head is None and cfg.mtp == "auto"):
         return None
     if head is None:

@@ -70,6 +70,12 @@ class SamplerState:
             self.min_tokens_block = torch.tensor(sorted(block), dtype=torch.long,
                                                  device=self.device)
 
+    def plain_greedy(self) -> bool:
+        """True when this row's pick is the bare argmax of the logits (greedy, no penalty, processor or
+        min_tokens ban in force): `process_logits` would change nothing."""
+        return (self.params.greedy and not self.processors and self.seen is None and self.counts is None
+                and (self.min_tokens_block is None or self.num_generated >= self.params.min_tokens))
+
     def append(self, token_id: int) -> None:
         """Record one generated token."""
         token_id = int(token_id)
