@@ -67,8 +67,9 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per request (default 64)")
     ap.add_argument("--k", default="1,2,3", help="drafts per step to try (default 1,2,3)")
     ap.add_argument("--p", default="0.5,0.6,0.7,0.8,0.9,0.95", help="forced acceptance rates")
-    ap.add_argument("--draft-vocab", type=int, default=0,
-                    help="draft over the first N token ids only (EngineConfig.mtp_draft_vocab; 0 = all)")
+    ap.add_argument("--draft-vocab", type=int, default=EngineConfig.mtp_draft_vocab,
+                    help=f"draft over the first N token ids only (EngineConfig.mtp_draft_vocab, default "
+                         f"{EngineConfig.mtp_draft_vocab}; 0 = all)")
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions per row (medians)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 8 tokens, k=2, p=0.5,0.9")
     a = ap.parse_args(argv)

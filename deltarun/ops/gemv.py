@@ -140,7 +140,7 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Ten
     measured), torch's beyond; x's dtype out."""
     if x.shape[0] <= 16:
         return torch.ops.deltarun.gemv_int8(x, q, scales, True)
-    return torch.ops.aten._weight_int8pack_mm(x, q, scales)
+    return torch.ops.aten._weight_int8pack_mm(x, q, scales.to(x.dtype))
 
 
 def fused_norm(x: torch.Tensor) -> bool:

@@ -264,8 +264,9 @@ class _Kernel:
 def _int8_kernel(mod: QuantLinear) -> _Kernel:
     from . import gemv
 
-    op = gemv.int8_mm if mod.qweight.device.type == "cpu" and gemv.available() else torch.ops.aten._weight_int8pack_mm
-    return _Kernel(op, mod.qweight.contiguous(), mod.scales.contiguous())
+    if mod.qweight.device.type == "cpu" and gemv.available():  # fp32 scales: what the kernel multiplies by
+        return _Kernel(gemv.int8_mm, mod.qweight.contiguous(), mod.scales.float().contiguous())
+    return _Kernel(torch.ops.aten._weight_int8pack_mm, mod.qweight.contiguous(), mod.scales.contiguous())
 
 
 def _int4_kernel(mod: QuantLinear) -> _Kernel:

@@ -73,19 +73,31 @@ at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& w, bool cast) {
 
 // x [M, K] (any float dtype), w [N, K] int8, scales [N] → [M, N] fp32. bf16/fp16 activations go through
 // VNNI (or AVX2's vpmaddwd) as 13-bit integers; fp32 activations are widened and multiplied exactly in fp32.
+// Activation quantization and the scaling are plain loops here: as torch ops they cost ~30 µs a call, as much
+// as a small layer's whole matmul.
 at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, bool cast) {
   check(x, w);
   TORCH_CHECK(w.scalar_type() == at::kChar, "gemv_int8: int8 weights");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(scales.numel() == N, "gemv_int8: scales [N]");
   const int8_t* W = w.data_ptr<int8_t>();
   const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const at::Tensor sf = scales.to(at::kFloat).contiguous();  // pass fp32 scales: no conversion per call
+  const float* S = sf.data_ptr<float>();
   at::Tensor out = at::empty({M, N}, xf.options());
   float* O = out.data_ptr<float>();
+  const float* XF = xf.data_ptr<float>();
 #if (defined(__AVX512VNNI__) && defined(__AVX512BW__)) || (defined(__AVX2__) && defined(__FMA__))
   if (K % 32 == 0 && x.scalar_type() != at::kFloat) {  // fp32 activations take the exact path below
-    const at::Tensor sx = xf.abs().amax(1, true).clamp_min(1e-30) / XQ_MAX;  // [M, 1]
-    const at::Tensor xq = (xf / sx).round_().to(at::kShort).contiguous();
-    const int16_t* XQ = xq.data_ptr<int16_t>();
+    std::vector<int16_t> xq(M * K);
+    std::vector<float> sx(M);
+    for (int64_t m = 0; m < M; ++m) {  // x ≈ sx·xq, xq in ±XQ_MAX (rounded half to even, as torch.round)
+      float amax = 0.f;
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(XF[m * K + k]));
+      sx[m] = std::max(amax, 1e-30f) / XQ_MAX;
+      for (int64_t k = 0; k < K; ++k) xq[m * K + k] = static_cast<int16_t>(std::nearbyint(XF[m * K + k] / sx[m]));
+    }
+    const int16_t* XQ = xq.data();
     at::parallel_for(0, N, GRAIN, [&](int64_t a, int64_t b) {
       for (int64_t n = a; n < b; ++n) {
         by_rows<4>(M, [&](auto mc, int64_t m) {
@@ -95,23 +107,29 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
           int8_row_madd<mc.value>(XQ + m * K, K, W + n * K, O + m * N + n, N);
 #endif
         });
+        for (int64_t m = 0; m < M; ++m) O[m * N + n] = O[m * N + n] * sx[m] * S[n];
       }
     });
-    return finish(out.mul_(sx).mul_(scales.to(at::kFloat).view({1, N})), x, cast);
+    return finish(out, x, cast);
   }
 #endif
-  const float* XF = xf.data_ptr<float>();
   at::parallel_for(0, N, GRAIN, [&](int64_t a, int64_t b) {
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
     if (K % 16 == 0) {
-      for (int64_t n = a; n < b; ++n)
+      for (int64_t n = a; n < b; ++n) {
         by_rows<4>(M, [&](auto mc, int64_t m) { row_fma_avx2<mc.value, WidenInt8>(XF + m * K, K, W + n * K, O + m * N + n, N); });
+        for (int64_t m = 0; m < M; ++m) O[m * N + n] *= S[n];
+      }
       return;
     }
 #endif
-    for (int64_t n = a; n < b; n += ROWS) int8_block(XF, M, K, W, n, std::min(ROWS, b - n), O, N);
+    for (int64_t n = a; n < b; n += ROWS) {
+      int8_block(XF, M, K, W, n, std::min(ROWS, b - n), O, N);
+      for (int64_t r = n; r < std::min(n + ROWS, b); ++r)
+        for (int64_t m = 0; m < M; ++m) O[m * N + r] *= S[r];
+    }
   });
-  return finish(out.mul_(scales.to(at::kFloat).view({1, N})), x, cast);
+  return finish(out, x, cast);
 }
 
 // Every Kernel::BLOCK-row block of an int4 weight, in torch's threads, against x's rows Kernel::MC_MAX at a time.
