@@ -61,6 +61,25 @@ def test_packed_int4_rows_read_back_exactly():
     torch.testing.assert_close(emb(idx.view(2, 4)), portable[idx].view(2, 4, 128), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("bits,group", [(8, 64), (4, 32), (4, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_row_dequantization_is_bit_exact(bits, group, dtype):
+    """Prefill dequantizes row blocks in one C++ pass (ops/csrc/dequant.cpp): the very same fp32 values as
+    the torch expression, for whole matrices and block-aligned ranges."""
+    from deltarun.ops import gemv
+    from deltarun.ops.quant import cpu_int4_block
+
+    if not gemv.available():
+        pytest.skip("CPU kernels not built on this machine")
+    mod = QuantLinear.from_float(_weight(256, 192, seed=bits + group), bits, group, dtype)
+    mod.pack()
+    blk = cpu_int4_block() or 64
+    for start, end in [(0, 256), (blk, 2 * blk), (0, blk), (256 - blk, 256)]:
+        want = mod.row_block_reference(start, end)
+        got = mod.row_block(start, end)
+        assert got.dtype == torch.float32 and torch.equal(got, want), (start, end)
+
+
 def test_int4_packing_by_row_blocks_equals_whole(monkeypatch):
     import deltarun.ops.quant as q
 

@@ -175,7 +175,18 @@ class QuantLinear(nn.Module):
 
     def row_block(self, start: int, end: int) -> torch.Tensor:
         """Rows start … end−1 dequantized [end−start, K] in fp32, read in order (no gather) — what a
-        prefill matmul needs; `start`/`end` multiples of 64 (or end = N)."""
+        prefill matmul needs; `start`/`end` multiples of 64 (or end = N). On the CPU one pass in C++
+        (ops/csrc/dequant.cpp), else `row_block_reference`."""
+        if self._device().type == "cpu" and _kernels():
+            blk = cpu_int4_block()
+            if self.bits == 8:
+                return torch.ops.deltarun.dequant_int8_rows(self.qweight, self.scales, start, end)
+            if self._cpu4 is not None and not (start % blk or end % blk):
+                return torch.ops.deltarun.dequant_int4_rows(*self._cpu4, self.group_size, blk, start, end)
+        return self.row_block_reference(start, end)
+
+    def row_block_reference(self, start: int, end: int) -> torch.Tensor:
+        """`row_block` in torch ops."""
         blk = cpu_int4_block()
         if self._cpu4 is None or start % blk or end % blk:
             return self.rows(torch.arange(start, end, device=self._device()))
@@ -242,6 +253,12 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{g}"
+
+
+def _kernels() -> bool:
+    from .gemv import available
+
+    return available()
 
 
 def _native_bf16(x: torch.Tensor) -> bool:
