@@ -82,7 +82,7 @@ def main(argv=None) -> None:
     head = load_mtp(folder, dtype=a.dtype, device="cpu")
     if head is None:
         sys.exit(f"{folder} has no mtp.* tensors")
-    ks, ps = [int(x) for x in a.k.split(",")], [float(x) for x in a.p.split(",")]
+    ks, ps = [int(x) for x in a.k.split(",")], [float(x) for x in a.p.split(",") if x]  # --p "": real head only
     print(f"# MTP decode, {folder.name}, {a.dtype}{' ' + a.quantization if a.quantization else ''}, batch {a.batch}, prompt {a.prompt}, {a.tokens} tokens, "
           f"{torch.get_num_threads()} threads, draft vocab {a.draft_vocab or 'all'}")
     run(model, head, a, "on", 2, 0.5)  # warm-up (weights paged in, kernels initialised): not reported

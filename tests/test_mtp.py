@@ -291,8 +291,8 @@ def test_auto_policy_runs_the_cheaper_mode(spec_cost, plain_cost):
         policy.record(spec, (spec_cost if spec else plain_cost) * 4, 4)  # 4 tokens per step
     if spec_cost > 1.5 * plain_cost:  # a clear loser is dropped after one measured step (plus the unmeasured one)
         assert sum(first[:40]) <= 2
-    elif spec_cost > 1.15 * plain_cost:  # a modest loser after two
-        assert sum(first[:40]) <= 3
+    elif spec_cost > plain_cost:  # a modest loser after a whole probe (4 measured steps + the unmeasured one)
+        assert sum(first[:40]) <= 5
     cheaper = spec_cost < plain_cost
     share = spec_steps / steps if not cheaper else 1 - spec_steps / steps  # time in the losing mode
     assert share < 0.02

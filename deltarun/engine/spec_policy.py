@@ -1,9 +1,9 @@
 """When to speculate (`--mtp on|off|auto`), and the acceptance rule for sampled drafts.
 
 Auto keeps MTP only while it really speeds decoding up: it measures, at run time, wall seconds per
-emitted token of speculative and of plain steps (exponential moving averages), starting with a short
-probe of each (plain first; a speculative probe that clearly loses ends after one or two measured steps). It
-then runs the cheaper mode and re-probes the other now and then, doubling the pause each time the
+emitted token of speculative and of plain steps (over a probe's steps together, then exponential moving
+averages), starting with a short probe of each (plain first; a speculative probe that clearly loses ends
+after one measured step). It then runs the cheaper mode and re-probes the other now and then, doubling the pause each time the
 decision stands, so a losing mode costs a vanishing share of steps (the issue's bar: auto never below
 0.97× plain). The first step after a switch is not measured: speculative rows resynchronise their MTP
 context in it.
@@ -15,8 +15,10 @@ import torch
 PROBE = 4  # measured steps per mode per probe
 FIRST_HOLD, MAX_HOLD = 64, 4096  # steps between probes of the losing mode
 MARGIN = 0.98  # speculate only when it is at least 2% cheaper per token (noise, and probe costs)
-EARLY = 1.5  # a speculative probe ends after one measured step when it costs this much more per token,
-LOSING = 1.15  # and after two when it still costs this much more (a winning mode rarely measures so twice)
+# A speculative probe ends after one measured step when it costs this much more per token. Not lower: one
+# step's tokens are a coin toss (k=2 at 50% acceptance emits 1 token 30% of the time, then costs ~1.35× per
+# token), and a probe dropped wrongly keeps a winning mode off for FIRST_HOLD steps (measured: 1.24× → 0.97×).
+EARLY = 1.5
 EMA = 0.3
 
 
@@ -27,6 +29,7 @@ class SpecPolicy:
         self.mode = mode
         self.cost: dict[bool, float | None] = {True: None, False: None}  # seconds per emitted token
         self.samples = {True: 0, False: 0}  # measured steps in the current probe of each mode
+        self._probe: dict[bool, tuple[float, int]] = {True: (0.0, 0), False: (0.0, 0)}  # its seconds, tokens
         self.last: bool | None = None
         self.hold, self.until_probe = FIRST_HOLD, 0
         self.probing: bool | None = False  # the mode being probed now (None: the winner runs); plain first
@@ -40,9 +43,8 @@ class SpecPolicy:
         if self.mode != "auto":
             return self.mode == "on"
         if self.probing is not None:
-            n = self.samples[True]
-            hopeless = self.probing and n and self.cost[False] is not None \
-                and self.cost[True] > (EARLY if n == 1 else LOSING) * self.cost[False]  # not a whole probe for a loser
+            hopeless = self.probing and self.samples[True] and self.cost[False] is not None \
+                and self.cost[True] > EARLY * self.cost[False]  # do not pay a whole probe for a clear loser
             if self.samples[self.probing] < PROBE and not hopeless:
                 return self.probing
             if self.cost[not self.probing] is None:  # first probes: measure the other mode too
@@ -63,9 +65,13 @@ class SpecPolicy:
         switched, self.last = self.last is not None and self.last != spec, spec
         if self.mode != "auto" or switched or tokens <= 0:
             return
-        per = seconds / tokens
-        old = self.cost[spec]
-        self.cost[spec] = per if old is None or self.samples[spec] == 0 else (1 - EMA) * old + EMA * per
+        n = self.samples[spec]
+        if n < PROBE:  # a probe: total seconds over total tokens (a step's own ratio swings with its acceptance)
+            total = self._probe[spec] = (0.0, 0) if n == 0 else self._probe[spec]
+            total = self._probe[spec] = (total[0] + seconds, total[1] + tokens)
+            self.cost[spec] = total[0] / total[1]
+        else:  # the running mode: follow slow drifts (longer contexts, other load)
+            self.cost[spec] = (1 - EMA) * self.cost[spec] + EMA * seconds / tokens
         self.samples[spec] += 1
 
 
