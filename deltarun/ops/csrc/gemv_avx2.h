@@ -46,12 +46,25 @@ struct WidenInt8 {
 };
 
 // One weight row (bf16 or int8, widened by Widen) against MC fp32 activation rows (K a multiple of 16):
-// exact products summed in fp32.
+// exact products summed in fp32. An FMA's result feeds the next one 4–5 cycles later, so each row keeps
+// four independent sums (32 columns a step); MC ≤ 2 keeps them in registers. A row's sums are added in the
+// same order whatever MC is: a token's logits do not depend on how many rows share the call (MTP's verify
+// reproduces plain decoding bit for bit).
 template <int MC, class Widen, typename W>
 inline void row_fma_avx2(const float* x, int64_t K, const W* wr, float* out, int64_t N) {
-  __m256 acc[MC][2];
-  for (int m = 0; m < MC; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
+  static_assert(MC <= 2, "register budget");
+  constexpr int A = 4;  // sums per activation row
+  __m256 acc[MC][A];
+  for (int m = 0; m < MC; ++m)
+    for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 * A <= K; k += 8 * A) {
+    __m256 w[A];
+    for (int a = 0; a < A; a += 2) Widen::load(wr + k + 8 * a, w[a], w[a + 1]);
+    for (int m = 0; m < MC; ++m)
+      for (int a = 0; a < A; ++a) acc[m][a] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k + 8 * a), w[a], acc[m][a]);
+  }
+  for (; k < K; k += 16) {  // K = 16 mod 32
     __m256 w0, w1;
     Widen::load(wr + k, w0, w1);
     for (int m = 0; m < MC; ++m) {
@@ -59,7 +72,11 @@ inline void row_fma_avx2(const float* x, int64_t K, const W* wr, float* out, int
       acc[m][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k + 8), w1, acc[m][1]);
     }
   }
-  for (int m = 0; m < MC; ++m) out[m * N] = hsum256(_mm256_add_ps(acc[m][0], acc[m][1]));
+  for (int m = 0; m < MC; ++m) {
+    __m256 t = acc[m][0];
+    for (int a = 1; a < A; ++a) t = _mm256_add_ps(t, acc[m][a]);
+    out[m * N] = hsum256(t);
+  }
 }
 
 // int8 weights · 16-bit activations (quantized as for VNNI) with vpmaddwd, flushed to fp32 every XQ_FLUSH.
@@ -71,6 +88,7 @@ inline void int8_row_madd(const int16_t* xq, int64_t K, const int8_t* wr, float*
     const int64_t k1 = k0 + XQ_FLUSH < K ? k0 + XQ_FLUSH : K;
     __m256i acc[MC];
     for (int m = 0; m < MC; ++m) acc[m] = _mm256_setzero_si256();
+#pragma GCC unroll 4
     for (int64_t k = k0; k < k1; k += 16) {
       const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k)));
       for (int m = 0; m < MC; ++m)
