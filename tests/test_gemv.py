@@ -26,6 +26,28 @@ def test_bf16_kernel_matches_fp32_reference(m, n, k):
     torch.testing.assert_close(gemv.gemv_bf16(x, w), want, rtol=1e-4, atol=1e-4 * k ** 0.5)
 
 
+def test_bf16_output_cast_and_row_independence():
+    """The kernel's bf16 output is its fp32 result rounded to nearest even (as Tensor.to), and a row's
+    result does not depend on how many rows share the call (MTP's verify reproduces plain decode)."""
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(5, 1024, generator=g).bfloat16(), torch.randn(300, 1024, generator=g).bfloat16()
+    full = torch.ops.deltarun.gemv_bf16(x, w, False)
+    assert torch.equal(torch.ops.deltarun.gemv_bf16(x, w, True), full.bfloat16())
+    for m in range(1, 5):
+        assert torch.equal(torch.ops.deltarun.gemv_bf16(x[:m], w, False), full[:m])
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_fp32_projection_matches_linear(m, dtype):
+    """DeltaNet's tiny fp32 projections (in_proj_a/b) at decode: a plain loop instead of F.linear."""
+    g = torch.Generator().manual_seed(m)
+    x, w = torch.randn(m, 1024, generator=g).to(dtype), torch.randn(16, 1027, generator=g)[:, :1024].contiguous()
+    got = torch.ops.deltarun.gemv_f32(x, w)
+    torch.testing.assert_close(got, F.linear(x.float(), w), rtol=1e-5, atol=1e-4)
+    assert torch.equal(torch.ops.deltarun.gemv_f32(x[:1], w), got[:1])  # a row is the same alone
+
+
 @pytest.mark.parametrize("m", [1, 4, 9])
 @pytest.mark.parametrize("n,k", [(5, 32), (300, 1024), (17, 48)])
 def test_int8_kernel_matches_dequantized_reference(m, n, k):

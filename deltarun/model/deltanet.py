@@ -13,6 +13,7 @@ from torch import nn
 from ..cache.state import StatePool
 from ..config import TextConfig
 from ..ops.conv1d import causal_conv1d
+from ..ops import gemv
 from ..ops.gdn import chunk_gated_delta_rule, decode_step
 from .layers import RMSNormGated
 
@@ -64,10 +65,15 @@ class GatedDeltaNet(nn.Module):
     def _projections_ab(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, hidden] → in_proj_a(x), in_proj_b(x) [B, T, Hv] in fp32. These projections are tiny (Hv
         rows) and run in fp32 — faster than bf16 GEMV at this size and free of overflow in exp."""
-        xf = x.float()
+        rows = x.numel() // x.shape[-1]
+        small = x.device.type == "cpu" and rows <= 16 and gemv.available()  # decode: a plain C++ loop
 
         def proj(mod: nn.Module) -> torch.Tensor:  # a GGUF file may hold them quantized: then its module runs
-            return F.linear(xf, mod.weight.float()) if isinstance(mod, nn.Linear) else mod(x).float()
+            if not isinstance(mod, nn.Linear):
+                return mod(x).float()
+            if small and mod.weight.dtype == torch.float32:
+                return torch.ops.deltarun.gemv_f32(x.reshape(rows, -1), mod.weight).view(*x.shape[:-1], -1)
+            return F.linear(x.float(), mod.weight.float())
         return proj(self.in_proj_a), proj(self.in_proj_b)
 
     def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,16 +97,17 @@ class GatedDeltaNet(nn.Module):
         takes for one token (so a verified token is bit for bit a plain decode's), recording in
         `pool.capture[index]` the conv input window [B, C, K-1+T] (the conv state after position i is
         window[..., i+1 : i+K]) and the recurrent state after positions 0 … T−2 ([T−1, B, Hv, Dk, Dv] fp32,
-        the pool's scratch; after the last position it is the pool's own state): speculative decoding resumes from whichever position it accepts."""
+        the pool's scratch; after the last position it is the pool's own state): speculative decoding
+        resumes from whichever position it accepts."""
         t = x.shape[1]
         mixed, z = self.in_proj_qkv(x), self.in_proj_z(x)
-        a, bp = self._projections_ab(x)
+        ab = [self._projections_ab(x[:, i : i + 1]) for i in range(t)]  # as plain decode computes them
         conv, rec = pool.conv[index], pool.recurrent[index]
         window = torch.cat([conv[slots], mixed.transpose(1, 2).to(conv.dtype)], dim=-1)
         w = self.conv1d.weight.view(self.conv_dim, -1)
         snaps = pool.verify_buffer(index, t - 1, x.shape[0])
-        outs = [decode_step(mixed[:, i], conv, w, a[:, i], bp[:, i], self.A_log, self.dt_bias, rec, slots, self.hk,
-                            z[:, i], self.norm.weight, self.norm.eps, snap=snaps[i] if i < t - 1 else None)
+        outs = [decode_step(mixed[:, i], conv, w, ab[i][0][:, 0], ab[i][1][:, 0], self.A_log, self.dt_bias, rec, slots,
+                            self.hk, z[:, i], self.norm.weight, self.norm.eps, snap=snaps[i] if i < t - 1 else None)
                 for i in range(t)]
         pool.capture[index] = (window, snaps)
         return self.out_proj(torch.stack(outs, 1))

@@ -27,9 +27,28 @@ void check(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(w.is_contiguous(), "gemv: w must be contiguous");
 }
 
-// fp32 results, or (cast) in the activations' dtype: what a Linear returns, without a second op from Python
+// fp32 results, or (cast) in the activations' dtype: what a Linear returns, without a second op from Python.
+// bf16 by a plain loop (round to nearest even, as Tensor.to): a torch op here costs ~10 µs per call.
 at::Tensor finish(const at::Tensor& out, const at::Tensor& x, bool cast) {
-  return cast && x.scalar_type() != at::kFloat ? out.to(x.scalar_type()) : out;
+  if (!cast || x.scalar_type() == at::kFloat) return out;
+  if (x.scalar_type() != at::kBFloat16) return out.to(x.scalar_type());
+  at::Tensor y = at::empty(out.sizes(), out.options().dtype(at::kBFloat16));
+  const float* o = out.data_ptr<float>();
+  at::BFloat16* d = y.data_ptr<at::BFloat16>();
+  for (int64_t i = 0, n = out.numel(); i < n; ++i) d[i] = at::BFloat16(o[i]);
+  return y;
+}
+
+// x [M, K] as contiguous fp32: bf16 widened by a plain loop (exact), fp32 as is, other dtypes by torch
+at::Tensor as_f32(const at::Tensor& x) {
+  if (x.scalar_type() == at::kFloat) return x.contiguous();
+  if (x.scalar_type() != at::kBFloat16) return x.to(at::kFloat).contiguous();
+  const at::Tensor xc = x.contiguous();
+  at::Tensor f = at::empty(xc.sizes(), xc.options().dtype(at::kFloat));
+  const at::BFloat16* s = xc.data_ptr<at::BFloat16>();
+  float* d = f.data_ptr<float>();
+  for (int64_t i = 0, n = xc.numel(); i < n; ++i) d[i] = static_cast<float>(s[i]);
+  return f;
 }
 
 constexpr int64_t GRAIN = 256;  // rows per parallel task: ≥ 0.5 MB of bf16 weights at K = 1024
@@ -54,7 +73,7 @@ at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& w, bool cast) {
     return finish(out, x, cast);
   }
 #endif
-  const at::Tensor xf = x.to(at::kFloat);
+  const at::Tensor xf = as_f32(x);
   const float* XF = xf.data_ptr<float>();
 #if defined(__AVX2__) && defined(__FMA__)
   if (K % 16 == 0) {
@@ -71,6 +90,31 @@ at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& w, bool cast) {
   return finish(out, x, cast);
 }
 
+// x [M, K] (any float dtype), w [N, K] fp32 → [M, N] fp32: the small fp32 projections of a decode step (DeltaNet's
+// in_proj_a / in_proj_b, Hv rows), where F.linear's dispatch costs ~30–60 µs for microseconds of work. Eight
+// partial sums per output, added in a fixed order (a row's result does not depend on M).
+at::Tensor gemv_f32(const at::Tensor& x, const at::Tensor& w) {
+  check(x, w);
+  TORCH_CHECK(w.scalar_type() == at::kFloat, "gemv_f32: fp32 weights");
+  const at::Tensor xf = as_f32(x);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor out = at::empty({M, N}, xf.options());
+  const float *X = xf.data_ptr<float>(), *W = w.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      const float *xr = X + m * K, *wr = W + n * K;
+      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8)
+        for (int j = 0; j < 8; ++j) acc[j] += xr[k + j] * wr[k + j];
+      float t = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+      for (; k < K; ++k) t += xr[k] * wr[k];
+      O[m * N + n] = t;
+    }
+  return out;
+}
+
 // x [M, K] (any float dtype), w [N, K] int8, scales [N] → [M, N] fp32. bf16/fp16 activations go through
 // VNNI (or AVX2's vpmaddwd) as 13-bit integers; fp32 activations are widened and multiplied exactly in fp32.
 // Activation quantization and the scaling are plain loops here: as torch ops they cost ~30 µs a call, as much
@@ -81,7 +125,7 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(scales.numel() == N, "gemv_int8: scales [N]");
   const int8_t* W = w.data_ptr<int8_t>();
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const at::Tensor xf = as_f32(x);
   const at::Tensor sf = scales.to(at::kFloat).contiguous();  // pass fp32 scales: no conversion per call
   const float* S = sf.data_ptr<float>();
   at::Tensor out = at::empty({M, N}, xf.options());
@@ -168,7 +212,7 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, c
               "gemv_int4: packed [N/B, K, B/2] uint8");
   TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 && sz.size(0) * g == K &&
               sz.size(2) == 2, "gemv_int4: sz [K/g, N, 2] bf16");
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const at::Tensor xf = as_f32(x);
   const int64_t G = K / g;
   at::Tensor out = at::empty({M, N}, xf.options());
   const float* X = xf.data_ptr<float>();
@@ -224,6 +268,7 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, c
 
 TORCH_LIBRARY(deltarun, m) {
   m.def("gemv_bf16(Tensor x, Tensor w, bool cast=False) -> Tensor");
+  m.def("gemv_f32(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor w, Tensor scales, bool cast=False) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor packed, int group, Tensor sz, bool cast=False) -> Tensor");
   m.def("int4_layout_rows() -> int", &int4_layout_rows);  // no tensors: not dispatched by device
@@ -231,6 +276,7 @@ TORCH_LIBRARY(deltarun, m) {
 
 TORCH_LIBRARY_IMPL(deltarun, CPU, m) {
   m.impl("gemv_bf16", &gemv_bf16);
+  m.impl("gemv_f32", &gemv_f32);
   m.impl("gemv_int8", &gemv_int8);
   m.impl("gemv_int4", &gemv_int4);
 }
