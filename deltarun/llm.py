@@ -44,8 +44,9 @@ class Frontend:
                  rope_scaling: dict | str | None = None, quantization: str | None = None,
                  threads: int | None = None, **engine_options: Any):
         """engine_options: fields of `EngineConfig` (max_num_seqs, max_prefill_tokens, max_model_len,
-        max_memory, prefix_cache_memory, prefix_block, mtp, num_speculative_tokens, mtp_draft_vocab). `rope_scaling`: e.g.
-        "yarn:4" or the model card's rope_parameters dict, to run past the native 262,144 positions.
+        max_memory, prefix_cache_memory, prefix_block, mtp, num_speculative_tokens, mtp_draft_vocab).
+        `rope_scaling`: e.g. "yarn:4" or the model card's rope_parameters dict, to run past the native
+        262,144 positions.
         `quantization`: "int8", "int4" or "int4:GROUP" (weight-only, applied while loading; also taken
         from a name's tag such as `qwen3.5:0.8b-int4`). `threads`: CPU threads (default: all cores)."""
         set_threads(threads)

@@ -105,8 +105,9 @@ class StatePool:
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.num_slots = num_slots
         # Set to {} by speculative decoding's verify forward: each linear-attention layer then records
-        # {index: (conv input window [B, C, K-1+T], recurrent states after positions 0 … T−2 [T−1, B, Hv, Dk, Dv])}
-        # (after the last position the state is the pool's own); those live in `verify_buffer`.
+        # {index: (conv input window [B, C, K-1+T], recurrent states after positions 0 … T−2
+        # [T−1, B, Hv, Dk, Dv])} (after the last position the state is the pool's own; those live in
+        # `verify_buffer`).
         self.capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._verify: dict[int, torch.Tensor] = {}
 

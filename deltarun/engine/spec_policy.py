@@ -3,10 +3,10 @@
 Auto keeps MTP only while it really speeds decoding up: it measures, at run time, wall seconds per
 emitted token of speculative and of plain steps (over a probe's steps together, then exponential moving
 averages), starting with a short probe of each (plain first; a speculative probe that clearly loses ends
-after one measured step). It then runs the cheaper mode and re-probes the other now and then, doubling the pause each time the
-decision stands, so a losing mode costs a vanishing share of steps (the issue's bar: auto never below
-0.97× plain). The first step after a switch is not measured: speculative rows resynchronise their MTP
-context in it.
+after one measured step). It then runs the cheaper mode and re-probes the other now and then, doubling
+the pause each time the decision stands, so a losing mode costs a vanishing share of steps (the issue's
+bar: auto never below 0.97× plain). The first step after a switch is not measured: speculative rows
+resynchronise their MTP context in it.
 """
 from __future__ import annotations
 
@@ -67,9 +67,9 @@ class SpecPolicy:
             return
         n = self.samples[spec]
         if n < PROBE:  # a probe: total seconds over total tokens (a step's own ratio swings with its acceptance)
-            total = self._probe[spec] = (0.0, 0) if n == 0 else self._probe[spec]
-            total = self._probe[spec] = (total[0] + seconds, total[1] + tokens)
-            self.cost[spec] = total[0] / total[1]
+            sec, tok = (0.0, 0) if n == 0 else self._probe[spec]
+            self._probe[spec] = sec, tok = sec + seconds, tok + tokens
+            self.cost[spec] = sec / tok
         else:  # the running mode: follow slow drifts (longer contexts, other load)
             self.cost[spec] = (1 - EMA) * self.cost[spec] + EMA * seconds / tokens
         self.samples[spec] += 1

@@ -2,7 +2,7 @@
 // for the fp32 (or bf16) GEMM that multiplies a prefill chunk by them. The torch expression it replaces
 // (ops/quant.py `QuantLinear.row_block`'s reference path) takes 6–8 passes over fp32 temporaries: with a
 // 512-token chunk that was ~15% of an int4 prefill. Same arithmetic, element for element: int8 float(q)·s,
-// int4 (q − 8)·scale + zero in fp32 (tests/test_gemv.py compares bit for bit).
+// int4 (q − 8)·scale + zero in fp32 (tests/test_quant.py compares bit for bit).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,7 +22,8 @@ void int4_rows(const uint8_t* P, const T* SZ, int64_t g, int64_t block, int64_t 
         const int64_t n = bb * block + j, shift = j < h ? 0 : 4, col = j % h;
         float* o = O + (n - start) * K;
         for (int64_t gi = 0; gi < K / g; ++gi) {
-          const float scale = static_cast<float>(SZ[(gi * N + n) * 2]), zero = static_cast<float>(SZ[(gi * N + n) * 2 + 1]);
+          const T* pair = SZ + (gi * N + n) * 2;  // (scale, zero)
+          const float scale = static_cast<float>(pair[0]), zero = static_cast<float>(pair[1]);
           for (int64_t k = gi * g; k < (gi + 1) * g; ++k) {
             const float t = static_cast<float>(((pb[k * h + col] >> shift) & 15) - 8) * scale;  // rounded, then
             o[k] = t + zero;                                                                      // the add: as torch

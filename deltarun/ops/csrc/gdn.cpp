@@ -149,7 +149,8 @@ at::Tensor gdn_decode_(const at::Tensor& mixed, const at::Tensor& conv_pool, con
 
 TORCH_LIBRARY_FRAGMENT(deltarun, m) {
   m.def("gdn_decode_(Tensor mixed, Tensor(a!) conv_pool, Tensor conv_w, Tensor a, Tensor b, Tensor A_log, "
-        "Tensor dt_bias, Tensor(b!) rec_pool, Tensor slots, int hk, Tensor z, Tensor norm_w, float eps, Tensor(c!)? snap=None) -> Tensor");
+        "Tensor dt_bias, Tensor(b!) rec_pool, Tensor slots, int hk, Tensor z, Tensor norm_w, float eps, "
+        "Tensor(c!)? snap=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(deltarun, CPU, m) { m.impl("gdn_decode_", &gdn_decode_); }

@@ -79,7 +79,9 @@ at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& w, bool cast) {
   if (K % 16 == 0) {
     at::parallel_for(0, N, GRAIN, [&](int64_t a, int64_t b) {
       for (int64_t n = a; n < b; ++n)
-        by_rows<2>(M, [&](auto mc, int64_t m) { row_fma_avx2<mc.value, WidenBf16>(XF + m * K, K, W + n * K, O + m * N + n, N); });
+        by_rows<2>(M, [&](auto mc, int64_t m) {
+          row_fma_avx2<mc.value, WidenBf16>(XF + m * K, K, W + n * K, O + m * N + n, N);
+        });
     });
     return finish(out, x, cast);
   }
@@ -161,7 +163,9 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
     if (K % 16 == 0) {
       for (int64_t n = a; n < b; ++n) {
-        by_rows<2>(M, [&](auto mc, int64_t m) { row_fma_avx2<mc.value, WidenInt8>(XF + m * K, K, W + n * K, O + m * N + n, N); });
+        by_rows<2>(M, [&](auto mc, int64_t m) {
+          row_fma_avx2<mc.value, WidenInt8>(XF + m * K, K, W + n * K, O + m * N + n, N);
+        });
         for (int64_t m = 0; m < M; ++m) O[m * N + n] *= S[n];
       }
       return;
