@@ -11,6 +11,7 @@ from torch import nn
 
 from ..cache.state import KVCache, ModelCache, SeqState, StatePool
 from ..config import ModelConfig, TextConfig
+from ..ops import layer as fused
 from .attention import GatedAttention
 from .deltanet import GatedDeltaNet
 from .layers import MLP, RMSNorm, RotaryEmbedding, residual_norm
@@ -30,11 +31,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, rope, cache: ModelCache, slots: torch.Tensor):
+        plan = fused.plan(self) if fused.usable(x) else None  # decode on the CPU: C++ ops, the same math
+        if plan is not None and plan.gdn is not None and cache.pool.capture is None:
+            return fused.gdn_layer(plan, x, cache.pool, self.state_index, slots)
         h = self.input_layernorm(x)
         if self.layer_type == "linear_attention":
             h = self.linear_attn(h, cache.pool, self.state_index, slots)
         else:
             h = self.self_attn(h, rope, [s.kv[self.state_index] for s in cache.seqs])
+        if plan is not None:
+            return fused.tail(plan, x, h)
         x, h = residual_norm(x, h, self.post_attention_layernorm)
         return x + self.mlp(h)
 

@@ -56,14 +56,14 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x_in, const at::Tensor*
   return {s, y};
 }
 
+}  // namespace
+
 at::Tensor rms_norm_zc(const at::Tensor& x, const at::Tensor& w, double eps) { return std::get<1>(run(x, nullptr, w, eps)); }
 
 std::tuple<at::Tensor, at::Tensor> add_rms_norm_zc(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w,
                                                    double eps) {
   return run(x, &h, w, eps);
 }
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(deltarun, m) {
   m.def("rms_norm_zc(Tensor x, Tensor w, float eps) -> Tensor");
