@@ -54,11 +54,15 @@ class KVCache:
         if self.quantized:
             self.k_scale, self.v_scale = new[2], new[3]
 
+    def make_room(self, need: int, like: torch.Tensor) -> None:
+        """Capacity for `need` tokens, grown ×GROWTH (at least 64) when short; like: [1, Hkv, ·, D]."""
+        if need > self.capacity:
+            self.reserve(max(need, int(self.capacity * GROWTH), 64), like)
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add k, v [1, Hkv, T, D]; return all held keys and values [1, Hkv, length, D]."""
         need = self.length + k.shape[2]
-        if self.k is None or need > self.k.shape[2]:
-            self.reserve(max(need, int(self.capacity * GROWTH), 64), k)
+        self.make_room(need, k)
         if not self.quantized:
             self.k[:, :, self.length : need] = k
             self.v[:, :, self.length : need] = v

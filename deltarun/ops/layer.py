@@ -43,6 +43,8 @@ class Plan:
     tail: tuple  # (post_norm, eps, gate, up, down)
     gdn: tuple | None = None  # a linear-attention layer's arguments before the pools
     hk: int = 0
+    attn: tuple | None = None  # a full-attention layer's arguments before the rotary tables
+    attn_rest: tuple = ()  # … and between the caches' lengths and the tail
 
 
 def plan(layer: nn.Module) -> Plan | None:
@@ -79,6 +81,14 @@ def _build(layer: nn.Module) -> Plan | None:
         p.gdn = (layer.input_layernorm.weight, layer.input_layernorm.eps, *proj, conv_w, la.A_log.float().contiguous(),
                  la.dt_bias.float().contiguous(), la.norm.weight, la.norm.eps, out)
         p.hk = la.hk
+    else:
+        at = layer.self_attn
+        proj = [linear_args(m) for m in (at.q_proj, at.k_proj, at.v_proj, at.o_proj)]
+        if any(a is None for a in proj) or not at.gated:
+            return p
+        p.attn = (layer.input_layernorm.weight, layer.input_layernorm.eps, *proj[:3], at.q_norm.weight, at.q_norm.eps,
+                  at.k_norm.weight, at.k_norm.eps)
+        p.attn_rest = (at.nq, at.nkv, at.scale, proj[3])
     return p
 
 
@@ -94,6 +104,21 @@ def gdn_layer(p: Plan, x: torch.Tensor, pool, index: int, slots: torch.Tensor | 
         slots = torch.arange(slots.start, slots.stop)
     return torch.ops.deltarun.gdn_layer_decode(x, *p.gdn, pool.conv[index], pool.recurrent[index], slots, p.hk,
                                                *p.tail)
+
+
+def attn_layer(p: Plan, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], caches: list) -> torch.Tensor | None:
+    """A full-attention layer's whole decode step (x [B, 1, H] → [B, 1, H]), each row's key and value appended
+    to its KVCache; None (nothing done) for int8-quantized caches, which the modules handle."""
+    if any(c.quantized for c in caches):
+        return None
+    for c in caches:
+        if c.length + 1 > c.capacity:
+            c.make_room(c.length + 1, x.new_empty(1, p.attn_rest[1], 1, p.attn[5].shape[0]))  # [1, Hkv, 1, D]
+    y = torch.ops.deltarun.attn_layer_decode(x, *p.attn, rope[0], rope[1], [c.k for c in caches], [c.v for c in caches],
+                                             [c.length for c in caches], *p.attn_rest, *p.tail)
+    for c in caches:
+        c.length += 1
+    return y
 
 
 def tail(p: Plan, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "ops.h"
 
 namespace {
@@ -53,6 +55,71 @@ at::Tensor gdn_layer_decode(const at::Tensor& x, const at::Tensor& in_norm, doub
   return layer_tail(x, lin(o, out).view(x.sizes()), post_norm, post_eps, gate, up, down);
 }
 
+namespace {
+
+// apply_rotary (model/layers.py) on x [R, D] bf16 rows in place, with cos / sin [rd] bf16: the first rd
+// channels become x·cos + rotate_half(x)·sin, each product and the sum rounded to bf16 as the torch ops do.
+void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t R = x.size(0), D = x.size(1), rd = cos.size(-1), half = rd / 2;
+  auto* X = x.data_ptr<at::BFloat16>();
+  const auto *C = cos.data_ptr<at::BFloat16>(), *S = sin.data_ptr<at::BFloat16>();
+  std::vector<float> row(rd);
+  for (int64_t r = 0; r < R; ++r) {
+    at::BFloat16* xr = X + r * D;
+    for (int64_t j = 0; j < rd; ++j) row[j] = static_cast<float>(xr[j]);
+    for (int64_t j = 0; j < rd; ++j) {
+      const float rot = j < half ? -row[j + half] : row[j - half];
+      const float a = static_cast<float>(at::BFloat16(row[j] * static_cast<float>(C[j])));
+      const float b = static_cast<float>(at::BFloat16(rot * static_cast<float>(S[j])));
+      xr[j] = at::BFloat16(a + b);
+    }
+  }
+}
+
+}  // namespace
+
+// A gated full-attention layer for B sequences, one token each: input norm, q (with its gate) / k / v
+// projections, per-head q/k norms, rotary (cos, sin [B, rd] bf16), the new key and value written at
+// position lengths[b] of row b's cache buffers (k_cache[b], v_cache[b] [1, Hkv, capacity, D], room made by
+// the caller, who also advances the lengths), attention over positions 0 … lengths[b], the sigmoid gate,
+// o_proj, then layer_tail. bf16 only (as the modules run it: gemv kernels, rms_norm_zc, torch's SDPA).
+at::Tensor attn_layer_decode(const at::Tensor& x, const at::Tensor& in_norm, double in_eps, at::TensorList qp,
+                             at::TensorList kp, at::TensorList vp, const at::Tensor& q_norm, double q_eps,
+                             const at::Tensor& k_norm, double k_eps, const at::Tensor& cos, const at::Tensor& sin,
+                             at::TensorList k_cache, at::TensorList v_cache, at::IntArrayRef lengths, int64_t nq,
+                             int64_t nkv, double scale, at::TensorList op, const at::Tensor& post_norm,
+                             double post_eps, at::TensorList gate, at::TensorList up, at::TensorList down) {
+  const int64_t B = x.size(0), H = x.size(2);
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && x.scalar_type() == at::kBFloat16, "attn_layer_decode: x [B, 1, H] bf16");
+  TORCH_CHECK(static_cast<int64_t>(k_cache.size()) == B && static_cast<int64_t>(v_cache.size()) == B &&
+              static_cast<int64_t>(lengths.size()) == B, "attn_layer_decode: one cache per row");
+  const at::Tensor h = rms_norm_zc(x, in_norm, in_eps).view({B, H});
+  const at::Tensor qg = lin(h, qp).view({B, 1, nq, -1});
+  const int64_t d = qg.size(3) / 2, groups = nq / nkv;
+  const at::Tensor g = qg.narrow(3, d, d).reshape({B, 1, nq * d});
+  at::Tensor q = rms_norm_zc(qg.narrow(3, 0, d), q_norm, q_eps);  // [B, 1, nq, d], contiguous
+  at::Tensor k = rms_norm_zc(lin(h, kp).view({B, 1, nkv, d}), k_norm, k_eps);
+  const at::Tensor v = lin(h, vp).view({B, 1, nkv, d});
+  TORCH_CHECK(cos.scalar_type() == at::kBFloat16 && cos.is_contiguous() && sin.is_contiguous() &&
+              cos.numel() == B * cos.size(-1) && cos.size(-1) <= d, "attn_layer_decode: cos / sin [B, rd] bf16");
+  std::vector<at::Tensor> rows;
+  for (int64_t b = 0; b < B; ++b) {
+    at::Tensor qb = q.select(0, b).view({nq, d}), kb = k.select(0, b).view({nkv, d});
+    rotary_(qb, cos.view({B, -1}).select(0, b), sin.view({B, -1}).select(0, b));
+    rotary_(kb, cos.view({B, -1}).select(0, b), sin.view({B, -1}).select(0, b));
+    const int64_t n = lengths[b];
+    TORCH_CHECK(k_cache[b].dim() == 4 && k_cache[b].size(2) > n, "attn_layer_decode: no room in the cache");
+    k_cache[b].narrow(2, n, 1).copy_(kb.view({1, nkv, 1, d}));
+    v_cache[b].narrow(2, n, 1).copy_(v.select(0, b).view({1, nkv, 1, d}));
+    // one query per head: each KV head's query group folded into the query axis (ops/attention.py)
+    rows.push_back(at::scaled_dot_product_attention(q.select(0, b).view({1, nkv, groups, d}),
+                                                    k_cache[b].narrow(2, 0, n + 1), v_cache[b].narrow(2, 0, n + 1),
+                                                    std::nullopt, 0.0, false, scale).reshape({1, nq * d}));
+  }
+  const at::Tensor o = (B > 1 ? at::cat(rows) : rows[0]) * at::sigmoid(g.view({B, nq * d}));
+  return layer_tail(x, lin(o, op).view(x.sizes()), post_norm, post_eps, gate, up, down);
+}
+
 TORCH_LIBRARY_FRAGMENT(deltarun, m) {
   m.def("layer_tail(Tensor x, Tensor h, Tensor post_norm, float post_eps, Tensor[] gate, Tensor[] up, "
         "Tensor[] down) -> Tensor");
@@ -60,9 +127,14 @@ TORCH_LIBRARY_FRAGMENT(deltarun, m) {
         "Tensor[] b, Tensor conv_w, Tensor A_log, Tensor dt_bias, Tensor norm_w, float norm_eps, Tensor[] out, "
         "Tensor(a!) conv_pool, Tensor(b!) rec_pool, Tensor slots, int hk, Tensor post_norm, float post_eps, "
         "Tensor[] gate, Tensor[] up, Tensor[] down) -> Tensor");
+  m.def("attn_layer_decode(Tensor x, Tensor in_norm, float in_eps, Tensor[] q, Tensor[] k, Tensor[] v, "
+        "Tensor q_norm, float q_eps, Tensor k_norm, float k_eps, Tensor cos, Tensor sin, Tensor(a!)[] k_cache, "
+        "Tensor(b!)[] v_cache, int[] lengths, int nq, int nkv, float scale, Tensor[] o, Tensor post_norm, "
+        "float post_eps, Tensor[] gate, Tensor[] up, Tensor[] down) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(deltarun, CPU, m) {
   m.impl("layer_tail", &layer_tail);
   m.impl("gdn_layer_decode", &gdn_layer_decode);
+  m.impl("attn_layer_decode", &attn_layer_decode);
 }
