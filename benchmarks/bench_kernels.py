@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from deltarun.ops import gemv
+from deltarun.ops.quant import cpu_int4_block, int4_pairs
 
 SHAPES = ((248320, 1024), (6144, 1024), (3584, 1024), (1024, 3584))
 
@@ -53,12 +54,13 @@ def main() -> None:
         p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g), 1)
         sz = (torch.rand(k // 64, n, 2, generator=g) / 10).bfloat16()
-        rows.append(("int4 g64", n * k // 2, lambda: gemv.int4_mm(x, p, 64, sz),
+        ours4 = int4_pairs(p) if cpu_int4_block() == 32 else p  # the AVX2 kernel's column-pair order
+        rows.append(("int4 g64", n * k // 2, lambda: gemv.int4_mm(x, ours4, 64, sz),
                      lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, 64, sz)))
         for name, nbytes, ours, theirs in rows:
             print(f"| {name} | {n}×{k} | {nbytes / seconds(ours, a.reps) / 1e9:.1f} | "
                   f"{nbytes / seconds(theirs, a.reps) / 1e9:.1f} |", flush=True)
-        del w, q, p
+        del w, q, p, ours4
 
 
 if __name__ == "__main__":

@@ -135,17 +135,19 @@ def test_a_killed_build_does_not_block_the_next_load(tmp_path):
     assert out.stdout.strip() == "True" and not lock.exists()
 
 
-@pytest.mark.parametrize("m", [1, 2, 4, 7])
+@pytest.mark.parametrize("m", [1, 2, 4, 7, 16])
 @pytest.mark.parametrize("n,k,group", [(64, 64, 32), (192, 256, 64), (128, 512, 128)])
 def test_int4_kernel_matches_torch_int4_and_dequantized(m, n, k, group):
-    """Same packed weights (torch's CPU int4 layout): kernel == dequantized fp32 reference; and the
-    QuantLinear that routes decode rows through it stays within bf16 output rounding."""
+    """Same packed weights (torch's CPU int4 layout, column pairs reordered for the AVX2 kernel): kernel ==
+    dequantized fp32 reference; and the QuantLinear that routes decode rows through it stays within bf16
+    output rounding."""
     g = torch.Generator().manual_seed(m + n + k)
     w = torch.randn(n, k, generator=g) / 10
     mod = QuantLinear.from_float(w, 4, group, dtype=torch.bfloat16)
     mod.pack()
     assert mod._cpu4 is not None
-    packed, sz = mod._cpu4
+    packed, sz, pairs = mod._cpu4
+    assert pairs == (torch.ops.deltarun.int4_layout_rows() == 32)
     x = torch.randn(m, k, generator=g).bfloat16()
     want = F.linear(x.float(), mod.dequantize())
     # on AVX2 bf16 activations enter as int8 per group (x̃ = xs·round(x/xs), xs = max|x|/127), as llama.cpp

@@ -47,18 +47,19 @@ def test_kernel_matches_dequantized_reference(bits, group, dtype, rows):
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
 
 
-def test_packed_int4_rows_read_back_exactly():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the AVX2 kernel's column-pair order
+def test_packed_int4_rows_read_back_exactly(dtype):
     w = _weight(192, 128, seed=3)
-    mod = QuantLinear.from_float(w, 4, 32, torch.float32)
+    mod = QuantLinear.from_float(w, 4, 32, dtype)
     portable = mod.dequantize()
     mod.pack()
     assert mod._cpu4 is not None and mod.qweight is None, "the kernel's copy should be the only copy"
     idx = torch.tensor([0, 31, 32, 63, 64, 100, 191, 5])
     torch.testing.assert_close(mod.rows(idx), portable[idx], rtol=0, atol=0)
     torch.testing.assert_close(mod.dequantize(), portable, rtol=0, atol=0)  # in-order block reads
-    emb = QuantEmbedding(192, 128, 4, 32, torch.float32, "meta")
+    emb = QuantEmbedding(192, 128, 4, 32, dtype, "meta")
     emb.share(mod)
-    torch.testing.assert_close(emb(idx.view(2, 4)), portable[idx].view(2, 4, 128), rtol=0, atol=0)
+    torch.testing.assert_close(emb(idx.view(2, 4)), portable[idx].view(2, 4, 128).to(dtype), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("bits,group", [(8, 64), (4, 32), (4, 64)])
@@ -153,7 +154,7 @@ def test_tied_int4_embedding_is_held_once(tiny_ckpt):
     assert isinstance(embed, QuantEmbedding) and embed.qweight is None and embed._source is model.lm_head
     full = load_model(tiny_ckpt, dtype="float32", device="cpu")
     q_bytes = sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, QuantLinear)
-                  for t in ([*m._cpu4] if m._cpu4 else [x for x in m.portable().values() if x is not None]))
+                  for t in ([*m._cpu4[:2]] if m._cpu4 else [x for x in m.portable().values() if x is not None]))
     f_bytes = sum(p.numel() * 4 for n, p in full.named_parameters()
                   if quant.is_quantizable(n, tuple(p.shape), quant.QuantSpec(4, 32)))
     assert q_bytes < f_bytes / 4

@@ -103,14 +103,17 @@ def _int4_check(g: torch.Generator) -> bool:
     if torch.ops.deltarun.int4_layout_rows() != cpu_int4_block():
         log.info("int4 decode kernel not built for torch's int4 layout here: torch's int4 kernel is used")
         return False
+    from .quant import int4_pairs
+
     q4 = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=g)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4, 1)
+    ours = int4_pairs(packed) if cpu_int4_block() == 32 else packed
     sz = (torch.rand(2, 128, 2, generator=g) / 10).bfloat16()  # group 32
     x = torch.randn(3, 64, generator=g).bfloat16()
     ref4 = torch.ops.aten._weight_int4pack_mm_for_cpu(x.float(), packed, 32, sz.float())
     # fp32 activations: exact products; bf16 ones may enter as int8 per group (AVX2): within 3% of the scale
-    if not (torch.allclose(torch.ops.deltarun.gemv_int4(x.float(), packed, 32, sz), ref4, rtol=1e-3, atol=1e-3)
-            and torch.allclose(torch.ops.deltarun.gemv_int4(x, packed, 32, sz), ref4, rtol=0,
+    if not (torch.allclose(torch.ops.deltarun.gemv_int4(x.float(), ours, 32, sz), ref4, rtol=1e-3, atol=1e-3)
+            and torch.allclose(torch.ops.deltarun.gemv_int4(x, ours, 32, sz), ref4, rtol=0,
                                atol=0.03 * ref4.abs().max().item())):
         log.warning("CPU int4 decode kernel disagrees with torch's int4 kernel: not used")
         return False
@@ -127,12 +130,16 @@ def gemv_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.T
     return torch.ops.deltarun.gemv_int8(x, q, scales)
 
 
+def int4_usable(sz: torch.Tensor) -> bool:
+    """Whether the int4 kernel multiplies a CPU weight with these (scale, zero) pairs ([K/g, N, 2] bf16)."""
+    return sz.dtype == torch.bfloat16 and available() and bool(_state.get("int4"))
+
+
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, sz: torch.Tensor) -> torch.Tensor:
-    """Weight-only int4 matmul on torch's CPU layout (packed [N/B, K, B/2], sz [K/g, N, 2]): the kernel up
-    to MAX_ROWS rows with bf16 scales, torch's `_weight_int4pack_mm_for_cpu` otherwise; x's dtype out."""
-    if x.shape[0] <= MAX_ROWS and sz.dtype == torch.bfloat16 and _state.get("int4"):
-        return torch.ops.deltarun.gemv_int4(x, packed, group, sz, True)
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
+    """Weight-only int4 matmul by the kernel, x [M ≤ 16, K] → [M, N] in x's dtype. packed: torch's CPU layout
+    [N/B, K, B/2], with each column pair in the kernel's order where B = 32 (AVX2, ops/quant.py `int4_pairs`);
+    sz [K/g, N, 2] bf16."""
+    return torch.ops.deltarun.gemv_int4(x, packed, group, sz, True)
 
 
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

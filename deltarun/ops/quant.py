@@ -105,6 +105,18 @@ def cpu_int4_block() -> int:
     return _cpu_block[0]
 
 
+# The AVX2 kernel's order of each column pair's 32 bytes in the 32-row layout (csrc/gemv_avx2.h): position p
+# holds torch's byte (p mod 2)·16 + (p div 16)·8 + (p mod 16) div 2, i.e. row pairs ready for vpmaddubsw.
+_PAIRS = torch.tensor([(p % 2) * 16 + (p // 16) * 8 + (p % 16) // 2 for p in range(32)])
+_UNPAIRS = torch.argsort(_PAIRS)
+
+
+def int4_pairs(packed: torch.Tensor) -> torch.Tensor:
+    """torch's 32-row CPU int4 bytes ([N/32, K, 16] in memory, K even) → the AVX2 kernel's column-pair
+    order, same shape."""
+    return packed.reshape(-1, 32)[:, _PAIRS].view(packed.shape)
+
+
 def _cpu_layout(q: torch.Tensor, block: int) -> torch.Tensor:
     """q [N, K] in 0…15 → torch's CPU int4 bytes [N/B, K, B/2] for row blocks of B (see cpu_int4_block)."""
     r = q.to(torch.uint8).view(-1, 2, block // 2, q.shape[1])
@@ -136,7 +148,8 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", torch.empty(n, k // self.group_size, dtype=dtype, device=device))
             self.register_buffer("zeros", torch.empty(n, k // self.group_size, dtype=dtype, device=device))
         self._kernel = None  # set by pack(): a callable x2d → y2d, or None for the reference path
-        self._cpu4: tuple[torch.Tensor, torch.Tensor] | None = None  # (CPU-packed int4, [K/g, N, 2])
+        # (CPU-packed int4, sz [K/g, N, 2], whether its column pairs are in the AVX2 kernel's order)
+        self._cpu4: tuple[torch.Tensor, torch.Tensor, bool] | None = None
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP,
@@ -163,11 +176,14 @@ class QuantLinear(nn.Module):
             return self.qweight[idx].float() * self.scales[idx].float()[:, None]
         if self._cpu4 is None:
             return dequantize_int4(self.qweight[idx], self.scales[idx], self.zeros[idx])
-        packed, sz = self._cpu4
+        packed, sz, pairs = self._cpu4
         k, blk = self.in_features, cpu_int4_block()
-        blocks = packed.view(-1, k, blk // 2)
         within = idx % blk
-        sel = blocks[idx // blk, :, within % (blk // 2)]  # [R, K]
+        if pairs:  # the R rows' blocks back in torch's order first
+            blocks = packed.view(-1, k // 2, 32)[idx // blk][..., _UNPAIRS].view(len(idx), k, blk // 2)
+            sel = blocks[torch.arange(len(idx), device=idx.device), :, within % (blk // 2)]  # [R, K]
+        else:
+            sel = packed.view(-1, k, blk // 2)[idx // blk, :, within % (blk // 2)]  # [R, K]
         q = torch.where((within < blk // 2)[:, None], sel & 15, sel >> 4).float()
         g = self.group_size
         scale, zero = sz[:, idx, 0].t().float(), sz[:, idx, 1].t().float()  # [R, K/g]
@@ -182,7 +198,8 @@ class QuantLinear(nn.Module):
             if self.bits == 8:
                 return torch.ops.deltarun.dequant_int8_rows(self.qweight, self.scales, start, end)
             if self._cpu4 is not None and not (start % blk or end % blk):
-                return torch.ops.deltarun.dequant_int4_rows(*self._cpu4, self.group_size, blk, start, end)
+                packed, sz, pairs = self._cpu4
+                return torch.ops.deltarun.dequant_int4_rows(packed, sz, self.group_size, blk, start, end, pairs)
         return self.row_block_reference(start, end)
 
     def row_block_reference(self, start: int, end: int) -> torch.Tensor:
@@ -190,9 +207,12 @@ class QuantLinear(nn.Module):
         blk = cpu_int4_block()
         if self._cpu4 is None or start % blk or end % blk:
             return self.rows(torch.arange(start, end, device=self._device()))
-        packed, sz = self._cpu4
+        packed, sz, pairs = self._cpu4
         k = self.in_features
-        p = packed.view(-1, k, blk // 2)[start // blk: end // blk]  # [nb, K, B/2]
+        if pairs:
+            p = packed.view(-1, k // 2, 32)[start // blk: end // blk][..., _UNPAIRS].reshape(-1, k, blk // 2)
+        else:
+            p = packed.view(-1, k, blk // 2)[start // blk: end // blk]  # [nb, K, B/2]
         q = torch.cat((p & 15, p >> 4), dim=-1).transpose(1, 2).reshape(end - start, k)  # rows n%B < B/2 low
         g = self.group_size
         scale, zero = sz[:, start:end, 0].t().float(), sz[:, start:end, 1].t().float()
@@ -231,7 +251,7 @@ class QuantLinear(nn.Module):
             return
         self._kernel = kernel
         if self.bits == 4 and dev.type == "cpu" and cpu_int4_block() and n % cpu_int4_block() == 0:
-            self._cpu4 = kernel.packed, kernel.sz
+            self._cpu4 = kernel.packed, kernel.sz, kernel.pairs
             if torch.equal(self.rows(idx), portable):  # our reading of the CPU layout holds
                 self.qweight = self.scales = self.zeros = None  # the kernel's copy is the only one
             else:
@@ -273,6 +293,7 @@ class _Kernel:
     def __init__(self, op, packed: torch.Tensor, *args):
         self.op, self.packed, self.args = op, packed, args
         self.sz = args[-1] if args else None
+        self.pairs = False  # int4: column pairs in the AVX2 kernel's order (`int4_pairs`)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x, self.packed, *self.args)
@@ -290,17 +311,24 @@ def _int4_kernel(mod: QuantLinear) -> _Kernel:
     sz = torch.stack((mod.scales, mod.zeros), dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
     g, n = mod.group_size, mod.out_features
     if mod.qweight.device.type == "cpu":  # a row block at a time: an int32 copy of a 248K-row matrix is 1 GB
-        step = ROW_BLOCK if cpu_int4_block() and n % cpu_int4_block() == 0 else n
-        packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            unpack_int4(mod.qweight[i:i + step]).to(torch.int32), 1) for i in range(0, n, step)])
         from . import gemv
 
-        op = gemv.int4_mm if gemv.available() else torch.ops.aten._weight_int4pack_mm_for_cpu
-        return _Kernel(op, packed, g, sz)
+        ours = gemv.int4_usable(sz)
+        pairs = ours and cpu_int4_block() == 32  # our AVX2 kernel reads the column pairs in its own order
+        step = ROW_BLOCK if cpu_int4_block() and n % cpu_int4_block() == 0 else n
+        packed = torch.cat([_cpu_pack(unpack_int4(mod.qweight[i:i + step]), pairs) for i in range(0, n, step)])
+        kernel = _Kernel(gemv.int4_mm if ours else torch.ops.aten._weight_int4pack_mm_for_cpu, packed, g, sz)
+        kernel.pairs = pairs
+        return kernel
     # CUDA (tinygemm): nibbles high-first, inner_k_tiles = 8
     q = unpack_int4(mod.qweight)
     packed = torch.ops.aten._convert_weight_to_int4pack((q[:, 0::2] << 4 | q[:, 1::2]).contiguous(), 8)
     return _Kernel(torch.ops.aten._weight_int4pack_mm, packed, g, sz)
+
+
+def _cpu_pack(q: torch.Tensor, pairs: bool) -> torch.Tensor:
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    return int4_pairs(packed) if pairs else packed
 
 
 class QuantEmbedding(QuantLinear):

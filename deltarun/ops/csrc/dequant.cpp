@@ -11,9 +11,15 @@
 
 namespace {
 
+// Where torch's byte (k, j) of a row block sits in the column-pair order of the AVX2 kernel (`pairs`,
+// gemv_avx2.h): byte 16L + 2i + c of the 32 of columns (k − c, k − c + 1), for j = 8L + i, c = k mod 2.
+inline int64_t byte_at(int64_t k, int64_t j, int64_t h, bool pairs) {
+  return pairs ? (k - (k & 1)) * h + (j >> 3) * 16 + (j & 7) * 2 + (k & 1) : k * h + j;
+}
+
 template <typename T>
 void int4_rows(const uint8_t* P, const T* SZ, int64_t g, int64_t block, int64_t K, int64_t N, int64_t start,
-               int64_t end, float* O) {
+               int64_t end, bool pairs, float* O) {
   const int64_t h = block / 2;
   at::parallel_for(start / block, end / block, 1, [&](int64_t a, int64_t b) {
     for (int64_t bb = a; bb < b; ++bb) {
@@ -25,8 +31,8 @@ void int4_rows(const uint8_t* P, const T* SZ, int64_t g, int64_t block, int64_t 
           const T* pair = SZ + (gi * N + n) * 2;  // (scale, zero)
           const float scale = static_cast<float>(pair[0]), zero = static_cast<float>(pair[1]);
           for (int64_t k = gi * g; k < (gi + 1) * g; ++k) {
-            const float t = static_cast<float>(((pb[k * h + col] >> shift) & 15) - 8) * scale;  // rounded, then
-            o[k] = t + zero;                                                                      // the add: as torch
+            const float t = static_cast<float>(((pb[byte_at(k, col, h, pairs)] >> shift) & 15) - 8) * scale;  // rounded,
+            o[k] = t + zero;  // then the add: as torch
           }
         }
       }
@@ -60,9 +66,9 @@ at::Tensor dequant_int8_rows(const at::Tensor& q, const at::Tensor& scales, int6
 
 // packed [N/B, K, B/2] uint8 in torch's CPU int4 layout (row bb·B + j in the low nibble of byte (bb, k, j),
 // row bb·B + B/2 + j in the high one), sz [K/g, N, 2] bf16/fp32 (scale, zero) → rows start … end−1 (multiples
-// of B) as fp32 [end−start, K]
+// of B) as fp32 [end−start, K]; pairs: the bytes of each column pair are in the AVX2 kernel's order (B = 32)
 at::Tensor dequant_int4_rows(const at::Tensor& packed, const at::Tensor& sz, int64_t g, int64_t block, int64_t start,
-                             int64_t end) {
+                             int64_t end, bool pairs) {
   TORCH_CHECK((sz.scalar_type() == at::kBFloat16 || sz.scalar_type() == at::kFloat) && sz.dim() == 3 &&
               sz.size(2) == 2 && sz.is_contiguous() && g > 0, "dequant_int4_rows: sz [K/g, N, 2] bf16 or fp32");
   const int64_t K = sz.size(0) * g, N = sz.size(1);
@@ -70,18 +76,19 @@ at::Tensor dequant_int4_rows(const at::Tensor& packed, const at::Tensor& sz, int
               packed.numel() * 2 == N * K && N % block == 0, "dequant_int4_rows: packed [N/B, K, B/2] uint8");
   TORCH_CHECK(0 <= start && start <= end && end <= N && start % block == 0 && end % block == 0,
               "dequant_int4_rows: rows must be whole blocks");
+  TORCH_CHECK(!pairs || (block == 32 && K % 2 == 0), "dequant_int4_rows: column pairs are a 32-row layout");
   at::Tensor out = at::empty({end - start, K}, sz.options().dtype(at::kFloat));
   const uint8_t* P = packed.data_ptr<uint8_t>();
   if (sz.scalar_type() == at::kFloat)
-    int4_rows(P, sz.data_ptr<float>(), g, block, K, N, start, end, out.data_ptr<float>());
+    int4_rows(P, sz.data_ptr<float>(), g, block, K, N, start, end, pairs, out.data_ptr<float>());
   else
-    int4_rows(P, sz.data_ptr<at::BFloat16>(), g, block, K, N, start, end, out.data_ptr<float>());
+    int4_rows(P, sz.data_ptr<at::BFloat16>(), g, block, K, N, start, end, pairs, out.data_ptr<float>());
   return out;
 }
 
 TORCH_LIBRARY_FRAGMENT(deltarun, m) {
   m.def("dequant_int8_rows(Tensor q, Tensor scales, int start, int end) -> Tensor");
-  m.def("dequant_int4_rows(Tensor packed, Tensor sz, int group, int block, int start, int end) -> Tensor");
+  m.def("dequant_int4_rows(Tensor packed, Tensor sz, int group, int block, int start, int end, bool pairs=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(deltarun, CPU, m) {

@@ -205,7 +205,8 @@ int64_t int4_layout_rows() {
 #endif
 }
 
-// x [M, K] (any float dtype), packed [N/B, K, B/2] uint8 (B = int4_layout_rows()), sz [K/g, N, 2] bf16 → [M, N] fp32
+// x [M, K] (any float dtype), packed [N/B, K, B/2] uint8 (B = int4_layout_rows(); for B = 32 each column pair's
+// bytes in the order of gemv_avx2.h), sz [K/g, N, 2] bf16 → [M, N] fp32
 at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, const at::Tensor& sz, bool cast) {
   const int64_t B = int4_layout_rows();
   TORCH_CHECK(B > 0, "gemv_int4: built without AVX2/AVX-512");
@@ -216,6 +217,7 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, c
               "gemv_int4: packed [N/B, K, B/2] uint8");
   TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 && sz.size(0) * g == K &&
               sz.size(2) == 2, "gemv_int4: sz [K/g, N, 2] bf16");
+  TORCH_CHECK(B != 32 || g % 2 == 0, "gemv_int4: the 32-row layout is read by column pairs (even groups)");
   const at::Tensor xf = as_f32(x);
   const int64_t G = K / g;
   at::Tensor out = at::empty({M, N}, xf.options());

@@ -100,8 +100,19 @@ inline void int8_row_madd(const int16_t* xq, int64_t K, const int8_t* wr, float*
   for (int m = 0; m < MC; ++m) out[m * N] = hsum256(accf[m]);
 }
 
-// int4 weights in torch's CPU layout for AVX2 machines: packed [N/32, K, 16] uint8, byte (b, k, j) holds
-// row 32b+j (low nibble) and row 32b+16+j (high); sz [K/g, N, 2] bf16 as for the 64-row layout.
+// int4 weights for AVX2 machines: torch's 32-row CPU layout, packed [N/32, K, 16] uint8 where byte (b, k, j)
+// holds row 32b+j (low nibble) and row 32b+16+j (high), with the 32 bytes of each column pair (k, k+1) of a
+// block reordered into row pairs (ops/quant.py `int4_pairs`): byte 16L + 2i + c is column k+c of block row
+// 8L + i (low nibble) and 8L + i + 16 (high), for L = 0, 1, i < 8, c = 0, 1 — what vpmaddubsw multiplies,
+// so the inner loop loads it as is (a vpermq and a vpshufb per column pair less than torch's order).
+// sz [K/g, N, 2] bf16 as for the 64-row layout.
+// Undo the reordering of a column pair: [column k (16 bytes) | column k+1] as torch lays them out.
+inline __m256i int4_unpair(__m256i v) {
+  const __m256i cols = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                        0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  return _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, cols), 0xD8);
+}
+
 // One 32-row block against MC ≤ 2 fp32 activation rows (accumulators and widened nibbles in 16 registers).
 template <int MC>
 inline void int4_block_avx2(const float* x, const float* xsum, int64_t K, int64_t g, const uint8_t* pb,
@@ -116,16 +127,19 @@ inline void int4_block_avx2(const float* x, const float* xsum, int64_t K, int64_
     __m256 acc[MC][4];
     for (int m = 0; m < MC; ++m)
       for (int v = 0; v < 4; ++v) acc[m][v] = _mm256_setzero_ps();
-    for (int64_t k = gi * g; k < (gi + 1) * g; ++k) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(pb + k * 16));
-      const __m128i lo = _mm_and_si128(bytes, low4), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
-      const __m256 q[4] = {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)),
-                           _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
-                           _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
-                           _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)))};
-      for (int m = 0; m < MC; ++m) {
-        const __m256 xk = _mm256_broadcast_ss(x + m * K + k);
-        for (int v = 0; v < 4; ++v) acc[m][v] = _mm256_fmadd_ps(q[v], xk, acc[m][v]);
+    for (int64_t k = gi * g; k < (gi + 1) * g; k += 2) {
+      const __m256i both = int4_unpair(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + k * 16)));
+      for (int c = 0; c < 2; ++c) {  // column k + c
+        const __m128i bytes = c ? _mm256_extracti128_si256(both, 1) : _mm256_castsi256_si128(both);
+        const __m128i lo = _mm_and_si128(bytes, low4), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+        const __m256 q[4] = {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)),
+                             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
+                             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
+                             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)))};
+        for (int m = 0; m < MC; ++m) {
+          const __m256 xk = _mm256_broadcast_ss(x + m * K + k + c);
+          for (int v = 0; v < 4; ++v) acc[m][v] = _mm256_fmadd_ps(q[v], xk, acc[m][v]);
+        }
       }
     }
     // Σ((q−8)s + z)x = s·(Σqx − 8Σx) + z·Σx, with the rows' (scale, zero) bf16 pairs read as uint32
@@ -152,9 +166,6 @@ template <int MC>
 inline void int4_block_avx2_q8(const int16_t* xp, const float* xs, const float* xqs, int64_t K, int64_t g,
                                const uint8_t* pb, const uint32_t* sz, int64_t N, int64_t b, float* out) {
   static_assert(MC <= 2, "register budget");
-  // within each 128-bit lane: bytes 0..7 = column k (8 rows), 8..15 = column k+1 → (k, k+1) pairs per row
-  const __m256i pairs = _mm256_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15,
-                                         0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const int64_t G = K / g, P = K / 2;  // xp holds one int16 = (x_k, x_k+1) int8 pair per column pair
   __m256 tot[MC][4];
@@ -168,9 +179,8 @@ inline void int4_block_avx2_q8(const int16_t* xp, const float* xs, const float* 
       __m256i a16[MC][2];
       for (int m = 0; m < MC; ++m) a16[m][0] = a16[m][1] = _mm256_setzero_si256();
       for (int64_t k = k0; k < k0 + 16; k += 2) {
-        // columns k, k+1 (16 bytes each) → lanes [k rows 0-7 | k+1 rows 0-7], [k rows 8-15 | k+1 rows 8-15]
-        __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + k * 16));
-        v = _mm256_shuffle_epi8(_mm256_permute4x64_epi64(v, 0xD8), pairs);
+        // columns k, k+1 as (k, k+1) byte pairs of block rows 0-7 | 8-15 (low nibbles; 16-31 in the high ones)
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + k * 16));
         const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
         for (int m = 0; m < MC; ++m) {
           const __m256i xk = _mm256_set1_epi16(xp[m * P + k / 2]);
