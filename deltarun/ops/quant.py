@@ -66,7 +66,7 @@ def quantize_int4(w: torch.Tensor, group: int = DEFAULT_GROUP) -> tuple[torch.Te
     lo, hi = wg.amin(-1), wg.amax(-1)
     scales = _bf16(((hi - lo) / 15).clamp(min=1e-12))
     zeros = _bf16(lo + 8 * scales)
-    q = torch.round((wg - zeros[..., None]) / scales[..., None] + 8).clamp(0, 15).to(torch.uint8)
+    q = (wg - zeros[..., None]).div_(scales[..., None]).add_(8).round_().clamp_(0, 15).to(torch.uint8)  # in place
     return q.reshape(n, k), scales, zeros
 
 
@@ -179,9 +179,11 @@ class QuantLinear(nn.Module):
         packed, sz, pairs = self._cpu4
         k, blk = self.in_features, cpu_int4_block()
         within = idx % blk
-        if pairs:  # the R rows' blocks back in torch's order first
-            blocks = packed.view(-1, k // 2, 32)[idx // blk][..., _UNPAIRS].view(len(idx), k, blk // 2)
-            sel = blocks[torch.arange(len(idx), device=idx.device), :, within % (blk // 2)]  # [R, K]
+        if pairs:  # block row j's bytes of a column pair sit at (j div 8)·16 + (j mod 8)·2 + (0, 1)
+            j = within % (blk // 2)
+            at = ((j // 8) * 16 + (j % 8) * 2)[:, None] + torch.arange(2, device=idx.device)  # [R, 2]
+            sel = packed.view(-1, k // 2, 32)[(idx // blk)[:, None], :, at]  # [R, 2, K/2]
+            sel = sel.transpose(1, 2).reshape(len(idx), k)  # [R, K]
         else:
             sel = packed.view(-1, k, blk // 2)[idx // blk, :, within % (blk // 2)]  # [R, K]
         q = torch.where((within < blk // 2)[:, None], sel & 15, sel >> 4).float()
