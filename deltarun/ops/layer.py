@@ -28,12 +28,13 @@ def linear_args(mod: nn.Module) -> list[torch.Tensor] | None:
     if isinstance(mod, gemv.DecodeLinear):
         return [mod.weight] if mod.bias is None and mod.weight.is_contiguous() else None
     if type(mod) is nn.Linear:  # DeltaNet's fp32 in_proj_a / in_proj_b take gemv_f32
-        return [mod.weight] if mod.bias is None and mod.weight.dtype == torch.float32 and mod.weight.is_contiguous() else None
+        w = mod.weight
+        return [w] if mod.bias is None and w.dtype == torch.float32 and w.is_contiguous() else None
     if isinstance(mod, QuantLinear) and mod.dtype == torch.bfloat16 and mod._kernel is not None:
         k = mod._kernel
-        if k.op is gemv.int8_mm:
+        if k.op is gemv.int8_mm:  # [q, fp32 scales]
             return [k.packed, *k.args]
-        if k.op is gemv.int4_mm and k.sz.dtype == torch.bfloat16 and gemv._state.get("int4"):
+        if k.op is gemv.int4_mm:  # [packed, sz]: only ever this build's layout (quant.py `_int4_kernel`)
             return [k.packed, k.sz]
     return None
 
@@ -45,6 +46,7 @@ class Plan:
     hk: int = 0
     attn: tuple | None = None  # a full-attention layer's arguments before the rotary tables
     attn_rest: tuple = ()  # … and between the caches' lengths and the tail
+    kv_shape: tuple = ()  # [1, Hkv, 1, D]: what a KV cache grows by
 
 
 def plan(layer: nn.Module) -> Plan | None:
@@ -78,17 +80,18 @@ def _build(layer: nn.Module) -> Plan | None:
         if any(a is None for a in proj) or out is None or la.norm.weight.dtype != torch.bfloat16:
             return p
         conv_w = la.conv1d.weight.view(la.conv_dim, -1).contiguous()
-        p.gdn = (layer.input_layernorm.weight, layer.input_layernorm.eps, *proj, conv_w, la.A_log.float().contiguous(),
-                 la.dt_bias.float().contiguous(), la.norm.weight, la.norm.eps, out)
+        p.gdn = (layer.input_layernorm.weight, layer.input_layernorm.eps, *proj, conv_w,
+                 la.A_log.float().contiguous(), la.dt_bias.float().contiguous(), la.norm.weight, la.norm.eps, out)
         p.hk = la.hk
     else:
         at = layer.self_attn
         proj = [linear_args(m) for m in (at.q_proj, at.k_proj, at.v_proj, at.o_proj)]
         if any(a is None for a in proj) or not at.gated:
             return p
-        p.attn = (layer.input_layernorm.weight, layer.input_layernorm.eps, *proj[:3], at.q_norm.weight, at.q_norm.eps,
-                  at.k_norm.weight, at.k_norm.eps)
+        p.attn = (layer.input_layernorm.weight, layer.input_layernorm.eps, *proj[:3], at.q_norm.weight,
+                  at.q_norm.eps, at.k_norm.weight, at.k_norm.eps)
         p.attn_rest = (at.nq, at.nkv, at.scale, proj[3])
+        p.kv_shape = (1, at.nkv, 1, at.d)
     return p
 
 
@@ -106,16 +109,18 @@ def gdn_layer(p: Plan, x: torch.Tensor, pool, index: int, slots: torch.Tensor | 
                                                *p.tail)
 
 
-def attn_layer(p: Plan, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], caches: list) -> torch.Tensor | None:
+def attn_layer(p: Plan, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], caches: list
+               ) -> torch.Tensor | None:
     """A full-attention layer's whole decode step (x [B, 1, H] → [B, 1, H]), each row's key and value appended
     to its KVCache; None (nothing done) for int8-quantized caches, which the modules handle."""
     if any(c.quantized for c in caches):
         return None
     for c in caches:
         if c.length + 1 > c.capacity:
-            c.make_room(c.length + 1, x.new_empty(1, p.attn_rest[1], 1, p.attn[5].shape[0]))  # [1, Hkv, 1, D]
-    y = torch.ops.deltarun.attn_layer_decode(x, *p.attn, rope[0], rope[1], [c.k for c in caches], [c.v for c in caches],
-                                             [c.length for c in caches], *p.attn_rest, *p.tail)
+            c.make_room(c.length + 1, x.new_empty(p.kv_shape))
+    y = torch.ops.deltarun.attn_layer_decode(x, *p.attn, rope[0], rope[1], [c.k for c in caches],
+                                             [c.v for c in caches], [c.length for c in caches], *p.attn_rest,
+                                             *p.tail)
     for c in caches:
         c.length += 1
     return y

@@ -90,7 +90,8 @@ at::Tensor attn_layer_decode(const at::Tensor& x, const at::Tensor& in_norm, dou
                              int64_t nkv, double scale, at::TensorList op, const at::Tensor& post_norm,
                              double post_eps, at::TensorList gate, at::TensorList up, at::TensorList down) {
   const int64_t B = x.size(0), H = x.size(2);
-  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && x.scalar_type() == at::kBFloat16, "attn_layer_decode: x [B, 1, H] bf16");
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && x.scalar_type() == at::kBFloat16,
+              "attn_layer_decode: x [B, 1, H] bf16");
   TORCH_CHECK(static_cast<int64_t>(k_cache.size()) == B && static_cast<int64_t>(v_cache.size()) == B &&
               static_cast<int64_t>(lengths.size()) == B, "attn_layer_decode: one cache per row");
   const at::Tensor h = rms_norm_zc(x, in_norm, in_eps).view({B, H});
