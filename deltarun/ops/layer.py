@@ -101,10 +101,16 @@ def usable(x: torch.Tensor) -> bool:
             and x.device.type == "cpu" and not torch.is_grad_enabled())
 
 
-def gdn_layer(p: Plan, x: torch.Tensor, pool, index: int, slots: torch.Tensor | slice) -> torch.Tensor:
-    """A linear-attention layer's whole decode step (x [B, 1, H] → [B, 1, H]); advances the pooled states."""
-    if isinstance(slots, slice):
-        slots = torch.arange(slots.start, slots.stop)
+def gdn_layer(p: Plan, x: torch.Tensor, cache, index: int, slots: torch.Tensor | slice) -> torch.Tensor:
+    """A linear-attention layer's whole decode step (x [B, 1, H] → [B, 1, H]); advances the pooled states of
+    `cache` (a ModelCache) at `slots`."""
+    if isinstance(slots, slice):  # the op takes slot indices: made once per forward, not once per layer
+        key = (slots.start, slots.stop)
+        held = cache.extra.get("slot_ids")
+        if held is None or held[0] != key:
+            held = cache.extra["slot_ids"] = key, torch.arange(slots.start, slots.stop)
+        slots = held[1]
+    pool = cache.pool
     return torch.ops.deltarun.gdn_layer_decode(x, *p.gdn, pool.conv[index], pool.recurrent[index], slots, p.hk,
                                                *p.tail)
 

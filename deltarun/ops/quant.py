@@ -179,9 +179,9 @@ class QuantLinear(nn.Module):
         packed, sz, pairs = self._cpu4
         k, blk = self.in_features, cpu_int4_block()
         within = idx % blk
-        if pairs:  # block row j's bytes of a column pair sit at (j div 8)·16 + (j mod 8)·2 + (0, 1)
-            j = within % (blk // 2)
-            at = ((j // 8) * 16 + (j % 8) * 2)[:, None] + torch.arange(2, device=idx.device)  # [R, 2]
+        if pairs:  # where torch's bytes (column k, block row j) and (k + 1, j) sit among a pair's 32
+            j = (within % (blk // 2)).cpu()
+            at = torch.stack((_UNPAIRS[j], _UNPAIRS[16 + j]), dim=-1).to(idx.device)  # [R, 2]
             sel = packed.view(-1, k // 2, 32)[(idx // blk)[:, None], :, at]  # [R, 2, K/2]
             sel = sel.transpose(1, 2).reshape(len(idx), k)  # [R, K]
         else:
