@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 4  # measured: up to 4 rows the kernel wins (1.8× at one row); from 8, F.linear's GEMM is as fast
 SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
 # one extension: matmuls, the DeltaNet step, norms, dequantization, whole decode layers
-SOURCES = ("gemv.cpp", "gdn.cpp", "norm.cpp", "dequant.cpp", "layer.cpp")
+SOURCES = ("gemv.cpp", "gdn.cpp", "norm.cpp", "dequant.cpp", "layer.cpp", "qgemm.cpp")
 STALE_LOCK_S = 300  # a first build takes ~30 s
 _state: dict[str, object] = {}
 
@@ -141,6 +141,11 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, sz: torch.Tensor)
     [N/B, K, B/2], with each column pair in the kernel's order where B = 32 (AVX2, ops/quant.py `int4_pairs`);
     sz [K/g, N, 2] bf16."""
     return torch.ops.deltarun.gemv_int4(x, packed, group, sz, True)
+
+
+def qgemm_int4_available() -> bool:
+    """Whether the integer int4 prefill matmul is built here (AVX2 without AVX-512: the 32-row pairs layout)."""
+    return available() and bool(torch.ops.deltarun.qgemm_int4_available())
 
 
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

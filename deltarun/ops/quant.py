@@ -14,6 +14,8 @@ missing or disagrees. Activations and outputs stay in the model dtype. Nothing h
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -150,6 +152,7 @@ class QuantLinear(nn.Module):
         self._kernel = None  # set by pack(): a callable x2d → y2d, or None for the reference path
         # (CPU-packed int4, sz [K/g, N, 2], whether its column pairs are in the AVX2 kernel's order)
         self._cpu4: tuple[torch.Tensor, torch.Tensor, bool] | None = None
+        self._gemm = None  # set by pack(): the integer prefill matmul (csrc/qgemm.cpp), x2d → y2d, or None
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP,
@@ -245,13 +248,15 @@ class QuantLinear(nn.Module):
         want = F.linear(probe.float(), portable)
         try:
             kernel = _int8_kernel(self) if self.bits == 8 else _int4_kernel(self)
-            got = kernel(probe).float()[:, idx]
         except (RuntimeError, NotImplementedError):
             return
         tol = 2e-2 if self.dtype != torch.float32 else 1e-3
-        if not torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item()):
+        if not _probe_ok(kernel, probe, want, idx, tol):
             return
         self._kernel = kernel
+        gemm = _gemm(self, kernel)
+        if gemm is not None and _probe_ok(gemm, probe, want, idx, tol):
+            self._gemm = gemm
         if self.bits == 4 and dev.type == "cpu" and cpu_int4_block() and n % cpu_int4_block() == 0:
             self._cpu4 = kernel.packed, kernel.sz, kernel.pairs
             if torch.equal(self.rows(idx), portable):  # our reading of the CPU layout holds
@@ -264,6 +269,8 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1]).to(self.dtype).contiguous()
         if self._kernel is not None and x2.shape[0] < PREFILL_ROWS:
             y = self._kernel(x2)
+        elif self._gemm is not None and x2.dtype != torch.float32:  # fp32 activations: exact products below
+            y = self._gemm(x2)
         else:  # dequantize in row blocks: never a whole fp32 copy of a large matrix
             n = self.out_features
             # without hardware bf16 matmul the rows stay fp32 (ops/gemv.py `native_bf16_matmul`)
@@ -299,6 +306,34 @@ class _Kernel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x, self.packed, *self.args)
+
+
+def _gemm(mod: QuantLinear, kernel: _Kernel):
+    """The integer prefill matmul for a CPU weight packed for our decode kernel (csrc/qgemm.cpp: int8 weights
+    with the decode kernel's 16-bit activations, int4 in the AVX2 pairs layout with int8 activations per
+    group), or None where it does not apply (then prefill dequantizes for torch's GEMM);
+    `DELTARUN_PREFILL_GEMM=0` turns it off."""
+    from . import gemv
+
+    if os.environ.get("DELTARUN_PREFILL_GEMM", "1") == "0" or kernel.packed.device.type != "cpu":
+        return None
+    k = mod.in_features
+    if kernel.op is gemv.int8_mm and k % 32 == 0:
+        q, scales = kernel.packed, kernel.args[0]
+        return lambda x: torch.ops.deltarun.qgemm_int8(x, q, scales, True)
+    if kernel.op is gemv.int4_mm and kernel.pairs and mod.group_size % 32 == 0 and gemv.qgemm_int4_available():
+        packed, g, sz = kernel.packed, mod.group_size, kernel.sz
+        return lambda x: torch.ops.deltarun.qgemm_int4(x, packed, g, sz, True)
+    return None
+
+
+def _probe_ok(op, probe: torch.Tensor, want: torch.Tensor, idx: torch.Tensor, tol: float) -> bool:
+    """Whether op(probe) matches the dequantized reference `want` on the sampled output columns idx."""
+    try:
+        got = op(probe).float()[:, idx]
+    except (RuntimeError, NotImplementedError):
+        return False
+    return torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item())
 
 
 def _int8_kernel(mod: QuantLinear) -> _Kernel:

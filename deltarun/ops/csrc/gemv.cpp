@@ -17,6 +17,7 @@
 
 #include "gemv_kernels.h"
 #include "gemv_avx2.h"
+#include "xquant.h"
 
 namespace {
 
@@ -137,12 +138,7 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   if (K % 32 == 0 && x.scalar_type() != at::kFloat) {  // fp32 activations take the exact path below
     std::vector<int16_t> xq(M * K);
     std::vector<float> sx(M);
-    for (int64_t m = 0; m < M; ++m) {  // x ≈ sx·xq, xq in ±XQ_MAX (rounded half to even, as torch.round)
-      float amax = 0.f;
-      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(XF[m * K + k]));
-      sx[m] = std::max(amax, 1e-30f) / XQ_MAX;
-      for (int64_t k = 0; k < K; ++k) xq[m * K + k] = static_cast<int16_t>(std::nearbyint(XF[m * K + k] / sx[m]));
-    }
+    for (int64_t m = 0; m < M; ++m) sx[m] = quantize_q16_row(XF + m * K, K, XQ_MAX, xq.data() + m * K);  // x ≈ sx·xq
     const int16_t* XQ = xq.data();
     at::parallel_for(0, N, GRAIN, [&](int64_t a, int64_t b) {
       for (int64_t n = a; n < b; ++n) {
@@ -244,19 +240,7 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, c
     // loops: a handful of torch ops here would cost as much as a small layer's whole matmul.
     std::vector<int8_t> xq(M * K);
     std::vector<float> xs(M * G), xqs(M * G);
-    for (int64_t i = 0; i < M * G; ++i) {
-      const float* xv = X + i * g;
-      float amax = 0.f;
-      for (int64_t k = 0; k < g; ++k) amax = std::max(amax, std::abs(xv[k]));
-      const float sc = std::max(amax / 127.f, 1e-30f);
-      int32_t sum = 0;
-      for (int64_t k = 0; k < g; ++k) {
-        const int32_t q = static_cast<int32_t>(std::nearbyint(std::min(127.f, std::max(-127.f, xv[k] / sc))));
-        xq[i * g + k] = static_cast<int8_t>(q);
-        sum += q;
-      }
-      xs[i] = sc, xqs[i] = static_cast<float>(sum);
-    }
+    quantize_q8_groups(X, M * G, g, xq.data(), xs.data(), xqs.data());
     const auto* XP = reinterpret_cast<const int16_t*>(xq.data());
     at::parallel_for(0, N / 32, 8, [&](int64_t a, int64_t e) {
       for (int64_t b = a; b < e; ++b)

@@ -1,0 +1,98 @@
+"""The integer prefill matmuls (ops/csrc/qgemm.cpp) against the decode kernels and an independent torch
+reference: the activations quantized in torch as documented, times the dequantized weights, in fp64."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deltarun.ops import gemv
+from deltarun.ops.quant import PREFILL_ROWS, QuantLinear
+
+pytestmark = pytest.mark.skipif(not gemv.available(), reason="CPU kernels not built here (no compiler?)")
+needs_int4 = pytest.mark.skipif(not gemv.available() or not gemv.qgemm_int4_available(),
+                                reason="the int4 prefill GEMM reads the AVX2 (32-row) layout")
+
+
+def _q8_groups(x: torch.Tensor, g: int) -> torch.Tensor:
+    """x [M, K] → x̃ in fp64: per group of g columns, xs = max(max|x| / 127, 1e-30), round(x / xs) half to even."""
+    xg = x.float().view(x.shape[0], -1, g)
+    xs = (xg.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-30)
+    return (torch.round((xg / xs).clamp(-127, 127)).double() * xs.double()).view_as(x)
+
+
+def _q16_rows(x: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    sx = xf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 8191
+    return torch.round(xf / sx).double() * sx.double()
+
+
+def _linear(k: int, n: int, bits: int, group: int = 64, seed: int = 0) -> QuantLinear:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+    mod = QuantLinear.from_float(w, bits, group)
+    mod.pack()
+    return mod
+
+
+@needs_int4
+@pytest.mark.parametrize("m", [1, 3, 5, 17, 70])
+@pytest.mark.parametrize("k,n,group", [(64, 32, 32), (256, 96, 64), (384, 64, 128), (1024, 160, 64)])
+def test_int4_gemm_is_exact_for_the_quantized_activations(m, k, n, group):
+    mod = _linear(k, n, 4, group, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k + m)).bfloat16()
+    packed, sz, pairs = mod._cpu4
+    assert pairs
+    got = torch.ops.deltarun.qgemm_int4(x, packed, group, sz)
+    want = F.linear(_q8_groups(x, group), mod.dequantize().double()).float()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    # the decode kernel quantizes the same way: same values up to fp32 summation order
+    for i in range(0, m, 16):
+        dec = torch.ops.deltarun.gemv_int4(x[i:i + 16], packed, group, sz)
+        torch.testing.assert_close(got[i:i + 16], dec, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("m", [1, 4, 6, 33])
+@pytest.mark.parametrize("k,n", [(64, 5), (256, 70), (1024, 300)])
+def test_int8_gemm_is_the_decode_kernel_bit_for_bit(m, k, n):
+    mod = _linear(k, n, 8, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k + m)).bfloat16()
+    q, scales = mod._kernel.packed, mod._kernel.args[0]
+    got = torch.ops.deltarun.qgemm_int8(x, q, scales)
+    dec = torch.cat([torch.ops.deltarun.gemv_int8(x[i:i + 16], q, scales) for i in range(0, m, 16)])
+    assert torch.equal(got, dec)
+    want = F.linear(_q16_rows(x), q.double() * scales.double()[:, None]).float()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("bits", [8, pytest.param(4, marks=needs_int4)])
+def test_prefill_rows_take_the_gemm(bits):
+    """A QuantLinear's many-row (prefill) calls run the integer GEMM, rounded like the decode path's bf16
+    output; fp32 activations keep the exact dequantized product."""
+    mod = _linear(512, 96, bits)
+    assert mod._gemm is not None
+    x = torch.randn(2, PREFILL_ROWS + 3, 512, generator=torch.Generator().manual_seed(5)).bfloat16()
+    got = mod(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, PREFILL_ROWS + 3, 96)
+    xt = _q16_rows(x.view(-1, 512)) if bits == 8 else _q8_groups(x.view(-1, 512), 64)
+    want = F.linear(xt, mod.dequantize().double()).view(2, -1, 96)
+    torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+    mod32 = QuantLinear.from_float(torch.randn(96, 512) * 0.05, bits, 64, dtype=torch.float32)
+    mod32.pack()
+    x32 = x.float()
+    torch.testing.assert_close(mod32(x32), F.linear(x32, mod32.dequantize()), rtol=1e-4, atol=1e-4)
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv("DELTARUN_PREFILL_GEMM", "0")
+    assert _linear(256, 64, 8)._gemm is None
+
+
+def test_bad_arguments_are_errors():
+    mod = _linear(64, 32, 8)
+    q, scales = mod._kernel.packed, mod._kernel.args[0]
+    with pytest.raises(RuntimeError, match="fp32 activations"):
+        torch.ops.deltarun.qgemm_int8(torch.randn(20, 64), q, scales)
+    with pytest.raises(RuntimeError, match="x \\[M, K\\]"):
+        torch.ops.deltarun.qgemm_int8(torch.randn(20, 48).bfloat16(), q, scales)
+    with pytest.raises(RuntimeError, match="scales"):
+        torch.ops.deltarun.qgemm_int8(torch.randn(20, 64).bfloat16(), q, scales[:3])
