@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from deltarun.ops.conv1d import causal_conv1d
+from deltarun.ops import gemv
+from deltarun.ops.conv1d import causal_conv1d, causal_conv1d_reference
 from deltarun.ops.gdn import chunk_gated_delta_rule, gated_delta_step_, recurrent_gated_delta_rule
 
 
@@ -61,6 +62,23 @@ def test_conv1d_pieces_equal_whole():
         pieces.append(y)
     torch.testing.assert_close(torch.cat(pieces, 1), y_full)
     torch.testing.assert_close(state, s_full)
+
+
+@pytest.mark.skipif(not gemv.available(), reason="CPU kernels not built here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv1d_op_matches_reference(dtype):
+    """The one-pass C++ prefill conv (ops/csrc/conv.cpp) against the torch reference, prompts cut into pieces
+    shorter and longer than the kernel (the state carries across), from a non-zero state."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 40, 48, generator=g).to(dtype)
+    w = torch.randn(48, 4, generator=g)
+    state = ref_state = torch.randn(2, 48, 3, generator=g).to(dtype)
+    for a, b in [(0, 2), (2, 3), (3, 20), (20, 40)]:
+        y, state = torch.ops.deltarun.causal_conv1d_silu(x[:, a:b], w, state)
+        y_ref, ref_state = causal_conv1d_reference(x[:, a:b], w, ref_state)
+        assert y.dtype == dtype and state.shape == ref_state.shape
+        torch.testing.assert_close(y, y_ref, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+        assert torch.equal(state, ref_state)  # the newest inputs, copied
 
 
 @pytest.mark.parametrize("hk,hv", [(2, 2), (2, 4)])

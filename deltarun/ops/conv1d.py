@@ -2,15 +2,26 @@
 
 `causal_conv1d(x [B, T, C], weight [C, K], state [B, C, K-1]) -> (silu(conv(x)) [B, T, C], new state)`:
 the state holds the last K-1 inputs of the sequence so far (zeros at the start), so running a prompt
-in pieces gives the same result as running it whole.
+in pieces gives the same result as running it whole. `causal_conv1d_reference` in torch; on the CPU the
+one-pass C++ op (ops/csrc/conv.cpp) where the kernels are built.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from . import gemv
+
 
 def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.device.type == "cpu" and not torch.is_grad_enabled() and gemv.available():
+        return torch.ops.deltarun.causal_conv1d_silu(x, weight, state)
+    return causal_conv1d_reference(x, weight, state)
+
+
+def causal_conv1d_reference(
     x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     t, k = x.shape[1], weight.shape[1]

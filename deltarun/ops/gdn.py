@@ -78,24 +78,38 @@ def chunk_gated_delta_rule(
     gc = g.cumsum(-1)  # log of the decay from the chunk start to each position
     causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
     # decay[i, j] = exp(gc_i - gc_j) for j <= i, else 0 (masked before exp: no overflow)
-    decay = (gc.unsqueeze(-1) - gc.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp()
+    decay = (gc.unsqueeze(-1) - gc.unsqueeze(-2)).masked_fill_(~causal, float("-inf")).exp_()
     k_beta = k * beta.unsqueeze(-1)
-    # UT transform: (I + strictly_lower(k_beta k^T * decay)) folds the chunk's delta-rule writes into matmuls.
-    system = (k_beta @ k.transpose(-1, -2)) * decay
-    u = torch.linalg.solve_triangular(system, v * beta.unsqueeze(-1), upper=False, unitriangular=True)
-    w = torch.linalg.solve_triangular(system, k_beta * gc.exp().unsqueeze(-1), upper=False,
-                                      unitriangular=True)
-    intra = (q @ k.transpose(-1, -2)) * decay
-    q_decayed = q * gc.exp().unsqueeze(-1)
-    k_to_end = k * (gc[..., -1:] - gc).exp().unsqueeze(-1)
-    chunk_decay = gc[..., -1].exp()[..., None, None]
-
-    s = torch.zeros(b, h, dk, dv, dtype=torch.float32, device=v.device) if state is None else state.float()
+    eg = gc.exp()
+    # 3-D views for bmm, which reads transposed operands in place (5-D matmul would copy them)
+    m = b * h * n
+    k3 = k.reshape(m, c, dk).transpose(1, 2)
+    # UT transform: T = (I + strictly_lower(k_beta k^T * decay))^-1 folds the chunk's delta-rule writes into
+    # matmuls: u = T (v β), w = T (k β e^gc). T is solved for once, against the identity (small copies for
+    # LAPACK's column-major layout), and applied to both right-hand sides in one batched matmul.
+    system = torch.bmm(k_beta.reshape(m, c, dk), k3).mul_(decay.view(m, c, c))
+    eye = torch.eye(c, dtype=system.dtype, device=system.device).expand_as(system)
+    tinv = torch.linalg.solve_triangular(system, eye, upper=False, unitriangular=True)
+    rhs = torch.empty(b, h, n, c, dv + dk, dtype=torch.float32, device=v.device)
+    torch.mul(v, beta.unsqueeze(-1), out=rhs[..., :dv])
+    torch.mul(k_beta, eg.unsqueeze(-1), out=rhs[..., dv:])
+    u, w = torch.bmm(tinv, rhs.view(m, c, dv + dk)).view(b, h, n, c, dv + dk).split([dv, dk], dim=-1)
+    intra = torch.bmm(q.reshape(m, c, dk), k3).mul_(decay.view(m, c, c)).view(b, h, n, c, c)
+    q_decayed = q * eg.unsqueeze(-1)
+    k_to_end = (k * (gc[..., -1:] - gc).exp_().unsqueeze(-1)).transpose(-1, -2)
+    chunk_decay = gc[..., -1].exp()  # [B, H, n]
+    # the inter-chunk recurrence as [B·H] batched matmuls, each product accumulated into its output
+    bh = b * h
+    s = (torch.zeros(b, h, dk, dv, dtype=torch.float32, device=v.device) if state is None
+         else state.float().clone()).view(bh, dk, dv)
     out = torch.empty(b, h, n, c, dv, dtype=torch.float32, device=v.device)
+    v_new = torch.empty(bh, c, dv, dtype=torch.float32, device=v.device)
     for i in range(n):
-        v_new = u[:, :, i] - w[:, :, i] @ s
-        out[:, :, i] = q_decayed[:, :, i] @ s + intra[:, :, i] @ v_new
-        s = s * chunk_decay[:, :, i] + k_to_end[:, :, i].transpose(-1, -2) @ v_new
+        torch.baddbmm(u[:, :, i].reshape(bh, c, dv), w[:, :, i].reshape(bh, c, dk), s, alpha=-1, out=v_new)
+        o_i = torch.bmm(q_decayed[:, :, i].reshape(bh, c, dk), s)
+        out[:, :, i] = o_i.baddbmm_(intra[:, :, i].reshape(bh, c, c), v_new).view(b, h, c, dv)
+        s.mul_(chunk_decay[:, :, i].reshape(bh, 1, 1)).baddbmm_(k_to_end[:, :, i].reshape(bh, dk, c), v_new)
+    s = s.view(b, h, dk, dv)
     out = out.reshape(b, h, n * c, dv)[:, :, :t]
     return out.transpose(1, 2).to(out_dtype), s
 

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 4  # measured: up to 4 rows the kernel wins (1.8× at one row); from 8, F.linear's GEMM is as fast
 SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
 # one extension: matmuls, the DeltaNet step, norms, dequantization, whole decode layers
-SOURCES = ("gemv.cpp", "gdn.cpp", "norm.cpp", "dequant.cpp", "layer.cpp", "qgemm.cpp")
+SOURCES = ("gemv.cpp", "gdn.cpp", "norm.cpp", "dequant.cpp", "layer.cpp", "qgemm.cpp", "conv.cpp")
 STALE_LOCK_S = 300  # a first build takes ~30 s
 _state: dict[str, object] = {}
 
