@@ -4,7 +4,8 @@ import torch
 
 from deltarun.ops import gemv
 from deltarun.ops.conv1d import causal_conv1d, causal_conv1d_reference
-from deltarun.ops.gdn import chunk_gated_delta_rule, gated_delta_step_, recurrent_gated_delta_rule
+from deltarun.ops.gdn import (chunk_gated_delta_rule, chunk_gated_delta_rule_torch, gated_delta_step_,
+                              recurrent_gated_delta_rule)
 
 
 def _inputs(b, t, hk, hv, dk, dv, seed=0):
@@ -18,24 +19,57 @@ def _inputs(b, t, hk, hv, dk, dv, seed=0):
     return q, k, v, gate, beta, state
 
 
+def _chunked(impl):
+    """chunk_gated_delta_rule through torch ops, or through the C++ op (ops/csrc/gdn_chunk.cpp: taken without
+    autograd on the CPU where the kernels are built, chunks of 64)."""
+    if impl == "torch":
+        return chunk_gated_delta_rule_torch
+    if not gemv.available():
+        pytest.skip("CPU kernels not built here")
+
+    def run(*args, chunk_size=64):
+        if chunk_size != 64:
+            pytest.skip("the C++ op runs chunks of 64")
+        with torch.no_grad():
+            return chunk_gated_delta_rule(*args, chunk_size=chunk_size)
+    return run
+
+
+@pytest.mark.parametrize("impl", ["torch", "op"])
 @pytest.mark.parametrize("t,chunk", [(1, 64), (63, 64), (64, 64), (150, 64), (77, 16)])
 @pytest.mark.parametrize("hk,hv,dk,dv", [(2, 4, 16, 24), (3, 3, 8, 8)])
-def test_chunked_equals_recurrent(t, chunk, hk, hv, dk, dv):
+def test_chunked_equals_recurrent(t, chunk, hk, hv, dk, dv, impl):
     q, k, v, g, beta, s0 = _inputs(2, t, hk, hv, dk, dv)
     o_ref, s_ref = recurrent_gated_delta_rule(q, k, v, g, beta, s0)
-    o, s = chunk_gated_delta_rule(q, k, v, g, beta, s0, chunk_size=chunk)
+    o, s = _chunked(impl)(q, k, v, g, beta, s0, chunk_size=chunk)
     torch.testing.assert_close(o, o_ref, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(s, s_ref, atol=2e-5, rtol=1e-4)
     assert s.dtype == torch.float32
 
 
-def test_split_sequence_carries_state():
+@pytest.mark.parametrize("impl", ["torch", "op"])
+def test_split_sequence_carries_state(impl):
+    chunked = _chunked(impl)
     q, k, v, g, beta, _ = _inputs(1, 100, 2, 4, 16, 16, seed=1)
-    o_full, s_full = chunk_gated_delta_rule(q, k, v, g, beta, None)
-    o1, s1 = chunk_gated_delta_rule(q[:, :37], k[:, :37], v[:, :37], g[:, :37], beta[:, :37], None)
-    o2, s2 = chunk_gated_delta_rule(q[:, 37:], k[:, 37:], v[:, 37:], g[:, 37:], beta[:, 37:], s1)
+    o_full, s_full = chunked(q, k, v, g, beta, None)
+    o1, s1 = chunked(q[:, :37], k[:, :37], v[:, :37], g[:, :37], beta[:, :37], None)
+    o2, s2 = chunked(q[:, 37:], k[:, 37:], v[:, 37:], g[:, 37:], beta[:, 37:], s1)
     torch.testing.assert_close(torch.cat([o1, o2], 1), o_full, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(s2, s_full, atol=2e-5, rtol=1e-4)
+
+
+def test_chunk_op_in_the_real_head_shape():
+    """Dk = Dv = 128 (the register-blocked matmul paths), bf16 in and out, two sequences, a partial chunk."""
+    run = _chunked("op")
+    q, k, v, g, beta, s0 = _inputs(2, 130, 2, 4, 128, 128, seed=3)
+    o_ref, s_ref = recurrent_gated_delta_rule(q, k, v, g, beta, s0)
+    o, s = run(q.bfloat16(), k.bfloat16(), v.bfloat16(), g, beta, s0)
+    assert o.dtype == torch.bfloat16
+    o_ref_b, _ = recurrent_gated_delta_rule(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), g, beta, s0)
+    torch.testing.assert_close(o.float(), o_ref_b, atol=1e-2, rtol=1e-2)
+    o32, s32 = run(q, k, v, g, beta, s0)
+    torch.testing.assert_close(o32, o_ref, atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(s32, s_ref, atol=5e-5, rtol=1e-4)
 
 
 def test_bf16_inputs_keep_fp32_state():

@@ -8,7 +8,8 @@ q and k are L2-normalised here (as fla's `use_qk_l2norm_in_kernel=True`); when t
 heads than v heads each q/k head serves `Hv // Hk` consecutive v heads.
 
 Two forms with one signature and the same result:
-  * `chunk_gated_delta_rule`   — prefill: blocks of `chunk_size` tokens via the UT transform.
+  * `chunk_gated_delta_rule`   — prefill: blocks of `chunk_size` tokens via the UT transform (torch, or
+    the C++ op of ops/csrc/gdn_chunk.cpp on the CPU).
   * `recurrent_gated_delta_rule` — decode: token by token (the reference for the chunked form too).
 And the whole decode token of a DeltaNet layer between its projections (conv step, gates, rule, output
 norm): `decode_step_reference` in torch, `decode_step` = the fused CPU op (ops/csrc/gdn.cpp) where built.
@@ -61,7 +62,22 @@ def chunk_gated_delta_rule(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     state: torch.Tensor | None = None, chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked gated delta rule for prefill (any T, zero-padded to whole chunks internally)."""
+    """Chunked gated delta rule for prefill (any T, zero-padded to whole chunks internally): on the CPU the
+    C++ op (ops/csrc/gdn_chunk.cpp, chunks of 64, one task per sequence and head) where the kernels are
+    built, else `chunk_gated_delta_rule_torch`."""
+    if (chunk_size == 64 and q.device.type == "cpu" and not torch.is_grad_enabled() and gemv.available()
+            and q.dtype == k.dtype == v.dtype):
+        if state is None:
+            state = torch.zeros(v.shape[0], v.shape[2], k.shape[3], v.shape[3])
+        return torch.ops.deltarun.gdn_chunk_prefill(q, k, v, g, beta, state)
+    return chunk_gated_delta_rule_torch(q, k, v, g, beta, state, chunk_size)
+
+
+def chunk_gated_delta_rule_torch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    state: torch.Tensor | None = None, chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`chunk_gated_delta_rule` in torch ops (batched over sequences, heads and chunks)."""
     out_dtype = v.dtype
     q, k, v, g, beta = _prepare(q, k, v, g, beta)
     b, h, t, dk = k.shape

@@ -7,7 +7,9 @@ in torch's CPU layout, used by ops/quant.py), with AVX-512 (BF16/VNNI where pres
 loops. It is compiled for this machine (-march=native) by torch's extension builder into
 ~/.cache/deltarun/kernels (or $DELTARUN_KERNELS_DIR) the first time a model loads on the CPU (~20 s, once), and is optional:
 without a compiler, with `DELTARUN_CPU_KERNELS=0`, or if its self-check against F.linear fails,
-everything runs on torch's own ops. Not here: prefill (≥ 16 rows: F.linear's GEMM is already compute-bound).
+everything runs on torch's own ops. The same extension holds the prefill-side CPU ops (the integer GEMM for
+quantized weights, the conv and the chunked delta rule: csrc/qgemm.cpp, conv.cpp, gdn_chunk.cpp); bf16
+prefill matmuls stay on F.linear (compute-bound GEMM).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 4  # measured: up to 4 rows the kernel wins (1.8× at one row); from 8, F.linear's GEMM is as fast
 SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
 # one extension: matmuls, the DeltaNet step, norms, dequantization, whole decode layers
-SOURCES = ("gemv.cpp", "gdn.cpp", "norm.cpp", "dequant.cpp", "layer.cpp", "qgemm.cpp", "conv.cpp")
+SOURCES = ("gemv.cpp", "gdn.cpp", "norm.cpp", "dequant.cpp", "layer.cpp", "qgemm.cpp", "conv.cpp", "gdn_chunk.cpp")
 STALE_LOCK_S = 300  # a first build takes ~30 s
 _state: dict[str, object] = {}
 
