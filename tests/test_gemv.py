@@ -239,3 +239,15 @@ def test_kernel_sources_compile_for_the_other_cpu_family():
         out = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", f"-march={march}", "-fopenmp", *flags,
                               str(gemv.SOURCE.with_name(name))], capture_output=True, text=True)
         assert out.returncode == 0, f"{name} with -march={march}:\n{out.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_fp32_prefill_linear_matches_f_linear(monkeypatch, onednn):
+    """The widened bf16 prefill product goes through oneDNN's fp32 GEMM where torch has it, else F.linear:
+    either way F.linear's result up to fp32 summation order (3-D activations, bias)."""
+    monkeypatch.setitem(gemv._state, "onednn", onednn and torch.backends.mkldnn.is_available())
+    g = torch.Generator().manual_seed(9)
+    x, w, b = torch.randn(2, 37, 96, generator=g), torch.randn(130, 96, generator=g), torch.randn(130, generator=g)
+    got = gemv._linear_f32(x, w, b)
+    assert got.shape == (2, 37, 130)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)

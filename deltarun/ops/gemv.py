@@ -187,11 +187,25 @@ def linear_via_fp32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
     xf, b = x.float(), None if bias is None else bias.float()
     n = w.shape[0]
     if n <= WIDEN_ROWS:
-        return F.linear(xf, _widened(w), b).to(x.dtype)
+        return _linear_f32(xf, _widened(w), b).to(x.dtype)
     out = x.new_empty(*x.shape[:-1], n)
     for i in range(0, n, WIDEN_ROWS):
-        out[..., i:i + WIDEN_ROWS] = F.linear(xf, _widened(w[i:i + WIDEN_ROWS]), None if b is None else b[i:i + WIDEN_ROWS])
+        out[..., i:i + WIDEN_ROWS] = _linear_f32(xf, _widened(w[i:i + WIDEN_ROWS]), None if b is None else b[i:i + WIDEN_ROWS])
     return out
+
+
+def _linear_f32(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """F.linear for fp32 CPU tensors through oneDNN's GEMM where torch has it (`DELTARUN_ONEDNN=0`: F.linear)."""
+    if _state.get("onednn") is None:
+        _state["onednn"] = torch.backends.mkldnn.is_available() and os.environ.get("DELTARUN_ONEDNN", "1") != "0"
+    if _state["onednn"] and w.device.type == "cpu":
+        try:
+            y = torch._C._nn.mkldnn_linear(x.reshape(-1, x.shape[-1]).to_mkldnn(), w.to_mkldnn(), None).to_dense()
+            y = y.view(*x.shape[:-1], w.shape[0])
+            return y if b is None else y + b
+        except (RuntimeError, AttributeError):  # a torch without it: F.linear from now on
+            _state["onednn"] = False
+    return F.linear(x, w, b)
 
 
 WIDEN_ROWS = 8192
