@@ -200,7 +200,8 @@ def _linear_f32(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tor
         _state["onednn"] = torch.backends.mkldnn.is_available() and os.environ.get("DELTARUN_ONEDNN", "1") != "0"
     if _state["onednn"] and w.device.type == "cpu":
         try:
-            y = torch._C._nn.mkldnn_linear(x.reshape(-1, x.shape[-1]).to_mkldnn(), w.to_mkldnn(), None).to_dense()
+            # the weight stays a dense tensor: oneDNN reads it in place (to_mkldnn would copy it every call)
+            y = torch._C._nn.mkldnn_linear(x.reshape(-1, x.shape[-1]).to_mkldnn(), w.contiguous(), None).to_dense()
             y = y.view(*x.shape[:-1], w.shape[0])
             return y if b is None else y + b
         except (RuntimeError, AttributeError):  # a torch without it: F.linear from now on
