@@ -9,7 +9,7 @@ loops. It is compiled for this machine (-march=native) by torch's extension buil
 without a compiler, with `DELTARUN_CPU_KERNELS=0`, or if its self-check against F.linear fails,
 everything runs on torch's own ops. The same extension holds the prefill-side CPU ops (the integer GEMM for
 quantized weights, the conv and the chunked delta rule: csrc/qgemm.cpp, conv.cpp, gdn_chunk.cpp); bf16
-prefill matmuls stay on F.linear (compute-bound GEMM).
+prefill matmuls stay on torch's GEMMs (`linear_via_fp32`: widened to fp32 for oneDNN where bf16 is emulated).
 """
 from __future__ import annotations
 
