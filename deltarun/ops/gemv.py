@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 4  # measured: up to 4 rows the kernel wins (1.8× at one row); from 8, F.linear's GEMM is as fast
 SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
 # one extension: matmuls, the DeltaNet step, norms, dequantization, whole decode layers
-SOURCES = ("gemv.cpp", "gdn.cpp", "norm.cpp", "dequant.cpp", "layer.cpp", "qgemm.cpp", "conv.cpp", "gdn_chunk.cpp")
+SOURCES = ("gemv.cpp", "gdn.cpp", "norm.cpp", "dequant.cpp", "layer.cpp", "qgemm.cpp", "conv.cpp", "gdn_chunk.cpp",
+           "fgemm.cpp")
 STALE_LOCK_S = 300  # a first build takes ~30 s
 _state: dict[str, object] = {}
 
@@ -96,6 +97,20 @@ def _self_check() -> bool:
             log.warning("CPU int8 decode kernel disagrees with F.linear: not used")
             return False
     _state["int4"] = _int4_check(g)
+    _state["bf16w"] = _bf16w_check(g)
+    return True
+
+
+def _bf16w_check(g: torch.Generator) -> bool:
+    """The bf16-weight prefill GEMM against F.linear in fp32, on shapes with every remainder (rows of the
+    6-row tile, columns of the 16-wide panel, a K block and a partial one)."""
+    if not torch.ops.deltarun.gemm_bf16w_available():
+        return False
+    x, w = torch.randn(13, 300, generator=g).bfloat16(), torch.randn(37, 300, generator=g).bfloat16()
+    ref = F.linear(x.float(), w.float())
+    if not torch.allclose(torch.ops.deltarun.gemm_bf16w(x, w), ref, rtol=1e-5, atol=1e-4):
+        log.warning("CPU bf16-weight prefill GEMM disagrees with F.linear: not used")
+        return False
     return True
 
 
@@ -180,6 +195,17 @@ def native_bf16_matmul() -> bool:
     return bool(_state["native_bf16"])
 
 
+def linear_bf16w(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, bias) for bf16 x [..., K] and w [N, K] on CPUs without hardware bf16 matmul: the
+    products and fp32 sums of a bf16 GEMM, rounded once. csrc/fgemm.cpp's GEMM widens the weight while
+    packing it (AVX2; `DELTARUN_PREFILL_GEMM=0` turns it off); elsewhere `linear_via_fp32`."""
+    if (available() and _state.get("bf16w") and w.device.type == "cpu" and w.is_contiguous()
+            and os.environ.get("DELTARUN_PREFILL_GEMM", "1") != "0"):
+        y = torch.ops.deltarun.gemm_bf16w(x.reshape(-1, x.shape[-1]), w, bias is None).view(*x.shape[:-1], w.shape[0])
+        return y if bias is None else (y + bias.float()).to(x.dtype)  # one rounding, after the bias
+    return linear_via_fp32(x, w, bias)
+
+
 def linear_via_fp32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w, bias) for bf16 tensors computed in fp32 — the weight widened 8,192 rows at a time, so
     a 248K-row lm_head never has a whole fp32 copy — and rounded back to x's dtype: the same products and
@@ -239,7 +265,7 @@ class DecodeLinear(nn.Linear):
                     y += self.bias
                 return y.reshape(*x.shape[:-1], self.out_features)
             if rows > MAX_ROWS and not native_bf16_matmul():
-                return linear_via_fp32(x, self.weight, self.bias)
+                return linear_bf16w(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
