@@ -126,6 +126,18 @@ def test_greedy_at_temperature_zero():
     assert all(s.generator is None for s in states)  # greedy never consumes randomness
 
 
+def test_vocab_limit_binds_greedy_rows_too():
+    """Ids past vocab_limit (the embedding's padding rows) are never picked, by the bare-argmax path of
+    plain greedy rows as by processed ones; logprobs stay those of the full distribution."""
+    logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(4))
+    logits[:, 60] = 50.0  # the best id lies in the padding
+    for kw in ({"temperature": 0.0}, {"temperature": 0.0, "repetition_penalty": 1.5}):
+        out = sample(logits, [_state(prompt=[1], vocab=64, **kw) for _ in range(3)], vocab_limit=50)
+        assert torch.equal(out.token_ids, logits[:, :50].argmax(-1))
+        want = torch.log_softmax(logits, -1).gather(1, out.token_ids[:, None]).squeeze(1)
+        torch.testing.assert_close(out.logprobs, want)
+
+
 def test_greedy_sees_penalties():
     logits = torch.tensor([[3.0, 2.9, 0.0, 0.0]])
     s = _state([0], 4, temperature=0.0, repetition_penalty=1.5)
