@@ -200,7 +200,7 @@ at::Tensor qgemm_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
           int8_row_vnni<mc.value>(xq.data() + m * K, K, W + n * K, O + m * N + n, N);
 #else
-          int8_row_madd<mc.value>(xq.data() + m * K, K, W + n * K, O + m * N + n, N);
+          int8_row_madd<mc.value, false>(xq.data() + m * K, K, W + n * K, O + m * N + n, N);
 #endif
       });
       for (int64_t m = 0; m < M; ++m)
