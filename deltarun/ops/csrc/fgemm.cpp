@@ -9,7 +9,7 @@
 //  - bf16 outputs are accumulated in a per-thread fp32 tile and rounded once (to nearest even, as torch's
 //    .to(bfloat16)), so the caller never makes an fp32 [M, N] copy.
 // Threads split the output columns (and the rows, when there are few column blocks). Reference: F.linear in
-// fp32 (tests/test_gemv.py). Not here: bias (the caller adds it), CPUs without AVX2 (ops/gemv.py widens for
+// fp32 and fp64 (tests/test_fgemm.py). Not here: bias (the caller adds it), CPUs without AVX2 (ops/gemv.py widens for
 // oneDNN), CPUs with hardware bf16 (torch's own GEMM).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
