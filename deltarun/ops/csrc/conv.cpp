@@ -12,10 +12,10 @@
 #include <cstdint>
 #include <tuple>
 #include <type_traits>
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
 #include <vector>
+
+#include "gemv_kernels.h"
+#include "gemv_avx2.h"
 
 namespace {
 
@@ -42,18 +42,9 @@ inline __m256 exp8(__m256 x) {
 }
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::BFloat16* p) {
-  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
-}
+inline __m256 load8(const at::BFloat16* p) { return bf16x8(reinterpret_cast<const uint16_t*>(p)); }
 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-inline void store8(at::BFloat16* p, __m256 v) {  // round to nearest even, as Tensor.to (finite values)
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
-}
+inline void store8(at::BFloat16* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bf16x8_round(v)); }
 template <typename T> constexpr bool vec8 = std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>;
 #endif
 

@@ -20,8 +20,10 @@
 #include <cstring>
 #include <vector>
 
+#include "gemv_kernels.h"
+#include "gemv_avx2.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
 #define DELTARUN_FGEMM 1
 #endif
 
@@ -31,11 +33,6 @@ namespace {
 constexpr int64_t NR = 16, MR = 6;
 constexpr int64_t KC = 256, NC = 64;  // measured on [512, 1024]·[1024, 6144] and [512, 3584]·[3584, 1024]
 
-inline __m256 widen8(const uint16_t* p) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
-
 // Rows n0 … n0 + nr (nr ≤ 16) of w [., K] bf16, columns k0 … k0 + kc → dst [kc][16] fp32, rows past nr zero.
 void pack_panel(const uint16_t* w, int64_t K, int64_t n0, int64_t nr, int64_t k0, int64_t kc, float* dst) {
   int64_t k = 0;
@@ -43,7 +40,7 @@ void pack_panel(const uint16_t* w, int64_t K, int64_t n0, int64_t nr, int64_t k0
     for (; k + 8 <= kc; k += 8)
       for (int64_t h = 0; h < 2; ++h) {  // two 8×8 transposes
         __m256 r[8];
-        for (int i = 0; i < 8; ++i) r[i] = widen8(w + (n0 + 8 * h + i) * K + k0 + k);
+        for (int i = 0; i < 8; ++i) r[i] = bf16x8(w + (n0 + 8 * h + i) * K + k0 + k);
         const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
         const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
         const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
@@ -113,19 +110,8 @@ void rows_tile(int64_t rows, int64_t kc, const float* a, int64_t lda, const floa
 // n fp32 → bf16, rounded to nearest even (NaN stays NaN), as torch's conversion.
 void round_bf16(const float* src, int64_t n, uint16_t* dst) {
   int64_t i = 0;
-  const __m256i bias = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1), qnan = _mm256_set1_epi32(0x7FC0);
-  for (; i + 16 <= n; i += 16) {
-    __m256i h[2];
-    for (int p = 0; p < 2; ++p) {
-      const __m256 v = _mm256_loadu_ps(src + i + 8 * p);
-      const __m256i u = _mm256_castps_si256(v);
-      const __m256i r = _mm256_srli_epi32(
-          _mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one))), 16);
-      h[p] = _mm256_blendv_epi8(r, qnan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-    }
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h[0], h[1]), 0xD8);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), packed);
-  }
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), bf16x8_round(_mm256_loadu_ps(src + i)));
   for (; i < n; ++i) dst[i] = c10::BFloat16(src[i]).x;
 }
 #endif

@@ -35,6 +35,15 @@ inline __m256 bf16x8(const uint16_t* p) {  // 8 bf16 → 8 fp32, exact
   return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
 }
 
+// 8 fp32 → 8 bf16 (packed in 128 bits), rounded to nearest even with NaN kept NaN: torch's conversion.
+inline __m128i bf16x8_round(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
 // Weights k … k+15 of a row widened exactly to fp32: bf16 (shift into the high half) and int8.
 struct WidenBf16 {
   static void load(const uint16_t* wr, __m256& w0, __m256& w1) { w0 = bf16x8(wr), w1 = bf16x8(wr + 8); }
