@@ -4,7 +4,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 MODEL   ?= qwen3.5:0.8b
 
-.PHONY: setup setup-test run test bench clean
+.PHONY: setup setup-test run test test-long bench clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -19,8 +19,13 @@ setup-test: setup
 run: setup
 	$(VENV)/bin/deltarun chat $(MODEL)
 
+# the default run (under ~15 min on 2 cores): skip reasons (-rs) and the slowest tests are printed
 test: setup-test
-	$(VPY) -m pytest -q -x --durations=15
+	$(VPY) -m pytest -q -x -rs --durations=15 -m "not long"
+
+# checks past the default run's time budget (marked `long`)
+test-long: setup-test
+	$(VPY) -m pytest -q -rs --durations=15 -m long
 
 bench: setup-test
 	$(VPY) benchmarks/bench_generate.py

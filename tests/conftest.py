@@ -1,18 +1,33 @@
-"""Shared fixtures: tiny random checkpoints (fp32) written once per test session."""
+"""Shared fixtures: tiny random checkpoints (fp32) written once per test session; the network guard
+(netguard/sitecustomize.py) and the environment that keeps tools from phoning home; the CPU kernels."""
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE / "netguard"))
+# Tools that phone home by default, switched off here and in every process the tests start (a test that
+# serves a fake hub on loopback sets HF_HUB_OFFLINE=0 and HF_ENDPOINT itself).
+os.environ.update({"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
+                   "RAY_USAGE_STATS_ENABLED": "0", "OPENAI_AGENTS_DISABLE_TRACING": "1",
+                   "PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD": "1"})
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The network guard, here and (as sitecustomize on PYTHONPATH) in every Python subprocess.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE / "netguard"), os.environ.get("PYTHONPATH")) if p)
+os.environ.setdefault("DELTARUN_NETGUARD_LOG", str(Path(tempfile.mkdtemp(prefix="deltarun-netguard-")) / "log"))
+import sitecustomize as netguard  # noqa: E402 (tests/netguard/sitecustomize.py)
+
+netguard.install()
 # one build of the CPU decode kernels for the session, whatever HOME a test gives its subprocesses
 os.environ.setdefault("DELTARUN_KERNELS_DIR", str(Path.home() / ".cache" / "deltarun" / "kernels"))
 
+from cpu_kernels import require_cpu_kernels  # noqa: E402
 from tiny import VARIANTS, make_checkpoint, tiny_config  # noqa: E402
 
 
@@ -57,3 +72,24 @@ def hf_ref(chat_ckpt):
     from transformers import Qwen3_5ForConditionalGeneration
 
     return Qwen3_5ForConditionalGeneration.from_pretrained(chat_ckpt, dtype=torch.float32).eval()
+
+
+@pytest.fixture(autouse=True)
+def _network_guard(request):
+    """Fails the test during which any process of the suite tried to reach a non-loopback address."""
+    log = Path(os.environ["DELTARUN_NETGUARD_LOG"])
+    start = log.stat().st_size if log.exists() else 0
+    yield
+    if request.node.get_closest_marker("netguard_expected"):
+        return
+    if log.exists() and log.stat().st_size > start:
+        with log.open() as f:
+            f.seek(start)
+            pytest.fail("\n".join(["network access outside loopback:", *f.read().splitlines()[:20]]), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def cpu_kernels() -> None:
+    """The CPU kernels (ops/csrc), built for this machine (cpu_kernels.py: skip without a compiler, fail on
+    a failed build)."""
+    require_cpu_kernels()

@@ -1,6 +1,7 @@
 """The fused decode layers (ops/layer.py, csrc/layer.cpp) against the modules they replace: the same
 kernels in the same order, so logits and pooled states must be bit for bit equal, for bf16, int8 and int4
-weights, one or several sequences, consecutive or scattered pool slots."""
+weights, one or several sequences, consecutive or scattered pool slots; and the fused path runs on every
+CPU level for a model whose widths every kernel layout takes."""
 from __future__ import annotations
 
 import pytest
@@ -9,9 +10,11 @@ import torch
 from deltarun.cache.state import KVCache, ModelCache, SeqState
 from deltarun.ops import gemv
 from deltarun.ops import layer as fused
+from deltarun.ops.quant import QuantLinear
 from deltarun.weights.loader import load_model
+from tiny import make_checkpoint, tiny_config
 
-pytestmark = pytest.mark.skipif(not gemv.available(), reason="CPU kernels not built here")
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 
 def _decode(model, slots: list[int], prompt: torch.Tensor, steps: int) -> tuple[list[torch.Tensor], list]:
@@ -29,21 +32,51 @@ def _decode(model, slots: list[int], prompt: torch.Tensor, steps: int) -> tuple[
     return out, [t[slots].clone() for t in (*pool.conv, *pool.recurrent)]
 
 
+def _on_kernel(mod) -> bool:
+    """Whether a decode-sized call of `mod` runs on one of our kernels (what a fused layer can call)."""
+    if isinstance(mod, gemv.DecodeLinear):
+        return True
+    if type(mod) is torch.nn.Linear:  # DeltaNet's fp32 in_proj_a / in_proj_b
+        return mod.weight.dtype == torch.float32
+    k = getattr(mod, "_kernel", None)
+    return isinstance(mod, QuantLinear) and k is not None and k.op in (gemv.int8_mm, gemv.int4_mm)
+
+
+@pytest.fixture(scope="module")
+def aligned_ckpt(tmp_path_factory):
+    """Every layer width a multiple of 64, so every int4 row-block layout (32 rows on AVX2, 64 on AVX-512)
+    packs every linear for our kernel: the fused path must run for each layer on every CPU."""
+    return make_checkpoint(tmp_path_factory.mktemp("aligned") / "m",
+                           tiny_config(intermediate_size=128, linear_value_head_dim=32), seed=3)
+
+
 @pytest.mark.parametrize("quantization", [None, "int8", "int4:32"])
 @pytest.mark.parametrize("slots", [[0], [0, 1, 2], [3, 0, 2]])
-def test_fused_decode_is_bit_exact(tiny_ckpt, monkeypatch, quantization, slots):
-    model = load_model(tiny_ckpt, dtype="bfloat16", device="cpu", quantization=quantization)
+@pytest.mark.parametrize("ckpt", ["aligned", "hybrid"])
+def test_fused_decode_is_bit_exact(request, monkeypatch, quantization, slots, ckpt):
+    path = request.getfixturevalue("aligned_ckpt" if ckpt == "aligned" else "tiny_ckpt")
+    model = load_model(path, dtype="bfloat16", device="cpu", quantization=quantization)
     layers = model.model.language_model.layers
     # 62 prompt tokens: the KV caches (64 tokens at first) grow during the fused steps
     prompt = torch.randint(0, 1000, (len(slots), 62), generator=torch.Generator().manual_seed(1))
     got, got_states = _decode(model, slots, prompt, steps=5)
     plans = [fused.plan(layer) for layer in layers]
-    assert all(p is not None for p in plans)  # the fused path really ran: every layer has a plan …
-    assert all((p.gdn is not None) == (layer.layer_type == "linear_attention") for p, layer in zip(plans, layers))
-    assert all((p.attn is not None) == (layer.layer_type == "full_attention") for p, layer in zip(plans, layers))
-    if quantization:  # … and it read the quantized kernels' tensors
-        kinds = {a[0].dtype for p in plans for a in p.tail[2:]}
-        assert kinds == {torch.int8 if quantization == "int8" else torch.uint8}
+    for p, layer in zip(plans, layers):
+        # a layer is fused exactly where every linear it calls runs on our kernels: all of them in the aligned
+        # model; in the hybrid one (widths 96 and 160) not the int4 weights where torch's CPU int4 layout packs
+        # rows by 64 (AVX-512), whose layers then run the modules, compared below all the same
+        mlp = (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
+        mixer = layer.linear_attn if layer.layer_type == "linear_attention" else layer.self_attn
+        own = [m for m in mixer.modules() if isinstance(m, (torch.nn.Linear, QuantLinear))]
+        assert (p is not None) == all(map(_on_kernel, mlp))
+        assert p is None or (p.gdn is not None or p.attn is not None) == all(map(_on_kernel, own))
+        assert p is None or p.gdn is None or layer.layer_type == "linear_attention"
+        assert p is None or p.attn is None or layer.layer_type == "full_attention"
+    if ckpt == "aligned":  # the fused path really ran, whole layers, on every CPU level
+        assert all(p is not None and (p.gdn is not None or p.attn is not None) for p in plans)
+        if quantization:  # … and it read the quantized kernels' tensors
+            kinds = {a[0].dtype for p in plans for a in p.tail[2:]}
+            assert kinds == {torch.int8 if quantization == "int8" else torch.uint8}
 
     monkeypatch.setenv("DELTARUN_FUSED_LAYERS", "0")
     fused.reset(model)

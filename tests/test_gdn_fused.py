@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from deltarun.ops import gdn, gemv
+from deltarun.ops import gdn
 
-pytestmark = pytest.mark.skipif(not gemv.available(), reason="CPU kernels not built on this machine")
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 
 def _problem(dtype, hk, hv, dk, dv, slots_n=5, batch=3, kernel=4, seed=0):

@@ -1,8 +1,8 @@
 """The chunked gated-delta-rule (prefill) against the token-by-token recurrence, and conv1d state carry."""
 import pytest
 import torch
+from cpu_kernels import require_cpu_kernels
 
-from deltarun.ops import gemv
 from deltarun.ops.conv1d import causal_conv1d, causal_conv1d_reference
 from deltarun.ops.gdn import (chunk_gated_delta_rule, chunk_gated_delta_rule_torch, gated_delta_step_,
                               recurrent_gated_delta_rule)
@@ -24,12 +24,9 @@ def _chunked(impl):
     autograd on the CPU where the kernels are built, chunks of 64)."""
     if impl == "torch":
         return chunk_gated_delta_rule_torch
-    if not gemv.available():
-        pytest.skip("CPU kernels not built here")
+    require_cpu_kernels()
 
-    def run(*args, chunk_size=64):
-        if chunk_size != 64:
-            pytest.skip("the C++ op runs chunks of 64")
+    def run(*args, chunk_size=64):  # other chunk sizes: the dispatcher's torch fallback, checked the same way
         with torch.no_grad():
             return chunk_gated_delta_rule(*args, chunk_size=chunk_size)
     return run
@@ -98,7 +95,7 @@ def test_conv1d_pieces_equal_whole():
     torch.testing.assert_close(state, s_full)
 
 
-@pytest.mark.skipif(not gemv.available(), reason="CPU kernels not built here")
+@pytest.mark.usefixtures("cpu_kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_conv1d_op_matches_reference(dtype):
     """The one-pass C++ prefill conv (ops/csrc/conv.cpp) against the torch reference, prompts cut into pieces

@@ -1,6 +1,7 @@
 """The CPU decode kernels (ops/csrc/gemv.cpp) against their plain torch reference, F.linear."""
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 import sys
@@ -14,7 +15,7 @@ from deltarun.ops import gemv
 from deltarun.ops.quant import QuantLinear, dequantize_int8
 from deltarun.weights.loader import load_model
 
-pytestmark = pytest.mark.skipif(not gemv.available(), reason="CPU decode kernels not built here (no compiler?)")
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16])
@@ -110,9 +111,30 @@ def test_bf16_model_decodes_the_same_with_and_without_kernels(tiny_ckpt):
 
 def test_switched_off_by_environment(tmp_path):
     code = "from deltarun.ops import gemv; print(gemv.available())"
-    env = {"DELTARUN_CPU_KERNELS": "0", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    env = {"DELTARUN_CPU_KERNELS": "0", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+           **{k: os.environ[k] for k in ("PYTHONPATH", "DELTARUN_NETGUARD_LOG")}}  # the network guard
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_failed_build_is_reported_not_mistaken_for_no_compiler(tmp_path):
+    """With a compiler that fails, the kernels are off (torch's ops run) and `unavailable_reason` names the
+    build error, which the kernel tests turn into a failure (cpu_kernels.py), never a skip."""
+    import os
+
+    cxx = tmp_path / "broken-c++"
+    cxx.write_text("#!/bin/sh\necho 'broken-c++: internal compiler error' >&2\nexit 1\n")
+    cxx.chmod(0o755)
+    code = ("from deltarun.ops import gemv\nprint(gemv.available())\nprint(gemv.unavailable_reason())\n"
+            "import pytest, cpu_kernels\n"
+            "try:\n    cpu_kernels.require_cpu_kernels()\nexcept pytest.fail.Exception as e:\n    print('FAILED', e)\n")
+    env = {**os.environ, "DELTARUN_KERNELS_DIR": str(tmp_path / "k"), "CXX": str(cxx)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).parent)
+    lines = out.stdout.splitlines()
+    assert lines[0] == "False", out.stderr[-2000:]
+    assert lines[1] not in ("None", "no compiler", "off")
+    assert any(ln.startswith("FAILED the CPU kernels failed to build") for ln in lines), out.stdout
 
 
 def test_a_killed_build_does_not_block_the_next_load(tmp_path):

@@ -1,5 +1,8 @@
 """The integer prefill matmuls (ops/csrc/qgemm.cpp) against the decode kernels and an independent torch
-reference: the activations quantized in torch as documented, times the dequantized weights, in fp64."""
+reference: the activations quantized in torch as documented, times the dequantized weights, in fp64.
+
+The int4 GEMM exists where torch packs int4 in 32-row blocks (AVX2 without AVX-512F). On AVX-512 CPUs
+(64-row blocks) prefill dequantizes row blocks for torch's GEMM instead: the same cases check that route."""
 from __future__ import annotations
 
 import pytest
@@ -9,9 +12,9 @@ import torch.nn.functional as F
 from deltarun.ops import gemv
 from deltarun.ops.quant import PREFILL_ROWS, QuantLinear
 
-pytestmark = pytest.mark.skipif(not gemv.available(), reason="CPU kernels not built here (no compiler?)")
-needs_int4 = pytest.mark.skipif(not gemv.available() or not gemv.qgemm_int4_available(),
-                                reason="the int4 prefill GEMM reads the AVX2 (32-row) layout")
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
+U = 2.0 ** -24  # fp32 unit roundoff
+BF16_U = 2.0 ** -9  # bf16 unit roundoff (8 significant bits)
 
 
 def _q8_groups(x: torch.Tensor, g: int) -> torch.Tensor:
@@ -34,12 +37,39 @@ def _linear(k: int, n: int, bits: int, group: int = 64, seed: int = 0) -> QuantL
     return mod
 
 
-@needs_int4
+def _dequantized_route_bound(x: torch.Tensor, w: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """|got − want| for a bf16 output of x [M, K] · w [N, K]ᵀ computed as a bf16 or fp32 GEMM, any summation
+    order: the weight may be rounded to bf16 (≤ BF16_U·|w| each), the fp32 sum carries ≤ γ_K = K·U/(1 − K·U)
+    of Σ|x||w| (Higham, Accuracy and Stability, eq. 3.5), and the output is rounded to bf16 (≤ BF16_U·|y|)."""
+    k = x.shape[-1]
+    gamma = k * U / (1 - k * U)
+    mag = x.double().abs() @ w.double().abs().T
+    return BF16_U * want.abs() * (1 + BF16_U) + (BF16_U + gamma) * mag * (1 + BF16_U) + 1e-30
+
+
+def _int4_prefill_fallback(mod: QuantLinear, x: torch.Tensor) -> None:
+    """Without the int4 GEMM (AVX-512: torch's 64-row layout), many-row calls dequantize for torch's GEMM."""
+    assert mod._gemm is None
+    with pytest.raises(RuntimeError, match="qgemm_int4"):
+        torch.ops.deltarun.qgemm_int4(x, torch.zeros(mod.out_features * mod.in_features // 2, dtype=torch.uint8),
+                                      mod.group_size, torch.zeros(1, mod.out_features, 2, dtype=torch.bfloat16))
+    got = mod(x)
+    w = mod.dequantize()
+    # structurally the same GEMM as the documented route (one row block, n ≤ ROW_BLOCK): bit for bit …
+    xm, wt = (x, torch.bfloat16) if gemv.native_bf16_matmul() else (x.float(), torch.float32)
+    assert torch.equal(got, F.linear(xm, w.to(wt)).to(x.dtype))
+    # … and within the rounding of a bf16 GEMM of the exact product
+    want = F.linear(x.double(), w.double())
+    assert ((got.double() - want).abs() <= _dequantized_route_bound(x, w, want)).all()
+
+
 @pytest.mark.parametrize("m", [1, 3, 5, 17, 70])
 @pytest.mark.parametrize("k,n,group", [(64, 32, 32), (256, 96, 64), (384, 64, 128), (1024, 160, 64)])
 def test_int4_gemm_is_exact_for_the_quantized_activations(m, k, n, group):
     mod = _linear(k, n, 4, group, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k + m)).bfloat16()
+    if not gemv.qgemm_int4_available():  # AVX-512: prefill-sized calls (≥ PREFILL_ROWS rows) dequantize
+        return _int4_prefill_fallback(mod, torch.cat([x] * (PREFILL_ROWS // m + 1))[:max(m, PREFILL_ROWS)])
     packed, sz, pairs = mod._cpu4
     assert pairs
     got = torch.ops.deltarun.qgemm_int4(x, packed, group, sz)
@@ -64,19 +94,22 @@ def test_int8_gemm_is_the_decode_kernel_bit_for_bit(m, k, n):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
-@pytest.mark.parametrize("bits", [8, pytest.param(4, marks=needs_int4)])
+@pytest.mark.parametrize("bits", [8, 4])
 def test_prefill_rows_take_the_gemm(bits):
     """A QuantLinear's many-row (prefill) calls run the integer GEMM, rounded like the decode path's bf16
-    output; fp32 activations keep the exact dequantized product."""
-    mod = _linear(512, 96, bits)
-    assert mod._gemm is not None
+    output (int4 on AVX-512: the dequantized route instead); fp32 activations keep the exact dequantized
+    product."""
+    mod = _linear(512, 128, bits)
     x = torch.randn(2, PREFILL_ROWS + 3, 512, generator=torch.Generator().manual_seed(5)).bfloat16()
+    if bits == 4 and not gemv.qgemm_int4_available():
+        return _int4_prefill_fallback(mod, x.view(-1, 512))
+    assert mod._gemm is not None
     got = mod(x)
-    assert got.dtype == torch.bfloat16 and got.shape == (2, PREFILL_ROWS + 3, 96)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, PREFILL_ROWS + 3, 128)
     xt = _q16_rows(x.view(-1, 512)) if bits == 8 else _q8_groups(x.view(-1, 512), 64)
-    want = F.linear(xt, mod.dequantize().double()).view(2, -1, 96)
+    want = F.linear(xt, mod.dequantize().double()).view(2, -1, 128)
     torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
-    mod32 = QuantLinear.from_float(torch.randn(96, 512) * 0.05, bits, 64, dtype=torch.float32)
+    mod32 = QuantLinear.from_float(torch.randn(128, 512) * 0.05, bits, 64, dtype=torch.float32)
     mod32.pack()
     x32 = x.float()
     torch.testing.assert_close(mod32(x32), F.linear(x32, mod32.dequantize()), rtol=1e-4, atol=1e-4)

@@ -74,8 +74,24 @@ def available() -> bool:
                            is_python_module=False, verbose=False)
         _state["ok"] = _self_check()
     except Exception as e:  # a missing ninja, a compiler error, …: the torch path still works
+        _state["error"] = str(e)
         log.warning("CPU decode kernels unavailable (%s): using torch's matmuls", str(e).splitlines()[0][:200])
+    else:
+        if not _state["ok"]:
+            _state["error"] = "built, but the self-check against F.linear failed"
     return bool(_state["ok"])
+
+
+def unavailable_reason() -> str | None:
+    """Why `available()` is False: None where the kernels loaded; "off" / "no compiler" where they were not
+    to be built; otherwise the build or self-check error (tests fail on it rather than skip)."""
+    if available():
+        return None
+    if os.environ.get("DELTARUN_CPU_KERNELS", "1") == "0":
+        return "off"
+    if not (shutil.which("c++") or shutil.which("g++")) or sys.platform == "win32":
+        return "no compiler"
+    return str(_state.get("error", "unknown"))
 
 
 def _self_check() -> bool:
