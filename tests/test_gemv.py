@@ -219,7 +219,26 @@ def test_linear_via_fp32_is_a_bf16_linear_computed_in_fp32(monkeypatch):
 def test_native_bf16_matmul_follows_the_cpu_flags():
     flags = next((ln for ln in open("/proc/cpuinfo").read().splitlines() if ln.startswith(("flags", "Features"))), "")
     native = any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))
-    assert gemv.native_bf16_matmul() == native
+    level = gemv.cpu_level()
+    assert gemv.native_bf16_matmul() == (native if level is None else level == "avx512_bf16")
+
+
+def test_cpu_level_is_checked(monkeypatch):
+    """DELTARUN_CPU_LEVEL builds for a lower level than the CPU's (the other classes' kernels, run here);
+    an unknown level, or one this CPU cannot run, is a clear error, never a silent native build."""
+    flags = gemv._cpu_flags() or set()
+    monkeypatch.setenv("DELTARUN_CPU_LEVEL", "avx9")
+    with pytest.raises(ValueError, match="expected one of native, avx2, avx512, avx512_bf16"):
+        gemv.cpu_level()
+    for level, (march, needs, _) in gemv.LEVELS.items():
+        monkeypatch.setenv("DELTARUN_CPU_LEVEL", level)
+        if needs <= flags:
+            assert gemv.cpu_level() == level and gemv._march() == march
+        else:
+            with pytest.raises(ValueError, match="this CPU lacks"):
+                gemv.cpu_level()
+    monkeypatch.setenv("DELTARUN_CPU_LEVEL", "native")
+    assert gemv.cpu_level() is None and gemv._march() == ["-march=native"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

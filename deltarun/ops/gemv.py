@@ -34,17 +34,52 @@ SOURCES = ("gemv.cpp", "gdn.cpp", "norm.cpp", "dequant.cpp", "layer.cpp", "qgemm
            "fgemm.cpp")
 STALE_LOCK_S = 300  # a first build takes ~30 s
 _state: dict[str, object] = {}
+# `DELTARUN_CPU_LEVEL`: build for, and route as, a lower x86 level than this CPU's, so the kernels and
+# fallbacks of the other CPU classes run (and are tested) here; `ATEN_CPU_CAPABILITY` set to match makes
+# torch's own kernels (and its int4 layout) follow. level: (compiler flags, CPU flags needed, hardware bf16)
+LEVELS = {
+    "avx2": (["-march=haswell"], {"avx2", "fma"}, False),
+    "avx512": (["-march=cascadelake"], {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}, False),
+    "avx512_bf16": (["-march=cascadelake", "-mavx512bf16", "-mavx512vbmi"],
+                    {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi", "avx512_bf16"}, True),
+}
+
+
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags (/proc/cpuinfo), None where they cannot be read."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return next((set(ln.split(":", 1)[1].split()) for ln in info.splitlines()
+                 if ln.startswith(("flags", "Features"))), None)
+
+
+def cpu_level() -> str | None:
+    """The level asked for by `DELTARUN_CPU_LEVEL` (None: this CPU's own, -march=native). A level this CPU
+    cannot run, or an unknown one, is an error."""
+    level = os.environ.get("DELTARUN_CPU_LEVEL", "").strip().lower() or None
+    if level is None or level == "native":
+        return None
+    if level not in LEVELS:
+        raise ValueError(f"DELTARUN_CPU_LEVEL={level!r}: expected one of native, {', '.join(LEVELS)}")
+    missing = LEVELS[level][1] - (_cpu_flags() or set())
+    if missing:
+        raise ValueError(f"DELTARUN_CPU_LEVEL={level}: this CPU lacks {', '.join(sorted(missing))}")
+    return level
+
+
+def _march() -> list[str]:
+    level = cpu_level()
+    return ["-march=native"] if level is None else LEVELS[level][0]
 
 
 def _cpu_tag() -> str:
-    """Short hash of the CPU's feature flags and torch's version: a build made for another CPU (a shared
-    home directory) or another torch is never loaded."""
-    flags = ""
-    try:
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        pass
-    text = flags + torch.__version__ + "".join(f.read_text() for f in sorted(SOURCE.parent.iterdir()))
+    """Short hash of the CPU's feature flags, the target level and torch's version: a build made for another
+    CPU (a shared home directory), another level or another torch is never loaded."""
+    flags = " ".join(sorted(_cpu_flags() or ()))
+    text = flags + " ".join(_march()) + torch.__version__ + "".join(
+        f.read_text() for f in sorted(SOURCE.parent.iterdir()))
     return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 
@@ -70,7 +105,7 @@ def available() -> bool:
         if not (build / "deltarun_gemv.so").exists():
             print("deltarun: building the CPU kernels for this machine (once, ~30 s) …", file=sys.stderr, flush=True)
         cpp_extension.load(name="deltarun_gemv", sources=[str(SOURCE.with_name(f)) for f in SOURCES], build_directory=str(build),
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           extra_cflags=["-O3", *_march(), "-fopenmp"], extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
         _state["ok"] = _self_check()
     except Exception as e:  # a missing ninja, a compiler error, …: the torch path still works
@@ -202,12 +237,12 @@ def native_bf16_matmul() -> bool:
     (2-core AVX2 EPYC, [512, 1024]·[1024, 3584]), so prefill-sized matmuls widen (`linear_via_fp32`)."""
     if "native_bf16" not in _state:
         try:
-            info = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            info = ""
-        flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines()
-                      if ln.startswith(("flags", "Features"))), None)
-        _state["native_bf16"] = flags is None or bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
+            level = cpu_level()
+        except ValueError:
+            level = None  # reported by `available()`
+        flags = _cpu_flags()
+        _state["native_bf16"] = (LEVELS[level][2] if level else
+                                 flags is None or bool({"avx512_bf16", "amx_bf16", "bf16"} & flags))
     return bool(_state["native_bf16"])
 
 
