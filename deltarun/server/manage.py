@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from ..weights import hub, store
 from ..weights.pull import ProgressBars
-from .app import APIError
+from .errors import APIError
 
 router = APIRouter()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..weights import hub
-from .app import APIError
+from .errors import APIError
 from .targets import (FOREVER, Target, free_memory_for, gb, load_llm, parse_keep_alive, resolve_target,
                       unload_llm, weight_bytes)
 

@@ -22,7 +22,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ..weights import store
-from .app import APIError, ServerState
+from .errors import APIError
+from .state import ServerState
 from .common import add_structured, build_chat_prompt, sampling
 from .manage import local_entries
 from .models import Loaded, is_unload

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .weights.pull import ProgressBars
+from ..weights.pull import ProgressBars
 
 COMMANDS = ("list", "show", "pull", "rm", "ps")
 
@@ -40,7 +40,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
     """GET /api/ps of a running server; one line when none answers."""
     import httpx
 
-    from .weights import hub, store
+    from ..weights import hub, store
 
     url = f"http://{args.host}:{args.port}"
     try:
@@ -97,7 +97,7 @@ def _console(stderr: bool = False):
 def cmd_list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from .weights import store
+    from ..weights import store
 
     models = store.list_models()
     console = _console()
@@ -121,7 +121,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from .weights import store
+    from ..weights import store
 
     info = store.describe(store.find_local(args.model))
     table = Table(box=None, show_header=False, pad_edge=False)
@@ -156,8 +156,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
-    from .weights import hub, store
-    from .weights.pull import pull, pull_error, resolve_repo
+    from ..weights import hub, store
+    from ..weights.pull import pull, pull_error, resolve_repo
 
     repo = resolve_repo(args.model)
     from huggingface_hub.utils import logging as hf_logging
@@ -183,7 +183,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from .weights import hub, store
+    from ..weights import hub, store
 
     table = store.aliases()
     copied = next((n for n in (args.model, f"{args.model}:latest") if n in table), None)
