@@ -104,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..server import create_app
-    from ..server.models import ModelManager
+    from ..server.model_manager import ModelManager
     from ..server.targets import load_llm, parse_keep_alive, resolve_target
 
     keep_alive = parse_keep_alive(args.keep_alive)
@@ -145,7 +145,7 @@ def cmd_init_random(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ..config import ConfigError
-    from ..weights.hub import ModelNotFound
+    from ..store.names import ModelNotFound
     from ..weights.loader import LoadError
 
     try:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..weights.hub import DEFAULT_MODEL
+from ..store.names import DEFAULT_MODEL
 
 
 def sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -62,7 +62,8 @@ def sampling_params(args: argparse.Namespace, n: int = 1):
 
 def load_llm(args: argparse.Namespace):
     from ..llm import LLM
-    from ..weights.hub import is_demo, resolve_model
+    from ..store.names import is_demo
+    from ..store.resolve import resolve_model
 
     if args.model == "demo":
         err("note: 'demo' has RANDOM WEIGHTS in the Qwen3.5-0.8B layout; its answers are noise")
@@ -89,7 +90,7 @@ def engine_options(args: argparse.Namespace) -> dict:
     for flag in ("max_num_seqs", "max_prefill_tokens"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
-    from ..weights.hub import quant_tag
+    from ..store.names import quant_tag
 
     if args.quantize:
         from ..weights.quantize import QuantSpec

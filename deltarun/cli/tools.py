@@ -27,7 +27,7 @@ def add_tool_commands(sub) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from ..weights.hub import resolve_model
+    from ..store.resolve import resolve_model
     from ..weights.quantize import QuantSpec, save_quantized
 
     src = resolve_model(args.model)
@@ -45,7 +45,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .. import bench
-    from ..weights.hub import resolve_model
+    from ..store.resolve import resolve_model
     from ..weights.quantize import QuantSpec
 
     folder = str(resolve_model(args.model))

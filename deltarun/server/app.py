@@ -1,5 +1,5 @@
 """The FastAPI application: OpenAI (`/v1/...`) and Ollama (`/api/...`) routes over the models of a
-`ModelManager` (models.py: loaded on request, kept for keep_alive).
+`ModelManager` (model_manager.py: loaded on request, kept for keep_alive).
 
 Cross-cutting concerns live here: the optional API key (Bearer, every route), the request body size
 limit, CORS (off unless origins are given), `/health`, `/metrics`, the chat page's static files, and
@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import manage, ollama, openai, openai_completions
 from .errors import APIError, error_response, validation_message
 from .metrics import METRICS
-from .models import ModelManager
+from .model_manager import ModelManager
 from .state import LeaseMiddleware, ServerState
 
 if TYPE_CHECKING:

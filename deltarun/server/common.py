@@ -13,7 +13,7 @@ from ..async_llm import AsyncLLM
 from ..processor.multimodal import MediaRef, MultiModalInput, extract_media
 from ..sampling import SamplingParams
 from .errors import APIError
-from .runner import template_messages
+from .streaming import template_messages
 from .structured import StructuredOutputError, make_structured
 
 

@@ -11,7 +11,7 @@ from fastapi import Request
 from ..async_llm import AsyncLLM
 
 if TYPE_CHECKING:
-    from .models import ModelManager
+    from .model_manager import ModelManager
 
 
 @dataclass
