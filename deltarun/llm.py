@@ -26,7 +26,8 @@ from .processor.tokenizer import Tokenizer
 from .processor.video import VideoProcessorConfig
 from .processor.vision import ImageProcessorConfig
 from .sampling import SamplingParams, card_defaults
-from .weights.hub import quant_tag, resolve_model
+from .store.names import quant_tag
+from .store.resolve import resolve_model
 from .threads import set_threads
 from .weights.loader import load_model
 from .weights.mtp_loader import load_mtp

@@ -10,7 +10,7 @@ import ollama
 import openai
 import pytest
 
-from deltarun.server.models import ModelManager
+from deltarun.server.model_manager import ModelManager
 
 OPTIONS = {"dtype": "float32", "device": "cpu", "max_num_seqs": 4}
 _DIRS: dict = {}  # built once per session, shared by the test modules that use them

@@ -69,7 +69,7 @@ def scripted(monkeypatch, pieces: list[str], finish: str = "stop") -> None:
     """Make the server's engine "generate" `pieces` (random weights never write a tool call): the
     HTTP, parsing and streaming layers run for real on crafted model output."""
     from deltarun.outputs import StreamDelta
-    from deltarun.server import runner
+    from deltarun.server import streaming
 
     async def fake_run_request(llm, req):
         for i, piece in enumerate(pieces):
@@ -80,4 +80,4 @@ def scripted(monkeypatch, pieces: list[str], finish: str = "stop") -> None:
                 tr.finish_reason = finish if last else None
             yield [StreamDelta(j, piece, [1], finish if last else None) for j in range(len(req.tracks))]
 
-    monkeypatch.setattr(runner, "run_request", fake_run_request)
+    monkeypatch.setattr(streaming, "run_request", fake_run_request)

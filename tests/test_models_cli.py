@@ -124,7 +124,7 @@ def test_show_hf_model(stores):
     out = r.stdout
     assert "Qwen3_5ForConditionalGeneration" in out and "Qwen/Qwen3.5-0.8B" in out
     total = sum(torch.Size(s).numel() for s in tensor_shapes(ModelConfig.from_file(stores["snap"] / "config.json")).values())
-    from deltarun.weights.store import _count
+    from deltarun.store.local import _count
     assert f"{_count(total)} total" in out
     caps = next(line for line in out.splitlines() if line.startswith("capabilities"))
     assert "vision" in caps and "tools" in caps and "thinking" in caps

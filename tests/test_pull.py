@@ -107,7 +107,7 @@ def test_corrupt_file_is_detected_by_checksum(env, fake_hub, hub_files):
 
 
 def test_corrupt_once_is_refetched(env, fake_hub, hub_files, monkeypatch):
-    from deltarun.weights import pull
+    from deltarun.store import pull
 
     shard = _shard(hub_files)
     monkeypatch.setenv("HF_HUB_CACHE", env["HF_HUB_CACHE"])

@@ -1,4 +1,4 @@
-"""Several models in one server (deltarun/server/models.py), through the official `ollama` and `openai`
+"""Several models in one server (deltarun/server/model_manager.py), through the official `ollama` and `openai`
 clients: load on first request (shared by concurrent requests), keep_alive (0, expiry, forever),
 --max-loaded-models swaps, the command-line model, the memory check, requests in flight never cut."""
 import json
@@ -11,7 +11,7 @@ import pytest
 from model_server import OPTIONS, Server, home, serve, wait_for  # noqa: F401 (fixtures)
 from model_server import gen as _gen
 
-from deltarun.server.models import ModelManager
+from deltarun.server.model_manager import ModelManager
 from deltarun.server.targets import resolve_target
 
 

@@ -1,100 +1,35 @@
 """The FastAPI application: OpenAI (`/v1/...`) and Ollama (`/api/...`) routes over the models of a
-`ModelManager` (models.py: loaded on request, kept for keep_alive).
+`ModelManager` (model_manager.py: loaded on request, kept for keep_alive).
 
 Cross-cutting concerns live here: the optional API key (Bearer, every route), the request body size
-limit, CORS (off unless origins are given), `/health`, `/metrics`, and turning every error into the
-error body of the API that was called (OpenAI: `{"error": {"message", "type", "param", "code"}}`,
-Ollama: `{"error": "message"}`) so the server keeps serving whatever a client sends.
+limit, CORS (off unless origins are given), `/health`, `/metrics`, the chat page's static files, and
+turning every error into the error body of the API that was called (errors.py), so the server keeps
+serving whatever a client sends. Routers import errors.py and state.py, never this module.
 """
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..async_llm import AsyncLLM
+from . import manage, ollama, openai, openai_completions
+from .errors import APIError, error_response, validation_message
 from .metrics import METRICS
+from .model_manager import ModelManager
+from .state import LeaseMiddleware, ServerState
 
 if TYPE_CHECKING:
-    from .models import ModelManager
+    from ..async_llm import AsyncLLM
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 STATIC_DIR = Path(__file__).parent / "static"  # the chat page: plain HTML/CSS/JS, no build step, no CDN
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                 ".css": "text/css; charset=utf-8", ".woff2": "font/woff2"}
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-@dataclass
-class ServerState:
-    models: "ModelManager"
-    default_thinking: bool | None = None  # None: the chat template's own default
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    async def use(self, request: Request, name: str, keep_alive: Any = None) -> AsyncLLM:
-        """The model `name` for this request: loaded on first use, held until the response is sent."""
-        start = time.perf_counter_ns()
-        entry = await self.models.acquire(name, keep_alive)
-        request.scope["deltarun.leases"].append(entry)  # LeaseMiddleware releases it
-        request.scope["deltarun.load_ns"] = time.perf_counter_ns() - start  # Ollama's load_duration
-        return entry.llm
-
-
-class LeaseMiddleware:
-    """Releases the models a request used once its response is entirely sent (streams included)."""
-
-    def __init__(self, app, manager: "ModelManager"):
-        self.app, self.manager = app, manager
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        leases: list = []
-        scope["deltarun.leases"] = leases
-        try:
-            await self.app(scope, receive, send)
-        finally:  # synchronous: runs even when the request task is being cancelled
-            for entry in leases:
-                self.manager.release(entry)
-
-
-def _is_ollama(request: Request) -> bool:
-    return request.url.path.startswith("/api/")
-
-
-def error_response(request: Request, status: int, message: str, param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
-    METRICS.error()
-    if _is_ollama(request):
-        return JSONResponse({"error": message}, status_code=status)
-    kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status)
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errs = exc.errors()
-    if not errs:
-        return "invalid request", None
-    e = errs[0]
-    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-    if e.get("type") == "json_invalid":
-        return "the request body is not valid JSON", None
-    where = ".".join(loc)
-    return (f"{where}: {e.get('msg')}" if where else str(e.get("msg"))), (where or None)
 
 
 def create_app(llm: "AsyncLLM | ModelManager | None" = None, model_name: str | None = None, *,
@@ -103,9 +38,6 @@ def create_app(llm: "AsyncLLM | ModelManager | None" = None, model_name: str | N
     """`llm`: one loaded model (served as `model_name`, kept loaded), a `ModelManager` (models loaded on
     request), or None (an empty manager with the defaults)."""
     from contextlib import asynccontextmanager
-
-    from . import manage, ollama, openai, openai_completions
-    from .models import ModelManager
 
     if isinstance(llm, ModelManager):
         models = llm
@@ -150,7 +82,7 @@ def create_app(llm: "AsyncLLM | ModelManager | None" = None, model_name: str | N
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        message, param = _validation_message(exc)
+        message, param = validation_message(exc)
         try:
             json.loads(await request.body())
         except ValueError:

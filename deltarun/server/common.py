@@ -12,8 +12,8 @@ from typing import Any
 from ..async_llm import AsyncLLM
 from ..processor.multimodal import MediaRef, MultiModalInput, extract_media
 from ..sampling import SamplingParams
-from .app import APIError
-from .runner import template_messages
+from .errors import APIError
+from .streaming import template_messages
 from .structured import StructuredOutputError, make_structured
 
 

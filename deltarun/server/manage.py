@@ -1,4 +1,4 @@
-"""Ollama's model management routes over `weights.store` / `weights.pull` (the same logic as the CLI):
+"""Ollama's model management routes over `store.local` / `store.pull` (the same logic as the CLI):
 `POST /api/pull` (NDJSON progress in Ollama's format), `DELETE /api/delete`, `POST /api/copy`, and the
 store half of `POST /api/show` (details of any local model, loaded or not).
 """
@@ -15,9 +15,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from ..weights import hub, store
-from ..weights.pull import ProgressBars
-from .app import APIError
+from ..store import local, names
+from ..store.pull import ProgressBars
+from .errors import APIError
 
 router = APIRouter()
 
@@ -39,10 +39,10 @@ class CopyRequest(BaseModel):
     destination: str
 
 
-def _find(name: str) -> store.LocalModel:
+def _find(name: str) -> local.LocalModel:
     try:
-        return store.find_local(name)
-    except hub.ModelNotFound as e:
+        return local.find_local(name)
+    except names.ModelNotFound as e:
         raise APIError(404, str(e), param="model", code="model_not_found") from None
 
 
@@ -65,7 +65,7 @@ class _QueueBars(ProgressBars):
 def _pull_thread(repo: str, sink: "queue.Queue[dict | None]") -> None:
     from huggingface_hub import constants, errors
 
-    from ..weights.pull import pull, pull_error
+    from ..store.pull import pull, pull_error
 
     bars = type("Bars", (_QueueBars,), {"sink": sink, "repo": repo})
     try:
@@ -82,14 +82,14 @@ def _pull_thread(repo: str, sink: "queue.Queue[dict | None]") -> None:
 
 @router.post("/api/pull")
 async def pull_model(body: PullRequest):
-    from ..weights.pull import resolve_repo
+    from ..store.pull import resolve_repo
 
     name = body.model or body.name
     if not name:
         raise APIError(400, "model is required")
     try:
         repo = resolve_repo(name)
-    except hub.ModelNotFound as e:
+    except names.ModelNotFound as e:
         raise APIError(503 if "needs the network" in str(e) else 404, str(e), param="model") from None
     sink: "queue.Queue[dict | None]" = queue.Queue()
     threading.Thread(target=_pull_thread, args=(repo, sink), daemon=True, name=f"pull {repo}").start()
@@ -121,16 +121,16 @@ async def delete_model(body: DeleteRequest, request: Request):
     name = body.model or body.name
     if not name:
         raise APIError(400, "model is required")
-    if any(store.remove_alias(n) for n in (name, name.removesuffix(":latest"), f"{name}:latest")):
+    if any(local.remove_alias(n) for n in (name, name.removesuffix(":latest"), f"{name}:latest")):
         request.app.state.server.models.forget_name(name)
         return {"status": "success"}  # a name made with /api/copy: only the name goes
     model = _find(name)
-    refusal = store.deletion_refusal(model)
+    refusal = local.deletion_refusal(model)
     if refusal:
         raise APIError(403, f"not deleting: {refusal}")
     await request.app.state.server.models.unload_path(model.path)  # 409 while it answers requests
-    await asyncio.to_thread(store.delete, model)
-    await asyncio.to_thread(store.forget_aliases_of, model)
+    await asyncio.to_thread(local.delete, model)
+    await asyncio.to_thread(local.forget_aliases_of, model)
     return {"status": "success"}
 
 
@@ -138,13 +138,13 @@ async def delete_model(body: DeleteRequest, request: Request):
 async def copy_model(body: CopyRequest, request: Request):
     _find(body.source)
     try:
-        store.find_local(body.destination)
-    except hub.ModelNotFound:
+        local.find_local(body.destination)
+    except names.ModelNotFound:
         pass
     else:
-        if body.destination not in store.aliases():
+        if body.destination not in local.aliases():
             raise APIError(409, f"{body.destination!r} already names a model")
-    store.add_alias(body.source, body.destination)
+    local.add_alias(body.source, body.destination)
     request.app.state.server.models.forget_name(body.destination)
     return {"status": "success"}
 
@@ -154,16 +154,16 @@ async def copy_model(body: CopyRequest, request: Request):
 def local_entries(served: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """/api/tags entries for every local model and copied name, then `served` (name → folder: the
     command-line model, which may live outside every store). Blocking: run it in a thread."""
-    models = store.list_models() + store.alias_models()
+    models = local.list_models() + local.alias_models()
     for name, folder in (served or {}).items():
         try:
-            models.append(dataclasses.replace(store.find_local(str(folder)), name=name))
-        except hub.ModelNotFound:  # gone from the disk since the server started
+            models.append(dataclasses.replace(local.find_local(str(folder)), name=name))
+        except names.ModelNotFound:  # gone from the disk since the server started
             continue
     return [_tag_entry(m) for m in models]
 
 
-def _tag_entry(m: store.LocalModel) -> dict[str, Any]:
+def _tag_entry(m: local.LocalModel) -> dict[str, Any]:
     from datetime import datetime, timezone
 
     try:
@@ -171,7 +171,7 @@ def _tag_entry(m: store.LocalModel) -> dict[str, Any]:
     except OSError:
         mtime = 0.0
     try:
-        total = store.parameter_counts(m.path / "config.json")["total"] if not m.is_gguf else 0
+        total = local.parameter_counts(m.path / "config.json")["total"] if not m.is_gguf else 0
     except Exception:  # an unusual config still gets listed
         total = 0
     size = f"{total / 1e9:.1f}B" if total >= 1e8 else f"{total / 1e6:.1f}M" if total else ""
@@ -198,11 +198,11 @@ def show_local(name: str) -> dict[str, Any]:
 
 def folder_show(folder, quant: str) -> dict[str, Any]:
     """The /api/show fields of a checkpoint folder (config.json, template, README/LICENSE)."""
-    cfg = store._read_json(folder / "config.json") or {}
+    cfg = local.read_json(folder / "config.json") or {}
     text = cfg.get("text_config", cfg)
-    template = store.chat_template(folder) or ""
+    template = local.chat_template(folder) or ""
     try:
-        counts = store.parameter_counts(folder / "config.json")
+        counts = local.parameter_counts(folder / "config.json")
     except Exception:  # an unusual config still gets the rest
         counts = {}
     caps = ["completion"] + (["vision"] if cfg.get("vision_config") else []) + \
@@ -222,7 +222,7 @@ def folder_show(folder, quant: str) -> dict[str, Any]:
         info["qwen35.linear_attention_layers"] = layer_types.count("linear_attention")
         info["qwen35.full_attention_layers"] = layer_types.count("full_attention")
     size = f"{total / 1e9:.1f}B" if total >= 1e8 else f"{total / 1e6:.1f}M" if total else ""
-    return {"modelfile": "", "parameters": "", "template": template, "license": store.license_of(folder) or "",
+    return {"modelfile": "", "parameters": "", "template": template, "license": local.license_of(folder) or "",
             "details": {"parent_model": "", "format": "safetensors", "family": "qwen35", "families": ["qwen35"],
                         "parameter_size": size, "quantization_level": quant},
             "model_info": info, "capabilities": caps}

@@ -21,13 +21,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from ..weights import store
-from .app import APIError, ServerState
+from ..store import local
+from .errors import APIError
+from .state import ServerState
 from .common import add_structured, build_chat_prompt, sampling
 from .manage import local_entries
-from .models import Loaded, is_unload
+from .model_manager import Loaded, is_unload
 from .protocol import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
-from .runner import chat_events, prepare, until_disconnect
+from .streaming import chat_events, prepare, until_disconnect
 
 router = APIRouter()
 VERSION = "0.12.0"  # the Ollama API version whose fields this mirrors; clients compare it
@@ -64,7 +65,7 @@ def _params(llm, options: OllamaOptions | None, fmt: Any, thinking: bool):
 def _details(llm) -> dict[str, Any]:
     cfg = llm.config.text
     try:  # from the config: quantized weights are not parameters
-        params = store.parameter_counts(Path(str(llm.path)) / "config.json")["total"]
+        params = local.parameter_counts(Path(str(llm.path)) / "config.json")["total"]
     except Exception:
         params = sum(p.numel() for p in llm.model.parameters())
     bits = {b for m in llm.model.modules() if isinstance(b := getattr(m, "bits", None), int)}  # QuantLinear

@@ -15,11 +15,12 @@ from fastapi.responses import StreamingResponse
 
 from ..outputs import Logprob
 from ..processor.output import RequestState
-from .app import APIError, ServerState
+from .errors import APIError
+from .state import ServerState
 from .common import add_structured, check_length, new_id, sampling
 from .openai import sse
 from .protocol import CompletionRequest
-from .runner import prepare, run_request, run_to_end, until_disconnect
+from .streaming import prepare, run_request, run_to_end, until_disconnect
 
 router = APIRouter()
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..weights import hub, store
+from ..store import local, names
+from ..store.resolve import resolve_model
 
 FOREVER = None  # keep_alive of a model that never expires
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -59,7 +60,7 @@ class Target:
 
 def _follow_aliases(name: str) -> str:
     """The name a copied name (/api/copy) stands for, through chains of copies."""
-    table = store.aliases()
+    table = local.aliases()
     for _ in range(8):
         target = table.get(name) or table.get(name.removesuffix(":latest")) or table.get(f"{name}:latest")
         if target is None:
@@ -73,32 +74,32 @@ def resolve_target(name: str, options: dict[str, Any] | None = None, *, download
     must not make the server read arbitrary folders; the command line may give a folder or download."""
     options = options or {}
     if not name or not name.strip():
-        raise hub.ModelNotFound("model is required")
+        raise names.ModelNotFound("model is required")
     if not download and name.startswith(("/", ".", "~", "\\")):
-        raise hub.ModelNotFound(f"{name!r}: the server loads models by name (see /api/tags), not by path; "
+        raise names.ModelNotFound(f"{name!r}: the server loads models by name (see /api/tags), not by path; "
                                 "start it with `deltarun serve PATH` to serve a folder")
     effective = _follow_aliases(name)
-    base, quant = hub.split_quant(effective)
-    if effective == hub.DEMO:
-        path = hub.demo_path()
+    base, quant = names.split_quant(effective)
+    if effective == names.DEMO:
+        path = names.demo_path()
     else:
         try:
             try:
-                local = store.find_local(name)
-            except hub.ModelNotFound:
+                found = local.find_local(name)
+            except names.ModelNotFound:
                 if not name.endswith(":latest"):
                     raise
-                local = store.find_local(name.removesuffix(":latest"))  # Ollama clients add the tag
-            path = local.path
-        except hub.ModelNotFound:
+                found = local.find_local(name.removesuffix(":latest"))  # Ollama clients add the tag
+            path = found.path
+        except names.ModelNotFound:
             if not download:
                 raise
-            local, path = None, hub.resolve_model(base)
-        if local is not None and local.is_gguf:
+            found, path = None, resolve_model(base)
+        if found is not None and found.is_gguf:
             quant = None  # the file is the quantization
         elif quant not in (None, "int4", "int8"):  # GGUF quant tags name files in Ollama's store
-            raise hub.ModelNotFound(f"{name!r} names a GGUF quantization ({quant}) that is not in Ollama's store "
-                                    f"({store.ollama_dir()}); run {base!r}, or {base + '-int4'!r} / "
+            raise names.ModelNotFound(f"{name!r} names a GGUF quantization ({quant}) that is not in Ollama's store "
+                                    f"({local.ollama_dir()}); run {base!r}, or {base + '-int4'!r} / "
                                     f"{base + '-int8'!r} (quantized while loading)")
     return Target(f"{Path(path).resolve()}|{quant or ''}", name, Path(path), quant,
                   estimate_bytes(Path(path), quant or options.get("quantization"), str(options.get("dtype") or "auto")))
@@ -112,12 +113,12 @@ def estimate_bytes(path: Path, quant: str | None, dtype: str) -> int:
     """Memory the text model will take: its parameters at the dtype (or quantization) asked, plus ~10%
     and 64 MB for the engine's buffers. Unknown layouts (GGUF) count their size on disk."""
     try:
-        counts = store.parameter_counts(path / "config.json")
+        counts = local.parameter_counts(path / "config.json")
         per = _BYTES.get((quant or "").split(":")[0].lower()) or _BYTES.get(dtype.lower(), 2.0)  # int4:GROUP
         return int(counts["text"] * per * 1.1) + (64 << 20)
     except Exception:  # no config (a GGUF file), or one we cannot read
         try:
-            return int((path.stat().st_size if path.is_file() else store._folder_size(path)) * 1.1)
+            return int((path.stat().st_size if path.is_file() else local.folder_size(path)) * 1.1)
         except OSError:
             return 0
 
@@ -154,7 +155,7 @@ def load_llm(target: Target, options: dict[str, Any]) -> Any:
     except TypeError as e:  # a build whose LLM takes no `quantization` yet
         if "quantization" not in str(e):
             raise
-        raise hub.ModelNotFound(f"quantization {kwargs['quantization']!r} is not supported by this build: "
+        raise names.ModelNotFound(f"quantization {kwargs['quantization']!r} is not supported by this build: "
                                 "use the full-precision name") from None
 
 

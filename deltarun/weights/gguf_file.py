@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .loader import LoadError
+from .common import LoadError
 
 MAGIC = b"GGUF"
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}

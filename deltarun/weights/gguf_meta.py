@@ -7,7 +7,7 @@ converter, which writes per-layer `head_count_kv` and `mrope_sections`), `tokeni
 `tokenizer.ggml.tokens/token_type/merges`, the chat template, and `gguf.json` naming the GGUF file.
 No weights are copied: `weights/gguf.py` reads them from the file itself. The vision tower is not in
 a GGUF (llama.cpp ships it as a separate mmproj file), so the config has no `vision_config`; MTP
-(`nextn`) layers are not declared either. Also here: finding a GGUF in Ollama's store by name.
+(`nextn`) layers are not declared either.
 """
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from ..paths import cache_dir
 from .gguf_file import GGUFFile
-from .loader import LoadError
+from .common import LoadError
 
 ARCH = "qwen35"
 MARKER = "gguf.json"
@@ -163,10 +164,17 @@ def tokenizer_config(reader, tokens: list[str] | None) -> dict:
     return out
 
 
+def is_gguf(path: Path) -> bool:
+    """Whether `path` is a GGUF file (its magic bytes)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 # ------------------------------------------------------------------------------------------ sidecar
 def sidecar_dir(path: Path) -> Path:
-    from .hub import cache_dir
-
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{SIDECAR_FORMAT}".encode()).hexdigest()
     return cache_dir() / "gguf" / f"{path.stem[:48]}-{key[:16]}"
@@ -220,14 +228,3 @@ def gguf_of(folder: Path) -> Path | None:
     if path.stat().st_size != info["size"]:
         raise LoadError(f"{path} changed since {folder} was made from it; load the .gguf file again")
     return path
-
-
-def ollama_gguf(name: str) -> Path | None:
-    """The GGUF blob of Ollama store model `name` (`qwen3.5:0.8b`, `qwen3.5` = `:latest`), else None."""
-    from .store import is_gguf, ollama_models
-
-    wanted = name.lower() if ":" in name else f"{name.lower()}:latest"
-    for m in ollama_models():
-        if m.name.lower() == wanted and is_gguf(m.path):
-            return m.path
-    return None

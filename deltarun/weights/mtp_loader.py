@@ -14,7 +14,7 @@ from safetensors import safe_open
 from ..config import ConfigError, ModelConfig
 from ..model.mtp import MTPHead
 from ..ops import gemv
-from .loader import FP32_PARAMS, LoadError, adopt_tensors, resolve_device, resolve_dtype, weight_files
+from .common import FP32_PARAMS, LoadError, adopt_tensors, resolve_device, resolve_dtype, weight_files
 
 PREFIX = "mtp."
 

@@ -125,7 +125,7 @@ def save_quantized(src: Path, out: Path, spec: QuantSpec) -> dict[str, int]:
     """Write a quantized copy of model folder `src` to `out` (streaming one tensor at a time).
 
     Returns byte counts {"before": …, "after": …} of the weights."""
-    from .loader import weight_files
+    from .common import weight_files
 
     src, out = Path(src), Path(out)
     raw = json.loads((src / "config.json").read_text())

@@ -12,7 +12,7 @@ import torch
 
 from ..config import ConfigError, ModelConfig
 from ..model.vision import VisionConfig, VisionModel
-from .loader import LoadError, adopt_tensors, resolve_device, resolve_dtype
+from .common import LoadError, adopt_tensors, resolve_device, resolve_dtype
 
 PREFIX = "model.visual."
 

@@ -19,8 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..weights import hub
-from .app import APIError
+from ..store import names
+from .errors import APIError
 from .targets import (FOREVER, Target, free_memory_for, gb, load_llm, parse_keep_alive, resolve_target,
                       unload_llm, weight_bytes)
 
@@ -127,7 +127,7 @@ class ModelManager:
             return named[0]
         try:
             return await asyncio.to_thread(resolve_target, name, self.engine_options)
-        except hub.ModelNotFound as e:
+        except names.ModelNotFound as e:
             raise APIError(404, str(e), param="model", code="model_not_found") from None
 
     def entries(self) -> list[Loaded]:
@@ -179,11 +179,11 @@ class ModelManager:
 
     async def unload_path(self, path) -> None:
         """Unload every idle model loaded from inside `path` (before deleting it); 409 when one is busy."""
-        from ..weights.store import _inside
+        from ..store.local import is_inside
 
         for entry in list(self.loaded.values()):
             served = entry.llm.path
-            if _inside(served, path) or _inside(path, served):
+            if is_inside(served, path) or is_inside(path, served):
                 if entry.in_flight or self._wanted.get(entry.key):
                     raise APIError(409, f"{entry.name} is answering requests; delete it once they end")
                 await self._unload(entry)

@@ -12,6 +12,8 @@ import sys
 
 from rich.console import Console
 
+from .options import load_llm, media_part, sampling_params
+
 HELP = """commands:
   /think on|off    thinking (reasoning before the answer) on or off
   /system TEXT     set the system prompt (empty: remove it); clears the conversation
@@ -48,8 +50,6 @@ def read_message(console: Console) -> str | None:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from .cli import load_llm, media_part, sampling_params
-
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:

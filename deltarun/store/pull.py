@@ -13,34 +13,34 @@ import re
 import threading
 from pathlib import Path
 
-from . import hub
+from . import names
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 SHA1 = re.compile(r"^[0-9a-f]{40}$")
 
 
-class CorruptDownload(hub.ModelNotFound):
+class CorruptDownload(names.ModelNotFound):
     """A file still does not match its checksum after being fetched again."""
 
 
 def resolve_repo(name: str) -> str:
     """The Hugging Face repo that `name` stands for, or ModelNotFound with a one-line reason."""
-    base, quant = hub.split_quant(name)
-    repo = hub.repo_for(name)
+    base, quant = names.split_quant(name)
+    repo = names.repo_for(name)
     if repo is None:
         if Path(name).expanduser().exists():
-            raise hub.ModelNotFound(f"{name} is a local path: nothing to pull, use it directly")
-        if name == hub.DEMO:
-            raise hub.ModelNotFound("'demo' is made locally, not downloaded: run `deltarun chat demo`")
-        raise hub.ModelNotFound(hub.unknown_name_message(name))
+            raise names.ModelNotFound(f"{name} is a local path: nothing to pull, use it directly")
+        if name == names.DEMO:
+            raise names.ModelNotFound("'demo' is made locally, not downloaded: run `deltarun chat demo`")
+        raise names.ModelNotFound(names.unknown_name_message(name))
     if quant and quant not in ("int4", "int8"):  # int4/int8 are made while loading, from the full model
-        raise hub.ModelNotFound(f"{name!r} names a GGUF file ({quant}); deltarun pulls safetensors from the "
+        raise names.ModelNotFound(f"{name!r} names a GGUF file ({quant}); deltarun pulls safetensors from the "
                                 f"Hugging Face hub: `deltarun pull {base}` (run it as {base}-int4 or -int8 "
                                 f"to quantize while loading), or `ollama pull {name}` into Ollama's store")
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
-        from .store import hf_cache_dir
+        from .local import hf_cache_dir
 
-        raise hub.ModelNotFound(f"pulling {repo} needs the network, but HF_HUB_OFFLINE is set; "
+        raise names.ModelNotFound(f"pulling {repo} needs the network, but HF_HUB_OFFLINE is set; "
                                 f"unset it, or copy the cache folder models--{repo.replace('/', '--')} "
                                 f"into {hf_cache_dir()}")
     return repo
@@ -78,10 +78,10 @@ def pull(repo: str, revision: str | None = None, tqdm_class=None) -> Path:
     """Download `repo` (resuming, skipping what is cached), verify every file, re-fetch corrupt ones once."""
     from huggingface_hub import snapshot_download
 
-    from .store import hf_cache_dir
+    from .local import hf_cache_dir
 
     def fetch() -> Path:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=hub.WEIGHT_PATTERNS,
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=names.WEIGHT_PATTERNS,
                                       cache_dir=hf_cache_dir(), tqdm_class=tqdm_class))
 
     path = fetch()
@@ -100,14 +100,14 @@ def pull_error(repo: str, revision: str | None, e: Exception, endpoint: str) -> 
     from huggingface_hub import errors
 
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    if isinstance(e, hub.ModelNotFound):
+    if isinstance(e, names.ModelNotFound):
         return str(e)
     if isinstance(e, errors.RevisionNotFoundError):
         return f"{repo} has no revision {revision!r} on {endpoint}"
     if isinstance(e, errors.GatedRepoError):
         return f"{repo} is gated: accept its license on {endpoint}/{repo} and log in (`hf auth login`)"
     if isinstance(e, errors.RepositoryNotFoundError):
-        close = hub.closest_names(repo)
+        close = names.closest_names(repo)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         return f"{repo} was not found on {endpoint}{hint}"
     if "no space left" in str(e).lower() or "not enough free disk space" in str(e).lower():

@@ -1,4 +1,4 @@
-"""Model management commands: `deltarun list | show | pull | rm | ps` (logic in `weights.store`; `ps` asks a
+"""Model management commands: `deltarun list | show | pull | rm | ps` (logic in `store.local`; `ps` asks a
 running server). Names made with `/api/copy` are listed as copies, and `rm` of such a name removes only it."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .weights.pull import ProgressBars
+from ..store.pull import ProgressBars
 
 COMMANDS = ("list", "show", "pull", "rm", "ps")
 
@@ -40,7 +40,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
     """GET /api/ps of a running server; one line when none answers."""
     import httpx
 
-    from .weights import hub, store
+    from ..store import local, names
 
     url = f"http://{args.host}:{args.port}"
     try:
@@ -48,7 +48,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
         r.raise_for_status()
         models = r.json().get("models") or []
     except (httpx.HTTPError, ValueError) as e:
-        raise hub.ModelNotFound(f"no deltarun server answering at {url} ({type(e).__name__}); "
+        raise names.ModelNotFound(f"no deltarun server answering at {url} ({type(e).__name__}); "
                                 f"start one with `deltarun serve MODEL`") from None
     if not models:
         print(f"no models loaded in the server at {url}")
@@ -61,7 +61,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
     for m in models:
         size, vram = int(m.get("size") or 0), int(m.get("size_vram") or 0)
         proc = "100% GPU" if size and vram >= size else f"{vram * 100 // size}% GPU" if vram else "100% CPU"
-        table.add_row(m.get("name", "?"), store.human_size(size), proc, str(m.get("context_length", "")),
+        table.add_row(m.get("name", "?"), local.human_size(size), proc, str(m.get("context_length", "")),
                       _until(str(m.get("expires_at", ""))))
     _console().print(table)
     return 0
@@ -97,13 +97,13 @@ def _console(stderr: bool = False):
 def cmd_list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from .weights import store
+    from ..store import local
 
-    models = store.list_models()
+    models = local.list_models()
     console = _console()
     if not models:
         console.print("no Qwen3.5 models found locally "
-                      f"(looked in {store.hf_cache_dir()}, {store.ollama_dir()} and the deltarun folder); "
+                      f"(looked in {local.hf_cache_dir()}, {local.ollama_dir()} and the deltarun folder); "
                       "try `deltarun pull qwen3.5:0.8b` or `deltarun chat demo`", soft_wrap=True)
         return 0
     table = Table(box=None, header_style="bold", pad_edge=False)
@@ -111,9 +111,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         table.add_column(col, no_wrap=col != "PATH", justify="right" if col == "SIZE" else "left")
     for m in models:
         where = m.where + (" (GGUF)" if m.is_gguf else "")
-        table.add_row(m.name, store.human_size(m.size), m.quant, where, str(m.path))
-    for m in store.alias_models():  # names made with /api/copy (`ollama cp`)
-        table.add_row(m.name, store.human_size(m.size), m.quant, f"copy of {m.extra['alias_of']}", str(m.path))
+        table.add_row(m.name, local.human_size(m.size), m.quant, where, str(m.path))
+    for m in local.alias_models():  # names made with /api/copy (`ollama cp`)
+        table.add_row(m.name, local.human_size(m.size), m.quant, f"copy of {m.extra['alias_of']}", str(m.path))
     console.print(table)
     return 0
 
@@ -121,9 +121,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from .weights import store
+    from ..store import local
 
-    info = store.describe(store.find_local(args.model))
+    info = local.describe(local.find_local(args.model))
     table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
@@ -156,15 +156,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
-    from .weights import hub, store
-    from .weights.pull import pull, pull_error, resolve_repo
+    from ..store import local, names
+    from ..store.pull import pull, pull_error, resolve_repo
 
     repo = resolve_repo(args.model)
     from huggingface_hub.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # its retry warnings would break the one-line error; it retries anyway
     err = _console(stderr=True)
-    print(f"pulling {repo}{f' @ {args.revision}' if args.revision else ''} into {store.hf_cache_dir()}", flush=True)
+    print(f"pulling {repo}{f' @ {args.revision}' if args.revision else ''} into {local.hf_cache_dir()}", flush=True)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                         TimeRemainingColumn(), console=err, transient=True)
     _RichBars.progress = progress
@@ -172,31 +172,31 @@ def cmd_pull(args: argparse.Namespace) -> int:
         with progress:
             path = pull(repo, args.revision, tqdm_class=_RichBars)
     except Exception as e:  # huggingface_hub / httpx raise many types
-        raise hub.ModelNotFound(pull_error(repo, args.revision, e, constants.ENDPOINT)) from None
+        raise names.ModelNotFound(pull_error(repo, args.revision, e, constants.ENDPOINT)) from None
     finally:
         _RichBars.progress = None
     size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-    print(f"pulled {repo} ({store.human_size(size)}, checksums verified) to {path}")
-    alias = hub.alias_for(repo)
+    print(f"pulled {repo} ({local.human_size(size)}, checksums verified) to {path}")
+    alias = names.alias_for(repo)
     print(f"run it: deltarun chat {alias or repo}")
     return 0
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from .weights import hub, store
+    from ..store import local, names
 
-    table = store.aliases()
+    table = local.aliases()
     copied = next((n for n in (args.model, f"{args.model}:latest") if n in table), None)
     if copied:  # a name made with /api/copy: only the name goes, as `ollama rm` does
-        store.remove_alias(copied)
+        local.remove_alias(copied)
         print(f"deleted the name {copied} ({table[copied]} stays)")
         return 0
-    model = store.find_local(args.model)
-    refusal = store.deletion_refusal(model)
+    model = local.find_local(args.model)
+    refusal = local.deletion_refusal(model)
     if refusal and not args.force:
-        raise hub.ModelNotFound(f"not deleting: {refusal}")
+        raise names.ModelNotFound(f"not deleting: {refusal}")
     if not args.yes:
-        prompt = f"delete {model.name} ({store.human_size(model.size)}, {model.where}: {model.path})? [y/N] "
+        prompt = f"delete {model.name} ({local.human_size(model.size)}, {model.where}: {model.path})? [y/N] "
         try:
             answer = input(prompt)
         except EOFError:
@@ -204,8 +204,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("not deleted", file=sys.stderr)
             return 1
-    freed = store.delete(model)
-    gone = store.forget_aliases_of(model)
-    print(f"deleted {model.name} ({store.human_size(freed)} freed)"
+    freed = local.delete(model)
+    gone = local.forget_aliases_of(model)
+    print(f"deleted {model.name} ({local.human_size(freed)} freed)"
           + (f"; also the names {', '.join(gone)}" if gone else ""))
     return 0

@@ -13,7 +13,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import hub
+from ..weights.gguf_meta import is_gguf
+from . import names
 
 QWEN_TYPES = ("qwen3_5", "qwen3_5_text")
 OLLAMA_LIBRARY = ("manifests", "registry.ollama.ai", "library")
@@ -59,7 +60,7 @@ def human_size(n: int | float) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -103,11 +104,11 @@ def weights_dtype(folder: Path, cfg: dict) -> str:
 
 
 def is_qwen35_folder(path: Path) -> dict | None:
-    cfg = _read_json(path / "config.json")
+    cfg = read_json(path / "config.json")
     return cfg if cfg and cfg.get("model_type") in QWEN_TYPES else None
 
 
-def _folder_size(path: Path) -> int:
+def folder_size(path: Path) -> int:
     total = 0
     for p in path.rglob("*"):
         try:
@@ -140,7 +141,7 @@ def hf_models() -> list[LocalModel]:
         cfg = is_qwen35_folder(Path(rev.snapshot_path))
         if cfg is None:
             continue
-        out.append(LocalModel(name=hub.alias_for(repo.repo_id) or repo.repo_id, source="hf",
+        out.append(LocalModel(name=names.alias_for(repo.repo_id) or repo.repo_id, source="hf",
                               path=Path(rev.snapshot_path), size=repo.size_on_disk, quant=weights_dtype(Path(rev.snapshot_path), cfg),
                               repo_id=repo.repo_id, extra={"revision": rev.commit_hash, "repo_path": repo.repo_path}))
     return out
@@ -148,10 +149,10 @@ def hf_models() -> list[LocalModel]:
 
 def _ollama_quant(root: Path, manifest: dict, tag: str) -> str:
     cfg_digest = (manifest.get("config") or {}).get("digest", "")
-    cfg = _read_json(root / "blobs" / cfg_digest.replace(":", "-")) if cfg_digest else None
+    cfg = read_json(root / "blobs" / cfg_digest.replace(":", "-")) if cfg_digest else None
     if cfg and cfg.get("file_type"):
         return str(cfg["file_type"])
-    _, quant = hub.split_quant(f"x:{tag}")
+    _, quant = names.split_quant(f"x:{tag}")
     return quant.upper() if quant else "gguf"
 
 
@@ -166,7 +167,7 @@ def ollama_models() -> list[LocalModel]:
         if not model_dir.name.lower().startswith("qwen3.5") or not model_dir.is_dir():
             continue
         for tag_file in sorted(model_dir.iterdir()):
-            manifest = _read_json(tag_file) if tag_file.is_file() else None
+            manifest = read_json(tag_file) if tag_file.is_file() else None
             if not manifest:
                 continue
             layer = next((x for x in manifest.get("layers") or [] if x.get("mediaType") == OLLAMA_MODEL_MEDIA), None)
@@ -183,7 +184,7 @@ def ollama_models() -> list[LocalModel]:
 
 def deltarun_models() -> list[LocalModel]:
     """Checkpoints in deltarun's own folder (the demo, conversions)."""
-    root = hub.cache_dir()
+    root = names.cache_dir()
     if not root.is_dir():
         return []
     out = []
@@ -191,21 +192,13 @@ def deltarun_models() -> list[LocalModel]:
         cfg = is_qwen35_folder(d) if d.is_dir() and not d.name.startswith(".") else None
         if cfg is None:
             continue
-        name = hub.DEMO if hub.is_demo(d) else d.name
-        out.append(LocalModel(name=name, source="deltarun", path=d, size=_folder_size(d), quant=weights_dtype(d, cfg)))
+        name = names.DEMO if names.is_demo(d) else d.name
+        out.append(LocalModel(name=name, source="deltarun", path=d, size=folder_size(d), quant=weights_dtype(d, cfg)))
     return out
 
 
 def list_models() -> list[LocalModel]:
     return hf_models() + ollama_models() + deltarun_models()
-
-
-def is_gguf(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
 
 
 # ------------------------------------------------------------------------------------------ look-ups
@@ -215,12 +208,12 @@ ALIASES_FILE = "aliases.json"
 
 def aliases() -> dict[str, str]:
     """Names made with `/api/copy` (new name → the name or path it stands for), in deltarun's folder."""
-    data = _read_json(hub.cache_dir() / ALIASES_FILE) or {}
+    data = read_json(names.cache_dir() / ALIASES_FILE) or {}
     return {str(k): str(v) for k, v in data.items()}
 
 
 def _write_aliases(table: dict[str, str]) -> None:
-    path = hub.cache_dir() / ALIASES_FILE
+    path = names.cache_dir() / ALIASES_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(table, indent=2, sort_keys=True), encoding="utf-8")
@@ -234,7 +227,7 @@ def add_alias(source: str, destination: str) -> LocalModel:
     model = find_local(source)
     table = aliases()
     target = table.get(source, str(model.path) if model.source == "folder" else model.name)
-    if hub.split_quant(source)[1] and not model.is_gguf and source not in table:
+    if names.split_quant(source)[1] and not model.is_gguf and source not in table:
         target = source  # keep the quantization tag: the copy runs quantized too
     if target == destination:
         raise ValueError(f"{destination!r} is the model itself")
@@ -250,7 +243,7 @@ def alias_models() -> list[LocalModel]:
     for name in sorted(aliases()):
         try:
             out.append(find_local(name))
-        except hub.ModelNotFound:
+        except names.ModelNotFound:
             continue
     return out
 
@@ -259,7 +252,7 @@ def forget_aliases_of(model: LocalModel) -> list[str]:
     """Remove the copied names that point at `model` (after deleting it); returns them."""
     table = aliases()
     targets = {t for t in (model.name, model.repo_id, str(model.path)) if t}
-    gone = [k for k, v in table.items() if v in targets or hub.split_quant(v)[0] in targets]
+    gone = [k for k, v in table.items() if v in targets or names.split_quant(v)[0] in targets]
     if gone:
         _write_aliases({k: v for k, v in table.items() if k not in gone})
     return gone
@@ -289,39 +282,39 @@ def find_local(name: str, _depth: int = 0) -> LocalModel:
         if path.is_file():
             if is_gguf(path):
                 return LocalModel(name=path.name, source="folder", path=path, size=path.stat().st_size, quant="gguf")
-            raise hub.ModelNotFound(f"{path} is a file, not a model folder or a GGUF file")
-        cfg = _read_json(path / "config.json")
+            raise names.ModelNotFound(f"{path} is a file, not a model folder or a GGUF file")
+        cfg = read_json(path / "config.json")
         if cfg is None:
-            raise hub.ModelNotFound(f"{path} has no config.json: not a model folder")
+            raise names.ModelNotFound(f"{path} has no config.json: not a model folder")
         for m in deltarun_models():
             if m.path.resolve() == path.resolve():
                 return m
-        return LocalModel(name=path.name, source="folder", path=path, size=_folder_size(path),
+        return LocalModel(name=path.name, source="folder", path=path, size=folder_size(path),
                           quant=weights_dtype(path, cfg))
     everything = list_models()
     lowered = text.lower()
     for m in everything:  # exact names first: ollama's qwen3.5:9b-q4_K_M, deltarun's demo
         if m.name.lower() == lowered or (m.repo_id and m.repo_id.lower() == lowered):
             return m
-    repo = hub.repo_for(text)
+    repo = names.repo_for(text)
     if repo is not None:
         for m in everything:
             if m.repo_id and m.repo_id.lower() == repo.lower():
                 return m
-        base, quant = hub.split_quant(text)
+        base, quant = names.split_quant(text)
         note = ("" if quant in (None, "int4", "int8") else  # int4/int8: quantized from it while loading
                 f" and no GGUF {quant!r} file for it is in Ollama's store ({ollama_dir()})")
-        raise hub.ModelNotFound(f"{text!r} ({repo}) is not downloaded{note}; run `deltarun pull {base}`")
-    if text == hub.DEMO:
-        raise hub.ModelNotFound("the demo checkpoint is not made yet; `deltarun chat demo` makes it")
-    raise hub.ModelNotFound(hub.unknown_name_message(text, [m.name for m in everything]))
+        raise names.ModelNotFound(f"{text!r} ({repo}) is not downloaded{note}; run `deltarun pull {base}`")
+    if text == names.DEMO:
+        raise names.ModelNotFound("the demo checkpoint is not made yet; `deltarun chat demo` makes it")
+    raise names.ModelNotFound(names.unknown_name_message(text, [m.name for m in everything]))
 
 
 # -------------------------------------------------------------------------------------------- details
 
 def parameter_counts(cfg_path: Path) -> dict[str, int]:
     from ..config import ModelConfig
-    from .random_init import tensor_shapes
+    from ..weights.random_init import tensor_shapes
 
     counts = {"total": 0, "text": 0, "vision": 0, "mtp": 0, "embedding": 0}
     for name, shape in tensor_shapes(ModelConfig.from_file(cfg_path)).items():
@@ -340,7 +333,7 @@ def chat_template(folder: Path) -> str | None:
     f = folder / "chat_template.jinja"
     if f.is_file():
         return f.read_text(encoding="utf-8", errors="replace")
-    tc = _read_json(folder / "tokenizer_config.json") or {}
+    tc = read_json(folder / "tokenizer_config.json") or {}
     t = tc.get("chat_template")
     if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
         t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
@@ -375,7 +368,7 @@ def describe(model: LocalModel) -> dict:
         info["quantization"] = model.quant
         info["runs"] = "in place, read-only (weights read from the GGUF file)"
         return info
-    cfg = _read_json(model.path / "config.json") or {}
+    cfg = read_json(model.path / "config.json") or {}
     text = cfg.get("text_config", cfg)
     info["architecture"] = ", ".join(cfg.get("architectures") or []) + f" ({cfg.get('model_type')})"
     try:
@@ -407,7 +400,7 @@ def describe(model: LocalModel) -> dict:
         info["chat template"] = "\n".join(lines[:6]) + (f"\n… ({len(lines)} lines)" if len(lines) > 6 else "")
     else:
         info["chat template"] = "none"
-    if hub.is_demo(model.path):
+    if names.is_demo(model.path):
         info["note"] = "RANDOM WEIGHTS (the demo): output is noise"
     return info
 
@@ -421,7 +414,7 @@ def _count(n: int) -> str:
 
 # ----------------------------------------------------------------------------------------- deletion
 
-def _inside(path: Path, root: Path) -> bool:
+def is_inside(path: Path, root: Path) -> bool:
     try:
         path.resolve().relative_to(root.resolve())
         return True
@@ -433,9 +426,9 @@ def deletion_refusal(model: LocalModel) -> str | None:
     """Why `rm` needs --force for this model, or None when deltarun may delete it."""
     if model.source == "ollama":
         return f"{model.name} belongs to Ollama's store ({ollama_dir()}); use `ollama rm` (or --force)"
-    if model.source == "hf" and _inside(model.path, hf_cache_dir()):
+    if model.source == "hf" and is_inside(model.path, hf_cache_dir()):
         return None
-    if model.source == "deltarun" and _inside(model.path, hub.cache_dir()):
+    if model.source == "deltarun" and is_inside(model.path, names.cache_dir()):
         return None
     return f"{model.path} is outside the caches deltarun manages; refusing without --force"
 
@@ -474,3 +467,12 @@ def delete(model: LocalModel) -> int:
     else:
         shutil.rmtree(model.path)
     return model.size
+
+
+def ollama_gguf(name: str) -> Path | None:
+    """The GGUF blob of Ollama store model `name` (`qwen3.5:0.8b`, `qwen3.5` = `:latest`), else None."""
+    wanted = name.lower() if ":" in name else f"{name.lower()}:latest"
+    for m in ollama_models():
+        if m.name.lower() == wanted and is_gguf(m.path):
+            return m.path
+    return None

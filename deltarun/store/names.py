@@ -7,11 +7,12 @@ to put it, and how to try the offline demo.
 from __future__ import annotations
 
 import difflib
-import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+
+from ..paths import cache_dir
 
 ALIASES = {f"qwen3.5:{size}": f"Qwen/Qwen3.5-{size.upper()}" for size in ("0.8b", "2b", "4b", "9b")}
 ALIASES.update({f"{k}-base": f"{v}-Base" for k, v in list(ALIASES.items())})
@@ -74,16 +75,12 @@ def unknown_name_message(text: str, extra: list[str] | tuple[str, ...] = ()) -> 
             f"(try one of {known}, an org/repo id, a folder, or 'demo')")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("DELTARUN_HOME", Path.home() / ".cache" / "deltarun"))
-
-
 def demo_path() -> Path:
     """The `demo` checkpoint: random weights in the 0.8B layout, made on first use."""
     path = cache_dir() / "demo-qwen3.5-0.8b-random"
     if (path / "model.safetensors.index.json").exists() and (path / "tokenizer.json").exists():
         return path
-    from .random_init import write_random_checkpoint
+    from ..weights.random_init import write_random_checkpoint
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=path.parent))
@@ -102,60 +99,3 @@ def demo_path() -> Path:
 
 def is_demo(path: Path) -> bool:
     return Path(path).resolve() == (cache_dir() / "demo-qwen3.5-0.8b-random").resolve()
-
-
-def resolve_model(name: str | os.PathLike, *, download: bool = True) -> Path:
-    """A local folder holding config.json and weights for `name`."""
-    text = str(name)
-    path = Path(text).expanduser()
-    if path.exists():
-        if path.is_dir():
-            return path
-        from .gguf_meta import sidecar_for
-        from .store import is_gguf
-
-        if is_gguf(path):
-            return sidecar_for(path)  # a small folder (config, tokenizer) beside the GGUF's own weights
-        raise ModelNotFound(f"{path} is a file, not a model folder or a GGUF file")
-    if text == DEMO:
-        return demo_path()
-    base, quant = split_quant(text)
-    repo = repo_for(text)
-    if (repo is None or (quant and quant not in ("int4", "int8"))) and (found := _ollama(text)):
-        return found  # qwen3.5:latest, qwen3.5:9b-q4_K_M…: GGUF files in Ollama's store
-    if repo is None:
-        raise ModelNotFound(unknown_name_message(text))
-    if quant and quant not in ("int4", "int8"):  # int4/int8: quantized while loading (LLM reads the tag)
-        raise ModelNotFound(f"quantization tag {quant!r} in {text!r} names a GGUF file, and none is in "
-                            f"Ollama's store: run {base!r} or {base + '-int4'!r} (quantized while loading)")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo, local_files_only=True, allow_patterns=WEIGHT_PATTERNS))
-    except Exception:  # not in the cache (huggingface_hub raises several types)
-        pass
-    if found := _ollama(text):  # not in the HF cache, but Ollama has it: no download needed
-        return found
-    if download and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
-        try:
-            return Path(snapshot_download(repo, allow_patterns=WEIGHT_PATTERNS))
-        except Exception as e:  # no network, unknown repo, …
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        else:  # pragma: no cover - unreachable
-            reason = ""
-    else:
-        reason = "offline mode"
-    raise ModelNotFound(
-        f"{repo} is not in the local Hugging Face cache and could not be downloaded ({reason}). "
-        f"On a machine with internet run `huggingface-cli download {repo}` and copy the cache "
-        f"(~/.cache/huggingface/hub/models--{repo.replace('/', '--')}) here, or pass a local model folder. "
-        f"To try deltarun offline now: `deltarun chat demo` (random weights)."
-    )
-
-
-def _ollama(name: str) -> Path | None:
-    """The GGUF sidecar of Ollama store model `name` (read-only in the store), else None."""
-    from .gguf_meta import ollama_gguf, sidecar_for
-
-    blob = ollama_gguf(name)
-    return sidecar_for(blob) if blob is not None else None

@@ -27,8 +27,8 @@ def add_tool_commands(sub) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .weights.hub import resolve_model
-    from .weights.quantize import QuantSpec, save_quantized
+    from ..store.resolve import resolve_model
+    from ..weights.quantize import QuantSpec, save_quantized
 
     src = resolve_model(args.model)
     spec = QuantSpec(args.bits, args.group_size)
@@ -44,9 +44,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
-    from .weights.hub import resolve_model
-    from .weights.quantize import QuantSpec
+    from .. import bench
+    from ..store.resolve import resolve_model
+    from ..weights.quantize import QuantSpec
 
     folder = str(resolve_model(args.model))
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]

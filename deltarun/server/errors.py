@@ -1,0 +1,42 @@
+"""The server's errors: `APIError` (raised by routes) and the error body of the API that was called
+(OpenAI: `{"error": {"message", "type", "param", "code"}}`, Ollama: `{"error": "message"}`)."""
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from .metrics import METRICS
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def _is_ollama(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
+def error_response(request: Request, status: int, message: str, param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    METRICS.error()
+    if _is_ollama(request):
+        return JSONResponse({"error": message}, status_code=status)
+    kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status)
+
+
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errs = exc.errors()
+    if not errs:
+        return "invalid request", None
+    e = errs[0]
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    if e.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    where = ".".join(loc)
+    return (f"{where}: {e.get('msg')}" if where else str(e.get("msg"))), (where or None)

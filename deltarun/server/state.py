@@ -1,0 +1,47 @@
+"""What every route shares: `ServerState` (the models, the server's defaults) and `LeaseMiddleware`, which
+holds a request's models until its response has been sent."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+
+from ..async_llm import AsyncLLM
+
+if TYPE_CHECKING:
+    from .model_manager import ModelManager
+
+
+@dataclass
+class ServerState:
+    models: "ModelManager"
+    default_thinking: bool | None = None  # None: the chat template's own default
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    async def use(self, request: Request, name: str, keep_alive: Any = None) -> AsyncLLM:
+        """The model `name` for this request: loaded on first use, held until the response is sent."""
+        start = time.perf_counter_ns()
+        entry = await self.models.acquire(name, keep_alive)
+        request.scope["deltarun.leases"].append(entry)  # LeaseMiddleware releases it
+        request.scope["deltarun.load_ns"] = time.perf_counter_ns() - start  # Ollama's load_duration
+        return entry.llm
+
+
+class LeaseMiddleware:
+    """Releases the models a request used once its response is entirely sent (streams included)."""
+
+    def __init__(self, app, manager: "ModelManager"):
+        self.app, self.manager = app, manager
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        leases: list = []
+        scope["deltarun.leases"] = leases
+        try:
+            await self.app(scope, receive, send)
+        finally:  # synchronous: runs even when the request task is being cancelled
+            for entry in leases:
+                self.manager.release(entry)

@@ -1,0 +1,101 @@
+"""What every weights/ reader shares: `LoadError`, dtype/device resolution, a folder's safetensors files, and
+adopting checkpoint tensors into a meta-built module. loader.py re-exports these names."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+FP32_PARAMS = ("A_log", "in_proj_a.weight", "in_proj_b.weight")  # tiny, and they set every decay
+
+
+class LoadError(RuntimeError):
+    """A model folder that cannot be loaded; the message names the file or tensor at fault."""
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype in (None, "auto"):
+        return torch.bfloat16
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(names)}")
+    return names[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA device is available (try --device cpu)")
+    return dev
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder, from the index when there is one."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise LoadError(f"{index} is not a valid safetensors index: {e}") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.exists():
+                raise LoadError(f"{index.name} lists {f.name}, which is missing from {folder}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"no *.safetensors weights in {folder}")
+    return files
+
+
+def adopt_tensors(folder: Path, model: torch.nn.Module, params: dict[str, torch.Tensor],
+                  name_of, dtype_of, device: torch.device, prefix: str = "", convert=None) -> None:
+    """Replace each parameter/buffer of a meta-built `model` by its checkpoint tensor (cast to
+    `dtype_of(name)`, None = keep the stored dtype).
+
+    `name_of(key)` maps a checkpoint key to a parameter name, or None to skip the tensor;
+    `convert(name, tensor)` may consume a tensor itself (returns True). Unexpected, wrongly-shaped or
+    missing tensors raise LoadError naming the tensor (missing ones as `prefix + name`).
+    """
+    loaded: set[str] = set()
+    for path in weight_files(folder):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    name = name_of(key)
+                    if name is None:
+                        continue
+                    if name not in params:
+                        raise LoadError(f"{path.name}: unexpected tensor {key} (not part of a Qwen3.5 model)")
+                    tensor = f.get_tensor(key)
+                    if tuple(tensor.shape) != tuple(params[name].shape):
+                        raise LoadError(f"{path.name}: tensor {key} has shape {list(tensor.shape)}, "
+                                        f"expected {list(params[name].shape)}")
+                    loaded.add(name)
+                    if convert is not None and convert(name, tensor):
+                        continue
+                    module_name, _, attr = name.rpartition(".")
+                    module = model.get_submodule(module_name)
+                    tensor = tensor.to(device=device, dtype=dtype_of(name) or tensor.dtype)
+                    if attr in module._buffers:
+                        module._buffers[attr] = tensor
+                    else:
+                        setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=False))
+        except SafetensorError as e:
+            raise LoadError(f"{path} is not a valid safetensors file (truncated or corrupt?): {e}") from None
+        except OSError as e:
+            raise LoadError(f"cannot read {path}: {e}") from None
+    missing = [n for n in params if n not in loaded]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise LoadError(f"tensor {prefix}{missing[0]} is missing from the checkpoint in {folder}{more}")

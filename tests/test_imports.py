@@ -1,0 +1,98 @@
+"""Import rules, read from the source (every import statement, function bodies included): the packages
+re-seated so far have no import circles, weights/ (file formats) imports nothing from store/, and the server
+and CLI use only public names of store/. (More rules join as the architecture work re-seats packages.)"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "deltarun"
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """deltarun module → the deltarun modules it imports anywhere in its file (names resolved to modules)."""
+    modules = {_module(p): p for p in ROOT.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    pkg = package.split(".")
+                    pkg = pkg[:len(pkg) - node.level + 1]
+                    base = ".".join(pkg + ([base] if base else []))
+                subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in modules]
+                targets = subs + ([base] if len(subs) < len(node.names) else [])  # names from base itself
+            else:
+                continue
+            deps |= {t for t in targets if t in modules and t != name}
+        graph[name] = deps
+    return graph
+
+
+def cycles_within(graph: dict[str, set[str]], prefixes: tuple[str, ...]) -> list[list[str]]:
+    """Circles among the modules under `prefixes` (a package's __init__ re-exporting is an edge too)."""
+    nodes = {n for n in graph if n.startswith(prefixes)}
+    found, state = [], {}
+
+    def visit(n: str, stack: list[str]) -> None:
+        state[n] = 1
+        for d in sorted(graph[n] & nodes):
+            if state.get(d) == 1:
+                found.append(stack[stack.index(d):] + [d])
+            elif d not in state:
+                visit(d, stack + [d])
+        state[n] = 2
+    for n in sorted(nodes):
+        if n not in state:
+            visit(n, [n])
+    return found
+
+
+def test_the_graph_sees_function_body_imports():
+    g = import_graph()
+    assert "deltarun.server.model_manager" in g["deltarun.cli.main"]  # imported inside cmd_serve
+    assert "deltarun.cli.options" in g["deltarun.cli.chat"]
+
+
+@pytest.mark.parametrize("package", ["deltarun.server", "deltarun.cli", "deltarun.store"])
+def test_no_import_circles(package):
+    g = import_graph()
+    assert cycles_within(g, (package + ".", package)) == []
+
+
+def test_routers_do_not_import_the_app():
+    g = import_graph()
+    for router in ("openai", "openai_completions", "ollama", "manage", "model_manager", "common"):
+        assert "deltarun.server.app" not in g[f"deltarun.server.{router}"], router
+
+
+def test_the_finder_finds_a_circle():
+    assert cycles_within({"a.x": {"a.y"}, "a.y": {"a.x"}, "b": set()}, ("a.",)) == [["a.x", "a.y", "a.x"]]
+
+
+def test_weights_and_store_one_way():
+    g = import_graph()
+    assert not any(d.startswith("deltarun.store") for m, deps in g.items() if m.startswith("deltarun.weights")
+                   for d in deps)
+    assert cycles_within(g, ("deltarun.weights", "deltarun.store")) == []
+
+
+def test_server_and_cli_use_only_public_names_of_the_store():
+    import re
+
+    for path in [*(ROOT / "server").glob("*.py"), *(ROOT / "cli").glob("*.py")]:
+        text = path.read_text()
+        assert not re.search(r"\b(local|names|pull)\._\w", text), path.name
+        assert not re.search(r"from \.\.store\.\w+ import [^\n]*\b_\w", text), path.name
