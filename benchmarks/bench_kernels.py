@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from deltarun.ops import gemv
-from deltarun.ops.quant import cpu_int4_block, int4_pairs
+from deltarun.ops.int4_layout import cpu_int4_block, int4_pairs
 
 SHAPES = ((248320, 1024), (6144, 1024), (3584, 1024), (1024, 3584))
 

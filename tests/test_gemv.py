@@ -187,12 +187,12 @@ def test_int4_kernel_matches_torch_int4_and_dequantized(m, n, k, group):
 
 def test_int4_cpu_layout_is_read_right():
     """Our reading of torch's CPU int4 layout (its row-block size follows torch's CPU capability)."""
-    from deltarun.ops.quant import _cpu_layout, cpu_int4_block
+    from deltarun.ops.int4_layout import cpu_int4_block, cpu_layout
 
     q = torch.randint(0, 16, (192, 96), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
     assert cpu_int4_block() in (32, 64)
     got = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    assert torch.equal(got.flatten(), _cpu_layout(q, cpu_int4_block()).flatten())
+    assert torch.equal(got.flatten(), cpu_layout(q, cpu_int4_block()).flatten())
     assert torch.ops.deltarun.int4_layout_rows() == cpu_int4_block()  # the kernel is built for this machine's layout
 
 

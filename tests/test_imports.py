@@ -66,7 +66,8 @@ def test_the_graph_sees_function_body_imports():
     assert "deltarun.cli.options" in g["deltarun.cli.chat"]
 
 
-@pytest.mark.parametrize("package", ["deltarun.server", "deltarun.cli", "deltarun.store"])
+@pytest.mark.parametrize("package", ["deltarun.server", "deltarun.cli", "deltarun.store", "deltarun.ops",
+                                     "deltarun.weights"])
 def test_no_import_circles(package):
     g = import_graph()
     assert cycles_within(g, (package + ".", package)) == []

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .int4_layout import cpu_int4_block, int4_pairs
+
 log = logging.getLogger(__name__)
 MAX_ROWS = 4  # measured: up to 4 rows the kernel wins (1.8× at one row); from 8, F.linear's GEMM is as fast
 SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
@@ -168,13 +170,9 @@ def _bf16w_check(g: torch.Generator) -> bool:
 def _int4_check(g: torch.Generator) -> bool:
     """The int4 kernel reads torch's CPU layout, whose row-block size follows torch's CPU capability:
     used only where this build reads the same layout and agrees with torch's int4 kernel."""
-    from .quant import cpu_int4_block
-
     if torch.ops.deltarun.int4_layout_rows() != cpu_int4_block():
         log.info("int4 decode kernel not built for torch's int4 layout here: torch's int4 kernel is used")
         return False
-    from .quant import int4_pairs
-
     q4 = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=g)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4, 1)
     ours = int4_pairs(packed) if cpu_int4_block() == 32 else packed
@@ -207,7 +205,7 @@ def int4_usable(sz: torch.Tensor) -> bool:
 
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, sz: torch.Tensor) -> torch.Tensor:
     """Weight-only int4 matmul by the kernel, x [M ≤ 16, K] → [M, N] in x's dtype. packed: torch's CPU layout
-    [N/B, K, B/2], with each column pair in the kernel's order where B = 32 (AVX2, ops/quant.py `int4_pairs`);
+    [N/B, K, B/2], with each column pair in the kernel's order where B = 32 (AVX2, ops/int4_layout.py `int4_pairs`);
     sz [K/g, N, 2] bf16."""
     return torch.ops.deltarun.gemv_int4(x, packed, group, sz, True)
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .int4_layout import UNPAIRS, cpu_int4_block, int4_pairs
+
 BITS = {"int8": 8, "int4": 4}
 DEFAULT_GROUP = 64  # int4: 4.5 bits/weight with bf16 scale+zero; 32 is closer to bf16, 128 smaller
 
@@ -93,38 +95,6 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 
 # ------------------------------------------------------------------ modules
 PREFILL_ROWS = 16  # from this many rows, dequantize + bf16 matmul beats the weight-only kernels on CPU
-_cpu_block: list[int] = []
-
-
-def cpu_int4_block() -> int:
-    """Rows per block B of torch's CPU int4 layout, [N/B, K, B/2] bytes with rows n%B < B/2 in the low
-    nibble: it follows torch's CPU capability (64 with AVX-512, 32 with AVX2), so it is read off a probe
-    packed once; 0 if the layout is neither (then only torch's own kernel reads it)."""
-    if not _cpu_block:
-        q = torch.randint(0, 16, (64, 32), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-        got = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1).flatten()
-        _cpu_block.append(next((b for b in (64, 32) if torch.equal(got, _cpu_layout(q, b).flatten())), 0))
-    return _cpu_block[0]
-
-
-# The AVX2 kernel's order of each column pair's 32 bytes in the 32-row layout (csrc/gemv_avx2.h): position p
-# holds torch's byte (p mod 2)·16 + (p div 16)·8 + (p mod 16) div 2, i.e. row pairs ready for vpmaddubsw.
-_PAIRS = torch.tensor([(p % 2) * 16 + (p // 16) * 8 + (p % 16) // 2 for p in range(32)])
-_UNPAIRS = torch.argsort(_PAIRS)
-
-
-def int4_pairs(packed: torch.Tensor) -> torch.Tensor:
-    """torch's 32-row CPU int4 bytes ([N/32, K, 16] in memory, K even) → the AVX2 kernel's column-pair
-    order, same shape."""
-    return packed.reshape(-1, 32)[:, _PAIRS].view(packed.shape)
-
-
-def _cpu_layout(q: torch.Tensor, block: int) -> torch.Tensor:
-    """q [N, K] in 0…15 → torch's CPU int4 bytes [N/B, K, B/2] for row blocks of B (see cpu_int4_block)."""
-    r = q.to(torch.uint8).view(-1, 2, block // 2, q.shape[1])
-    return (r[:, 0] | r[:, 1] << 4).transpose(1, 2).contiguous()
-
-
 class QuantLinear(nn.Module):
     """A bias-free Linear with int8 or int4 weights. forward: x [..., K] → [..., N] in x's dtype.
 
@@ -184,7 +154,7 @@ class QuantLinear(nn.Module):
         within = idx % blk
         if pairs:  # where torch's bytes (column k, block row j) and (k + 1, j) sit among a pair's 32
             j = (within % (blk // 2)).cpu()
-            at = torch.stack((_UNPAIRS[j], _UNPAIRS[16 + j]), dim=-1).to(idx.device)  # [R, 2]
+            at = torch.stack((UNPAIRS[j], UNPAIRS[16 + j]), dim=-1).to(idx.device)  # [R, 2]
             sel = packed.view(-1, k // 2, 32)[(idx // blk)[:, None], :, at]  # [R, 2, K/2]
             sel = sel.transpose(1, 2).reshape(len(idx), k)  # [R, K]
         else:
@@ -215,7 +185,7 @@ class QuantLinear(nn.Module):
         packed, sz, pairs = self._cpu4
         k = self.in_features
         if pairs:
-            p = packed.view(-1, k // 2, 32)[start // blk: end // blk][..., _UNPAIRS].reshape(-1, k, blk // 2)
+            p = packed.view(-1, k // 2, 32)[start // blk: end // blk][..., UNPAIRS].reshape(-1, k, blk // 2)
         else:
             p = packed.view(-1, k, blk // 2)[start // blk: end // blk]  # [nb, K, B/2]
         q = torch.cat((p & 15, p >> 4), dim=-1).transpose(1, 2).reshape(end - start, k)  # rows n%B < B/2 low

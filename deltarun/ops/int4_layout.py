@@ -1,0 +1,36 @@
+"""torch's CPU int4 layout and the AVX2 kernel's column-pair order of it: what both the kernels (gemv.py's
+self-check) and the quantized modules (quant.py) need to read packed int4 weights."""
+from __future__ import annotations
+
+import torch
+
+_cpu_block: list[int] = []
+
+
+def cpu_int4_block() -> int:
+    """Rows per block B of torch's CPU int4 layout, [N/B, K, B/2] bytes with rows n%B < B/2 in the low
+    nibble: it follows torch's CPU capability (64 with AVX-512, 32 with AVX2), so it is read off a probe
+    packed once; 0 if the layout is neither (then only torch's own kernel reads it)."""
+    if not _cpu_block:
+        q = torch.randint(0, 16, (64, 32), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        got = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1).flatten()
+        _cpu_block.append(next((b for b in (64, 32) if torch.equal(got, cpu_layout(q, b).flatten())), 0))
+    return _cpu_block[0]
+
+
+# The AVX2 kernel's order of each column pair's 32 bytes in the 32-row layout (csrc/gemv_avx2.h): position p
+# holds torch's byte (p mod 2)·16 + (p div 16)·8 + (p mod 16) div 2, i.e. row pairs ready for vpmaddubsw.
+PAIRS = torch.tensor([(p % 2) * 16 + (p // 16) * 8 + (p % 16) // 2 for p in range(32)])
+UNPAIRS = torch.argsort(PAIRS)
+
+
+def int4_pairs(packed: torch.Tensor) -> torch.Tensor:
+    """torch's 32-row CPU int4 bytes ([N/32, K, 16] in memory, K even) → the AVX2 kernel's column-pair
+    order, same shape."""
+    return packed.reshape(-1, 32)[:, PAIRS].view(packed.shape)
+
+
+def cpu_layout(q: torch.Tensor, block: int) -> torch.Tensor:
+    """q [N, K] in 0…15 → torch's CPU int4 bytes [N/B, K, B/2] for row blocks of B (see cpu_int4_block)."""
+    r = q.to(torch.uint8).view(-1, 2, block // 2, q.shape[1])
+    return (r[:, 0] | r[:, 1] << 4).transpose(1, 2).contiguous()
