@@ -25,10 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench_generate import TOKEN_RANGE, ensure_checkpoint  # noqa: E402
+from deltarun.engine import speculative  # noqa: E402
 from deltarun.engine.engine import Engine, EngineConfig  # noqa: E402
 from deltarun.sampling import SamplingParams  # noqa: E402
 from deltarun.weights.loader import load_model  # noqa: E402
 from deltarun.weights.mtp_loader import load_mtp  # noqa: E402
+
+EXACT_AGREES = speculative.agrees
 
 
 def run(model, head, a, mode: str, k: int, forced: float | None) -> dict:
@@ -36,9 +39,10 @@ def run(model, head, a, mode: str, k: int, forced: float | None) -> dict:
     eng = Engine(model, eos_token_ids=[], config=EngineConfig(
         mtp=mode, num_speculative_tokens=k, prefix_cache_memory=0, max_num_seqs=max(4, a.batch),
         mtp_draft_vocab=a.draft_vocab), mtp=head)
+    speculative.agrees = EXACT_AGREES  # greedy acceptance as built, unless forced below (patched from outside)
     if forced is not None:
         rng = random.Random(0)
-        eng.spec._agrees = lambda target, draft: rng.random() < forced  # benchmark-only override
+        speculative.agrees = lambda target, draft: rng.random() < forced
     g = torch.Generator().manual_seed(1)
     params = SamplingParams(temperature=0, max_tokens=a.tokens, ignore_eos=True).with_defaults({})
     for i in range(a.batch):

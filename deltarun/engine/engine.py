@@ -170,10 +170,10 @@ class Engine:
 
     def _decode(self, seqs: list[Sequence], outputs: dict[str, StepOutput]) -> None:
         if self.spec is not None:
-            return self.spec.decode(seqs, outputs)  # drafts + verifies, or calls _plain_decode
-        self._plain_decode(seqs, outputs)
+            return self.spec.decode(seqs, outputs)  # drafts + verifies, or calls plain_decode
+        self.plain_decode(seqs, outputs)
 
-    def _plain_decode(self, seqs: list[Sequence], outputs: dict[str, StepOutput]) -> None:
+    def plain_decode(self, seqs: list[Sequence], outputs: dict[str, StepOutput]) -> None:
         dev = self.model.device
         ids = torch.tensor([[s.token_ids[-1]] for s in seqs], device=dev)
         positions = None
@@ -365,12 +365,12 @@ class Engine:
             seq.top_logprobs.append(top)
             seq.sampler.append(tok)
             self.stats["generated_tokens"] += 1
-            self._check_stop(seq, tok)
+            self.check_stop(seq, tok)
             req = seq.request
             out = outputs.setdefault(req.request_id, StepOutput(req.request_id, []))
             out.updates.append(SeqUpdate(seq.index, [tok], [lp], [top], seq.finish_reason, seq.stop_reason))
 
-    def _check_stop(self, seq: Sequence, tok: int) -> None:
+    def check_stop(self, seq: Sequence, tok: int) -> None:
         p = seq.request.params
         if len(seq.token_ids) >= p.min_tokens:
             if tok in p.stop_token_ids:

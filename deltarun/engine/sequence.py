@@ -10,6 +10,7 @@ keys) and, while its prompt is being prefilled, the vision tower's output for it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -106,3 +107,17 @@ class StepOutput:
     prompt_logprobs: list[float | None] | None = None  # set once, when the prefill completes
     prompt_top_logprobs: list[TopLogprobs | None] | None = None
     finished: bool = False
+
+
+class DecodeHost(Protocol):
+    """What a decode strategy (the MTP speculator, speculative.py) uses of the engine that runs it: the model,
+    the state pool, the counters, the usable vocabulary, a plain decode step and the stop check."""
+
+    model: torch.nn.Module
+    pool: object  # cache.state.StatePool
+    stats: dict
+    valid_vocab: int
+
+    def plain_decode(self, seqs: list[Sequence], outputs: dict[str, StepOutput]) -> None: ...
+
+    def check_stop(self, seq: Sequence, token: int) -> None: ...

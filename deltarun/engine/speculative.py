@@ -34,7 +34,7 @@ from .sequence import SeqUpdate, Sequence, StepOutput
 from .spec_policy import SpecPolicy, rejection_step
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from .sequence import DecodeHost
 
 
 @dataclass
@@ -50,7 +50,7 @@ class DraftState:
 
 
 class Speculator:
-    def __init__(self, engine: "Engine", head: MTPHead, mode: str, k: int, draft_vocab: int = 0):
+    def __init__(self, engine: "DecodeHost", head: MTPHead, mode: str, k: int, draft_vocab: int = 0):
         self.engine, self.head, self.k = engine, head, k
         self.policy = SpecPolicy(mode)
         self.draft_head = _draft_head(engine.model.lm_head, draft_vocab)
@@ -97,7 +97,7 @@ class Speculator:
     def decode(self, seqs: list[Sequence], outputs: dict[str, StepOutput]) -> None:
         eng, t0 = self.engine, time.perf_counter()
         if not any(self._eligible(s) for s in seqs) or not self.policy.speculate():
-            eng._plain_decode(seqs, outputs)
+            eng.plain_decode(seqs, outputs)
             self.policy.record(False, time.perf_counter() - t0, len(seqs))
             return
         budgets = [self._budget(s) for s in seqs]
@@ -224,13 +224,13 @@ class Speculator:
             else:
                 if sampler.plain_greedy():  # the bare argmax: no [V] copy for logits processing
                     tok = int(logits[i, : eng.valid_vocab].argmax())
-                    ok = self._agrees(tok, draft[i])
+                    ok = agrees(tok, draft[i])
                 else:
                     x = process_logits(logits[i : i + 1], [sampler])[0]
                     x[eng.valid_vocab :] = float("-inf")
                     if greedy:
                         tok = int(x.argmax())
-                        ok = self._agrees(tok, draft[i])
+                        ok = agrees(tok, draft[i])
                     else:
                         tok, ok = rejection_step(x.softmax(-1), q[i], draft[i], sampler.generator)
                 tok = draft[i] if ok else tok
@@ -244,7 +244,7 @@ class Speculator:
                 dst.append(v)
             sampler.append(tok)
             eng.stats["generated_tokens"] += 1
-            eng._check_stop(seq, tok)
+            eng.check_stop(seq, tok)
             if seq.finished or not ok:
                 break
             n += 1
@@ -252,10 +252,6 @@ class Speculator:
         req = seq.request
         outputs.setdefault(req.request_id, StepOutput(req.request_id, [])).updates.append(update)
         return n
-
-    def _agrees(self, target: int, draft: int) -> bool:
-        """Greedy acceptance (benchmarks/bench_mtp.py overrides it to force an acceptance rate)."""
-        return target == draft
 
     def _rewind(self, seqs: list[Sequence], states: list, capture: dict, accepted: list[int], t: int) -> None:
         """Set each live row's DeltaNet states to those after its last kept position; cut its KV there."""
@@ -282,7 +278,12 @@ class Speculator:
                 pool.recurrent[layer][states[b].slot].copy_(rec[accepted[b], b])
 
 
-def make_speculator(engine: "Engine", head: MTPHead | None, cfg) -> Speculator | None:
+def agrees(target: int, draft: int) -> bool:
+    """Greedy acceptance: a draft is kept while it is the target's own pick."""
+    return target == draft
+
+
+def make_speculator(engine: "DecodeHost", head: MTPHead | None, cfg) -> Speculator | None:
     """The engine's speculator for `cfg.mtp` / `cfg.num_speculative_tokens`, or None (plain decoding)."""
     SpecPolicy(cfg.mtp)  # validates the mode
     if cfg.num_speculative_tokens < 0:
