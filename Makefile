@@ -4,7 +4,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 MODEL   ?= qwen3.5:0.8b
 
-.PHONY: setup setup-test run test test-long bench clean
+.PHONY: setup setup-test run test test-long lint typecheck bench clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,14 @@ run: setup
 # the default run (under ~15 min on 2 cores): skip reasons (-rs) and the slowest tests are printed
 test: setup-test
 	$(VPY) -m pytest -q -x -rs --durations=15 -m "not long"
+
+# ruff: pyflakes, import order, lines ≤ 120 (pyproject.toml); CI runs it before the tests
+lint: setup-test
+	$(VPY) -m ruff check deltarun tests benchmarks
+
+# mypy, lenient (pyproject.toml): not yet clean, so not part of CI
+typecheck: setup-test
+	$(VPY) -m mypy deltarun
 
 # checks past the default run's time budget (marked `long`)
 test-long: setup-test

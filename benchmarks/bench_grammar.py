@@ -185,7 +185,8 @@ def main() -> None:
     if a.one:
         print(json.dumps(run_one(a.one[0], a.one[1], a.repeat)))
         return
-    print("| library | schema | tokenizer build s | compile + 1st mask ms | answer tokens | mask mean ms | mask p99 ms | RSS +MB |")
+    print("| library | schema | tokenizer build s | compile + 1st mask ms | answer tokens | mask mean ms "
+          "| mask p99 ms | RSS +MB |")
     print("|---|---|---|---|---|---|---|---|")
     for lib in a.libs:
         for name in a.schemas:

@@ -60,7 +60,7 @@ def main() -> None:
         for name, nbytes, ours, theirs in rows:
             print(f"| {name} | {n}×{k} | {nbytes / seconds(ours, a.reps) / 1e9:.1f} | "
                   f"{nbytes / seconds(theirs, a.reps) / 1e9:.1f} |", flush=True)
-        del w, q, p, ours4
+        w = q = p = ours4 = rows = None  # free this shape's tensors before the next ones
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-
 from bench_generate import TOKEN_RANGE, ensure_checkpoint  # noqa: E402
+
 from deltarun.engine import speculative  # noqa: E402
 from deltarun.engine.engine import Engine, EngineConfig  # noqa: E402
 from deltarun.sampling import SamplingParams  # noqa: E402
@@ -87,7 +87,8 @@ def main(argv=None) -> None:
     if head is None:
         sys.exit(f"{folder} has no mtp.* tensors")
     ks, ps = [int(x) for x in a.k.split(",")], [float(x) for x in a.p.split(",") if x]  # --p "": real head only
-    print(f"# MTP decode, {folder.name}, {a.dtype}{' ' + a.quantization if a.quantization else ''}, batch {a.batch}, prompt {a.prompt}, {a.tokens} tokens, "
+    quant = " " + a.quantization if a.quantization else ""
+    print(f"# MTP decode, {folder.name}, {a.dtype}{quant}, batch {a.batch}, prompt {a.prompt}, {a.tokens} tokens, "
           f"{torch.get_num_threads()} threads, draft vocab {a.draft_vocab or 'all'}")
     run(model, head, a, "on", 2, 0.5)  # warm-up (weights paged in, kernels initialised): not reported
     # Memory bandwidth drifts on these machines (±15% between runs of a few seconds): every row runs MTP

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_cpu import DEFAULT_MODEL, ensure_model  # noqa: E402
+
 from deltarun import LLM, SamplingParams  # noqa: E402
 
 TEXTS = [

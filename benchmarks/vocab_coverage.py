@@ -52,7 +52,8 @@ def main() -> None:
         for f in rng.sample(files, min(a.files, len(files))):
             ids += tok.encode(open(f, encoding="utf-8", errors="ignore").read()[:20000])
         if ids:
-            print(f"| {name} | {len(ids)} | " + " | ".join(f"{sum(i < n for i in ids) / len(ids):.1%}" for n in LIMITS) + " |")
+            shares = " | ".join(f"{sum(i < n for i in ids) / len(ids):.1%}" for n in LIMITS)
+            print(f"| {name} | {len(ids)} | {shares} |")
 
 
 if __name__ == "__main__":

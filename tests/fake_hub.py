@@ -6,7 +6,8 @@
   otherwise), Content-Length; GET honours `Range: bytes=N-`.
 
 Faults for tests: `drop_once` (file names whose first GET sends half the bytes then closes the socket),
-`drop_always` (every GET closes before any byte), `corrupt` (served with one byte flipped, same size and ETag). `requests` logs every call.
+`drop_always` (every GET closes before any byte), `corrupt` (served with one byte flipped, same size and
+ETag). `requests` logs every call.
 """
 from __future__ import annotations
 

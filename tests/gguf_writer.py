@@ -4,8 +4,9 @@ Follows llama.cpp's `Qwen3_5TextModel` conversion (conversion/qwen.py): value he
 grouped to tiled order, then A_log → −exp(A_log) as `ssm_a`, dt_bias → `ssm_dt.bias`, conv1d squeezed,
 norm weights + 1 (not the DeltaNet output norm), llama.cpp tensor names, `qwen35.*` metadata, MTP
 blocks appended as `blk.{n_layer}` with `nextn` tensors, vision tensors dropped; or (`ollama=True`) as
-Ollama's `convert_qwen35.go` lays it out (grouped value heads, `ssm_ba`, `ssm_dt`, in_proj_qkv in thirds). Matmul weights whose
-row length fits the type's block get `qtype`; the rest stay F32 (llama-quantize falls back similarly).
+Ollama's `convert_qwen35.go` lays it out (grouped value heads, `ssm_ba`, `ssm_dt`, in_proj_qkv in
+thirds). Matmul weights whose row length fits the type's block get `qtype`; the rest stay F32
+(llama-quantize falls back similarly).
 Q4_K has no quantizer in the gguf package, so `quantize_q4_k` builds its blocks here; Q5_K / Q6_K
 tensors are random valid blocks (of the original's scale), not a quantization of the original.
 `write_gguf` returns, per quantized tensor, the weight it really encodes (dequantized with
@@ -16,12 +17,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
-from safetensors import safe_open
-
-import gguf
 from gguf import GGMLQuantizationType as Q
+from safetensors import safe_open
 
 HF_TO_GGUF = {  # checkpoint names (after dropping `language_model.`) → llama.cpp names
     "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",

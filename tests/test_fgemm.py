@@ -74,7 +74,8 @@ def test_decode_linear_routes_prefill_rows_through_it(monkeypatch):
     monkeypatch.setitem(gemv._state, "native_bf16", False)
     calls = []
     real = torch.ops.deltarun.gemm_bf16w
-    monkeypatch.setattr(gemv, "linear_via_fp32", lambda *a: calls.append("fp32") or F.linear(*(t.float() for t in a)).bfloat16())
+    monkeypatch.setattr(gemv, "linear_via_fp32",
+                        lambda *a: calls.append("fp32") or F.linear(*(t.float() for t in a)).bfloat16())
     with torch.no_grad():
         got = mod(x.view(2, 20, 64))
         assert calls == [] and got.shape == (2, 20, 300)

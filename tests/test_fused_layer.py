@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import make_checkpoint, tiny_config
 
 from deltarun.cache.state import KVCache, ModelCache, SeqState
 from deltarun.ops import gemv
 from deltarun.ops import layer as fused
 from deltarun.ops.quant import QuantLinear
 from deltarun.weights.loader import load_model
-from tiny import make_checkpoint, tiny_config
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
 

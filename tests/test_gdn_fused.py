@@ -55,5 +55,6 @@ def test_bad_arguments_are_errors():
     ref, c = _problem(torch.float32, 2, 4, 16, 24)
     mixed, a, b, z = _inputs(torch.float32, 3, c, 4, 24, 0)
     with pytest.raises(RuntimeError, match="shapes"):
-        torch.ops.deltarun.gdn_decode_(mixed[:, :-1].contiguous(), ref["conv_pool"], ref["conv_w"], a, b, ref["A_log"],
-                                       ref["dt_bias"], ref["rec_pool"], torch.tensor([0, 1, 2]), 2, z, ref["norm_w"], 1e-6)
+        torch.ops.deltarun.gdn_decode_(mixed[:, :-1].contiguous(), ref["conv_pool"], ref["conv_w"], a, b,
+                                       ref["A_log"], ref["dt_bias"], ref["rec_pool"], torch.tensor([0, 1, 2]), 2, z,
+                                       ref["norm_w"], 1e-6)

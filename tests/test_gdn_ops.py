@@ -4,8 +4,12 @@ import torch
 from cpu_kernels import require_cpu_kernels
 
 from deltarun.ops.conv1d import causal_conv1d, causal_conv1d_reference
-from deltarun.ops.gdn import (chunk_gated_delta_rule, chunk_gated_delta_rule_torch, gated_delta_step_,
-                              recurrent_gated_delta_rule)
+from deltarun.ops.gdn import (
+    chunk_gated_delta_rule,
+    chunk_gated_delta_rule_torch,
+    gated_delta_step_,
+    recurrent_gated_delta_rule,
+)
 
 
 def _inputs(b, t, hk, hv, dk, dv, seed=0):
@@ -62,7 +66,8 @@ def test_chunk_op_in_the_real_head_shape():
     o_ref, s_ref = recurrent_gated_delta_rule(q, k, v, g, beta, s0)
     o, s = run(q.bfloat16(), k.bfloat16(), v.bfloat16(), g, beta, s0)
     assert o.dtype == torch.bfloat16
-    o_ref_b, _ = recurrent_gated_delta_rule(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), g, beta, s0)
+    qb, kb, vb = (t.bfloat16().float() for t in (q, k, v))
+    o_ref_b, _ = recurrent_gated_delta_rule(qb, kb, vb, g, beta, s0)
     torch.testing.assert_close(o.float(), o_ref_b, atol=1e-2, rtol=1e-2)
     o32, s32 = run(q, k, v, g, beta, s0)
     torch.testing.assert_close(o32, o_ref, atol=5e-5, rtol=1e-4)

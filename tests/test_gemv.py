@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,7 +176,8 @@ def test_int4_kernel_matches_torch_int4_and_dequantized(m, n, k, group):
     # quantizes them: the products are then exact for x̃; with AVX-512 they are exact for x itself
     xg = x.float().view(m, -1, group)
     xs = (xg.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-30)
-    x_t = ((xg / xs).round().clamp(-127, 127) * xs).view(m, k) if torch.ops.deltarun.int4_layout_rows() == 32 else x.float()
+    avx2 = torch.ops.deltarun.int4_layout_rows() == 32
+    x_t = ((xg / xs).round().clamp(-127, 127) * xs).view(m, k) if avx2 else x.float()
     want_t = F.linear(x_t, mod.dequantize())
     torch.testing.assert_close(torch.ops.deltarun.gemv_int4(x, packed, group, sz), want_t, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.ops.deltarun.gemv_int4(x.float(), packed, group, sz), want,

@@ -18,8 +18,8 @@ from tiny import make_checkpoint, tiny_config
 
 from deltarun.config import ModelConfig
 from deltarun.ops.quant import QuantEmbedding, QuantLinear, dequantize_int8, quantize_int8
-from deltarun.weights.gguf_meta import sidecar_for
 from deltarun.store.resolve import resolve_model
+from deltarun.weights.gguf_meta import sidecar_for
 from deltarun.weights.loader import LoadError, load_model
 
 # llama.cpp sources (its converter; llama-quantize when built): .ci/run unpacks them from llama-cpp-python's sdist

@@ -7,9 +7,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from deltarun.config import ModelConfig
 from deltarun.weights.loader import LoadError, load_model, weight_files
 from deltarun.weights.random_init import tensor_shapes
-from deltarun.config import ModelConfig
 
 
 @pytest.fixture()

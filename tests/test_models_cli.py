@@ -18,7 +18,8 @@ from tiny import make_checkpoint, tiny_config  # noqa: E402
 TEMPLATE = ("{%- if tools %}<tools>{{ tools }}</tools>{%- endif %}\n"
             "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endfor %}\n"
             "{%- if add_generation_prompt %}<|im_start|>assistant\n<think>\n{%- endif %}\n")
-README = "---\nlicense: apache-2.0\nlicense_link: https://huggingface.co/Qwen/Qwen3.5-0.8B/blob/main/LICENSE\n---\n# x\n"
+README = ("---\nlicense: apache-2.0\nlicense_link: https://huggingface.co/Qwen/Qwen3.5-0.8B/blob/main/LICENSE\n"
+          "---\n# x\n")
 COMMIT = "a" * 40
 
 
@@ -123,7 +124,8 @@ def test_show_hf_model(stores):
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "Qwen3_5ForConditionalGeneration" in out and "Qwen/Qwen3.5-0.8B" in out
-    total = sum(torch.Size(s).numel() for s in tensor_shapes(ModelConfig.from_file(stores["snap"] / "config.json")).values())
+    shapes = tensor_shapes(ModelConfig.from_file(stores["snap"] / "config.json"))
+    total = sum(torch.Size(s).numel() for s in shapes.values())
     from deltarun.store.local import _count
     assert f"{_count(total)} total" in out
     caps = next(line for line in out.splitlines() if line.startswith("capabilities"))
@@ -180,7 +182,8 @@ def test_rm_hf_asks_then_deletes(stores):
     r = run(env, "rm", "qwen3.5:0.8b", stdin="y\n")
     assert r.returncode == 0 and "deleted qwen3.5:0.8b" in r.stdout, r.stderr
     assert not (stores["hub"] / "models--Qwen--Qwen3.5-0.8B").exists()
-    assert (stores["hub"] / "models--meta--Llama-Tiny").exists(), (r.stdout, list(stores["hub"].iterdir()))  # the rest of the cache is untouched
+    # the rest of the cache is untouched
+    assert (stores["hub"] / "models--meta--Llama-Tiny").exists(), (r.stdout, list(stores["hub"].iterdir()))
     assert "qwen3.5:0.8b" not in run(env, "list").stdout
 
 

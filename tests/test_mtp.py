@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import make_checkpoint, tiny_config
 
 from deltarun import LLM, SamplingParams
 from deltarun.cache.state import KVCache
 from deltarun.engine.spec_policy import SpecPolicy, rejection_step
 from deltarun.weights.mtp_loader import load_mtp
-from tiny import make_checkpoint, tiny_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from distill_mtp import distill, greedy_corpus, write_with_head  # noqa: E402

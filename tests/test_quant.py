@@ -9,10 +9,18 @@ import torch
 import torch.nn.functional as F
 
 from deltarun.cli import main
-from deltarun.ops.quant import (QuantEmbedding, QuantLinear, dequantize_int4, dequantize_int8, pack_int4,
-                                quantize_int4, quantize_int8, unpack_int4)
-from deltarun.weights import quantize as quant
+from deltarun.ops.quant import (
+    QuantEmbedding,
+    QuantLinear,
+    dequantize_int4,
+    dequantize_int8,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
 from deltarun.store.names import quant_tag, split_quant
+from deltarun.weights import quantize as quant
 from deltarun.weights.loader import LoadError, load_model
 
 

@@ -71,7 +71,8 @@ def test_newline_inside_reasoning_is_kept():
 
 
 def _random_text(rng: random.Random) -> str:
-    pieces = ["<think>", "</think>", "<thi", "</th", "\n", "\n\n", " ", "abc", "思考", "😀", "<", ">", "/", "think", "x"]
+    pieces = ["<think>", "</think>", "<thi", "</th", "\n", "\n\n", " ", "abc", "思考", "😀", "<", ">", "/", "think",
+              "x"]
     return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
 
 

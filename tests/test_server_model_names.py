@@ -11,8 +11,8 @@ import httpx
 import ollama
 import openai
 import pytest
-from model_server import home, serve, wait_for  # noqa: F401 (fixtures)
 from model_server import gen as _gen
+from model_server import home, serve, wait_for  # noqa: F401 (fixtures)
 
 from deltarun.server.targets import parse_keep_alive
 
@@ -26,7 +26,8 @@ def test_unknown_names_and_load_failures(serve):
     with pytest.raises(openai.NotFoundError) as e2:
         srv.openai.chat.completions.create(model="qwen3.5:8b", messages=[{"role": "user", "content": "hi"}])
     err = e2.value.body
-    assert err["type"] == "not_found_error" and err["param"] == "model" and "did you mean 'qwen3.5:0.8b'" in err["message"]
+    assert err["type"] == "not_found_error" and err["param"] == "model"
+    assert "did you mean 'qwen3.5:0.8b'" in err["message"]
     with pytest.raises(openai.NotFoundError):
         srv.openai.models.retrieve("tiny-c")
     r = httpx.post(srv.url + "/api/generate", json={"model": "/etc", "prompt": "hi"}, timeout=30)

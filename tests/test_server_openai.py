@@ -212,8 +212,10 @@ def test_cli_serve_rejects_bad_port(capsys):
 
 STRICT_TOOLS = TOOLS + [{"type": "function", "function": {"name": "book", "parameters": {
     "type": "object", "required": ["city", "nights", "room"],
-    "properties": {"city": {"type": "string", "maxLength": 20}, "nights": {"type": "integer", "minimum": 1, "maximum": 9},
-                   "room": {"enum": ["single", "double"]}, "extras": {"type": "array", "items": {"type": "boolean"}}}}}}]
+    "properties": {"city": {"type": "string", "maxLength": 20},
+                   "nights": {"type": "integer", "minimum": 1, "maximum": 9},
+                   "room": {"enum": ["single", "double"]},
+                   "extras": {"type": "array", "items": {"type": "boolean"}}}}}}]
 
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "book"}}])

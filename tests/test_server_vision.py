@@ -14,9 +14,9 @@ import openai
 import pytest
 from PIL import Image
 from server_helpers import live_server, wait_idle
+from tiny import write_clip
 
 from deltarun import SamplingParams
-from tiny import write_clip
 
 N = 6
 NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}, "ignore_eos": True}

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import write_clip
 
 from deltarun import LLM, SamplingParams
 from deltarun.engine.engine import Engine, EngineConfig
@@ -22,7 +23,6 @@ from deltarun.processor.mrope import mm_token_types
 from deltarun.processor.multimodal import MediaRef, extract_media
 from deltarun.processor.video import VideoProcessorConfig
 from deltarun.processor.vision import ImageProcessorConfig
-from tiny import write_clip
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0, prompt_logprobs=0)
 SMALL_IMAGES = ImageProcessorConfig(min_pixels=1024, max_pixels=20_000)

@@ -9,10 +9,10 @@ import copy
 
 import pytest
 import torch
+from accuracy import assert_fp32_accurate
 from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5VisionConfig
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5VisionModel
 
-from accuracy import assert_fp32_accurate
 from deltarun.model.vision import VisionConfig, VisionModel, num_vision_tokens
 from deltarun.weights.loader import LoadError
 from deltarun.weights.vision_loader import load_vision

@@ -15,10 +15,11 @@ import types
 import numpy as np
 import pytest
 import torch
+from accuracy import assert_fp32_accurate
 from PIL import Image
+from tiny import write_clip
 from transformers.video_utils import VideoMetadata
 
-from accuracy import assert_fp32_accurate
 from deltarun.model.vision import embed_multimodal
 from deltarun.processor.mrope import VisionTokens, decode_positions, expand_placeholders, mm_token_types, rope_index
 from deltarun.processor.tokenizer import Tokenizer
@@ -26,7 +27,6 @@ from deltarun.processor.video import VideoProcessorConfig, load_video
 from deltarun.processor.vision import ImageProcessorConfig, preprocess_image
 from deltarun.weights.loader import load_model
 from deltarun.weights.vision_loader import load_vision
-from tiny import write_clip
 
 QVP = importlib.import_module("transformers.models.qwen3_vl.processing_qwen3_vl").Qwen3VLProcessor
 TOK = VisionTokens()

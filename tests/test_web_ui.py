@@ -154,14 +154,16 @@ def test_chat_page(browser, chat_ckpt, tmp_path):
                          "**b** <script>alert(1)</script> `x<y`\n- one\n- two\n\n```py\na<b\n```\n"
                          "[ok](https://example.com) [bad](javascript:alert(1))")
     assert "<script>" not in html and "&lt;script&gt;" in html
-    assert "<strong>b</strong>" in html and "<code>x&lt;y</code>" in html and "<ul><li>one</li><li>two</li></ul>" in html
+    assert "<strong>b</strong>" in html and "<code>x&lt;y</code>" in html
+    assert "<ul><li>one</li><li>two</li></ul>" in html
     assert '<pre><code data-lang="py">a&lt;b</code></pre>' in html
     assert 'href="https://example.com"' in html and 'href="javascript' not in html
     hl = lambda code, lang: page.evaluate("([c, l]) => window.deltarunChat.highlight(c, l)", [code, lang])
     assert hl('const s = "<b>"; // x<y', "ts") == ('<span class="tok-k">const</span> s = <span class="tok-s">'
                                                  '&quot;&lt;b&gt;&quot;</span>; <span class="tok-c">// x&lt;y</span>')
     assert hl('{"a": [1.5, true, null]}', "json") == ('{<span class="tok-s">&quot;a&quot;</span>: [<span class="tok-n">'
-                                                      '1.5</span>, <span class="tok-l">true</span>, <span class="tok-l">null</span>]}')
+                                                      '1.5</span>, <span class="tok-l">true</span>, '
+                                                      '<span class="tok-l">null</span>]}')
     assert hl("echo $HOME # hi\nx=a#b", "bash") == ('<span class="tok-k">echo</span> <span class="tok-v">$HOME</span> '
                                                   '<span class="tok-c"># hi</span>\nx=a#b')
     assert hl("int x = 0x1F; /* c", "cpp").endswith('<span class="tok-n">0x1F</span>; <span class="tok-c">/* c</span>')
@@ -197,7 +199,8 @@ def _sse(content: str) -> str:
     chunks.append({"delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
                                              "function": {"name": "get_weather", "arguments": ""}}]}})
     chunks.append({"delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Paris", "days": 2}'}}]}})
-    out = [{"id": "x", "object": "chat.completion.chunk", "model": "tiny", "choices": [dict(index=0, **c)]} for c in chunks]
+    out = [{"id": "x", "object": "chat.completion.chunk", "model": "tiny", "choices": [dict(index=0, **c)]}
+           for c in chunks]
     out.append({"id": "x", "object": "chat.completion.chunk", "model": "tiny", "choices": [],
                 "usage": {"prompt_tokens": 5, "completion_tokens": len(chunks), "total_tokens": 5 + len(chunks)}})
     return "".join(f"data: {json.dumps(o)}\n\n" for o in out) + "data: [DONE]\n\n"
@@ -220,7 +223,8 @@ def test_crafted_answer(browser, chat_ckpt, tmp_path):
     page.click("#settings summary")
     page.select_option("#preset", "coding")
     assert page.input_value("#temperature") == "0.6" and page.input_value("#top_k") == "20"
-    page.set_input_files("#file", files=[{"name": "clip.mp4", "mimeType": "video/mp4", "buffer": b"\0\0\0\x18ftypmp42"}])
+    page.set_input_files("#file", files=[{"name": "clip.mp4", "mimeType": "video/mp4",
+                                          "buffer": b"\0\0\0\x18ftypmp42"}])
     page.locator("#previews video").wait_for()
     t.shot("8-preset-video")
     page.click("#settings summary")
@@ -240,7 +244,8 @@ def test_crafted_answer(browser, chat_ckpt, tmp_path):
     assert a.locator(".katex").count() == 2 and a.locator(".katex-display").count() == 1
     assert "costs $5 and $6." in a.locator(".body").inner_text()
     tool = a.locator(".tools details.tool")
-    assert tool.locator("summary").inner_text() == "Tool call: get_weather" and "Paris" not in a.locator(".body").inner_text()
+    assert tool.locator("summary").inner_text() == "Tool call: get_weather"
+    assert "Paris" not in a.locator(".body").inner_text()
     tool.locator("summary").click()
     assert json.loads(tool.locator("pre").inner_text()) == {"city": "Paris", "days": 2}
     page.wait_for_function("document.fonts.status === 'loaded'")
@@ -266,8 +271,9 @@ def test_crafted_answer(browser, chat_ckpt, tmp_path):
     t.ctx.close()
 
     # an older page's localStorage conversations move to IndexedDB once
-    old = [{"id": "old1", "title": "From localStorage", "messages": [{"role": "user", "content": "old question"},
-                                                                     {"role": "assistant", "content": "**old** answer"}]}]
+    old = [{"id": "old1", "title": "From localStorage",
+            "messages": [{"role": "user", "content": "old question"},
+                         {"role": "assistant", "content": "**old** answer"}]}]
     t = Page(browser, tmp_path, viewport={"width": 800, "height": 600})
     t.page.add_init_script("if (!sessionStorage.getItem('seeded')) { sessionStorage.setItem('seeded', '1');"
                            f" localStorage.setItem('deltarun.convs', {json.dumps(json.dumps(old))});"

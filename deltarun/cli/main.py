@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=11435)
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route")
-    serve.add_argument("--cors", action="append", metavar="ORIGIN", help="allow this browser origin (repeatable; '*' = any)")
+    serve.add_argument("--cors", action="append", metavar="ORIGIN",
+                       help="allow this browser origin (repeatable; '*' = any)")
     serve.add_argument("--served-model-name", help="model name clients use (default: the MODEL argument)")
     serve.add_argument("--allow-http-media", action="store_true",
                        help="let requests name images/videos by http(s) URL, which the server then downloads")

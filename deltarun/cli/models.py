@@ -153,8 +153,7 @@ class _RichBars(ProgressBars):
 
 def cmd_pull(args: argparse.Namespace) -> int:
     from huggingface_hub import constants
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     from ..store import local, names
     from ..store.pull import pull, pull_error, resolve_repo

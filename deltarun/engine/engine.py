@@ -29,7 +29,7 @@ from ..ops.sampling import SamplerState, prompt_logprobs, sample
 from ..processor.multimodal import MultiModalInput
 from ..sampling import SamplingParams
 from .memory import default_budgets
-from .sequence import Request, SeqUpdate, Sequence, StepOutput
+from .sequence import Request, Sequence, SeqUpdate, StepOutput
 from .speculative import make_speculator
 
 LOGITS_CHUNK = 256  # prompt positions per logits block: bounds the [T, vocab] fp32 buffer

@@ -30,7 +30,7 @@ from ..cache.state import KVCache, ModelCache
 from ..model.mtp import MTPHead
 from ..ops.quant import QuantLinear
 from ..ops.sampling import process_logits, sample
-from .sequence import SeqUpdate, Sequence, StepOutput
+from .sequence import Sequence, SeqUpdate, StepOutput
 from .spec_policy import SpecPolicy, rejection_step
 
 if TYPE_CHECKING:

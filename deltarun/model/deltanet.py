@@ -12,8 +12,8 @@ from torch import nn
 
 from ..cache.state import StatePool
 from ..config import TextConfig
-from ..ops.conv1d import causal_conv1d
 from ..ops import gemv
+from ..ops.conv1d import causal_conv1d
 from ..ops.gdn import chunk_gated_delta_rule, decode_step
 from .layers import RMSNormGated
 

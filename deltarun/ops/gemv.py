@@ -5,8 +5,8 @@ streams weights at roughly half the machine's bandwidth for so few rows. The ker
 weight row once for up to 16 activation rows (bf16 weights; int8 weights with a per-row scale and int4
 in torch's CPU layout, used by ops/quant.py), with AVX-512 (BF16/VNNI where present) or AVX2+FMA inner
 loops. It is compiled for this machine (-march=native) by torch's extension builder into
-~/.cache/deltarun/kernels (or $DELTARUN_KERNELS_DIR) the first time a model loads on the CPU (~20 s, once), and is optional:
-without a compiler, with `DELTARUN_CPU_KERNELS=0`, or if its self-check against F.linear fails,
+~/.cache/deltarun/kernels (or $DELTARUN_KERNELS_DIR) the first time a model loads on the CPU (~20 s,
+once), and is optional: without a compiler, with `DELTARUN_CPU_KERNELS=0`, or if its self-check against F.linear fails,
 everything runs on torch's own ops. The same extension holds the prefill-side CPU ops (the integer GEMM for
 quantized weights, the conv and the chunked delta rule: csrc/qgemm.cpp, conv.cpp, gdn_chunk.cpp); bf16
 prefill matmuls stay on torch's GEMMs (`linear_via_fp32`: widened to fp32 for oneDNN where bf16 is emulated).
@@ -106,7 +106,8 @@ def available() -> bool:
             lock.unlink(missing_ok=True)
         if not (build / "deltarun_gemv.so").exists():
             print("deltarun: building the CPU kernels for this machine (once, ~30 s) …", file=sys.stderr, flush=True)
-        cpp_extension.load(name="deltarun_gemv", sources=[str(SOURCE.with_name(f)) for f in SOURCES], build_directory=str(build),
+        cpp_extension.load(name="deltarun_gemv", sources=[str(SOURCE.with_name(f)) for f in SOURCES],
+                           build_directory=str(build),
                            extra_cflags=["-O3", *_march(), "-fopenmp"], extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
         _state["ok"] = _self_check()
@@ -265,7 +266,8 @@ def linear_via_fp32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
         return _linear_f32(xf, _widened(w), b).to(x.dtype)
     out = x.new_empty(*x.shape[:-1], n)
     for i in range(0, n, WIDEN_ROWS):
-        out[..., i:i + WIDEN_ROWS] = _linear_f32(xf, _widened(w[i:i + WIDEN_ROWS]), None if b is None else b[i:i + WIDEN_ROWS])
+        bias_i = None if b is None else b[i:i + WIDEN_ROWS]
+        out[..., i:i + WIDEN_ROWS] = _linear_f32(xf, _widened(w[i:i + WIDEN_ROWS]), bias_i)
     return out
 
 

@@ -244,7 +244,8 @@ class QuantLinear(nn.Module):
         else:  # dequantize in row blocks: never a whole fp32 copy of a large matrix
             n = self.out_features
             # without hardware bf16 matmul the rows stay fp32 (ops/gemv.py `native_bf16_matmul`)
-            xm, wt = (x2.float(), torch.float32) if x2.device.type == "cpu" and not _native_bf16(x2) else (x2, self.dtype)
+            widen = x2.device.type == "cpu" and not _native_bf16(x2)
+            xm, wt = (x2.float(), torch.float32) if widen else (x2, self.dtype)
             y = torch.cat([F.linear(xm, self.row_block(i, min(i + ROW_BLOCK, n)).to(wt))
                            for i in range(0, n, ROW_BLOCK)], dim=-1).to(self.dtype)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)

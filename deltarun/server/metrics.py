@@ -67,7 +67,8 @@ class Metrics:
             lines = ["# TYPE deltarun_requests_total counter"]
             lines += [f'deltarun_requests_total{{outcome="{k}"}} {v}' for k, v in self.requests.items()]
             lines += ["# TYPE deltarun_http_errors_total counter", f"deltarun_http_errors_total {self.http_errors}",
-                      "# TYPE deltarun_prompt_tokens_total counter", f"deltarun_prompt_tokens_total {self.prompt_tokens}",
+                      "# TYPE deltarun_prompt_tokens_total counter",
+                      f"deltarun_prompt_tokens_total {self.prompt_tokens}",
                       "# TYPE deltarun_generation_tokens_total counter",
                       f"deltarun_generation_tokens_total {self.generation_tokens}",
                       "# TYPE deltarun_requests_running gauge", f"deltarun_requests_running {self.running}"]

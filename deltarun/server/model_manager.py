@@ -21,8 +21,17 @@ from typing import Any
 
 from ..store import names
 from .errors import APIError
-from .targets import (FOREVER, Target, free_memory_for, gb, load_llm, parse_keep_alive, resolve_target,
-                      unload_llm, weight_bytes)
+from .targets import (
+    FOREVER,
+    Target,
+    free_memory_for,
+    gb,
+    load_llm,
+    parse_keep_alive,
+    resolve_target,
+    unload_llm,
+    weight_bytes,
+)
 
 _UNSET = object()
 log = logging.getLogger("deltarun.server")

@@ -22,12 +22,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ..store import local
-from .errors import APIError
-from .state import ServerState
 from .common import add_structured, build_chat_prompt, sampling
+from .errors import APIError
 from .manage import local_entries
 from .model_manager import Loaded, is_unload
 from .protocol import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
+from .state import ServerState
 from .streaming import chat_events, prepare, until_disconnect
 
 router = APIRouter()

@@ -18,10 +18,10 @@ from fastapi.responses import StreamingResponse
 
 from ..outputs import Logprob
 from ..processor.tool_calls import ToolCall
-from .errors import APIError
-from .state import ServerState
 from .common import ChatPrompt, add_structured, build_chat_prompt, check_length, new_id, sampling
+from .errors import APIError
 from .protocol import ChatCompletionRequest
+from .state import ServerState
 from .streaming import chat_events, prepare, until_disconnect
 from .structured import StructuredOutputError
 from .tool_grammar import forced_tool_processors

@@ -15,11 +15,11 @@ from fastapi.responses import StreamingResponse
 
 from ..outputs import Logprob
 from ..processor.output import RequestState
-from .errors import APIError
-from .state import ServerState
 from .common import add_structured, check_length, new_id, sampling
+from .errors import APIError
 from .openai import sse
 from .protocol import CompletionRequest
+from .state import ServerState
 from .streaming import prepare, run_request, run_to_end, until_disconnect
 
 router = APIRouter()

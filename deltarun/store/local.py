@@ -142,7 +142,8 @@ def hf_models() -> list[LocalModel]:
         if cfg is None:
             continue
         out.append(LocalModel(name=names.alias_for(repo.repo_id) or repo.repo_id, source="hf",
-                              path=Path(rev.snapshot_path), size=repo.size_on_disk, quant=weights_dtype(Path(rev.snapshot_path), cfg),
+                              path=Path(rev.snapshot_path), size=repo.size_on_disk,
+                              quant=weights_dtype(Path(rev.snapshot_path), cfg),
                               repo_id=repo.repo_id, extra={"revision": rev.commit_hash, "repo_path": repo.repo_path}))
     return out
 
@@ -364,7 +365,8 @@ def describe(model: LocalModel) -> dict:
     if model.repo_id:
         info["repo"] = model.repo_id + (f" @ {model.extra['revision'][:12]}" if model.extra.get("revision") else "")
     if model.is_gguf:
-        info["format"] = "GGUF" if (model.extra.get("gguf", True) and is_gguf(model.path)) else "unknown (no GGUF magic)"
+        magic = model.extra.get("gguf", True) and is_gguf(model.path)
+        info["format"] = "GGUF" if magic else "unknown (no GGUF magic)"
         info["quantization"] = model.quant
         info["runs"] = "in place, read-only (weights read from the GGUF file)"
         return info

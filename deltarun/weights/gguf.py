@@ -31,9 +31,9 @@ from ..model.qwen3_5 import Qwen3_5ForCausalLM
 from ..ops import gemv
 from ..ops.quant import QuantEmbedding, QuantLinear, pack_int4, quantize_int8
 from . import quantize as quant
+from .common import FP32_PARAMS, LoadError, resolve_device, resolve_dtype
 from .gguf_file import GGUFTensor, dequantize_blocks, int4_blocks, q8_0_values
 from .gguf_meta import gguf_of, open_gguf
-from .common import FP32_PARAMS, LoadError, resolve_device, resolve_dtype
 
 P = "model.language_model."
 TOP = {"token_embd.weight": P + "embed_tokens.weight", "output_norm.weight": P + "norm.weight",

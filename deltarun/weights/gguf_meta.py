@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from ..paths import cache_dir
-from .gguf_file import GGUFFile
 from .common import LoadError
+from .gguf_file import GGUFFile
 
 ARCH = "qwen35"
 MARKER = "gguf.json"

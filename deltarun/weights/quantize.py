@@ -5,7 +5,8 @@ meta-built model's Linears (and the token embedding) for empty `QuantLinear`/`Qu
 that the loader then fills, either from full-precision weights (`quantize_into`, quantize-on-load) or
 from a folder saved by `save_quantized` (`deltarun quantize`), which loads without re-quantizing.
 Kept in full precision: norms, conv1d, DeltaNet's tiny a/b gate projections and A_log/dt_bias (they
-set every decay), the vision tower and the MTP head (loaded apart, by weights/mtp_loader.py). The kernels and formats themselves live in ops/quant.py.
+set every decay), the vision tower and the MTP head (loaded apart, by weights/mtp_loader.py). The kernels
+and formats themselves live in ops/quant.py.
 """
 from __future__ import annotations
 
