@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from .engine.engine import Engine, EngineConfig
+from .inputs import MultiModalInput
 from .outputs import ChatCompletion, ChatOutput, RequestOutput, StreamDelta
 from .processor.chat_template import ChatTemplate
 from .processor.mrope import VisionTokens
-from .processor.multimodal import MediaRef, MultiModalInput, extract_media, prepare_media
+from .processor.multimodal import MediaRef, extract_media, prepare_media
 from .processor.output import OutputProcessor, RequestState
 from .processor.reasoning import ReasoningParser, split_reasoning
 from .processor.tokenizer import Tokenizer

@@ -1,6 +1,7 @@
 """Import rules, read from the source (every import statement, function bodies included): deltarun has no
 import circles, weights/ (file formats) imports nothing from store/, and the server and CLI use only public
-names of store/. (More rules join as the architecture work re-seats packages.)"""
+names of store/, and engine/ imports nothing from processor/, server/ or store/. (More rules join as the
+architecture work re-seats packages.)"""
 from __future__ import annotations
 
 import ast
@@ -93,3 +94,12 @@ def test_server_and_cli_use_only_public_names_of_the_store():
         text = path.read_text()
         assert not re.search(r"\b(local|names|pull)\._\w", text), path.name
         assert not re.search(r"from \.\.store\.\w+ import [^\n]*\b_\w", text), path.name
+
+
+def test_the_engine_speaks_token_ids():
+    """engine/ imports nothing from processor/ (text, templates, media decoding), server/ or store/: what
+    crosses its boundary lives in deltarun/inputs.py."""
+    g = import_graph()
+    for m, deps in g.items():
+        if m.startswith("deltarun.engine"):
+            assert not [d for d in deps if d.startswith(("deltarun.processor", "deltarun.server", "deltarun.store"))], m

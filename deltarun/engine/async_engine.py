@@ -12,7 +12,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 
-from ..processor.multimodal import MultiModalInput
+from ..inputs import MultiModalInput
 from ..sampling import SamplingParams
 from .engine import Engine
 from .sequence import StepOutput

@@ -24,9 +24,9 @@ import torch
 
 from ..cache.prefix import PrefixCache
 from ..cache.state import GROWTH, KVCache, ModelCache, SeqState
+from ..inputs import MAX_ENCODE_PATCHES, MultiModalInput
 from ..model.qwen3_5 import Qwen3_5ForCausalLM
 from ..ops.sampling import SamplerState, prompt_logprobs, sample
-from ..processor.multimodal import MultiModalInput
 from ..sampling import SamplingParams
 from .memory import default_budgets
 from .sequence import Request, Sequence, SeqUpdate, StepOutput
@@ -251,7 +251,7 @@ class Engine:
         a, b = req.mm.rows(start, end)
         if a < b:
             if req.vision_embeds is None:  # once per request, and only if a chunk needs it (not on a hit)
-                req.vision_embeds = req.mm.encode(self.vision)
+                req.vision_embeds = encode_vision(self.vision, req.mm)
                 self.stats["vision_encodes"] += 1
             idx = (req.mm.vision_index[a:b] - start).to(x.device)
             x[0, idx] = req.vision_embeds[a:b].to(device=x.device, dtype=x.dtype)
@@ -384,3 +384,14 @@ class Engine:
                 seq.finish_reason = "length"
         if seq.finished:
             self._drop(seq)
+
+
+@torch.inference_mode()
+def encode_vision(vision: torch.nn.Module, mm: MultiModalInput, max_patches: int = MAX_ENCODE_PATCHES
+                  ) -> torch.Tensor:
+    """The vision tower over every item of `mm` → embeddings [N_vis, out_hidden], one row per vision token."""
+    out = [vision(pv, [grid]) for item in mm.items for pv, grid in item.pixel_chunks(max_patches)]
+    emb = torch.cat(out)
+    if emb.shape[0] != mm.num_vision_tokens:
+        raise ValueError(f"the vision tower gave {emb.shape[0]} embeddings for {mm.num_vision_tokens} vision tokens")
+    return emb

@@ -4,7 +4,7 @@ Token ids only: text, stop strings and templates are handled by the caller (proc
 A sequence's *inputs* are the prompt followed by its generated tokens; `num_computed` of them are in
 its model state. A sequence is ready to decode when exactly one input (its newest token) is pending;
 more pending means it must be prefilled first (a new prompt, or a preempted sequence recomputing).
-A request with images/videos carries a `MultiModalInput` (positions, where its vision tokens are, cache
+A request with images/videos carries a `MultiModalInput` (inputs.py) (positions, where its vision tokens are, cache
 keys) and, while its prompt is being prefilled, the vision tower's output for it.
 """
 from __future__ import annotations
@@ -15,11 +15,9 @@ from typing import Protocol
 import torch
 
 from ..cache.state import SeqState
+from ..inputs import MultiModalInput, SeqUpdate, StepOutput, TopLogprobs  # noqa: F401 (engine names)
 from ..ops.sampling import SamplerState
-from ..processor.multimodal import MultiModalInput
 from ..sampling import SamplingParams
-
-TopLogprobs = list[tuple[int, float]]
 
 
 @dataclass(eq=False)  # identity: two sequences are never "equal"
@@ -84,29 +82,6 @@ class Request:
     @property
     def key_ids(self) -> list[int]:
         return self.mm.key_ids if self.mm is not None else self.prompt_ids
-
-
-@dataclass
-class SeqUpdate:
-    """New tokens for one sequence in one step."""
-
-    index: int
-    new_token_ids: list[int]
-    new_logprobs: list[float]
-    new_top_logprobs: list[TopLogprobs]
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-@dataclass
-class StepOutput:
-    """What one `step()` did for one request."""
-
-    request_id: str
-    updates: list[SeqUpdate]
-    prompt_logprobs: list[float | None] | None = None  # set once, when the prefill completes
-    prompt_top_logprobs: list[TopLogprobs | None] | None = None
-    finished: bool = False
 
 
 class DecodeHost(Protocol):

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
+from ..inputs import MAX_ENCODE_PATCHES, MultiModalInput
 from .mrope import VisionTokens, expand_placeholders, rope_index
 from .video import ProcessedVideo, VideoProcessorConfig, load_video
 from .vision import ImageProcessorConfig, ProcessedImage, preprocess_image
 
 Messages = list[dict[str, Any]]
-MAX_ENCODE_PATCHES = 16384  # patches per vision-tower call for a video: bounds activation memory
 
 
 @dataclass(frozen=True)
@@ -115,49 +115,6 @@ def load_item(ref: MediaRef, image_cfg: ImageProcessorConfig, video_cfg: VideoPr
 def key_value(digest: bytes) -> int:
     """A negative id standing for an item's vision tokens in prefix-cache keys (never a real token id)."""
     return -1 - int.from_bytes(digest[:7], "big")
-
-
-@dataclass(eq=False)
-class MultiModalInput:
-    """What the engine needs for a prompt with images/videos (items in prompt order)."""
-
-    items: list[MediaItem]
-    positions: torch.Tensor  # [3, P] int64: M-RoPE positions of the prompt
-    delta: int  # position of token i ≥ P is i + delta on all three axes
-    vision_index: torch.Tensor  # [N_vis] int64: prompt indices of the vision tokens, ascending
-    key_ids: list[int]  # prompt ids with vision tokens replaced by their item's key value
-
-    @property
-    def num_prompt(self) -> int:
-        return self.positions.shape[1]
-
-    @property
-    def num_vision_tokens(self) -> int:
-        return self.vision_index.numel()
-
-    def positions_for(self, start: int, end: int) -> torch.Tensor:
-        """Positions [3, end − start] of inputs start … end−1 (prompt, then generated tokens)."""
-        p = self.num_prompt
-        parts = [self.positions[:, start:min(end, p)]]
-        if end > p:
-            lo = max(start, p)
-            parts.append(torch.arange(lo + self.delta, end + self.delta).expand(3, -1))
-        return torch.cat(parts, dim=1)
-
-    def rows(self, start: int, end: int) -> tuple[int, int]:
-        """The range [a, b) of vision-embedding rows whose tokens fall in inputs start … end−1."""
-        bounds = torch.searchsorted(self.vision_index, torch.tensor([start, end]))
-        return int(bounds[0]), int(bounds[1])
-
-    @torch.inference_mode()
-    def encode(self, vision: torch.nn.Module, max_patches: int = MAX_ENCODE_PATCHES) -> torch.Tensor:
-        """Run the vision tower over every item → embeddings [N_vis, out_hidden], one row per vision token."""
-        out = [vision(pv, [grid]) for item in self.items for pv, grid in item.pixel_chunks(max_patches)]
-        emb = torch.cat(out)
-        if emb.shape[0] != self.num_vision_tokens:
-            raise ValueError(f"the vision tower gave {emb.shape[0]} embeddings for {self.num_vision_tokens} "
-                             "vision tokens")
-        return emb
 
 
 def prepare_media(ids: Sequence[int], media: Sequence[MediaRef], encode: Callable[[str], list[int]],

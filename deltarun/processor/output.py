@@ -10,14 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..engine.sequence import StepOutput
+from ..inputs import StepOutput
 from ..outputs import CompletionOutput, Logprob, RequestOutput, StreamDelta
 from ..sampling import SamplingParams
 from .detokenizer import IncrementalDetokenizer, StopChecker
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from .multimodal import MultiModalInput
+    from ..inputs import MultiModalInput
 
 FinishFn = Callable[[str, int, str, str], None]  # (request_id, index, reason, stop string)
 

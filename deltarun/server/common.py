@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..async_llm import AsyncLLM
-from ..processor.multimodal import MediaRef, MultiModalInput, extract_media
+from ..inputs import MultiModalInput
+from ..processor.multimodal import MediaRef, extract_media
 from ..sampling import SamplingParams
 from .errors import APIError
 from .streaming import template_messages

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from ..async_llm import AsyncLLM
+from ..inputs import MultiModalInput
 from ..outputs import StreamDelta
-from ..processor.multimodal import MultiModalInput
 from ..processor.output import RequestState
 from ..processor.reasoning import ReasoningParser
 from ..processor.tool_calls import ToolCall, ToolCallParser
