@@ -12,10 +12,9 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 
-from ..inputs import MultiModalInput
+from ..inputs import MultiModalInput, StepOutput
 from ..sampling import SamplingParams
 from .engine import Engine
-from .sequence import StepOutput
 
 
 class AsyncEngine:

@@ -24,12 +24,12 @@ import torch
 
 from ..cache.prefix import PrefixCache
 from ..cache.state import GROWTH, KVCache, ModelCache, SeqState
-from ..inputs import MAX_ENCODE_PATCHES, MultiModalInput
+from ..inputs import MAX_ENCODE_PATCHES, MultiModalInput, SeqUpdate, StepOutput
 from ..model.qwen3_5 import Qwen3_5ForCausalLM
 from ..ops.sampling import SamplerState, prompt_logprobs, sample
 from ..sampling import SamplingParams
 from .memory import default_budgets
-from .sequence import Request, Sequence, SeqUpdate, StepOutput
+from .sequence import Request, Sequence
 from .speculative import make_speculator
 
 LOGITS_CHUNK = 256  # prompt positions per logits block: bounds the [T, vocab] fp32 buffer

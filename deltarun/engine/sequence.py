@@ -4,8 +4,8 @@ Token ids only: text, stop strings and templates are handled by the caller (proc
 A sequence's *inputs* are the prompt followed by its generated tokens; `num_computed` of them are in
 its model state. A sequence is ready to decode when exactly one input (its newest token) is pending;
 more pending means it must be prefilled first (a new prompt, or a preempted sequence recomputing).
-A request with images/videos carries a `MultiModalInput` (inputs.py) (positions, where its vision tokens are, cache
-keys) and, while its prompt is being prefilled, the vision tower's output for it.
+A request with images/videos carries a `MultiModalInput` (inputs.py: positions, where its vision tokens are,
+cache keys) and, while its prompt is being prefilled, the vision tower's output for it.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from ..cache.state import SeqState
-from ..inputs import MultiModalInput, SeqUpdate, StepOutput, TopLogprobs  # noqa: F401 (engine names)
+from ..inputs import MultiModalInput, StepOutput, TopLogprobs
 from ..ops.sampling import SamplerState
 from ..sampling import SamplingParams
 

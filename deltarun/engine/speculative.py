@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..cache.state import KVCache, ModelCache
+from ..inputs import SeqUpdate, StepOutput
 from ..model.mtp import MTPHead
 from ..ops.quant import QuantLinear
 from ..ops.sampling import process_logits, sample
-from .sequence import Sequence, SeqUpdate, StepOutput
+from .sequence import Sequence
 from .spec_policy import SpecPolicy, rejection_step
 
 if TYPE_CHECKING:

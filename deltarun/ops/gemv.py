@@ -4,12 +4,13 @@ Decode multiplies one token per sequence by every weight: memory-bound, and torc
 streams weights at roughly half the machine's bandwidth for so few rows. The kernel here reads each
 weight row once for up to 16 activation rows (bf16 weights; int8 weights with a per-row scale and int4
 in torch's CPU layout, used by ops/quant.py), with AVX-512 (BF16/VNNI where present) or AVX2+FMA inner
-loops. It is compiled for this machine (-march=native) by torch's extension builder into
-~/.cache/deltarun/kernels (or $DELTARUN_KERNELS_DIR) the first time a model loads on the CPU (~20 s,
-once), and is optional: without a compiler, with `DELTARUN_CPU_KERNELS=0`, or if its self-check against F.linear fails,
-everything runs on torch's own ops. The same extension holds the prefill-side CPU ops (the integer GEMM for
-quantized weights, the conv and the chunked delta rule: csrc/qgemm.cpp, conv.cpp, gdn_chunk.cpp); bf16
-prefill matmuls stay on torch's GEMMs (`linear_via_fp32`: widened to fp32 for oneDNN where bf16 is emulated).
+loops. It is compiled for this machine (-march=native, or the lower level `DELTARUN_CPU_LEVEL` names) by
+torch's extension builder into ~/.cache/deltarun/kernels (or $DELTARUN_KERNELS_DIR) the first time a model
+loads on the CPU (~20 s, once), and is optional: without a compiler, with `DELTARUN_CPU_KERNELS=0`, or if
+its self-check against F.linear fails, everything runs on torch's own ops. The same extension holds the
+prefill-side CPU ops (the integer GEMM for quantized weights, the conv and the chunked delta rule:
+csrc/qgemm.cpp, conv.cpp, gdn_chunk.cpp) and, where bf16 matmul is emulated, the bf16-weight GEMM
+(csrc/fgemm.cpp, `linear_bf16w`; else `linear_via_fp32`, widened to fp32 for oneDNN).
 """
 from __future__ import annotations
 
@@ -90,10 +91,9 @@ def available() -> bool:
     if "ok" in _state:
         return bool(_state["ok"])
     _state["ok"] = False
-    if os.environ.get("DELTARUN_CPU_KERNELS", "1") == "0":
-        return False
-    if not (shutil.which("c++") or shutil.which("g++")) or sys.platform == "win32":
-        log.info("no C++ compiler: CPU decode uses torch's matmuls")
+    if (skip := _not_built()) is not None:
+        if skip == "no compiler":
+            log.info("no C++ compiler: CPU decode uses torch's matmuls")
         return False
     try:
         from torch.utils import cpp_extension
@@ -120,16 +120,21 @@ def available() -> bool:
     return bool(_state["ok"])
 
 
+def _not_built() -> str | None:
+    """"off" (`DELTARUN_CPU_KERNELS=0`) or "no compiler" where the kernels are not to be built, else None."""
+    if os.environ.get("DELTARUN_CPU_KERNELS", "1") == "0":
+        return "off"
+    if not (shutil.which("c++") or shutil.which("g++")) or sys.platform == "win32":
+        return "no compiler"
+    return None
+
+
 def unavailable_reason() -> str | None:
     """Why `available()` is False: None where the kernels loaded; "off" / "no compiler" where they were not
     to be built; otherwise the build or self-check error (tests fail on it rather than skip)."""
     if available():
         return None
-    if os.environ.get("DELTARUN_CPU_KERNELS", "1") == "0":
-        return "off"
-    if not (shutil.which("c++") or shutil.which("g++")) or sys.platform == "win32":
-        return "no compiler"
-    return str(_state.get("error", "unknown"))
+    return _not_built() or str(_state.get("error", "unknown"))
 
 
 def _self_check() -> bool:

@@ -23,19 +23,25 @@ _real_getaddrinfo = socket.getaddrinfo
 violations: list[str] = []
 
 
+def _ip(host) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """`host` (str or bytes, maybe [bracketed] or with a %zone) as an address; None for a name."""
+    text = host.decode("ascii", "replace") if isinstance(host, bytes) else str(host)
+    try:
+        return ipaddress.ip_address(text.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return None
+
+
 def is_local_host(host) -> bool:
     """Whether `host` (an address or a name, str or bytes) is this machine: loopback, unspecified (which
     Linux routes to itself), localhost or the host's own name. Names are never resolved here."""
     if host is None:
         return True
-    if isinstance(host, bytes):
-        host = host.decode("ascii", "replace")
-    host = str(host).strip("[]").split("%", 1)[0]
-    if host == "" or host.lower() in _LOCAL_NAMES or host.lower() == socket.gethostname().lower():
+    name = (host.decode("ascii", "replace") if isinstance(host, bytes) else str(host)).lower()
+    if name == "" or name in _LOCAL_NAMES or name == socket.gethostname().lower():
         return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
+    ip = _ip(host)
+    if ip is None:
         return False  # a name that is not ours: its lookup alone would ask a DNS server
     mapped = getattr(ip, "ipv4_mapped", None)
     return ip.is_loopback or ip.is_unspecified or bool(mapped and (mapped.is_loopback or mapped.is_unspecified))
@@ -79,16 +85,8 @@ def _sendto(self, data, *args):
     return _real_sendto(self, data, *args)
 
 
-def _numeric(host) -> bool:
-    try:
-        ipaddress.ip_address((host.decode() if isinstance(host, bytes) else str(host)).strip("[]").split("%", 1)[0])
-        return True
-    except ValueError:
-        return False
-
-
 def _getaddrinfo(host, *args, **kwargs):
-    if not (is_local_host(host) or _numeric(host)):  # a numeric address asks no resolver; connect checks it
+    if not (is_local_host(host) or _ip(host) is not None):  # a numeric address asks no resolver; connect checks it
         _refuse(f"name lookup of {host!r}")
         raise socket.gaierror(socket.EAI_NONAME, f"network guard: lookup of {host!r} refused")
     return _real_getaddrinfo(host, *args, **kwargs)
