@@ -215,7 +215,7 @@ def test_abort_and_preemption_leave_no_slots(tiny_ckpt):
     for _ in range(12):
         e.step()
     e.abort("1")
-    e._preempt(e.requests["3"])
+    e.scheduler.preempt(e.requests["3"])
     while e.has_unfinished():
         e.step()
     assert _free(llm) and e.stats["preemptions"] == 1

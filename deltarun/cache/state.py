@@ -6,18 +6,24 @@ Layout:
     follows the tokens held (within 50%) and a prompt of any length is never re-copied while prefilling.
   * linear-attention layer → a `StatePool`: conv [S, conv_dim, K-1] (model dtype) and recurrent
     [S, Hv, Dk, Dv] (fp32 whatever the weights) for S slots; a running sequence owns one slot index.
-    Decode gathers the batch's slots and scatters the new states back. Speculative decoding can take
-    extra slots per sequence (k+1 states) from the same pool.
-A `ModelCache` is the view the model runs on: the pool plus the sequences of this batch.
+    Decode gathers the batch's slots and scatters the new states back. Speculative decoding's verify
+    forward records the states after each position in a per-layer scratch (`verify_buffer`), not in slots.
+  * MTP head (speculative decoding) → a `DraftState` per sequence: the head's own KV and pending hidden rows.
+A `ModelCache` is the view the model runs on: the pool plus the sequences of this batch (and, for a verify
+forward, the dict the DeltaNet layers record their per-position states in).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 GROWTH = 1.5
+
+
+def grown_capacity(capacity: int, need: int) -> int:
+    """The capacity a KV cache holding `capacity` tokens grows to when it must hold `need` (> capacity)."""
+    return max(need, int(capacity * GROWTH), 64)
 
 
 @dataclass
@@ -57,7 +63,7 @@ class KVCache:
     def make_room(self, need: int, like: torch.Tensor) -> None:
         """Capacity for `need` tokens, grown ×GROWTH (at least 64) when short; like: [1, Hkv, ·, D]."""
         if need > self.capacity:
-            self.reserve(max(need, int(self.capacity * GROWTH), 64), like)
+            self.reserve(grown_capacity(self.capacity, need), like)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add k, v [1, Hkv, T, D]; return all held keys and values [1, Hkv, length, D]."""
@@ -108,11 +114,6 @@ class StatePool:
         self.recurrent = [torch.zeros(num_slots, *r, dtype=torch.float32, device=device) for _, r in shapes]
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.num_slots = num_slots
-        # Set to {} by speculative decoding's verify forward: each linear-attention layer then records
-        # {index: (conv input window [B, C, K-1+T], recurrent states after positions 0 … T−2
-        # [T−1, B, Hv, Dk, Dv])} (after the last position the state is the pool's own; those live in
-        # `verify_buffer`).
-        self.capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._verify: dict[int, torch.Tensor] = {}
 
     def verify_buffer(self, index: int, t: int, b: int) -> torch.Tensor:
@@ -153,13 +154,26 @@ class StatePool:
 
 
 @dataclass
+class DraftState:
+    """One sequence's MTP head context (engine/speculative.py): the head layer's KV, and target hidden states
+    not yet fed to the head."""
+
+    kv: KVCache
+    pos: int  # position of hidden[0]; hidden row i pairs with the token at position pos + i + 1
+    hidden: torch.Tensor | None = None  # [P, H]
+
+    def nbytes(self) -> int:
+        return self.kv.nbytes() + (self.hidden.numel() * self.hidden.element_size() if self.hidden is not None else 0)
+
+
+@dataclass
 class SeqState:
-    """The model state one sequence owns: a pool slot and its KV caches."""
+    """The model state one sequence owns: a pool slot, its KV caches and (speculating) its MTP context."""
 
     slot: int
     kv: list[KVCache]
     length: int = 0  # tokens processed so far (the next token's position)
-    draft: Any = None  # speculative decoding's per-sequence MTP state (engine/speculative.py), if any
+    draft: DraftState | None = None
 
     def kv_nbytes(self) -> int:
         return sum(c.nbytes() for c in self.kv) + (self.draft.nbytes() if self.draft is not None else 0)
@@ -171,7 +185,11 @@ class ModelCache:
 
     pool: StatePool
     seqs: list[SeqState]
-    extra: dict = field(default_factory=dict)
+    # A verify forward (speculative decoding) passes {}: each linear-attention layer then records
+    # {index: (conv input window [B, C, K-1+T], recurrent states after positions 0 … T−2 [T−1, B, Hv, Dk, Dv])}
+    # (after the last position the state is the pool's own; the recorded ones live in `verify_buffer`).
+    capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    slot_ids: tuple[tuple[int, int], torch.Tensor] | None = None  # the fused layers' slot-index tensor, per forward
 
     @property
     def length(self) -> int:  # single-sequence convenience (tests, benchmarks)

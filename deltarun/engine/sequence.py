@@ -74,6 +74,7 @@ class Request:
     prompt_top_logprobs: list[TopLogprobs | None] = field(default_factory=list)
     mm: MultiModalInput | None = None
     vision_embeds: torch.Tensor | None = None  # [N_vis, H] while the prompt's vision tokens are prefilled
+    adapter: str | None = None  # the adapter (LoRA) the request runs with; None: the base model
 
     @property
     def finished(self) -> bool:
@@ -85,8 +86,9 @@ class Request:
 
 
 class DecodeHost(Protocol):
-    """What a decode strategy (the MTP speculator, speculative.py) uses of the engine that runs it: the model,
-    the state pool, the counters, the usable vocabulary, a plain decode step and the stop check."""
+    """What a decode strategy (the MTP speculator, speculative.py) uses of the runner that runs it: the model,
+    the state pool, the counters, the usable vocabulary, a plain decode step and the stop check (which marks a
+    sequence finished; the scheduler frees it after the step's phase)."""
 
     model: torch.nn.Module
     pool: object  # cache.state.StatePool

@@ -3,14 +3,14 @@
 Per decode step: (1) the MTP head catches up on the target hidden states it has not seen (paired with
 the tokens that follow them) and drafts k tokens; (2) ONE target forward runs every row over [last
 token, drafts…] (shorter rows padded, their extra positions discarded) while each DeltaNet layer records
-its state after every position (`StatePool.capture`); (3) positions are accepted left to right: greedy
+its state after every position (`ModelCache.capture`); (3) positions are accepted left to right: greedy
 rows keep a draft while it is the target's pick, sampled rows by rejection sampling (`rejection_step`),
 so the output is exactly the target's distribution. Each position's distribution is computed after the
 previous token was appended to the sampler, so penalties, min_tokens and logits processors stay exact.
 Each row's DeltaNet conv/recurrent state is then reset to the one after its last kept position and its
 KV cut there: the state equals a plain run's. Nothing past a stop/EOS/max_tokens is ever emitted.
 
-The head's context (`DraftState`, on the `SeqState`: freed, preempted and forked with it) is its own KV
+The head's context (`DraftState`, cache/state.py, on the `SeqState`: freed, preempted and forked with it) is its own KV
 of pairs (h_t, token t+1); after a prefix-cache hit it starts at the hit (no MTP state is cached), which
 may only lower acceptance. Not drafted (0 drafts, sampled exactly as plain decoding): image/video
 requests, requests with logits processors (the grammar cannot advance over unverified drafts), and
@@ -21,12 +21,11 @@ decodes plainly.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from ..cache.state import KVCache, ModelCache
+from ..cache.state import DraftState, KVCache, ModelCache
 from ..inputs import SeqUpdate, StepOutput
 from ..model.mtp import MTPHead
 from ..ops.quant import QuantLinear
@@ -36,18 +35,6 @@ from .spec_policy import SpecPolicy, rejection_step
 
 if TYPE_CHECKING:
     from .sequence import DecodeHost
-
-
-@dataclass
-class DraftState:
-    """One sequence's MTP context: its layer's KV, and target hidden states not yet fed to the head."""
-
-    kv: KVCache
-    pos: int  # position of hidden[0]; hidden row i pairs with the token at position pos + i + 1
-    hidden: torch.Tensor | None = None  # [P, H]
-
-    def nbytes(self) -> int:
-        return self.kv.nbytes() + (self.hidden.numel() * self.hidden.element_size() if self.hidden is not None else 0)
 
 
 class Speculator:
@@ -188,19 +175,15 @@ class Speculator:
             pos = [s.num_computed + (s.request.mm.delta if s.request.mm is not None else 0) for s in seqs]
             positions = (torch.tensor(pos, device=dev)[:, None] + torch.arange(t, device=dev)).expand(3, -1, -1)
         states = [s.state for s in seqs]
-        pool.capture = {}
-        try:
-            hidden = eng.model(ids, ModelCache(pool, states), positions=positions)  # [B, T, H]
-            capture = pool.capture
-        finally:
-            pool.capture = None
+        capture: dict = {}
+        hidden = eng.model(ids, ModelCache(pool, states, capture=capture), positions=positions)  # [B, T, H]
         logits = eng.model.logits(hidden)  # [B, T, V]
         p0 = [s.num_computed for s in seqs]
         accepted = [self._accept(s, logits[b], drafts[b], qs[b], outputs) for b, s in enumerate(seqs)]
         self._rewind(seqs, states, capture, accepted, t)
         for b, (s, a) in enumerate(zip(seqs, accepted)):
-            if s.state is None or not self._eligible(s):
-                continue
+            if s.state is None or s.finished or not self._eligible(s):
+                continue  # a finished row is freed after this step
             d = s.state.draft = s.state.draft or DraftState(KVCache(), p0[b])
             new = hidden[b, : a + 1].clone()  # H_0 … H_a: they pair with the tokens just emitted
             if d.hidden is not None and d.hidden.shape[0] and d.pos + d.hidden.shape[0] == p0[b]:
@@ -256,9 +239,10 @@ class Speculator:
 
     def _rewind(self, seqs: list[Sequence], states: list, capture: dict, accepted: list[int], t: int) -> None:
         """Set each live row's DeltaNet states to those after its last kept position; cut its KV there."""
-        pool, rows = self.engine.pool, [b for b, s in enumerate(seqs) if s.state is not None and accepted[b] < t - 1]
+        live = [s.state is not None and not s.finished for s in seqs]  # finished rows are freed after the step
+        pool, rows = self.engine.pool, [b for b, s in enumerate(seqs) if live[b] and accepted[b] < t - 1]
         for b, s in enumerate(seqs):
-            if s.state is not None:
+            if live[b]:
                 keep = accepted[b] + 1
                 s.num_computed += keep
                 s.state.length += keep - t

@@ -41,12 +41,14 @@ class GatedDeltaNet(nn.Module):
         """Per-sequence (conv state, recurrent state) shapes."""
         return (self.conv_dim, self.kernel - 1), (self.hv, self.dk, self.dv)
 
-    def forward(self, x: torch.Tensor, pool: StatePool, index: int, slots: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pool: StatePool, index: int, slots: torch.Tensor,
+                capture: dict | None = None) -> torch.Tensor:
         """x [B, T, hidden] → [B, T, hidden]; reads and advances the states of `slots` [B] in the pool
-        (`index` = which linear-attention layer this is)."""
+        (`index` = which linear-attention layer this is). `capture` (a speculative verify): record the
+        state after every position in it (ModelCache.capture)."""
         b, t, _ = x.shape
-        if pool.capture is not None:  # speculative verify: keep the state after every position
-            return self._verify_steps(x, pool, index, slots)
+        if capture is not None:
+            return self._verify_steps(x, pool, index, slots, capture)
         if t == 1:
             return self._decode_step(x, pool, index, slots)
         qkv, conv = causal_conv1d(self.in_proj_qkv(x), self.conv1d.weight.squeeze(1), pool.conv[index][slots])
@@ -92,10 +94,11 @@ class GatedDeltaNet(nn.Module):
                         self.hk, self.in_proj_z(x).view(b, -1), self.norm.weight, self.norm.eps)
         return self.out_proj(o.view(b, 1, self.value_dim))
 
-    def _verify_steps(self, x: torch.Tensor, pool: StatePool, index: int, slots: torch.Tensor | slice) -> torch.Tensor:
+    def _verify_steps(self, x: torch.Tensor, pool: StatePool, index: int, slots: torch.Tensor | slice,
+                      capture: dict) -> torch.Tensor:
         """forward over a few positions (x [B, T, hidden]), each computed by the very step `_decode_step`
         takes for one token (so a verified token is bit for bit a plain decode's), recording in
-        `pool.capture[index]` the conv input window [B, C, K-1+T] (the conv state after position i is
+        `capture[index]` the conv input window [B, C, K-1+T] (the conv state after position i is
         window[..., i+1 : i+K]) and the recurrent state after positions 0 … T−2 ([T−1, B, Hv, Dk, Dv] fp32,
         the pool's scratch; after the last position it is the pool's own state): speculative decoding
         resumes from whichever position it accepts."""
@@ -109,5 +112,5 @@ class GatedDeltaNet(nn.Module):
         outs = [decode_step(mixed[:, i], conv, w, ab[i][0][:, 0], ab[i][1][:, 0], self.A_log, self.dt_bias, rec, slots,
                             self.hk, z[:, i], self.norm.weight, self.norm.eps, snap=snaps[i] if i < t - 1 else None)
                 for i in range(t)]
-        pool.capture[index] = (window, snaps)
+        capture[index] = (window, snaps)
         return self.out_proj(torch.stack(outs, 1))

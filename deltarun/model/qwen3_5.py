@@ -32,7 +32,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, rope, cache: ModelCache, slots: torch.Tensor):
         plan = fused.plan(self) if fused.usable(x) else None  # decode on the CPU: C++ ops, the same math
-        if plan is not None and plan.gdn is not None and cache.pool.capture is None:
+        if plan is not None and plan.gdn is not None and cache.capture is None:
             return fused.gdn_layer(plan, x, cache, self.state_index, slots)
         if plan is not None and plan.attn is not None:
             y = fused.attn_layer(plan, x, rope, [s.kv[self.state_index] for s in cache.seqs])
@@ -40,7 +40,7 @@ class DecoderLayer(nn.Module):
                 return y
         h = self.input_layernorm(x)
         if self.layer_type == "linear_attention":
-            h = self.linear_attn(h, cache.pool, self.state_index, slots)
+            h = self.linear_attn(h, cache.pool, self.state_index, slots, cache.capture)
         else:
             h = self.self_attn(h, rope, [s.kv[self.state_index] for s in cache.seqs])
         if plan is not None:

@@ -106,9 +106,9 @@ def gdn_layer(p: Plan, x: torch.Tensor, cache, index: int, slots: torch.Tensor |
     `cache` (a ModelCache) at `slots`."""
     if isinstance(slots, slice):  # the op takes slot indices: made once per forward, not once per layer
         key = (slots.start, slots.stop)
-        held = cache.extra.get("slot_ids")
+        held = cache.slot_ids
         if held is None or held[0] != key:
-            held = cache.extra["slot_ids"] = key, torch.arange(slots.start, slots.stop)
+            held = cache.slot_ids = key, torch.arange(slots.start, slots.stop)
         slots = held[1]
     pool = cache.pool
     return torch.ops.deltarun.gdn_layer_decode(x, *p.gdn, pool.conv[index], pool.recurrent[index], slots, p.hk,
