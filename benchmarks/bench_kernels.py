@@ -14,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from deltarun.ops import gemv
+from deltarun.ops import gemv, kernels
 from deltarun.ops.int4_layout import cpu_int4_block, int4_pairs
 
 SHAPES = ((248320, 1024), (6144, 1024), (3584, 1024), (1024, 3584))
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    if not gemv.available():
+    if not kernels.available():
         raise SystemExit("the CPU kernels are not available here")
     big = torch.ones(256 * 1024 * 1024)
     print(f"x.sum() over 1 GiB: {1.0737 / seconds(big.sum, a.reps):.1f} GB/s; torch CPU capability "

@@ -31,6 +31,17 @@ from cpu_kernels import require_cpu_kernels  # noqa: E402
 from tiny import VARIANTS, make_checkpoint, tiny_config  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _ops_settings():
+    """Every test starts from the DELTARUN_* switches of the environment it runs in (ops/settings.py reads them
+    once per process; a test that changes one re-reads them itself), and leaves them so."""
+    from deltarun.ops.settings import reload
+
+    reload()
+    yield
+    reload()
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpts(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ckpt")

@@ -7,9 +7,9 @@ import pytest
 def require_cpu_kernels() -> None:
     """Skip where this machine has no C++ compiler or `DELTARUN_CPU_KERNELS=0` is set; fail where the build
     or its self-check failed on a machine with a compiler (that is a bug users would hit, not a skip)."""
-    from deltarun.ops import gemv
+    from deltarun.ops import kernels
 
-    why = gemv.unavailable_reason()
+    why = kernels.unavailable_reason()
     if why == "no compiler":
         pytest.skip("this machine has no C++ compiler: the CPU kernels are not built (torch's ops run)")
     if why == "off":

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deltarun.ops import gemv
+from deltarun.ops import kernels, linear, routes
+from deltarun.ops.settings import reload as reload_settings
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels", "gemm_built")
 
@@ -68,20 +69,24 @@ def test_decode_linear_routes_prefill_rows_through_it(monkeypatch):
     x, w = _data(40, 64, 300, seed=3)
     b = torch.randn(300, generator=torch.Generator().manual_seed(4)).bfloat16()
     want = F.linear(x.float(), w.float(), b.float())
-    mod = torch.nn.Linear(64, 300).bfloat16()
+    mod = linear.Linear(64, 300).bfloat16()
     mod.weight.data, mod.bias.data = w, b
-    mod.__class__ = gemv.DecodeLinear
-    monkeypatch.setitem(gemv._state, "native_bf16", False)
+    monkeypatch.setitem(kernels._state, "native_bf16", False)
+    routes.assign(mod)
+    assert mod.routes["prefill"] == "gemm_bf16w"
     calls = []
     real = torch.ops.deltarun.gemm_bf16w
-    monkeypatch.setattr(gemv, "linear_via_fp32",
+    monkeypatch.setattr(linear, "linear_via_fp32",
                         lambda *a: calls.append("fp32") or F.linear(*(t.float() for t in a)).bfloat16())
     with torch.no_grad():
         got = mod(x.view(2, 20, 64))
         assert calls == [] and got.shape == (2, 20, 300)
         torch.testing.assert_close(got.view(40, 300).float(), want, rtol=8e-3, atol=1e-3)
-        assert torch.equal(gemv.linear_bf16w(x, w), real(x, w, True))
+        assert torch.equal(linear.linear_bf16w(x, w), real(x, w, True))
         monkeypatch.setenv("DELTARUN_PREFILL_GEMM", "0")
+        reload_settings()
+        routes.assign(mod)  # routes are chosen at load: a switch changed later takes effect on the next load
+        assert mod.routes["prefill"] == "fp32_widened"
         mod(x)
         assert calls == ["fp32"]
 

@@ -11,7 +11,9 @@ from tiny import make_checkpoint, tiny_config
 from deltarun.cache.state import KVCache, ModelCache, SeqState
 from deltarun.ops import gemv
 from deltarun.ops import layer as fused
+from deltarun.ops.linear import Linear
 from deltarun.ops.quant import QuantLinear
+from deltarun.ops.settings import reload as reload_settings
 from deltarun.weights.loader import load_model
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
@@ -34,10 +36,10 @@ def _decode(model, slots: list[int], prompt: torch.Tensor, steps: int) -> tuple[
 
 def _on_kernel(mod) -> bool:
     """Whether a decode-sized call of `mod` runs on one of our kernels (what a fused layer can call)."""
-    if isinstance(mod, gemv.DecodeLinear):
-        return True
-    if type(mod) is torch.nn.Linear:  # DeltaNet's fp32 in_proj_a / in_proj_b
-        return mod.weight.dtype == torch.float32
+    if isinstance(mod, Linear):
+        if mod.routes is not None and mod.routes["decode"] == "gemv_bf16":
+            return True
+        return mod.weight.dtype == torch.float32  # DeltaNet's fp32 in_proj_a / in_proj_b
     k = getattr(mod, "_kernel", None)
     return isinstance(mod, QuantLinear) and k is not None and k.op in (gemv.int8_mm, gemv.int4_mm)
 
@@ -79,6 +81,7 @@ def test_fused_decode_is_bit_exact(request, monkeypatch, quantization, slots, ck
             assert kinds == {torch.int8 if quantization == "int8" else torch.uint8}
 
     monkeypatch.setenv("DELTARUN_FUSED_LAYERS", "0")
+    reload_settings()
     fused.reset(model)
     assert fused.plan(layers[0]) is None
     want, want_states = _decode(model, slots, prompt, steps=5)

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltarun.ops import gemv
+from deltarun.ops import gemv, kernels, linear, routes
 from deltarun.ops.quant import QuantLinear, dequantize_int8
+from deltarun.ops.settings import reload as reload_settings
 from deltarun.weights.loader import load_model
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
@@ -74,10 +75,10 @@ def test_bad_shapes_are_errors():
 
 
 def test_decode_linear_routes_few_rows_and_keeps_parameters():
-    lin = nn.Linear(128, 96, bias=True).bfloat16()
+    lin = linear.Linear(128, 96, bias=True).bfloat16()
     ref = nn.Linear(128, 96, bias=True).bfloat16()
     ref.load_state_dict(lin.state_dict())
-    assert gemv.accelerate(lin) == 1 and isinstance(lin, gemv.DecodeLinear)
+    assert routes.assign(lin) == 1 and lin.routes["decode"] == "gemv_bf16"
     assert list(lin.state_dict()) == ["weight", "bias"]
     with torch.inference_mode():
         for rows in (1, 4, 40):  # 40 rows: F.linear itself
@@ -90,10 +91,10 @@ def test_bf16_model_decodes_the_same_with_and_without_kernels(tiny_ckpt):
     same tokens)."""
     fast = load_model(tiny_ckpt, dtype="bfloat16", device="cpu")
     plain = load_model(tiny_ckpt, dtype="bfloat16", device="cpu")
-    assert any(isinstance(m, gemv.DecodeLinear) for m in fast.modules())
+    assert any(isinstance(m, linear.Linear) and m.routes and m.routes["decode"] == "gemv_bf16" for m in fast.modules())
     for m in plain.modules():
-        if isinstance(m, gemv.DecodeLinear):
-            m.__class__ = nn.Linear
+        if isinstance(m, linear.Linear):
+            m.routes = None  # F.linear
     ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         out = []
@@ -110,7 +111,7 @@ def test_bf16_model_decodes_the_same_with_and_without_kernels(tiny_ckpt):
 
 
 def test_switched_off_by_environment(tmp_path):
-    code = "from deltarun.ops import gemv; print(gemv.available())"
+    code = "from deltarun.ops import kernels; print(kernels.available())"
     env = {"DELTARUN_CPU_KERNELS": "0", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
            **{k: os.environ[k] for k in ("PYTHONPATH", "DELTARUN_NETGUARD_LOG")}}  # the network guard
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -125,7 +126,7 @@ def test_a_failed_build_is_reported_not_mistaken_for_no_compiler(tmp_path):
     cxx = tmp_path / "broken-c++"
     cxx.write_text("#!/bin/sh\necho 'broken-c++: internal compiler error' >&2\nexit 1\n")
     cxx.chmod(0o755)
-    code = ("from deltarun.ops import gemv\nprint(gemv.available())\nprint(gemv.unavailable_reason())\n"
+    code = ("from deltarun.ops import kernels\nprint(kernels.available())\nprint(kernels.unavailable_reason())\n"
             "import pytest, cpu_kernels\n"
             "try:\n    cpu_kernels.require_cpu_kernels()\nexcept pytest.fail.Exception as e:\n    print('FAILED', e)\n")
     env = {**os.environ, "DELTARUN_KERNELS_DIR": str(tmp_path / "k"), "CXX": str(cxx)}
@@ -144,14 +145,14 @@ def test_a_killed_build_does_not_block_the_next_load(tmp_path):
     import shutil
     import time
 
-    src = Path(os.environ["DELTARUN_KERNELS_DIR"]) / gemv._cpu_tag()
-    dst = tmp_path / gemv._cpu_tag()
+    src = Path(os.environ["DELTARUN_KERNELS_DIR"]) / kernels._cpu_tag()
+    dst = tmp_path / kernels._cpu_tag()
     shutil.copytree(src, dst)
     lock = dst / "lock"
     lock.touch()
-    old = time.time() - gemv.STALE_LOCK_S - 60
+    old = time.time() - kernels.STALE_LOCK_S - 60
     os.utime(lock, (old, old))
-    code = "from deltarun.ops import gemv; print(gemv.available())"
+    code = "from deltarun.ops import kernels; print(kernels.available())"
     env = {**os.environ, "DELTARUN_KERNELS_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "True" and not lock.exists()
@@ -204,14 +205,16 @@ def test_linear_via_fp32_is_a_bf16_linear_computed_in_fp32(monkeypatch):
     x = torch.randn(2, 20, 64, generator=g).bfloat16()
     w, b = torch.randn(300, 64, generator=g).bfloat16(), torch.randn(300, generator=g).bfloat16()
     want = F.linear(x.float(), w.float(), b.float()).bfloat16()
-    assert torch.equal(gemv.linear_via_fp32(x, w, b), want)
-    monkeypatch.setattr(gemv, "WIDEN_ROWS", 128)
-    assert torch.equal(gemv.linear_via_fp32(x, w, b), want)
-    mod = torch.nn.Linear(64, 300).bfloat16()
+    assert torch.equal(linear.linear_via_fp32(x, w, b), want)
+    monkeypatch.setattr(linear, "WIDEN_ROWS", 128)
+    assert torch.equal(linear.linear_via_fp32(x, w, b), want)
+    mod = linear.Linear(64, 300).bfloat16()
     mod.weight.data, mod.bias.data = w, b
-    mod.__class__ = gemv.DecodeLinear
-    monkeypatch.setitem(gemv._state, "native_bf16", False)
+    monkeypatch.setitem(kernels._state, "native_bf16", False)
     monkeypatch.setenv("DELTARUN_PREFILL_GEMM", "0")  # not csrc/fgemm.cpp's GEMM (tests/test_fgemm.py)
+    reload_settings()
+    routes.assign(mod)
+    assert mod.routes == {"decode": "gemv_bf16", "prefill": "fp32_widened"}
     with torch.no_grad():
         assert torch.equal(mod(x), want)  # 40 rows: the widened path
         torch.testing.assert_close(mod(x[:1, :2]).float(), want[:1, :2].float(), rtol=1e-2, atol=1e-2)  # decode
@@ -220,26 +223,29 @@ def test_linear_via_fp32_is_a_bf16_linear_computed_in_fp32(monkeypatch):
 def test_native_bf16_matmul_follows_the_cpu_flags():
     flags = next((ln for ln in open("/proc/cpuinfo").read().splitlines() if ln.startswith(("flags", "Features"))), "")
     native = any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))
-    level = gemv.cpu_level()
-    assert gemv.native_bf16_matmul() == (native if level is None else level == "avx512_bf16")
+    level = kernels.cpu_level()
+    assert kernels.native_bf16_matmul() == (native if level is None else level == "avx512_bf16")
 
 
 def test_cpu_level_is_checked(monkeypatch):
     """DELTARUN_CPU_LEVEL builds for a lower level than the CPU's (the other classes' kernels, run here);
     an unknown level, or one this CPU cannot run, is a clear error, never a silent native build."""
-    flags = gemv._cpu_flags() or set()
+    flags = kernels._cpu_flags() or set()
     monkeypatch.setenv("DELTARUN_CPU_LEVEL", "avx9")
+    reload_settings()
     with pytest.raises(ValueError, match="expected one of native, avx2, avx512, avx512_bf16"):
-        gemv.cpu_level()
-    for level, (march, needs, _) in gemv.LEVELS.items():
+        kernels.cpu_level()
+    for level, (march, needs, _) in kernels.LEVELS.items():
         monkeypatch.setenv("DELTARUN_CPU_LEVEL", level)
+        reload_settings()
         if needs <= flags:
-            assert gemv.cpu_level() == level and gemv._march() == march
+            assert kernels.cpu_level() == level and kernels._march() == march
         else:
             with pytest.raises(ValueError, match="this CPU lacks"):
-                gemv.cpu_level()
+                kernels.cpu_level()
     monkeypatch.setenv("DELTARUN_CPU_LEVEL", "native")
-    assert gemv.cpu_level() is None and gemv._march() == ["-march=native"]
+    reload_settings()
+    assert kernels.cpu_level() is None and kernels._march() == ["-march=native"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -278,9 +284,9 @@ def test_kernel_sources_compile_for_the_other_cpu_family():
         pytest.skip("needs an x86 C++ compiler")
     flags = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
     march = "haswell" if "avx512f" in open("/proc/cpuinfo").read() else "sapphirerapids"
-    for name in gemv.SOURCES:
+    for name in kernels.SOURCES:
         out = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", f"-march={march}", "-fopenmp", *flags,
-                              str(gemv.SOURCE.with_name(name))], capture_output=True, text=True)
+                              str(kernels.SOURCE.with_name(name))], capture_output=True, text=True)
         assert out.returncode == 0, f"{name} with -march={march}:\n{out.stderr[-2000:]}"
 
 
@@ -288,9 +294,9 @@ def test_kernel_sources_compile_for_the_other_cpu_family():
 def test_fp32_prefill_linear_matches_f_linear(monkeypatch, onednn):
     """The widened bf16 prefill product goes through oneDNN's fp32 GEMM where torch has it, else F.linear:
     either way F.linear's result up to fp32 summation order (3-D activations, bias)."""
-    monkeypatch.setitem(gemv._state, "onednn", onednn and torch.backends.mkldnn.is_available())
+    monkeypatch.setitem(linear._onednn, "ok", onednn and torch.backends.mkldnn.is_available())
     g = torch.Generator().manual_seed(9)
     x, w, b = torch.randn(2, 37, 96, generator=g), torch.randn(130, 96, generator=g), torch.randn(130, generator=g)
-    got = gemv._linear_f32(x, w, b)
+    got = linear._linear_f32(x, w, b)
     assert got.shape == (2, 37, 130)
     torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)

@@ -103,3 +103,36 @@ def test_the_engine_speaks_token_ids():
     for m, deps in g.items():
         if m.startswith("deltarun.engine"):
             assert not [d for d in deps if d.startswith(("deltarun.processor", "deltarun.server", "deltarun.store"))], m
+
+
+def test_model_code_calls_ops_not_torch_ops():
+    """model/ reaches the C++ kernels only through ops/ functions (each beside its reference)."""
+    for path in (ROOT / "model").glob("*.py"):
+        assert "torch.ops" not in path.read_text(), path.name
+
+
+def test_no_module_changes_class():
+    """Routes are chosen by the loader (ops/routes.py), never by swapping a module's class."""
+    import re
+
+    for path in ROOT.rglob("*.py"):
+        assert not re.search(r"\.__class__\s*=[^=]", path.read_text()), path.relative_to(ROOT)
+
+
+def test_switches_are_read_in_one_place():
+    """The kernels' DELTARUN_* switches are read by ops/settings.py only; ops/ reads no model attribute names
+    (the fused layers get named parts from the layer)."""
+    import re
+
+    for path in (ROOT / "ops").glob("*.py"):
+        text = path.read_text()
+        if path.name != "settings.py":
+            assert "os.environ" not in text and "getenv" not in text, path.name
+        assert not re.search(r"\.(mlp|linear_attn|self_attn|input_layernorm|post_attention_layernorm|language_model)\b",
+                             text), path.name
+
+
+def test_the_scheduler_does_no_tensor_work():
+    g = import_graph()
+    text = (ROOT / "engine" / "scheduler.py").read_text()
+    assert "import torch" not in text and "deltarun.model" not in " ".join(g["deltarun.engine.scheduler"])

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deltarun.ops import gemv
+from deltarun.ops import kernels
 from deltarun.ops.quant import PREFILL_ROWS, QuantLinear
+from deltarun.ops.settings import reload as reload_settings
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
 U = 2.0 ** -24  # fp32 unit roundoff
@@ -56,7 +57,7 @@ def _int4_prefill_fallback(mod: QuantLinear, x: torch.Tensor) -> None:
     got = mod(x)
     w = mod.dequantize()
     # structurally the same GEMM as the documented route (one row block, n ≤ ROW_BLOCK): bit for bit …
-    xm, wt = (x, torch.bfloat16) if gemv.native_bf16_matmul() else (x.float(), torch.float32)
+    xm, wt = (x, torch.bfloat16) if kernels.native_bf16_matmul() else (x.float(), torch.float32)
     assert torch.equal(got, F.linear(xm, w.to(wt)).to(x.dtype))
     # … and within the rounding of a bf16 GEMM of the exact product
     want = F.linear(x.double(), w.double())
@@ -68,7 +69,7 @@ def _int4_prefill_fallback(mod: QuantLinear, x: torch.Tensor) -> None:
 def test_int4_gemm_is_exact_for_the_quantized_activations(m, k, n, group):
     mod = _linear(k, n, 4, group, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k + m)).bfloat16()
-    if not gemv.qgemm_int4_available():  # AVX-512: prefill-sized calls (≥ PREFILL_ROWS rows) dequantize
+    if not kernels.has_qgemm_int4():  # AVX-512: prefill-sized calls (≥ PREFILL_ROWS rows) dequantize
         return _int4_prefill_fallback(mod, torch.cat([x] * (PREFILL_ROWS // m + 1))[:max(m, PREFILL_ROWS)])
     packed, sz, pairs = mod._cpu4
     assert pairs
@@ -101,7 +102,7 @@ def test_prefill_rows_take_the_gemm(bits):
     product."""
     mod = _linear(512, 128, bits)
     x = torch.randn(2, PREFILL_ROWS + 3, 512, generator=torch.Generator().manual_seed(5)).bfloat16()
-    if bits == 4 and not gemv.qgemm_int4_available():
+    if bits == 4 and not kernels.has_qgemm_int4():
         return _int4_prefill_fallback(mod, x.view(-1, 512))
     assert mod._gemm is not None
     got = mod(x)
@@ -117,6 +118,7 @@ def test_prefill_rows_take_the_gemm(bits):
 
 def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setenv("DELTARUN_PREFILL_GEMM", "0")
+    reload_settings()
     assert _linear(256, 64, 8)._gemm is None
 
 

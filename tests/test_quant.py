@@ -75,10 +75,10 @@ def test_packed_int4_rows_read_back_exactly(dtype):
 def test_fused_row_dequantization_is_bit_exact(bits, group, dtype):
     """Prefill dequantizes row blocks in one C++ pass (ops/csrc/dequant.cpp): the very same fp32 values as
     the torch expression, for whole matrices and block-aligned ranges."""
-    from deltarun.ops import gemv
+    from deltarun.ops import kernels
     from deltarun.ops.quant import cpu_int4_block
 
-    if not gemv.available():
+    if not kernels.available():
         from cpu_kernels import require_cpu_kernels
 
         require_cpu_kernels()  # skips only without a compiler; a failed build fails

@@ -28,6 +28,8 @@ import torch
 from ..cache.state import DraftState, KVCache, ModelCache
 from ..inputs import SeqUpdate, StepOutput
 from ..model.mtp import MTPHead
+from ..ops import routes
+from ..ops.linear import Linear
 from ..ops.quant import QuantLinear
 from ..ops.sampling import process_logits, sample
 from .sequence import Sequence
@@ -295,7 +297,7 @@ def _draft_head(lm_head: torch.nn.Module, n: int) -> torch.nn.Module | None:
         head = QuantLinear.from_float(w, lm_head.bits, lm_head.group_size, lm_head.dtype).to(w.device)
         head.pack()
         return head
-    head = torch.nn.Linear(lm_head.in_features, n, bias=False, device="meta")
+    head = Linear(lm_head.in_features, n, bias=False, device="meta")
     head.weight = torch.nn.Parameter(lm_head.weight[:n], requires_grad=False)  # a view: no copy
-    head.__class__ = type(lm_head)  # the same (kernel-routed) class as the lm_head
+    routes.assign(head)  # the routes the lm_head's own rows take here
     return head

@@ -11,6 +11,7 @@ from torch import nn
 from ..cache.state import KVCache
 from ..config import TextConfig
 from ..ops.attention import attention
+from ..ops.linear import Linear
 from .layers import RMSNorm, apply_rotary
 
 
@@ -20,10 +21,10 @@ class GatedAttention(nn.Module):
         self.nq, self.nkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         h, bias = cfg.hidden_size, cfg.attention_bias
         self.gated = cfg.attn_output_gate
-        self.q_proj = nn.Linear(h, self.nq * self.d * (2 if self.gated else 1), bias=bias)
-        self.k_proj = nn.Linear(h, self.nkv * self.d, bias=bias)
-        self.v_proj = nn.Linear(h, self.nkv * self.d, bias=bias)
-        self.o_proj = nn.Linear(self.nq * self.d, h, bias=bias)
+        self.q_proj = Linear(h, self.nq * self.d * (2 if self.gated else 1), bias=bias)
+        self.k_proj = Linear(h, self.nkv * self.d, bias=bias)
+        self.v_proj = Linear(h, self.nkv * self.d, bias=bias)
+        self.o_proj = Linear(self.nq * self.d, h, bias=bias)
         self.q_norm = RMSNorm(self.d, eps=cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.d, eps=cfg.rms_norm_eps)
         self.scale = self.d**-0.5

@@ -12,9 +12,10 @@ from torch import nn
 
 from ..cache.state import StatePool
 from ..config import TextConfig
-from ..ops import gemv
+from ..ops import gemv, kernels
 from ..ops.conv1d import causal_conv1d
 from ..ops.gdn import chunk_gated_delta_rule, decode_step
+from ..ops.linear import Linear
 from .layers import RMSNormGated
 
 
@@ -26,16 +27,16 @@ class GatedDeltaNet(nn.Module):
         self.key_dim, self.value_dim = cfg.linear_key_dim, cfg.linear_value_dim
         self.conv_dim, self.kernel = cfg.conv_dim, cfg.linear_conv_kernel_dim
         h = cfg.hidden_size
-        self.in_proj_qkv = nn.Linear(h, self.conv_dim, bias=False)
-        self.in_proj_z = nn.Linear(h, self.value_dim, bias=False)
-        self.in_proj_b = nn.Linear(h, self.hv, bias=False)
-        self.in_proj_a = nn.Linear(h, self.hv, bias=False)
+        self.in_proj_qkv = Linear(h, self.conv_dim, bias=False)
+        self.in_proj_z = Linear(h, self.value_dim, bias=False)
+        self.in_proj_b = Linear(h, self.hv, bias=False)
+        self.in_proj_a = Linear(h, self.hv, bias=False)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim,
                                 bias=False, padding=self.kernel - 1)
         self.dt_bias = nn.Parameter(torch.ones(self.hv))
         self.A_log = nn.Parameter(torch.zeros(self.hv))
         self.norm = RMSNormGated(self.dv, eps=cfg.rms_norm_eps)
-        self.out_proj = nn.Linear(self.value_dim, h, bias=False)
+        self.out_proj = Linear(self.value_dim, h, bias=False)
 
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Per-sequence (conv state, recurrent state) shapes."""
@@ -68,13 +69,13 @@ class GatedDeltaNet(nn.Module):
         """x [B, T, hidden] → in_proj_a(x), in_proj_b(x) [B, T, Hv] in fp32. These projections are tiny (Hv
         rows) and run in fp32 — faster than bf16 GEMV at this size and free of overflow in exp."""
         rows = x.numel() // x.shape[-1]
-        small = x.device.type == "cpu" and rows <= 16 and gemv.available()  # decode: a plain C++ loop
+        small = x.device.type == "cpu" and rows <= 16 and kernels.available()  # decode: a plain C++ loop
 
         def proj(mod: nn.Module) -> torch.Tensor:  # a GGUF file may hold them quantized: then its module runs
             if not isinstance(mod, nn.Linear):
                 return mod(x).float()
             if small and mod.weight.dtype == torch.float32:
-                return torch.ops.deltarun.gemv_f32(x.reshape(rows, -1), mod.weight).view(*x.shape[:-1], -1)
+                return gemv.gemv_f32(x.reshape(rows, -1), mod.weight).view(*x.shape[:-1], -1)
             return F.linear(x.float(), mod.weight.float())
         return proj(self.in_proj_a), proj(self.in_proj_b)
 

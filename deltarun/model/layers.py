@@ -14,7 +14,8 @@ from torch import nn
 
 from ..config import RopeConfig
 from ..ops.gdn import rms_norm_gated
-from ..ops.gemv import fused_norm
+from ..ops.gemv import add_rms_norm_zc, fused_norm, rms_norm_zc
+from ..ops.linear import Linear
 
 
 class RMSNorm(nn.Module):
@@ -27,7 +28,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused_norm(x):  # decode on the CPU: one C++ op (ops/csrc/norm.cpp), the same math
-            return torch.ops.deltarun.rms_norm_zc(x, self.weight, self.eps)
+            return rms_norm_zc(x, self.weight, self.eps)
         # torch's fused kernel: the same fp32 math as the reference (x·rsqrt(mean(x²)+eps)·(1+w)) in one op
         return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + self.weight.float(), self.eps).to(x.dtype)
 
@@ -35,7 +36,7 @@ class RMSNorm(nn.Module):
 def residual_norm(x: torch.Tensor, h: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, norm(s)) with s = x + h: the residual add and the next norm, one op for decode on the CPU."""
     if fused_norm(x):
-        return torch.ops.deltarun.add_rms_norm_zc(x, h, norm.weight, norm.eps)
+        return add_rms_norm_zc(x, h, norm.weight, norm.eps)
     s = x + h
     return s, norm(s)
 
@@ -57,9 +58,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

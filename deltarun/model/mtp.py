@@ -16,6 +16,7 @@ from torch import nn
 
 from ..cache.state import KVCache
 from ..config import TextConfig
+from ..ops.linear import Linear
 from .layers import RMSNorm
 from .qwen3_5 import DecoderLayer, Qwen3_5ForCausalLM
 
@@ -28,7 +29,7 @@ class MTPHead(nn.Module):
         h = cfg.hidden_size
         self.pre_fc_norm_embedding = RMSNorm(h, cfg.rms_norm_eps)
         self.pre_fc_norm_hidden = RMSNorm(h, cfg.rms_norm_eps)
-        self.fc = nn.Linear(2 * h, h, bias=False)
+        self.fc = Linear(2 * h, h, bias=False)
         self.layers = nn.ModuleList(DecoderLayer(cfg, "full_attention", 0)
                                     for _ in range(max(1, cfg.mtp_num_hidden_layers)))
         self.norm = RMSNorm(h, cfg.rms_norm_eps)

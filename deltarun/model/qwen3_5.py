@@ -12,6 +12,7 @@ from torch import nn
 from ..cache.state import KVCache, ModelCache, SeqState, StatePool
 from ..config import ModelConfig, TextConfig
 from ..ops import layer as fused
+from ..ops.linear import Linear
 from .attention import GatedAttention
 from .deltanet import GatedDeltaNet
 from .layers import MLP, RMSNorm, RotaryEmbedding, residual_norm
@@ -29,6 +30,23 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def fused_parts(self) -> fused.LayerParts:
+        """This layer's modules and tensors by what they are to the fused decode ops (ops/layer.py)."""
+        norm = lambda m: fused.Norm(m.weight, m.eps)  # noqa: E731
+        mlp = self.mlp
+        parts = fused.LayerParts(fused.TailParts(norm(self.post_attention_layernorm), mlp.gate_proj, mlp.up_proj,
+                                                 mlp.down_proj))
+        if self.layer_type == "linear_attention":
+            la = self.linear_attn
+            parts.gdn = fused.GDNParts(norm(self.input_layernorm), la.in_proj_qkv, la.in_proj_z, la.in_proj_a,
+                                       la.in_proj_b, la.out_proj, la.conv1d.weight.view(la.conv_dim, -1), la.A_log,
+                                       la.dt_bias, norm(la.norm), la.hk)
+        else:
+            at = self.self_attn
+            parts.attn = fused.AttnParts(norm(self.input_layernorm), at.q_proj, at.k_proj, at.v_proj, at.o_proj,
+                                         norm(at.q_norm), norm(at.k_norm), at.nq, at.nkv, at.d, at.scale, at.gated)
+        return parts
 
     def forward(self, x, rope, cache: ModelCache, slots: torch.Tensor):
         plan = fused.plan(self) if fused.usable(x) else None  # decode on the CPU: C++ ops, the same math
@@ -72,7 +90,7 @@ class Qwen3_5ForCausalLM(nn.Module):
         self.config = config
         cfg = config.text
         self.model = Qwen3_5Model(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import gemv
+from . import kernels
 
 
 def causal_conv1d(
     x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.device.type == "cpu" and not torch.is_grad_enabled() and gemv.available():
+    if x.device.type == "cpu" and not torch.is_grad_enabled() and kernels.available():
         return torch.ops.deltarun.causal_conv1d_silu(x, weight, state)
     return causal_conv1d_reference(x, weight, state)
 

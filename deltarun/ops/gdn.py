@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import gemv
+from . import kernels
 
 
 def _prepare(q, k, v, g, beta):
@@ -65,7 +65,7 @@ def chunk_gated_delta_rule(
     """Chunked gated delta rule for prefill (any T, zero-padded to whole chunks internally): on the CPU the
     C++ op (ops/csrc/gdn_chunk.cpp, chunks of 64, one task per sequence and head) where the kernels are
     built, else `chunk_gated_delta_rule_torch`."""
-    if (chunk_size == 64 and q.device.type == "cpu" and not torch.is_grad_enabled() and gemv.available()
+    if (chunk_size == 64 and q.device.type == "cpu" and not torch.is_grad_enabled() and kernels.available()
             and q.dtype == k.dtype == v.dtype):
         if state is None:
             state = torch.zeros(v.shape[0], v.shape[2], k.shape[3], v.shape[3])
@@ -198,7 +198,7 @@ def decode_step(
     z: torch.Tensor, norm_w: torch.Tensor, eps: float, snap: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`decode_step_reference`, as one fused C++ op on the CPU where the kernels are built (ops/csrc/gdn.cpp)."""
-    if (mixed.device.type == "cpu" and mixed.dtype in (torch.float32, torch.bfloat16) and gemv.available()
+    if (mixed.device.type == "cpu" and mixed.dtype in (torch.float32, torch.bfloat16) and kernels.available()
             and _state_ok(conv_pool, rec_pool, mixed, norm_w, z) and (snap is None or snap.is_contiguous())):
         if isinstance(slots, slice):
             slots = torch.arange(slots.start, slots.stop)

@@ -9,33 +9,91 @@ speculative verify, weights without a kernel, CUDA) runs the modules as before.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from . import gemv
+from . import gemv, kernels
+from .linear import Linear
+from .quant import QuantLinear
+from .settings import settings
 
 _NO = object()  # cached "this layer has no fused plan"
 
 
+@dataclass
+class Norm:
+    weight: torch.Tensor
+    eps: float
+
+
+@dataclass
+class TailParts:
+    """The residual add, post-attention norm and SwiGLU MLP every decoder layer ends with."""
+
+    post_norm: Norm
+    gate: nn.Module
+    up: nn.Module
+    down: nn.Module
+
+
+@dataclass
+class GDNParts:
+    """A Gated DeltaNet layer's decode step, as csrc/layer.cpp `gdn_layer_decode` takes it."""
+
+    in_norm: Norm
+    qkv: nn.Module
+    z: nn.Module
+    a: nn.Module
+    b: nn.Module
+    out: nn.Module
+    conv_weight: torch.Tensor  # [C, K]
+    A_log: torch.Tensor
+    dt_bias: torch.Tensor
+    norm: Norm  # the gated output norm
+    hk: int  # key heads
+
+
+@dataclass
+class AttnParts:
+    """A gated full-attention layer's decode step, as csrc/layer.cpp `attn_layer_decode` takes it."""
+
+    in_norm: Norm
+    q: nn.Module
+    k: nn.Module
+    v: nn.Module
+    o: nn.Module
+    q_norm: Norm
+    k_norm: Norm
+    nq: int
+    nkv: int
+    head_dim: int
+    scale: float
+    gated: bool
+
+
+@dataclass
+class LayerParts:
+    """What a decoder layer hands the fused path (model/qwen3_5.py `DecoderLayer.fused_parts`)."""
+
+    tail: TailParts
+    gdn: GDNParts | None = None
+    attn: AttnParts | None = None
+
+
 def linear_args(mod: nn.Module) -> list[torch.Tensor] | None:
     """The tensors of the kernel `mod` runs on a few bf16 rows (csrc/layer.cpp's encoding), or None when
-    it would run something else."""
-    from .quant import QuantLinear
-
-    if isinstance(mod, gemv.DecodeLinear):
-        return [mod.weight] if mod.bias is None and mod.weight.is_contiguous() else None
-    if type(mod) is nn.Linear:  # DeltaNet's fp32 in_proj_a / in_proj_b take gemv_f32
+    it would run something else (its route is not one of our kernels)."""
+    if isinstance(mod, Linear):
         w = mod.weight
-        return [w] if mod.bias is None and w.dtype == torch.float32 and w.is_contiguous() else None
-    if isinstance(mod, QuantLinear) and mod.dtype == torch.bfloat16 and mod._kernel is not None:
-        k = mod._kernel
-        if k.op is gemv.int8_mm:  # [q, fp32 scales]
-            return [k.packed, *k.args]
-        if k.op is gemv.int4_mm:  # [packed, sz]: only ever this build's layout (quant.py `_int4_kernel`)
-            return [k.packed, k.sz]
+        if mod.bias is not None or not w.is_contiguous():
+            return None
+        if mod.routes is not None and mod.routes["decode"] == "gemv_bf16":
+            return [w]
+        return [w] if w.dtype == torch.float32 else None  # DeltaNet's fp32 in_proj_a / in_proj_b: gemv_f32
+    if isinstance(mod, QuantLinear) and mod.dtype == torch.bfloat16:
+        return mod.decode_tensors()
     return None
 
 
@@ -50,10 +108,11 @@ class Plan:
 
 
 def plan(layer: nn.Module) -> Plan | None:
-    """The layer's fused-decode arguments, built on first use and cached on the layer (None: no plan)."""
+    """The layer's fused-decode arguments, built on first use from `layer.fused_parts()` and cached on the
+    layer (None: no plan)."""
     p = layer.__dict__.get("_decode_plan")
     if p is None:
-        p = _build(layer) or _NO
+        p = _build(layer.fused_parts()) or _NO
         layer.__dict__["_decode_plan"] = p
     return None if p is _NO else p
 
@@ -64,34 +123,30 @@ def reset(model: nn.Module) -> None:
         m.__dict__.pop("_decode_plan", None)
 
 
-def _build(layer: nn.Module) -> Plan | None:
-    if os.environ.get("DELTARUN_FUSED_LAYERS", "1") == "0" or not gemv.available():
+def _build(parts: LayerParts) -> Plan | None:
+    if not settings().fused_layers or not kernels.available():
         return None
-    mlp, post = layer.mlp, layer.post_attention_layernorm
-    lins = [linear_args(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-    if any(a is None for a in lins) or post.weight.device.type != "cpu":
+    t = parts.tail
+    lins = [linear_args(m) for m in (t.gate, t.up, t.down)]
+    if any(a is None for a in lins) or t.post_norm.weight.device.type != "cpu":
         return None
-    p = Plan(tail=(post.weight, post.eps, *lins))
-    if layer.layer_type == "linear_attention":
-        la = layer.linear_attn
-        mods = (la.in_proj_qkv, la.in_proj_z, la.in_proj_a, la.in_proj_b)
-        proj = [linear_args(m) for m in mods]
-        out = linear_args(la.out_proj)
-        if any(a is None for a in proj) or out is None or la.norm.weight.dtype != torch.bfloat16:
+    p = Plan(tail=(t.post_norm.weight, t.post_norm.eps, *lins))
+    if (g := parts.gdn) is not None:
+        proj = [linear_args(m) for m in (g.qkv, g.z, g.a, g.b)]
+        out = linear_args(g.out)
+        if any(a is None for a in proj) or out is None or g.norm.weight.dtype != torch.bfloat16:
             return p
-        conv_w = la.conv1d.weight.view(la.conv_dim, -1).contiguous()
-        p.gdn = (layer.input_layernorm.weight, layer.input_layernorm.eps, *proj, conv_w,
-                 la.A_log.float().contiguous(), la.dt_bias.float().contiguous(), la.norm.weight, la.norm.eps, out)
-        p.hk = la.hk
-    else:
-        at = layer.self_attn
-        proj = [linear_args(m) for m in (at.q_proj, at.k_proj, at.v_proj, at.o_proj)]
+        p.gdn = (g.in_norm.weight, g.in_norm.eps, *proj, g.conv_weight.contiguous(), g.A_log.float().contiguous(),
+                 g.dt_bias.float().contiguous(), g.norm.weight, g.norm.eps, out)
+        p.hk = g.hk
+    elif (at := parts.attn) is not None:
+        proj = [linear_args(m) for m in (at.q, at.k, at.v, at.o)]
         if any(a is None for a in proj) or not at.gated:
             return p
-        p.attn = (layer.input_layernorm.weight, layer.input_layernorm.eps, *proj[:3], at.q_norm.weight,
-                  at.q_norm.eps, at.k_norm.weight, at.k_norm.eps)
+        p.attn = (at.in_norm.weight, at.in_norm.eps, *proj[:3], at.q_norm.weight, at.q_norm.eps, at.k_norm.weight,
+                  at.k_norm.eps)
         p.attn_rest = (at.nq, at.nkv, at.scale, proj[3])
-        p.kv_shape = (1, at.nkv, 1, at.d)
+        p.kv_shape = (1, at.nkv, 1, at.head_dim)
     return p
 
 

@@ -14,13 +14,14 @@ missing or disagrees. Activations and outputs stay in the model dtype. Nothing h
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import gemv, kernels
 from .int4_layout import UNPAIRS, cpu_int4_block, int4_pairs
+from .routes import first
+from .settings import settings
 
 BITS = {"int8": 8, "int4": 4}
 DEFAULT_GROUP = 64  # int4: 4.5 bits/weight with bf16 scale+zero; 32 is closer to bf16, 128 smaller
@@ -123,6 +124,7 @@ class QuantLinear(nn.Module):
         # (CPU-packed int4, sz [K/g, N, 2], whether its column pairs are in the AVX2 kernel's order)
         self._cpu4: tuple[torch.Tensor, torch.Tensor, bool] | None = None
         self._gemm = None  # set by pack(): the integer prefill matmul (csrc/qgemm.cpp), x2d → y2d, or None
+        self.routes = {"decode": "dequant", "prefill": "dequant"}  # ops/routes.py names, set by pack()
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP,
@@ -168,13 +170,13 @@ class QuantLinear(nn.Module):
         """Rows start … end−1 dequantized [end−start, K] in fp32, read in order (no gather) — what a
         prefill matmul needs; `start`/`end` multiples of 64 (or end = N). On the CPU one pass in C++
         (ops/csrc/dequant.cpp), else `row_block_reference`."""
-        if self._device().type == "cpu" and _kernels():
+        if self._device().type == "cpu" and kernels.available():
             blk = cpu_int4_block()
             if self.bits == 8:
-                return torch.ops.deltarun.dequant_int8_rows(self.qweight, self.scales, start, end)
+                return gemv.dequant_int8_rows(self.qweight, self.scales, start, end)
             if self._cpu4 is not None and not (start % blk or end % blk):
                 packed, sz, pairs = self._cpu4
-                return torch.ops.deltarun.dequant_int4_rows(packed, sz, self.group_size, blk, start, end, pairs)
+                return gemv.dequant_int4_rows(packed, sz, self.group_size, blk, start, end, pairs)
         return self.row_block_reference(start, end)
 
     def row_block_reference(self, start: int, end: int) -> torch.Tensor:
@@ -224,15 +226,25 @@ class QuantLinear(nn.Module):
         if not _probe_ok(kernel, probe, want, idx, tol):
             return
         self._kernel = kernel
+        self.routes = {"decode": kernel.name, "prefill": "dequant"}
         gemm = _gemm(self, kernel)
         if gemm is not None and _probe_ok(gemm, probe, want, idx, tol):
             self._gemm = gemm
+            self.routes["prefill"] = f"qgemm_int{self.bits}"
         if self.bits == 4 and dev.type == "cpu" and cpu_int4_block() and n % cpu_int4_block() == 0:
             self._cpu4 = kernel.packed, kernel.sz, kernel.pairs
             if torch.equal(self.rows(idx), portable):  # our reading of the CPU layout holds
                 self.qweight = self.scales = self.zeros = None  # the kernel's copy is the only one
             else:
                 self._cpu4 = None
+
+    def decode_tensors(self) -> list[torch.Tensor] | None:
+        """The tensors its decode kernel reads, in csrc/layer.cpp's encoding ([q, fp32 scales] for int8,
+        [packed, sz] for int4), or None where decode does not run on our kernels."""
+        k = self._kernel
+        if k is None or k.name not in ("gemv_int8", "gemv_int4"):
+            return None
+        return [k.packed, *k.args] if k.name == "gemv_int8" else [k.packed, k.sz]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -243,8 +255,8 @@ class QuantLinear(nn.Module):
             y = self._gemm(x2)
         else:  # dequantize in row blocks: never a whole fp32 copy of a large matrix
             n = self.out_features
-            # without hardware bf16 matmul the rows stay fp32 (ops/gemv.py `native_bf16_matmul`)
-            widen = x2.device.type == "cpu" and not _native_bf16(x2)
+            # without hardware bf16 matmul the rows stay fp32 (ops/kernels.py `native_bf16_matmul`)
+            widen = x2.device.type == "cpu" and x2.dtype == torch.bfloat16 and not kernels.native_bf16_matmul()
             xm, wt = (x2.float(), torch.float32) if widen else (x2, self.dtype)
             y = torch.cat([F.linear(xm, self.row_block(i, min(i + ROW_BLOCK, n)).to(wt))
                            for i in range(0, n, ROW_BLOCK)], dim=-1).to(self.dtype)
@@ -255,23 +267,11 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{g}"
 
 
-def _kernels() -> bool:
-    from .gemv import available
-
-    return available()
-
-
-def _native_bf16(x: torch.Tensor) -> bool:
-    from .gemv import native_bf16_matmul
-
-    return x.dtype != torch.bfloat16 or native_bf16_matmul()
-
-
 class _Kernel:
     """A packed weight and the op that multiplies by it (keeps the packed tensors reachable)."""
 
-    def __init__(self, op, packed: torch.Tensor, *args):
-        self.op, self.packed, self.args = op, packed, args
+    def __init__(self, name: str, op, packed: torch.Tensor, *args):
+        self.name, self.op, self.packed, self.args = name, op, packed, args  # name: ops/routes.py
         self.sz = args[-1] if args else None
         self.pairs = False  # int4: column pairs in the AVX2 kernel's order (`int4_pairs`)
 
@@ -283,19 +283,17 @@ def _gemm(mod: QuantLinear, kernel: _Kernel):
     """The integer prefill matmul for a CPU weight packed for our decode kernel (csrc/qgemm.cpp: int8 weights
     with the decode kernel's 16-bit activations, int4 in the AVX2 pairs layout with int8 activations per
     group), or None where it does not apply (then prefill dequantizes for torch's GEMM);
-    `DELTARUN_PREFILL_GEMM=0` turns it off."""
-    from . import gemv
-
-    if os.environ.get("DELTARUN_PREFILL_GEMM", "1") == "0" or kernel.packed.device.type != "cpu":
-        return None
-    k = mod.in_features
-    if kernel.op is gemv.int8_mm and k % 32 == 0:
+    `DELTARUN_PREFILL_GEMM=0` turns it off. The conditions of ops/routes.py's prefill rows."""
+    on = settings().prefill_gemm and kernel.packed.device.type == "cpu"
+    if mod.bits == 8:
         q, scales = kernel.packed, kernel.args[0]
-        return lambda x: torch.ops.deltarun.qgemm_int8(x, q, scales, True)
-    if kernel.op is gemv.int4_mm and kernel.pairs and mod.group_size % 32 == 0 and gemv.qgemm_int4_available():
-        packed, g, sz = kernel.packed, mod.group_size, kernel.sz
-        return lambda x: torch.ops.deltarun.qgemm_int4(x, packed, g, sz, True)
-    return None
+        ok = on and kernel.name == "gemv_int8" and mod.in_features % 32 == 0
+        return (lambda x: gemv.qgemm_int8(x, q, scales)) if first("int8", "prefill", {"qgemm_int8": ok}) != "dequant" \
+            else None
+    packed, g, sz = kernel.packed, mod.group_size, kernel.sz
+    ok = on and kernel.name == "gemv_int4" and kernel.pairs and g % 32 == 0 and kernels.has_qgemm_int4()
+    return (lambda x: gemv.qgemm_int4(x, packed, g, sz)) if first("int4", "prefill", {"qgemm_int4": ok}) != "dequant" \
+        else None
 
 
 def _probe_ok(op, probe: torch.Tensor, want: torch.Tensor, idx: torch.Tensor, tol: float) -> bool:
@@ -308,30 +306,28 @@ def _probe_ok(op, probe: torch.Tensor, want: torch.Tensor, idx: torch.Tensor, to
 
 
 def _int8_kernel(mod: QuantLinear) -> _Kernel:
-    from . import gemv
-
-    if mod.qweight.device.type == "cpu" and gemv.available():  # fp32 scales: what the kernel multiplies by
-        return _Kernel(gemv.int8_mm, mod.qweight.contiguous(), mod.scales.float().contiguous())
-    return _Kernel(torch.ops.aten._weight_int8pack_mm, mod.qweight.contiguous(), mod.scales.contiguous())
+    ours = mod.qweight.device.type == "cpu" and kernels.available()
+    if first("int8", "decode", {"gemv_int8": ours}) == "gemv_int8":  # fp32 scales: what the kernel multiplies by
+        return _Kernel("gemv_int8", gemv.int8_mm, mod.qweight.contiguous(), mod.scales.float().contiguous())
+    return _Kernel("int8pack", torch.ops.aten._weight_int8pack_mm, mod.qweight.contiguous(), mod.scales.contiguous())
 
 
 def _int4_kernel(mod: QuantLinear) -> _Kernel:
     sz = torch.stack((mod.scales, mod.zeros), dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
     g, n = mod.group_size, mod.out_features
     if mod.qweight.device.type == "cpu":  # a row block at a time: an int32 copy of a 248K-row matrix is 1 GB
-        from . import gemv
-
-        ours = gemv.int4_usable(sz)
+        ours = first("int4", "decode", {"gemv_int4": gemv.int4_usable(sz)}) == "gemv_int4"
         pairs = ours and cpu_int4_block() == 32  # our AVX2 kernel reads the column pairs in its own order
         step = ROW_BLOCK if cpu_int4_block() and n % cpu_int4_block() == 0 else n
         packed = torch.cat([_cpu_pack(unpack_int4(mod.qweight[i:i + step]), pairs) for i in range(0, n, step)])
-        kernel = _Kernel(gemv.int4_mm if ours else torch.ops.aten._weight_int4pack_mm_for_cpu, packed, g, sz)
+        kernel = (_Kernel("gemv_int4", gemv.int4_mm, packed, g, sz) if ours else
+                  _Kernel("int4pack", torch.ops.aten._weight_int4pack_mm_for_cpu, packed, g, sz))
         kernel.pairs = pairs
         return kernel
     # CUDA (tinygemm): nibbles high-first, inner_k_tiles = 8
     q = unpack_int4(mod.qweight)
     packed = torch.ops.aten._convert_weight_to_int4pack((q[:, 0::2] << 4 | q[:, 1::2]).contiguous(), 8)
-    return _Kernel(torch.ops.aten._weight_int4pack_mm, packed, g, sz)
+    return _Kernel("int4pack", torch.ops.aten._weight_int4pack_mm, packed, g, sz)
 
 
 def _cpu_pack(q: torch.Tensor, pairs: bool) -> torch.Tensor:
@@ -351,6 +347,7 @@ class QuantEmbedding(QuantLinear):
         super().__init__(embedding_dim, num_embeddings, bits, group_size, dtype, device)
         self.embedding_dim = embedding_dim
         self._source: QuantLinear | None = None
+        self.routes = {}  # an embedding gathers rows: no matmul route
 
     def pack(self) -> None:
         pass

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..config import ConfigError, ModelConfig, apply_rope_override
 from ..model.qwen3_5 import Qwen3_5ForCausalLM
-from ..ops import gemv
+from ..ops import routes
 from ..ops.quant import QuantEmbedding, QuantLinear, pack_int4, quantize_int8
 from . import quantize as quant
 from .common import FP32_PARAMS, LoadError, resolve_device, resolve_dtype
@@ -252,7 +252,7 @@ def load_gguf(folder: str | Path, dtype=None, device=None, rope_scaling=None, co
         model.lm_head.weight = embed.weight
     quant.finish(model, tied)  # ties a quantized lm_head, packs every QuantLinear
     model.eval().requires_grad_(False)
-    gemv.accelerate(model)  # decode matmuls through the CPU kernel where it is built
+    routes.assign(model)  # each bf16 linear's route on this machine: decode and prefill kernels (ops/routes.py)
     return model
 
 

@@ -14,7 +14,7 @@ import torch
 
 from ..config import ConfigError, ModelConfig, apply_rope_override
 from ..model.qwen3_5 import Qwen3_5ForCausalLM
-from ..ops import gemv
+from ..ops import routes
 from . import quantize as quant
 from .common import FP32_PARAMS, LoadError, adopt_tensors, resolve_device, resolve_dtype, weight_files  # noqa: F401
 
@@ -101,5 +101,5 @@ def load_model(folder: str | Path, dtype: str | torch.dtype | None = "auto",
     if tied and isinstance(model.lm_head, torch.nn.Linear):  # not quantized (e.g. K not a multiple of the group)
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
     model.eval().requires_grad_(False)
-    gemv.accelerate(model)  # decode matmuls through the CPU kernel where it is built (ops/gemv.py)
+    routes.assign(model)  # each bf16 linear's route on this machine: decode and prefill kernels (ops/routes.py)
     return model

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from ..config import ConfigError, ModelConfig
 from ..model.mtp import MTPHead
-from ..ops import gemv
+from ..ops import routes
 from .common import FP32_PARAMS, LoadError, adopt_tensors, resolve_device, resolve_dtype, weight_files
 
 PREFIX = "mtp."
@@ -47,5 +47,5 @@ def load_mtp(folder: str | Path, dtype: str | torch.dtype | None = "auto",
     adopt_tensors(folder, head, params, lambda k: k[len(PREFIX):] if k.startswith(PREFIX) else None,
                   lambda n: torch.float32 if n.endswith(FP32_PARAMS) else dt, dev, prefix=PREFIX)
     head.eval().requires_grad_(False)
-    gemv.accelerate(head)  # decode matmuls through the CPU kernel where it is built
+    routes.assign(head)  # each bf16 linear's route on this machine: decode and prefill kernels (ops/routes.py)
     return head
