@@ -11,6 +11,8 @@ tables and lm_head are the main model's (`mtp_use_dedicated_embeddings: false`),
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -43,7 +45,7 @@ class MTPHead(nn.Module):
         e = self.pre_fc_norm_embedding(lm.embed_tokens(next_ids))
         x = self.fc(torch.cat([e, self.pre_fc_norm_hidden(hidden.to(e.dtype))], dim=-1))
         rope = lm.rotary_emb(positions.unsqueeze(0).expand(3, -1, -1), x.dtype)
-        layer = self.layers[step % len(self.layers)]
+        layer = cast(DecoderLayer, self.layers[step % len(self.layers)])
         # DecoderLayer.forward reads KV through a ModelCache of pooled sequences; the head owns one
         # standalone KVCache per sequence, so the (pre-norm, residual) layer body is spelled out here.
         x = x + layer.self_attn(layer.input_layernorm(x), rope, caches)

@@ -11,11 +11,14 @@ sequence (as in transformers), so frames are independent and long videos are enc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from .qwen3_5 import Qwen3_5ForCausalLM
 
 
 @dataclass
@@ -150,6 +153,8 @@ def _axis_taps(n: int, side: int) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 class VisionModel(nn.Module):
     """Module names follow the checkpoint under `model.visual.`."""
 
+    inv_freq: torch.Tensor  # a buffer (register_buffer in __init__)
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
@@ -225,7 +230,7 @@ def num_vision_tokens(grid_thw: torch.Tensor | list, merge_size: int = 2) -> lis
     return [int(t) * int(h) * int(w) // merge_size ** 2 for t, h, w in rows]
 
 
-def embed_multimodal(model: nn.Module, input_ids: torch.Tensor, vision_embeds: torch.Tensor | None,
+def embed_multimodal(model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, vision_embeds: torch.Tensor | None,
                      token_ids: tuple[int, ...]) -> torch.Tensor:
     """Token embeddings with vision placeholders replaced: input_ids [B, T] → inputs_embeds [B, T, H].
 
@@ -242,5 +247,6 @@ def embed_multimodal(model: nn.Module, input_ids: torch.Tensor, vision_embeds: t
     if n != got:
         raise ValueError(f"prompt has {n} vision placeholder tokens but {got} vision embeddings were given")
     if n:
+        assert vision_embeds is not None  # n == got > 0
         x = x.masked_scatter(mask[..., None], vision_embeds.to(x.dtype))
     return x

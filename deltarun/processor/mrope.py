@@ -74,6 +74,7 @@ def expand_placeholders(ids: Sequence[int], image_grids=None, video_grids=None,
             out += [tok] * (t * h * w // m2)
             ii += 1
         elif tok == tokens.video_token_id:
+            assert video_timestamps is not None and encode is not None  # checked above (videos is non-empty)
             t, h, w = videos[vi]
             ts = video_timestamps[vi]
             if len(ts) != t:
@@ -126,9 +127,9 @@ def rope_index(ids: Sequence[int], image_grids=None, video_grids=None,
             parts.append(torch.stack([tt, hh, ww]).reshape(3, -1) + pos)
             pos += max(h, w) // m
         i = j
-    for kind, it in grids.items():
+    for grid_type, it in grids.items():
         if next(it, None) is not None:
-            raise ValueError(f"more {'image' if kind == 1 else 'video frame'} grids than token runs in the prompt")
+            raise ValueError(f"more {'image' if grid_type == 1 else 'video frame'} grids than token runs in the prompt")
     positions = torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long)
     delta = int(positions.max()) + 1 - n if n else 0
     return positions, delta

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..inputs import MAX_ENCODE_PATCHES, MultiModalInput
+from ..inputs import MAX_ENCODE_PATCHES, MultiModalInput, VisionItem
 from .mrope import VisionTokens, expand_placeholders, rope_index
 from .video import ProcessedVideo, VideoProcessorConfig, load_video
 from .vision import ImageProcessorConfig, ProcessedImage, preprocess_image
@@ -92,6 +92,7 @@ class MediaItem:
         if self.image is not None:
             yield self.image.pixel_values, self.grid_thw
         else:
+            assert self.video is not None  # an item holds an image or a video
             _, h, w = self.grid_thw
             yield from self.video.pixel_chunks(max(1, max_patches // (h * w)))
 
@@ -99,7 +100,8 @@ class MediaItem:
 def _digest(kind: str, grid: tuple[int, int, int], pixels: torch.Tensor, extra: Sequence[float] = ()) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{kind}:{grid}:{list(extra)}".encode())
-    h.update(pixels.contiguous().numpy().view("uint8"))
+    # ndarray has the buffer protocol; numpy's stubs declare __buffer__ only for Python ≥ 3.12
+    h.update(pixels.contiguous().numpy().view("uint8"))  # type: ignore[arg-type]
     return h.digest()
 
 
@@ -141,10 +143,11 @@ def prepare_media(ids: Sequence[int], media: Sequence[MediaRef], encode: Callabl
                 raise ValueError(f"{kind} {i + 1}: {e}") from None
     images, videos = loaded["image"], loaded["video"]
     igrids, vgrids = [list(it.grid_thw) for it in images], [list(it.grid_thw) for it in videos]
-    full = expand_placeholders(list(ids), igrids, vgrids, [it.video.timestamps for it in videos], encode, tokens)
+    stamps = [it.video.timestamps for it in videos if it.video is not None]  # every video item has one
+    full = expand_placeholders(list(ids), igrids, vgrids, stamps, encode, tokens)
     positions, delta = rope_index(full, igrids, vgrids, tokens)
     it_img, it_vid = iter(images), iter(videos)
-    items = [next(it_img) if kind == "image" else next(it_vid) for kind in order]
+    items: list[VisionItem] = [next(it_img) if kind == "image" else next(it_vid) for kind in order]
     vision_index = [i for i, t in enumerate(full) if t in pads]
     key_ids = list(full)
     per_item = iter(v for it in items for v in [key_value(it.digest)] * _count(it, tokens.merge_size))
@@ -153,6 +156,6 @@ def prepare_media(ids: Sequence[int], media: Sequence[MediaRef], encode: Callabl
     return full, MultiModalInput(items, positions, delta, torch.tensor(vision_index, dtype=torch.long), key_ids)
 
 
-def _count(item: MediaItem, merge: int) -> int:
+def _count(item: VisionItem, merge: int) -> int:
     t, h, w = item.grid_thw
     return t * h * w // merge ** 2

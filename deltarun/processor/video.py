@@ -227,6 +227,7 @@ def load_video(source: str | bytes | bytearray | os.PathLike, cfg: VideoProcesso
         raise ValueError("video has no decodable frames")
     if len(kept) < len(indices):  # header over-counted frames, or the tail is damaged: keep what decoded
         indices = indices[:len(kept)]
+    assert size is not None  # set with the first kept frame
     tp = cfg.temporal_patch_size
     kept += [kept[-1]] * (-len(kept) % tp)
     frames = torch.cat(kept)

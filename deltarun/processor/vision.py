@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import urllib.parse
 import urllib.request
 import warnings
 from dataclasses import dataclass
@@ -103,7 +104,7 @@ def read_media_bytes(source: str | bytes | bytearray | os.PathLike, allow_http: 
             raise ValueError(f"malformed data URL for {kind}")
         if m.group("b64"):
             return _b64(m.group("data"), kind)
-        return urllib.request.unquote_to_bytes(m.group("data"))
+        return urllib.parse.unquote_to_bytes(m.group("data"))
     if s.startswith(("http://", "https://")):
         if not allow_http:
             raise ValueError(f"{kind} URLs (http/https) are disabled; pass a file, base64 data or a data URL "
@@ -213,8 +214,8 @@ def smart_resize(height: int, width: int, factor: int = 32, min_pixels: int = 65
 def normalize_uint8(hwc: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 [H, W, C] → float32 [C, H, W] = (x/255 − mean)/std, rounded like transformers' PIL path."""
     x = (hwc.astype(np.float64) * (1 / 255)).astype(np.float32)
-    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    y = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(y.transpose(2, 0, 1)))
 
 
 def patchify(frames: torch.Tensor, patch_size: int, merge_size: int, temporal_patch_size: int) -> torch.Tensor:

@@ -3,6 +3,7 @@ adopting checkpoint tensors into a meta-built module. loader.py re-exports these
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -58,7 +59,7 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def adopt_tensors(folder: Path, model: torch.nn.Module, params: dict[str, torch.Tensor],
+def adopt_tensors(folder: Path, model: torch.nn.Module, params: Mapping[str, torch.Tensor],
                   name_of, dtype_of, device: torch.device, prefix: str = "", convert=None) -> None:
     """Replace each parameter/buffer of a meta-built `model` by its checkpoint tensor (cast to
     `dtype_of(name)`, None = keep the stored dtype).

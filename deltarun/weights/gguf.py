@@ -33,7 +33,7 @@ from ..ops.quant import QuantEmbedding, QuantLinear, pack_int4, quantize_int8
 from . import quantize as quant
 from .common import FP32_PARAMS, LoadError, resolve_device, resolve_dtype
 from .gguf_file import GGUFTensor, dequantize_blocks, int4_blocks, q8_0_values
-from .gguf_meta import gguf_of, open_gguf
+from .gguf_meta import MARKER, gguf_of, open_gguf
 
 P = "model.language_model."
 TOP = {"token_embd.weight": P + "embed_tokens.weight", "output_norm.weight": P + "norm.weight",
@@ -99,9 +99,11 @@ class Weight:
     def bits(self) -> int:
         """4 or 8: the format this tensor keeps (0 for float)."""
         if self.type in INT4_TYPES:
-            starts = None if self.cols is None else self.cols[::GROUP, None]
-            aligned = starts is None or bool(np.all(starts % GROUP == 0) and np.array_equal(
-                self.cols.reshape(-1, GROUP), starts + np.arange(GROUP)))
+            aligned = True
+            if self.cols is not None:
+                starts = self.cols[::GROUP, None]
+                aligned = bool(np.all(starts % GROUP == 0) and np.array_equal(
+                    self.cols.reshape(-1, GROUP), starts + np.arange(GROUP)))
             return 4 if aligned else 8  # a permutation splitting a group: requantize (toy shapes only)
         return 8 if self.quantized else 0
 
@@ -115,7 +117,9 @@ class Weight:
             if self.cols is not None:
                 q, groups = q[:, self.cols], self.cols[::GROUP] // GROUP
                 s, z = s[:, groups], z[:, groups]
-            packed.append(pack_int4(torch.from_numpy(q))), scales.append(s), zeros.append(z)
+            packed.append(pack_int4(torch.from_numpy(q)))
+            scales.append(s)
+            zeros.append(z)
         return torch.cat(packed), torch.from_numpy(np.concatenate(scales)), torch.from_numpy(np.concatenate(zeros))
 
     def int8(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +131,8 @@ class Weight:
             if self.type == "Q8_0" and self.cols is not None:
                 w = w[:, torch.from_numpy(self.cols)]
             q, s = quantize_int8(w.reshape(part.shape))
-            qs.append(q), ss.append(s)
+            qs.append(q)
+            ss.append(s)
         return torch.cat(qs), torch.cat(ss)
 
 
@@ -158,8 +163,9 @@ def _targets(name: str, w: Weight, config: ModelConfig, tensors: dict[str, GGUFT
     if linear and rest in ("attn_q.weight", "attn_k.weight", "attn_v.weight"):  # Ollama split in_proj_qkv
         if rest != "attn_q.weight":
             return []  # joined to attn_q's
-        parts = [tensors.get(f"blk.{i}.attn_{x}.weight") for x in "qkv"]
-        if any(p is None or p.type_name != parts[0].type_name for p in parts):
+        found = [tensors.get(f"blk.{i}.attn_{x}.weight") for x in "qkv"]
+        parts = [p for p in found if p is not None]
+        if len(parts) != 3 or any(p.type_name != parts[0].type_name for p in parts):
             raise LoadError(f"blk.{i}.attn_q/k/v.weight: missing, or of different types")
         w.data = np.concatenate([p.data for p in parts])
         w.shape = (w.data.shape[0],) + w.shape[1:]
@@ -212,6 +218,8 @@ def load_gguf(folder: str | Path, dtype=None, device=None, rope_scaling=None, co
     quantized tensors keep their own format (int4 or int8)."""
     folder = Path(folder)
     path = gguf_of(folder)
+    if path is None:
+        raise LoadError(f"{folder} is not a GGUF sidecar folder (no {MARKER})")
     try:
         config = ModelConfig.from_file(folder / "config.json")
         apply_rope_override(config, rope_scaling, context_length)
@@ -246,8 +254,9 @@ def load_gguf(folder: str | Path, dtype=None, device=None, rope_scaling=None, co
                         (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     embed = model.model.language_model.embed_tokens
     if tied and isinstance(embed, QuantEmbedding):  # lm_head reads the embedding's quantized rows
-        model.lm_head = QuantLinear(embed.embedding_dim, embed.out_features, embed.bits, embed.group_size, dt,
-                                    "meta")
+        # Qwen3_5ForCausalLM types lm_head as the nn.Linear it builds; a quantized one is a QuantLinear
+        model.lm_head = QuantLinear(  # type: ignore[assignment]
+            embed.embedding_dim, embed.out_features, embed.bits, embed.group_size, dt, "meta")
     elif tied:
         model.lm_head.weight = embed.weight
     quant.finish(model, tied)  # ties a quantized lm_head, packs every QuantLinear
@@ -268,7 +277,7 @@ def _adopt(model: nn.Module, name: str, w: Weight, transform: str, dt: torch.dty
         value = _float_value(w, transform, torch.float32 if name.endswith(FP32_PARAMS) else dt)
         setattr(module, attr, nn.Parameter(value.to(dev), requires_grad=False))
         return
-    group = spec.group_size if bits == -4 else GROUP  # (unused for int8)
+    group = spec.group_size if spec and bits == -4 else GROUP  # -4: quantized as spec asks; (unused for int8)
     n, k = w.shape
     if isinstance(module, nn.Embedding):
         shell: QuantLinear = QuantEmbedding(n, k, abs(bits), group, dt, "meta")

@@ -10,6 +10,7 @@ Also here: decoding blocks (Q4_0/Q4_1/Q4_K into int4 groups, Q8_0 and the rest i
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ class GGUFTensor:
 class GGUFFile:
     """`fields` (metadata key → value; arrays as lists) and `tensors` (in file order) of a GGUF file."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         try:
             with open(self.path, "rb") as f:

@@ -128,9 +128,10 @@ def tokenizer_json(reader) -> str | None:
     types: list[int] = field(reader, "tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens))
     merges = [m.split(" ", 1) for m in field(reader, "tokenizer.ggml.merges", [])]
     vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == TOKEN_NORMAL}
-    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": ty == TOKEN_CONTROL and t not in NOT_SPECIAL}
-             for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
+    added: list[dict[str, Any]] = [
+        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": ty == TOKEN_CONTROL and t not in NOT_SPECIAL}
+        for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
     # The same pipeline as the official tokenizer.json (processor/tokenizer_files.build_hf_tokenizer);
     # vocabulary, merges and added tokens are then put in as JSON so that every id is the file's.
     tok = Tokenizer(models.BPE(vocab={}, merges=[], ignore_merges=False))
@@ -138,7 +139,9 @@ def tokenizer_json(reader) -> str | None:
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    # the stubs declare no arguments for decoders.ByteLevel, which takes (and ignores) these keywords
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False,  # type: ignore[call-arg]
+                                     use_regex=False)
     tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     data = json.loads(tok.to_str())
     data["model"].update(vocab=vocab, merges=merges)

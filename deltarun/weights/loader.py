@@ -79,7 +79,9 @@ def load_model(folder: str | Path, dtype: str | torch.dtype | None = "auto",
     def quantize_tensor(name: str, tensor: torch.Tensor) -> bool:
         if name not in shells:
             return False
-        quant.quantize_into(model.get_submodule(name.removesuffix(".weight")), tensor, dev)
+        shell = model.get_submodule(name.removesuffix(".weight"))
+        assert isinstance(shell, quant.QuantLinear)  # install_shells put one at every name in shells
+        quant.quantize_into(shell, tensor, dev)
         return True
 
     flat = config.model_type == "qwen3_5_text"

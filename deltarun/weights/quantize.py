@@ -110,16 +110,17 @@ def quantize_into(module: QuantLinear, weight: torch.Tensor, device: torch.devic
 
 def finish(model: nn.Module, tied: bool) -> None:
     """After loading: share the tied embedding's rows with lm_head, then pack every Linear for its kernel."""
-    embed = model.model.language_model.embed_tokens
-    shared = tied and isinstance(embed, QuantEmbedding) and isinstance(model.lm_head, QuantLinear)
+    embed, head = model.get_submodule("model.language_model.embed_tokens"), model.get_submodule("lm_head")
+    shared = (embed, head) if tied and isinstance(embed, QuantEmbedding) and isinstance(head, QuantLinear) else None
     if shared:
-        model.lm_head.set_int8(embed.qweight, embed.scales) if embed.bits == 8 else \
-            model.lm_head.set_int4(embed.qweight, embed.scales, embed.zeros)
+        e, h = shared
+        h.set_int8(e.qweight, e.scales) if e.bits == 8 else h.set_int4(e.qweight, e.scales, e.zeros)
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
             mod.pack()
     if shared:
-        embed.share(model.lm_head)
+        e, h = shared
+        e.share(h)
 
 
 def save_quantized(src: Path, out: Path, spec: QuantSpec) -> dict[str, int]:

@@ -120,7 +120,7 @@ def write_random_checkpoint(config: str | Path, out_dir: str | Path, *, seed: in
                             dtype: torch.dtype = torch.bfloat16, shard_bytes: int = SHARD_BYTES,
                             tokenizer: bool = True) -> Path:
     """Write a random checkpoint for `config` (a bundled name like "0.8B" or a config.json path)."""
-    src = bundled_config_path(config) if str(config) in BUNDLED else Path(config)
+    src = bundled_config_path(str(config)) if str(config) in BUNDLED else Path(config)
     if not src.is_file():
         raise FileNotFoundError(f"config {config!r} is neither a bundled name ({', '.join(BUNDLED)}) "
                                 f"nor a config.json file")
