@@ -38,7 +38,7 @@ def resolve_repo(name: str) -> str:
                                 f"Hugging Face hub: `deltarun pull {base}` (run it as {base}-int4 or -int8 "
                                 f"to quantize while loading), or `ollama pull {name}` into Ollama's store")
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
-        from .local import hf_cache_dir
+        from .records import hf_cache_dir
 
         raise names.ModelNotFound(f"pulling {repo} needs the network, but HF_HUB_OFFLINE is set; "
                                 f"unset it, or copy the cache folder models--{repo.replace('/', '--')} "
@@ -78,7 +78,7 @@ def pull(repo: str, revision: str | None = None, tqdm_class=None) -> Path:
     """Download `repo` (resuming, skipping what is cached), verify every file, re-fetch corrupt ones once."""
     from huggingface_hub import snapshot_download
 
-    from .local import hf_cache_dir
+    from .records import hf_cache_dir
 
     def fetch() -> Path:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=names.WEIGHT_PATTERNS,
