@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..store.pull import ProgressBars
+from ..store.progress import ProgressBars
 
 COMMANDS = ("list", "show", "pull", "rm", "ps")
 

@@ -20,7 +20,7 @@ from ..store.aliases import aliases, forget_aliases_of, remove_alias
 from ..store.info import chat_template, license_of, parameter_counts
 from ..store.listing import alias_models, find_local, list_models
 from ..store.operations import add_alias, delete, deletion_refusal
-from ..store.pull import ProgressBars
+from ..store.progress import ProgressBars
 from ..store.records import LocalModel, read_json
 from .errors import APIError
 
