@@ -126,7 +126,7 @@ def test_show_hf_model(stores):
     assert "Qwen3_5ForConditionalGeneration" in out and "Qwen/Qwen3.5-0.8B" in out
     shapes = tensor_shapes(ModelConfig.from_file(stores["snap"] / "config.json"))
     total = sum(torch.Size(s).numel() for s in shapes.values())
-    from deltarun.store.local import _count
+    from deltarun.store.info import _count
     assert f"{_count(total)} total" in out
     caps = next(line for line in out.splitlines() if line.startswith("capabilities"))
     assert "vision" in caps and "tools" in caps and "thinking" in caps

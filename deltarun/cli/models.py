@@ -1,4 +1,4 @@
-"""Model management commands: `deltarun list | show | pull | rm | ps` (logic in `store.local`; `ps` asks a
+"""Model management commands: `deltarun list | show | pull | rm | ps` (logic in store/; `ps` asks a
 running server). Names made with `/api/copy` are listed as copies, and `rm` of such a name removes only it."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..store.pull import ProgressBars
+from ..store.progress import ProgressBars
 
 COMMANDS = ("list", "show", "pull", "rm", "ps")
 
@@ -40,7 +40,8 @@ def cmd_ps(args: argparse.Namespace) -> int:
     """GET /api/ps of a running server; one line when none answers."""
     import httpx
 
-    from ..store import local, names
+    from ..store import names
+    from ..store.records import human_size
 
     url = f"http://{args.host}:{args.port}"
     try:
@@ -61,7 +62,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
     for m in models:
         size, vram = int(m.get("size") or 0), int(m.get("size_vram") or 0)
         proc = "100% GPU" if size and vram >= size else f"{vram * 100 // size}% GPU" if vram else "100% CPU"
-        table.add_row(m.get("name", "?"), local.human_size(size), proc, str(m.get("context_length", "")),
+        table.add_row(m.get("name", "?"), human_size(size), proc, str(m.get("context_length", "")),
                       _until(str(m.get("expires_at", ""))))
     _console().print(table)
     return 0
@@ -97,13 +98,15 @@ def _console(stderr: bool = False):
 def cmd_list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from ..store import local
+    from ..store.listing import alias_models, list_models
+    from ..store.ollama_store import ollama_dir
+    from ..store.records import hf_cache_dir, human_size
 
-    models = local.list_models()
+    models = list_models()
     console = _console()
     if not models:
         console.print("no Qwen3.5 models found locally "
-                      f"(looked in {local.hf_cache_dir()}, {local.ollama_dir()} and the deltarun folder); "
+                      f"(looked in {hf_cache_dir()}, {ollama_dir()} and the deltarun folder); "
                       "try `deltarun pull qwen3.5:0.8b` or `deltarun chat demo`", soft_wrap=True)
         return 0
     table = Table(box=None, header_style="bold", pad_edge=False)
@@ -111,9 +114,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         table.add_column(col, no_wrap=col != "PATH", justify="right" if col == "SIZE" else "left")
     for m in models:
         where = m.where + (" (GGUF)" if m.is_gguf else "")
-        table.add_row(m.name, local.human_size(m.size), m.quant, where, str(m.path))
-    for m in local.alias_models():  # names made with /api/copy (`ollama cp`)
-        table.add_row(m.name, local.human_size(m.size), m.quant, f"copy of {m.extra['alias_of']}", str(m.path))
+        table.add_row(m.name, human_size(m.size), m.quant, where, str(m.path))
+    for m in alias_models():  # names made with /api/copy (`ollama cp`)
+        table.add_row(m.name, human_size(m.size), m.quant, f"copy of {m.extra['alias_of']}", str(m.path))
     console.print(table)
     return 0
 
@@ -121,9 +124,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from ..store import local
+    from ..store.info import describe
+    from ..store.listing import find_local
 
-    info = local.describe(local.find_local(args.model))
+    info = describe(find_local(args.model))
     table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
@@ -155,15 +159,16 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from huggingface_hub import constants
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    from ..store import local, names
+    from ..store import names
     from ..store.pull import pull, pull_error, resolve_repo
+    from ..store.records import hf_cache_dir, human_size
 
     repo = resolve_repo(args.model)
     from huggingface_hub.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # its retry warnings would break the one-line error; it retries anyway
     err = _console(stderr=True)
-    print(f"pulling {repo}{f' @ {args.revision}' if args.revision else ''} into {local.hf_cache_dir()}", flush=True)
+    print(f"pulling {repo}{f' @ {args.revision}' if args.revision else ''} into {hf_cache_dir()}", flush=True)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                         TimeRemainingColumn(), console=err, transient=True)
     _RichBars.progress = progress
@@ -175,27 +180,31 @@ def cmd_pull(args: argparse.Namespace) -> int:
     finally:
         _RichBars.progress = None
     size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-    print(f"pulled {repo} ({local.human_size(size)}, checksums verified) to {path}")
+    print(f"pulled {repo} ({human_size(size)}, checksums verified) to {path}")
     alias = names.alias_for(repo)
     print(f"run it: deltarun chat {alias or repo}")
     return 0
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from ..store import local, names
+    from ..store import names
+    from ..store.aliases import aliases, forget_aliases_of, remove_alias
+    from ..store.listing import find_local
+    from ..store.operations import delete, deletion_refusal
+    from ..store.records import human_size
 
-    table = local.aliases()
+    table = aliases()
     copied = next((n for n in (args.model, f"{args.model}:latest") if n in table), None)
     if copied:  # a name made with /api/copy: only the name goes, as `ollama rm` does
-        local.remove_alias(copied)
+        remove_alias(copied)
         print(f"deleted the name {copied} ({table[copied]} stays)")
         return 0
-    model = local.find_local(args.model)
-    refusal = local.deletion_refusal(model)
+    model = find_local(args.model)
+    refusal = deletion_refusal(model)
     if refusal and not args.force:
         raise names.ModelNotFound(f"not deleting: {refusal}")
     if not args.yes:
-        prompt = f"delete {model.name} ({local.human_size(model.size)}, {model.where}: {model.path})? [y/N] "
+        prompt = f"delete {model.name} ({human_size(model.size)}, {model.where}: {model.path})? [y/N] "
         try:
             answer = input(prompt)
         except EOFError:
@@ -203,8 +212,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("not deleted", file=sys.stderr)
             return 1
-    freed = local.delete(model)
-    gone = local.forget_aliases_of(model)
-    print(f"deleted {model.name} ({local.human_size(freed)} freed)"
+    freed = delete(model)
+    gone = forget_aliases_of(model)
+    print(f"deleted {model.name} ({human_size(freed)} freed)"
           + (f"; also the names {', '.join(gone)}" if gone else ""))
     return 0

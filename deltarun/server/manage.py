@@ -1,4 +1,4 @@
-"""Ollama's model management routes over `store.local` / `store.pull` (the same logic as the CLI):
+"""Ollama's model management routes over store/ (the same logic as the CLI):
 `POST /api/pull` (NDJSON progress in Ollama's format), `DELETE /api/delete`, `POST /api/copy`, and the
 store half of `POST /api/show` (details of any local model, loaded or not).
 """
@@ -15,8 +15,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from ..store import local, names
-from ..store.pull import ProgressBars
+from ..store import names
+from ..store.aliases import aliases, forget_aliases_of, remove_alias
+from ..store.info import chat_template, license_of, parameter_counts
+from ..store.listing import alias_models, find_local, list_models
+from ..store.operations import add_alias, delete, deletion_refusal
+from ..store.progress import ProgressBars
+from ..store.records import LocalModel, read_json
 from .errors import APIError
 
 router = APIRouter()
@@ -39,9 +44,9 @@ class CopyRequest(BaseModel):
     destination: str
 
 
-def _find(name: str) -> local.LocalModel:
+def _find(name: str) -> LocalModel:
     try:
-        return local.find_local(name)
+        return find_local(name)
     except names.ModelNotFound as e:
         raise APIError(404, str(e), param="model", code="model_not_found") from None
 
@@ -121,16 +126,16 @@ async def delete_model(body: DeleteRequest, request: Request):
     name = body.model or body.name
     if not name:
         raise APIError(400, "model is required")
-    if any(local.remove_alias(n) for n in (name, name.removesuffix(":latest"), f"{name}:latest")):
+    if any(remove_alias(n) for n in (name, name.removesuffix(":latest"), f"{name}:latest")):
         request.app.state.server.models.forget_name(name)
         return {"status": "success"}  # a name made with /api/copy: only the name goes
     model = _find(name)
-    refusal = local.deletion_refusal(model)
+    refusal = deletion_refusal(model)
     if refusal:
         raise APIError(403, f"not deleting: {refusal}")
     await request.app.state.server.models.unload_path(model.path)  # 409 while it answers requests
-    await asyncio.to_thread(local.delete, model)
-    await asyncio.to_thread(local.forget_aliases_of, model)
+    await asyncio.to_thread(delete, model)
+    await asyncio.to_thread(forget_aliases_of, model)
     return {"status": "success"}
 
 
@@ -138,13 +143,13 @@ async def delete_model(body: DeleteRequest, request: Request):
 async def copy_model(body: CopyRequest, request: Request):
     _find(body.source)
     try:
-        local.find_local(body.destination)
+        find_local(body.destination)
     except names.ModelNotFound:
         pass
     else:
-        if body.destination not in local.aliases():
+        if body.destination not in aliases():
             raise APIError(409, f"{body.destination!r} already names a model")
-    local.add_alias(body.source, body.destination)
+    add_alias(body.source, body.destination)
     request.app.state.server.models.forget_name(body.destination)
     return {"status": "success"}
 
@@ -154,16 +159,16 @@ async def copy_model(body: CopyRequest, request: Request):
 def local_entries(served: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """/api/tags entries for every local model and copied name, then `served` (name → folder: the
     command-line model, which may live outside every store). Blocking: run it in a thread."""
-    models = local.list_models() + local.alias_models()
+    models = list_models() + alias_models()
     for name, folder in (served or {}).items():
         try:
-            models.append(dataclasses.replace(local.find_local(str(folder)), name=name))
+            models.append(dataclasses.replace(find_local(str(folder)), name=name))
         except names.ModelNotFound:  # gone from the disk since the server started
             continue
     return [_tag_entry(m) for m in models]
 
 
-def _tag_entry(m: local.LocalModel) -> dict[str, Any]:
+def _tag_entry(m: LocalModel) -> dict[str, Any]:
     from datetime import datetime, timezone
 
     try:
@@ -171,7 +176,7 @@ def _tag_entry(m: local.LocalModel) -> dict[str, Any]:
     except OSError:
         mtime = 0.0
     try:
-        total = local.parameter_counts(m.path / "config.json")["total"] if not m.is_gguf else 0
+        total = parameter_counts(m.path / "config.json")["total"] if not m.is_gguf else 0
     except Exception:  # an unusual config still gets listed
         total = 0
     size = f"{total / 1e9:.1f}B" if total >= 1e8 else f"{total / 1e6:.1f}M" if total else ""
@@ -198,11 +203,11 @@ def show_local(name: str) -> dict[str, Any]:
 
 def folder_show(folder, quant: str) -> dict[str, Any]:
     """The /api/show fields of a checkpoint folder (config.json, template, README/LICENSE)."""
-    cfg = local.read_json(folder / "config.json") or {}
+    cfg = read_json(folder / "config.json") or {}
     text = cfg.get("text_config", cfg)
-    template = local.chat_template(folder) or ""
+    template = chat_template(folder) or ""
     try:
-        counts = local.parameter_counts(folder / "config.json")
+        counts = parameter_counts(folder / "config.json")
     except Exception:  # an unusual config still gets the rest
         counts = {}
     caps = ["completion"] + (["vision"] if cfg.get("vision_config") else []) + \
@@ -222,7 +227,7 @@ def folder_show(folder, quant: str) -> dict[str, Any]:
         info["qwen35.linear_attention_layers"] = layer_types.count("linear_attention")
         info["qwen35.full_attention_layers"] = layer_types.count("full_attention")
     size = f"{total / 1e9:.1f}B" if total >= 1e8 else f"{total / 1e6:.1f}M" if total else ""
-    return {"modelfile": "", "parameters": "", "template": template, "license": local.license_of(folder) or "",
+    return {"modelfile": "", "parameters": "", "template": template, "license": license_of(folder) or "",
             "details": {"parent_model": "", "format": "safetensors", "family": "qwen35", "families": ["qwen35"],
                         "parameter_size": size, "quantization_level": quant},
             "model_info": info, "capabilities": caps}

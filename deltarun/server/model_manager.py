@@ -188,7 +188,7 @@ class ModelManager:
 
     async def unload_path(self, path) -> None:
         """Unload every idle model loaded from inside `path` (before deleting it); 409 when one is busy."""
-        from ..store.local import is_inside
+        from ..store.records import is_inside
 
         for entry in list(self.loaded.values()):
             served = entry.llm.path

@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from ..store import local
+from ..store.info import parameter_counts
 from .common import add_structured, build_chat_prompt, sampling
 from .errors import APIError
 from .manage import local_entries
@@ -65,7 +65,7 @@ def _params(llm, options: OllamaOptions | None, fmt: Any, thinking: bool):
 def _details(llm) -> dict[str, Any]:
     cfg = llm.config.text
     try:  # from the config: quantized weights are not parameters
-        params = local.parameter_counts(Path(str(llm.path)) / "config.json")["total"]
+        params = parameter_counts(Path(str(llm.path)) / "config.json")["total"]
     except Exception:
         params = sum(p.numel() for p in llm.model.parameters())
     bits = {b for m in llm.model.modules() if isinstance(b := getattr(m, "bits", None), int)}  # QuantLinear

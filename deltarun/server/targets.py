@@ -14,7 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..store import local, names
+from ..store import names
+from ..store.aliases import aliases
+from ..store.info import parameter_counts
+from ..store.listing import find_local
+from ..store.ollama_store import ollama_dir
+from ..store.records import folder_size
 from ..store.resolve import resolve_model
 
 FOREVER = None  # keep_alive of a model that never expires
@@ -60,7 +65,7 @@ class Target:
 
 def _follow_aliases(name: str) -> str:
     """The name a copied name (/api/copy) stands for, through chains of copies."""
-    table = local.aliases()
+    table = aliases()
     for _ in range(8):
         target = table.get(name) or table.get(name.removesuffix(":latest")) or table.get(f"{name}:latest")
         if target is None:
@@ -85,11 +90,11 @@ def resolve_target(name: str, options: dict[str, Any] | None = None, *, download
     else:
         try:
             try:
-                found = local.find_local(name)
+                found = find_local(name)
             except names.ModelNotFound:
                 if not name.endswith(":latest"):
                     raise
-                found = local.find_local(name.removesuffix(":latest"))  # Ollama clients add the tag
+                found = find_local(name.removesuffix(":latest"))  # Ollama clients add the tag
             path = found.path
         except names.ModelNotFound:
             if not download:
@@ -99,7 +104,7 @@ def resolve_target(name: str, options: dict[str, Any] | None = None, *, download
             quant = None  # the file is the quantization
         elif quant not in (None, "int4", "int8"):  # GGUF quant tags name files in Ollama's store
             raise names.ModelNotFound(f"{name!r} names a GGUF quantization ({quant}) that is not in Ollama's store "
-                                    f"({local.ollama_dir()}); run {base!r}, or {base + '-int4'!r} / "
+                                    f"({ollama_dir()}); run {base!r}, or {base + '-int4'!r} / "
                                     f"{base + '-int8'!r} (quantized while loading)")
     return Target(f"{Path(path).resolve()}|{quant or ''}", name, Path(path), quant,
                   estimate_bytes(Path(path), quant or options.get("quantization"), str(options.get("dtype") or "auto")))
@@ -113,12 +118,12 @@ def estimate_bytes(path: Path, quant: str | None, dtype: str) -> int:
     """Memory the text model will take: its parameters at the dtype (or quantization) asked, plus ~10%
     and 64 MB for the engine's buffers. Unknown layouts (GGUF) count their size on disk."""
     try:
-        counts = local.parameter_counts(path / "config.json")
+        counts = parameter_counts(path / "config.json")
         per = _BYTES.get((quant or "").split(":")[0].lower()) or _BYTES.get(dtype.lower(), 2.0)  # int4:GROUP
         return int(counts["text"] * per * 1.1) + (64 << 20)
     except Exception:  # no config (a GGUF file), or one we cannot read
         try:
-            return int((path.stat().st_size if path.is_file() else local.folder_size(path)) * 1.1)
+            return int((path.stat().st_size if path.is_file() else folder_size(path)) * 1.1)
         except OSError:
             return 0
 

@@ -1,4 +1,5 @@
-"""What is on this machine and how a name finds it: names.py (a model name → a folder: aliases, `org/repo`,
-`demo`, quantization tags, the Hub), local.py (models in the Hugging Face cache, Ollama's store and
-deltarun's folder: list, describe, copy, delete), pull.py (checked downloads). File formats live in
-weights/, which imports nothing from here."""
+"""What is on this machine and how a name finds it. names.py parses names (aliases, `org/repo`, `demo`,
+quantization tags); resolve.py turns one into a folder to run; records.py (LocalModel, facts on disk),
+listing.py (the models: HF cache, deltarun's folder, all; `find_local`), ollama_store.py (Ollama's store),
+aliases.py (copied names), info.py (`show`), operations.py (copy, delete), pull.py (checked downloads),
+progress.py (their progress bars). File formats live in weights/, which imports nothing from here."""

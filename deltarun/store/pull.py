@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import threading
 from pathlib import Path
 
 from . import names
@@ -38,7 +37,7 @@ def resolve_repo(name: str) -> str:
                                 f"Hugging Face hub: `deltarun pull {base}` (run it as {base}-int4 or -int8 "
                                 f"to quantize while loading), or `ollama pull {name}` into Ollama's store")
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
-        from .local import hf_cache_dir
+        from .records import hf_cache_dir
 
         raise names.ModelNotFound(f"pulling {repo} needs the network, but HF_HUB_OFFLINE is set; "
                                 f"unset it, or copy the cache folder models--{repo.replace('/', '--')} "
@@ -78,7 +77,7 @@ def pull(repo: str, revision: str | None = None, tqdm_class=None) -> Path:
     """Download `repo` (resuming, skipping what is cached), verify every file, re-fetch corrupt ones once."""
     from huggingface_hub import snapshot_download
 
-    from .local import hf_cache_dir
+    from .records import hf_cache_dir
 
     def fetch() -> Path:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=names.WEIGHT_PATTERNS,
@@ -114,90 +113,3 @@ def pull_error(repo: str, revision: str | None, e: Exception, endpoint: str) -> 
         return f"not enough disk space to download {repo}: {first}"
     return (f"could not download {repo} from {endpoint}: the network is unreachable or failed ({first}); "
             f"files already fetched are kept and the next `deltarun pull` resumes")
-
-
-class ProgressBars:
-    """The part of tqdm's interface that huggingface_hub's snapshot_download drives (`tqdm_class=`).
-
-    Subclasses show the progress: `start()` when a bar opens, `report()` whenever it changes.
-    """
-
-    _lock = threading.RLock()
-
-    @classmethod
-    def get_lock(cls):
-        return cls._lock
-
-    @classmethod
-    def set_lock(cls, lock):
-        cls._lock = lock
-
-    def __init__(self, iterable=None, *args, desc=None, total=None, initial=0, unit="it", **kwargs):
-        self.iterable, self.desc, self.unit, self.n = iterable, desc or "", unit, initial or 0
-        if total is None and iterable is not None and hasattr(iterable, "__len__"):
-            total = len(iterable)
-        self._total = total
-        self.format_dict: dict = {"rate": None}
-        self.start()
-
-    @property
-    def total(self):
-        return self._total
-
-    @total.setter
-    def total(self, value):
-        self._total = value
-        self.report()
-
-    def __iter__(self):
-        for item in self.iterable or ():
-            yield item
-            self.update(1)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __len__(self):
-        return int(self._total or 0)
-
-    def update(self, n=1):
-        self.n += n or 0
-        self.report()
-
-    def refresh(self, *args, **kwargs):
-        self.report()
-
-    def set_description(self, desc=None, refresh=True):
-        self.desc = desc or self.desc
-        self.report()
-
-    set_description_str = set_description
-
-    def reset(self, total=None):
-        self.n, self._total = 0, total
-        self.report()
-
-    def close(self):
-        self.report()
-
-    def set_postfix_str(self, *args, **kwargs):
-        pass
-
-    def clear(self, *args, **kwargs):
-        pass
-
-    def display(self, *args, **kwargs):
-        pass
-
-    @staticmethod
-    def write(*args, **kwargs):
-        pass
-
-    def start(self) -> None:
-        pass
-
-    def report(self) -> None:
-        pass

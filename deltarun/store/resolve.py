@@ -1,7 +1,7 @@
 """`resolve_model`: a model name → a local folder holding config.json and weights (a path, a GGUF file's
 sidecar, `demo`, `qwen3.5:0.8b`-style names, `org/repo`), looked up in the Hugging Face cache, then
 Ollama's store, then fetched with huggingface_hub when the network allows (names.py parses the names,
-local.py knows the stores)."""
+ollama_store.py finds GGUF files in Ollama's store)."""
 from __future__ import annotations
 
 import os
@@ -69,7 +69,7 @@ def resolve_model(name: str | os.PathLike, *, download: bool = True) -> Path:
 def _ollama(name: str) -> Path | None:
     """The GGUF sidecar of Ollama store model `name` (read-only in the store), else None."""
     from ..weights.gguf_meta import sidecar_for
-    from .local import ollama_gguf
+    from .ollama_store import ollama_gguf
 
     blob = ollama_gguf(name)
     return sidecar_for(blob) if blob is not None else None
