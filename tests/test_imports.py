@@ -1,7 +1,8 @@
 """Import rules, read from the source (every import statement, function bodies included): deltarun has no
 import circles, weights/ (file formats) imports nothing from store/, and the server and CLI use only public
-names of store/, and engine/ imports nothing from processor/, server/ or store/. (More rules join as the
-architecture work re-seats packages.)"""
+names of store/, engine/ imports nothing from processor/, server/ or store/, and the server's routes reach
+a model only through the `EngineClient` protocol (client.py), never AsyncLLM or the engine. (More rules
+join as the architecture work re-seats packages.)"""
 from __future__ import annotations
 
 import ast
@@ -103,3 +104,16 @@ def test_the_engine_speaks_token_ids():
     for m, deps in g.items():
         if m.startswith("deltarun.engine"):
             assert not [d for d in deps if d.startswith(("deltarun.processor", "deltarun.server", "deltarun.store"))], m
+
+
+def test_routes_reach_models_through_the_engine_client():
+    """Only server/targets.py (which loads the local `AsyncLLM`) may import async_llm or engine/; every route
+    calls the `EngineClient` protocol, so a remote replica can stand behind it. client.py and the request
+    loop (request_stream.py) import no engine code either."""
+    g = import_graph()
+    engine_side = ("deltarun.async_llm", "deltarun.engine", "deltarun.llm")
+    for m, deps in g.items():
+        if m.startswith("deltarun.server") and m != "deltarun.server.targets":
+            assert not [d for d in deps if d.startswith(engine_side)], m
+    for m in ("deltarun.client", "deltarun.request_stream"):
+        assert not [d for d in g[m] if d.startswith(engine_side)], m
