@@ -22,7 +22,7 @@ from .processor.chat_template import ChatTemplate
 from .processor.mrope import VisionTokens
 from .processor.multimodal import MediaRef, extract_media, prepare_media
 from .processor.output import OutputProcessor, RequestState
-from .processor.reasoning import ReasoningParser, split_reasoning
+from .processor.reasoning import DeltaSplitter, opens_think, split_reasoning
 from .processor.tokenizer import Tokenizer
 from .processor.video import VideoProcessorConfig
 from .processor.vision import ImageProcessorConfig
@@ -119,22 +119,6 @@ class Frontend:
         return prompt, self.tokenizer.encode(prompt), thinking
 
     @staticmethod
-    def reasoning_splitter(prompt: str):
-        """A function that fills `delta.reasoning` / `delta.content` of a chat stream's deltas in order."""
-        parsers: dict[int, ReasoningParser] = {}
-        in_think = prompt.endswith("<think>\n")
-
-        def split(delta: StreamDelta) -> StreamDelta:
-            parser = parsers.setdefault(delta.index, ReasoningParser(in_think=in_think))
-            delta.reasoning, delta.content = parser.feed(delta.text)
-            if delta.finish_reason is not None:
-                r, c = parser.finish()
-                delta.reasoning += r
-                delta.content += c
-            return delta
-        return split
-
-    @staticmethod
     def chat_params(params: SamplingParams | None, thinking: bool) -> SamplingParams:
         """Unset sampling knobs take the model card's recommended values for the mode."""
         return (params or SamplingParams()).with_defaults(card_defaults(thinking))
@@ -194,7 +178,7 @@ class LLM(Frontend):
                           for _, ids, thinking, mm in rendered])
         results = []
         for (prompt, ids, _, _), out in zip(rendered, outs):
-            in_think = prompt.endswith("<think>\n")
+            in_think = opens_think(prompt)
             comps = []
             for c in out.outputs:
                 reasoning, content = split_reasoning(c.text, in_think)
@@ -207,6 +191,6 @@ class LLM(Frontend):
                     **template_kwargs: Any) -> Iterator[StreamDelta]:
         """Stream one conversation's answer; each delta says which part is reasoning and which content."""
         prompt, ids, thinking, mm = self.render_chat(messages, enable_thinking, tools, **template_kwargs)
-        split = self.reasoning_splitter(prompt)
+        split = DeltaSplitter(prompt)
         for delta in self._stream(self.prepare(ids, self.chat_params(params, thinking), mm)):
             yield split(delta)

@@ -1,7 +1,8 @@
 """Import rules, read from the source (every import statement, function bodies included): deltarun has no
 import circles, weights/ (file formats) imports nothing from store/, and the server and CLI use only public
-names of store/, and engine/ imports nothing from processor/, server/ or store/. (More rules join as the
-architecture work re-seats packages.)"""
+names of store/, engine/ imports nothing from processor/, server/ or store/, and the server's routes reach
+a model only through the `EngineClient` protocol (client.py), never AsyncLLM or the engine. (More rules
+join as the architecture work re-seats packages.)"""
 from __future__ import annotations
 
 import ast
@@ -92,7 +93,8 @@ def test_server_and_cli_use_only_public_names_of_the_store():
 
     for path in [*(ROOT / "server").glob("*.py"), *(ROOT / "cli").glob("*.py")]:
         text = path.read_text()
-        assert not re.search(r"\b(local|names|pull)\._\w", text), path.name
+        store = "|".join(p.stem for p in (ROOT / "store").glob("*.py"))
+        assert not re.search(rf"\b({store})\._\w", text), path.name
         assert not re.search(r"from \.\.store\.\w+ import [^\n]*\b_\w", text), path.name
 
 
@@ -136,3 +138,16 @@ def test_the_scheduler_does_no_tensor_work():
     g = import_graph()
     text = (ROOT / "engine" / "scheduler.py").read_text()
     assert "import torch" not in text and "deltarun.model" not in " ".join(g["deltarun.engine.scheduler"])
+
+
+def test_routes_reach_models_through_the_engine_client():
+    """Only server/targets.py (which loads the local `AsyncLLM`) may import async_llm or engine/; every route
+    calls the `EngineClient` protocol, so a remote replica can stand behind it. client.py and the request
+    loop (request_stream.py) import no engine code either."""
+    g = import_graph()
+    engine_side = ("deltarun.async_llm", "deltarun.engine", "deltarun.llm")
+    for m, deps in g.items():
+        if m.startswith("deltarun.server") and m != "deltarun.server.targets":
+            assert not [d for d in deps if d.startswith(engine_side)], m
+    for m in ("deltarun.client", "deltarun.request_stream"):
+        assert not [d for d in g[m] if d.startswith(engine_side)], m

@@ -300,6 +300,7 @@ def test_auto_policy_runs_the_cheaper_mode(spec_cost, plain_cost):
 
 
 def test_cli_flags_and_metrics_reach_the_engine(tiny_ckpt):
+    from deltarun.async_llm import engine_stats
     from deltarun.cli import build_parser, engine_options
     from deltarun.server.metrics import Metrics
 
@@ -312,6 +313,6 @@ def test_cli_flags_and_metrics_reach_the_engine(tiny_ckpt):
                mtp_draft_vocab=opts["mtp_draft_vocab"])
     assert llm.engine.spec.k == 3 and llm.engine.spec.draft_head.out_features == 300
     llm.generate(PROMPTS[0], GREEDY)
-    text = Metrics().render({"tiny": llm.engine})
+    text = Metrics().render({"tiny": engine_stats(llm.engine)})
     drafted = llm.engine.stats["spec_drafted"]
     assert drafted > 0 and f'deltarun_spec_decode_draft_tokens_total{{model="tiny"}} {drafted}' in text

@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from deltarun.processor.reasoning import ReasoningParser, split_reasoning
+from deltarun.outputs import StreamDelta
+from deltarun.processor.reasoning import DeltaSplitter, ReasoningParser, opens_think, skip_reasoning, split_reasoning
 
 
 def _stream(text: str, in_think: bool, cuts: list[int]) -> tuple[str, str]:
@@ -89,3 +90,34 @@ def test_model_output_format_roundtrip():
     reasoning, answer = "Need weather.\n\nThen answer.", "<tool_call>\n<function=f>\n</function>\n</tool_call>"
     generated = f"{reasoning}\n</think>\n\n{answer}"
     assert split_reasoning(generated, in_think=True) == (reasoning, answer)
+
+
+def test_prompt_helpers():
+    thinking, plain = "<|im_start|>assistant\n<think>\n", "<|im_start|>assistant\n"
+    assert opens_think(thinking) and not opens_think(plain)
+    assert skip_reasoning(thinking) == thinking + "\n</think>\n\n" and not opens_think(skip_reasoning(thinking))
+    assert skip_reasoning(plain) == plain
+
+
+def test_final_feed_equals_feed_then_finish():
+    rng = random.Random(5)
+    for _ in range(500):
+        text = _random_text(rng)
+        cut = rng.randint(0, len(text))
+        parser = ReasoningParser(True)
+        r1, c1 = parser.feed(text[:cut])
+        r2, c2 = parser.feed(text[cut:], final=True)
+        assert (r1 + r2, c1 + c2) == split_reasoning(text, True), (text, cut)
+
+
+def test_delta_splitter_keeps_one_parser_per_sequence():
+    texts = ["plan\n</think>\n\nanswer one", "<think>x</think>two"]
+    split = DeltaSplitter("<think>\n")
+    got = {0: ["", ""], 1: ["", ""]}
+    pieces = [(i, t[k:k + 3]) for k in range(0, 30, 3) for i, t in enumerate(texts) if k < len(t)]
+    ends = {i: max(k for k, (j, _) in enumerate(pieces) if j == i) for i in got}
+    for k, (i, piece) in enumerate(pieces):
+        d = split(StreamDelta(i, piece, [], "stop" if ends[i] == k else None))
+        got[i][0] += d.reasoning
+        got[i][1] += d.content
+    assert [tuple(got[i]) for i in got] == [split_reasoning(t, True) for t in texts]

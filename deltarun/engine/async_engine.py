@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from ..inputs import MultiModalInput, StepOutput
 from ..sampling import SamplingParams
@@ -28,7 +28,7 @@ class AsyncEngine:
         self._thread.start()
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       mm: MultiModalInput | None = None) -> AsyncIterator[StepOutput]:
+                       mm: MultiModalInput | None = None) -> AsyncGenerator[StepOutput, None]:
         """Stream a request's step outputs; leaving the loop early (or cancellation) aborts it.
         `mm`: the prompt's images/videos (`Frontend.prepare_media`)."""
         self.engine.check_request(prompt_ids, params, mm)

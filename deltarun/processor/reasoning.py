@@ -5,12 +5,18 @@ The split follows the chat template's own reading of that format: newlines at bo
 dropped, and so are the newlines that open the answer. A ``<think>`` the model writes itself at the very
 start (after optional whitespace) opens a think block even when the prompt did not. Without a ``</think>``
 everything after the opening is reasoning (a generation cut short while thinking).
+
+This module is the only place that knows the format: the front ends (llm.py, async_llm.py), the server
+(a chat choice's parsing, tool_choice prompts) and the CLI (through `StreamDelta.reasoning`) call it.
 """
 
 from __future__ import annotations
 
+from ..outputs import StreamDelta
+
 OPEN = "<think>"
 CLOSE = "</think>"
+_OPEN_PROMPT = OPEN + "\n"  # how the chat template ends a generation prompt that thinks
 
 _START, _THINK, _ANSWER = "start", "think", "answer"
 
@@ -27,6 +33,17 @@ def split_reasoning(text: str, in_think: bool) -> tuple[str, str]:
     if end == -1:
         return body.strip("\n"), ""
     return body[:end].strip("\n"), body[end + len(CLOSE) :].lstrip("\n")
+
+
+def opens_think(prompt: str) -> bool:
+    """Whether a rendered prompt leaves a think block open, so the generation starts with reasoning."""
+    return prompt.endswith(_OPEN_PROMPT)
+
+
+def skip_reasoning(prompt: str) -> str:
+    """The prompt with an open think block closed empty (what the template writes for no reasoning),
+    so the generation starts with the answer."""
+    return prompt + "\n" + CLOSE + "\n\n" if opens_think(prompt) else prompt
 
 
 def _partial_suffix(buf: str, tag: str) -> int:
@@ -52,10 +69,15 @@ class ReasoningParser:
         """Whether text fed now would count as reasoning (before the first text: what the prompt implies)."""
         return self._state == _THINK or (self._state == _START and self.in_think)
 
-    def feed(self, text: str) -> tuple[str, str]:
-        """(reasoning_delta, content_delta) for the next piece of generated text."""
+    def feed(self, text: str, final: bool = False) -> tuple[str, str]:
+        """(reasoning_delta, content_delta) for the next piece of generated text; `final`: it is the
+        last piece (what `finish` holds back comes out too)."""
         self._buf += text
-        return self._advance(final=False)
+        r, c = self._advance(final=False)
+        if final:
+            r2, c2 = self.finish()
+            r, c = r + r2, c + c2
+        return r, c
 
     def finish(self) -> tuple[str, str]:
         """Deltas for text held back at the end of the generation."""
@@ -108,3 +130,16 @@ class ReasoningParser:
             self._buf = ""
             break
         return "".join(reasoning), "".join(content)
+
+
+class DeltaSplitter:
+    """Fills `reasoning` / `content` of a chat stream's `StreamDelta`s, in order, one parser per sequence."""
+
+    def __init__(self, prompt: str) -> None:
+        self.in_think = opens_think(prompt)
+        self._parsers: dict[int, ReasoningParser] = {}
+
+    def __call__(self, delta: StreamDelta) -> StreamDelta:
+        parser = self._parsers.setdefault(delta.index, ReasoningParser(in_think=self.in_think))
+        delta.reasoning, delta.content = parser.feed(delta.text, final=delta.finish_reason is not None)
+        return delta

@@ -4,7 +4,8 @@
 Cross-cutting concerns live here: the optional API key (Bearer, every route), the request body size
 limit, CORS (off unless origins are given), `/health`, `/metrics`, the chat page's static files, and
 turning every error into the error body of the API that was called (errors.py), so the server keeps
-serving whatever a client sends. Routers import errors.py and state.py, never this module.
+serving whatever a client sends. Routers import errors.py and state.py, never this module, and reach a
+model only through the `EngineClient` protocol (deltarun/client.py).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .model_manager import ModelManager
 from .state import LeaseMiddleware, ServerState
 
 if TYPE_CHECKING:
-    from ..async_llm import AsyncLLM
+    from ..client import EngineClient
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 STATIC_DIR = Path(__file__).parent / "static"  # the chat page: plain HTML/CSS/JS, no build step, no CDN
@@ -32,7 +33,7 @@ STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; ch
                 ".css": "text/css; charset=utf-8", ".woff2": "font/woff2"}
 
 
-def create_app(llm: "AsyncLLM | ModelManager | None" = None, model_name: str | None = None, *,
+def create_app(llm: "EngineClient | ModelManager | None" = None, model_name: str | None = None, *,
                api_key: str | None = None, cors_origins: list[str] | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, default_thinking: bool | None = None) -> FastAPI:
     """`llm`: one loaded model (served as `model_name`, kept loaded), a `ModelManager` (models loaded on
@@ -107,7 +108,7 @@ def create_app(llm: "AsyncLLM | ModelManager | None" = None, model_name: str | N
 
     @app.get("/metrics")
     async def metrics():
-        engines = {e.name: e.llm.engine for e in models.entries() if e.llm is not None}
+        engines = {e.name: e.llm.stats() for e in models.entries() if e.llm is not None}
         return PlainTextResponse(METRICS.render(engines, models), media_type="text/plain; version=0.0.4")
 
     @app.get("/")

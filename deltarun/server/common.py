@@ -1,5 +1,6 @@
-"""What the OpenAI and Ollama adapters share: building a chat prompt (thinking, tools, tool_choice,
-images and videos), sampling parameters with structured output, and ids for responses.
+"""What the OpenAI and Ollama adapters share: building a chat prompt (messages as the template reads
+them, thinking, tools, tool_choice, images and videos), sampling parameters with structured output, the
+context-length check and ids for responses. Models are `EngineClient`s (deltarun/client.py).
 """
 from __future__ import annotations
 
@@ -9,13 +10,53 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from ..async_llm import AsyncLLM
+from ..client import EngineClient
 from ..inputs import MultiModalInput
 from ..processor.multimodal import MediaRef, extract_media
+from ..processor.reasoning import opens_think, skip_reasoning
 from ..sampling import SamplingParams
 from .errors import APIError
-from .streaming import template_messages
 from .structured import StructuredOutputError, make_structured
+
+
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as the chat template reads them: tool-call arguments as dicts, text parts normalized.
+
+    Image and video parts (`image`, `image_url`, `video`, `video_url`) pass through unchanged for
+    `extract_media`, which also refuses any other part type."""
+    import json
+
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if v is not None}
+        if m.get("role") == "developer":
+            m["role"] = "system"
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                kind = part.get("type")
+                if kind in ("text", "input_text") or (kind is None and "text" in part):
+                    parts.append({"type": "text", "text": str(part.get("text", ""))})
+                else:
+                    parts.append(part)
+            m["content"] = parts
+        elif content is None:
+            m["content"] = ""
+        calls = []
+        for tc in m.get("tool_calls") or []:
+            fn = dict(tc.get("function", tc))
+            args = fn.get("arguments")
+            if isinstance(args, str):
+                try:
+                    fn["arguments"] = json.loads(args) if args.strip() else {}
+                except json.JSONDecodeError:
+                    raise ValueError(f"tool call arguments of {fn.get('name')!r} are not valid JSON") from None
+            calls.append({"type": "function", "function": fn})
+        if calls:
+            m["tool_calls"] = calls
+        out.append(m)
+    return out
 
 
 def new_id(prefix: str) -> str:
@@ -33,7 +74,7 @@ class ChatPrompt:
     mm: MultiModalInput | None = None  # the prompt's images/videos (`ids` are then the expanded ids)
 
 
-async def build_chat_prompt(llm: AsyncLLM, messages: list[dict[str, Any]], *, thinking: bool | None,
+async def build_chat_prompt(llm: EngineClient, messages: list[dict[str, Any]], *, thinking: bool | None,
                             tools: list[dict] | None, tool_choice: Any = "auto", parallel: bool = True,
                             template_kwargs: dict[str, Any] | None = None,
                             context: list[int] | None = None) -> ChatPrompt:
@@ -69,8 +110,7 @@ async def build_chat_prompt(llm: AsyncLLM, messages: list[dict[str, Any]], *, th
     prompt, _, on = llm.render(plain, thinking, shown, **kwargs)
     prefix = ""
     if shown and (tool_choice == "required" or forced):
-        if prompt.endswith("<think>\n"):
-            prompt += "\n</think>\n\n"  # what the template writes for an empty reasoning
+        prompt = skip_reasoning(prompt)  # a forced call comes first: no reasoning before it
         prefix = "<tool_call>\n<function=" + (f"{forced}>\n" if forced else "")
         prompt += prefix
     ids = list(context or []) + llm.tokenizer.encode(prompt)
@@ -81,19 +121,20 @@ async def build_chat_prompt(llm: AsyncLLM, messages: list[dict[str, Any]], *, th
             ids, mm = await asyncio.to_thread(_prepare_media, llm, ids, media)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-    return ChatPrompt(ids, on, prompt.endswith("<think>\n"), shown, prefix, None if parallel else 1, mm)
+    return ChatPrompt(ids, on, opens_think(prompt), shown, prefix, None if parallel else 1, mm)
 
 
 _VISION_LOAD = threading.Lock()  # concurrent first image requests load the tower once
 
 
-def _prepare_media(llm: AsyncLLM, ids: list[int], media: list[MediaRef]) -> tuple[list[int], MultiModalInput]:
+def _prepare_media(llm: EngineClient, ids: list[int], media: list[MediaRef]
+                   ) -> tuple[list[int], MultiModalInput | None]:
     with _VISION_LOAD:
         llm.load_vision()
     return llm.prepare_media(ids, media)
 
 
-def _client_media(llm: AsyncLLM, ref: MediaRef) -> MediaRef:
+def _client_media(llm: EngineClient, ref: MediaRef) -> MediaRef:
     """A client's image/video as data, never a path on this machine: a data URL as it is, an http(s) URL
     only when the server allows them (`--allow-http-media`), anything else read as base64."""
     if not isinstance(ref.source, str):
@@ -110,7 +151,7 @@ def _client_media(llm: AsyncLLM, ref: MediaRef) -> MediaRef:
     return MediaRef(ref.kind, "data:;base64," + source)
 
 
-def add_structured(llm: AsyncLLM, params: SamplingParams, kind: str | None, schema: dict | None,
+def add_structured(llm: EngineClient, params: SamplingParams, kind: str | None, schema: dict | None,
                    thinking: bool) -> SamplingParams:
     """Attach the JSON grammar mask for `kind` ("json_object" | "json_schema"); None/"text" = free text."""
     if kind in (None, "text"):
@@ -122,9 +163,9 @@ def add_structured(llm: AsyncLLM, params: SamplingParams, kind: str | None, sche
     return params
 
 
-def check_length(llm: AsyncLLM, n_prompt: int, max_tokens: int | None) -> None:
+def check_length(llm: EngineClient, n_prompt: int, max_tokens: int | None) -> None:
     """OpenAI's rule: prompt + max_tokens must fit the context (400 otherwise)."""
-    ctx = llm.engine.max_model_len
+    ctx = llm.max_model_len
     if n_prompt >= ctx:
         raise APIError(400, f"the prompt has {n_prompt} tokens but the context length is {ctx}",
                        param="messages", code="context_length_exceeded")

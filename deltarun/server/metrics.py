@@ -5,6 +5,9 @@ Kept dependency-free (a few counters in one process); `render()` is what `GET /m
 from __future__ import annotations
 
 import threading
+from typing import Any
+
+from ..client import EngineStats
 
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -60,9 +63,9 @@ class Metrics:
         with self._lock:
             self.http_errors += 1
 
-    def render(self, engines: dict, models=None) -> str:
-        """Prometheus text: the server's counters, then each loaded model's engine (label `model`), read
-        without locking (plain ints); `models`: the ModelManager, for loads/unloads."""
+    def render(self, engines: dict[str, EngineStats], models: Any = None) -> str:
+        """Prometheus text: the server's counters, then each loaded model's engine counters (label
+        `model`; `EngineClient.stats()`); `models`: the ModelManager, for loads/unloads."""
         with self._lock:
             lines = ["# TYPE deltarun_requests_total counter"]
             lines += [f'deltarun_requests_total{{outcome="{k}"}} {v}' for k, v in self.requests.items()]
@@ -78,20 +81,20 @@ class Metrics:
             lines += ["# TYPE deltarun_models_loaded gauge", f"deltarun_models_loaded {len(engines)}",
                       "# TYPE deltarun_model_loads_total counter", f"deltarun_model_loads_total {models.loads}",
                       "# TYPE deltarun_model_unloads_total counter", f"deltarun_model_unloads_total {models.unloads}"]
-        per_engine = {"requests_waiting": ("gauge", lambda e: e.num_waiting),
-                      "sequences_running": ("gauge", lambda e: e.num_running),
-                      "prefix_cache_hits_total": ("counter", lambda e: e.prefix.hits),
-                      "prefix_cache_hit_tokens_total": ("counter", lambda e: e.prefix.hit_tokens),
-                      "prefix_cache_bytes": ("gauge", lambda e: e.prefix.nbytes),
-                      "preemptions_total": ("counter", lambda e: e.stats["preemptions"]),
-                      "engine_prompt_tokens_total": ("counter", lambda e: e.stats["prompt_tokens"]),
+        per_engine = {"requests_waiting": ("gauge", lambda e: e.requests_waiting),
+                      "sequences_running": ("gauge", lambda e: e.sequences_running),
+                      "prefix_cache_hits_total": ("counter", lambda e: e.prefix_cache_hits),
+                      "prefix_cache_hit_tokens_total": ("counter", lambda e: e.prefix_cache_hit_tokens),
+                      "prefix_cache_bytes": ("gauge", lambda e: e.prefix_cache_bytes),
+                      "preemptions_total": ("counter", lambda e: e.preemptions),
+                      "engine_prompt_tokens_total": ("counter", lambda e: e.prompt_tokens),
                       # MTP speculative decoding (engine/speculative.py); 0 when it is off
-                      "spec_decode_steps_total": ("counter", lambda e: e.stats.get("spec_steps", 0)),
-                      "spec_decode_draft_tokens_total": ("counter", lambda e: e.stats.get("spec_drafted", 0)),
-                      "spec_decode_accepted_tokens_total": ("counter", lambda e: e.stats.get("spec_accepted", 0))}
+                      "spec_decode_steps_total": ("counter", lambda e: e.spec_steps),
+                      "spec_decode_draft_tokens_total": ("counter", lambda e: e.spec_drafted),
+                      "spec_decode_accepted_tokens_total": ("counter", lambda e: e.spec_accepted)}
         for metric, (kind, read) in per_engine.items():
             lines.append(f"# TYPE deltarun_{metric} {kind}")
-            lines += [f'deltarun_{metric}{{model="{_label(name)}"}} {read(engine)}' for name, engine in engines.items()]
+            lines += [f'deltarun_{metric}{{model="{_label(name)}"}} {read(stats)}' for name, stats in engines.items()]
         return "\n".join(lines) + "\n"
 
 

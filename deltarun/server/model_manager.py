@@ -44,7 +44,7 @@ class Loaded:
     key: str
     name: str                    # the name it was first asked by (what /api/ps shows)
     names: set[str]
-    llm: Any                     # AsyncLLM (None once unloaded)
+    llm: Any                     # an EngineClient: AsyncLLM today (None once unloaded)
     size: int                    # bytes of weights in memory
     default_keep_alive: float | None  # for requests that give none (FOREVER for the command-line model)
     keep_alive: float | None

@@ -21,14 +21,17 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from ..client import EngineClient
+from ..processor.output import RequestState
+from ..sampling import SamplingParams
 from ..store.info import parameter_counts
-from .common import add_structured, build_chat_prompt, sampling
+from .common import ChatPrompt, add_structured, build_chat_prompt, sampling
 from .errors import APIError
 from .manage import local_entries
 from .model_manager import Loaded, is_unload
 from .protocol import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
 from .state import ServerState
-from .streaming import chat_events, prepare, until_disconnect
+from .streaming import chat_events, collect_chat, until_disconnect
 
 router = APIRouter()
 VERSION = "0.12.0"  # the Ollama API version whose fields this mirrors; clients compare it
@@ -49,7 +52,7 @@ def _content(text: str | None, images: list[str] | None) -> str | list[dict[str,
     return [{"type": "image", "image": b64} for b64 in images] + [{"type": "text", "text": text or ""}]
 
 
-def _params(llm, options: OllamaOptions | None, fmt: Any, thinking: bool):
+def _params(llm: EngineClient, options: OllamaOptions | None, fmt: Any, thinking: bool) -> SamplingParams:
     o = options or OllamaOptions()
     num_predict = o.num_predict if o.num_predict is None or o.num_predict >= 0 else None  # -1/-2: no limit
     params = sampling(temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, min_p=o.min_p, seed=o.seed,
@@ -62,20 +65,21 @@ def _params(llm, options: OllamaOptions | None, fmt: Any, thinking: bool):
     return params
 
 
-def _details(llm) -> dict[str, Any]:
+def _details(llm: EngineClient) -> dict[str, Any]:
     cfg = llm.config.text
+    info = llm.model_info()
     try:  # from the config: quantized weights are not parameters
         params = parameter_counts(Path(str(llm.path)) / "config.json")["total"]
     except Exception:
-        params = sum(p.numel() for p in llm.model.parameters())
-    bits = {b for m in llm.model.modules() if isinstance(b := getattr(m, "bits", None), int)}  # QuantLinear
-    level = f"INT{min(bits)}" if bits else str(next(llm.model.parameters()).dtype).removeprefix("torch.").upper()
+        params = info.parameters
+    level = f"INT{info.quant_bits}" if info.quant_bits else info.dtype.upper()
     return {"parent_model": "", "format": "safetensors", "family": "qwen35", "families": ["qwen35"],
             "parameter_size": f"{params / 1e9:.1f}B" if params >= 1e8 else f"{params / 1e6:.1f}M",
             "quantization_level": level, "context_length": cfg.max_position_embeddings}
 
 
-async def _respond(request: Request, body, llm, req, prompt, kind: str):
+async def _respond(request: Request, body: Any, llm: EngineClient, req: RequestState, prompt: ChatPrompt,
+                   kind: str) -> Any:
     """Run a chat (kind "chat") or generate request; NDJSON lines when streaming, else one object."""
     start = time.perf_counter_ns()
     events = chat_events(llm, req, prompt.in_think, prompt.tools, prompt.prefix)
@@ -122,21 +126,9 @@ async def _respond(request: Request, body, llm, req, prompt, kind: str):
 
         return StreamingResponse(stream(), media_type="application/x-ndjson")
 
-    async def collect():
-        acc: dict[str, Any] = {"r": "", "c": "", "calls": [], "reason": None, "first": None}
-        async with aclosing(events) as evs:
-            async for ev in evs:
-                if acc["first"] is None and ev.token_count:
-                    acc["first"] = time.perf_counter_ns()
-                acc["r"] += ev.reasoning
-                acc["c"] += ev.content
-                acc["calls"] += ev.calls
-                acc["reason"] = ev.finish_reason or acc["reason"]
-        return acc
-
-    acc = await until_disconnect(request, collect())
-    reason = "stop" if acc["reason"] == "tool_calls" else acc["reason"]
-    return {**head(), **piece(acc["r"], acc["c"], acc["calls"]), **stats(acc["first"], reason)}
+    [total] = await until_disconnect(request, collect_chat(events, 1))
+    reason = "stop" if total.finish_reason == "tool_calls" else total.finish_reason
+    return {**head(), **piece(total.reasoning, total.content, total.calls), **stats(total.first_token_ns, reason)}
 
 
 @router.post("/api/chat")
@@ -161,7 +153,7 @@ async def chat(body: OllamaChatRequest, request: Request):
     tools = body.tools or None
     prompt = await build_chat_prompt(llm, messages, thinking=_think(body.think, state.default_thinking), tools=tools)
     params = _params(llm, body.options, body.format, prompt.thinking)
-    req = prepare(llm, prompt.ids, llm.chat_params(params, prompt.thinking), prompt.mm)
+    req = llm.prepare(prompt.ids, llm.chat_params(params, prompt.thinking), prompt.mm)
     return await _respond(request, body, llm, req, prompt, "chat")
 
 
@@ -184,19 +176,17 @@ async def generate(body: OllamaGenerateRequest, request: Request):
         return {"model": body.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load",
                 "load_duration": request.scope["deltarun.load_ns"]}
     if body.raw:
-        from .common import ChatPrompt
-
         ids = list(body.context or []) + llm.tokenizer.encode(body.prompt)
         prompt = ChatPrompt(ids, False, False, None, "", None)
         params = _params(llm, body.options, body.format, False)
-        req = prepare(llm, ids, params.with_defaults({}))
+        req = llm.prepare(ids, params.with_defaults({}))
     else:
         messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
             [{"role": "user", "content": _content(body.prompt, body.images)}]
         prompt = await build_chat_prompt(llm, messages, thinking=_think(body.think, state.default_thinking),
                                          tools=None, context=body.context)
         params = _params(llm, body.options, body.format, prompt.thinking)
-        req = prepare(llm, prompt.ids, llm.chat_params(params, prompt.thinking), prompt.mm)
+        req = llm.prepare(prompt.ids, llm.chat_params(params, prompt.thinking), prompt.mm)
     return await _respond(request, body, llm, req, prompt, "generate")
 
 
@@ -227,9 +217,9 @@ async def ps(request: Request):
     for e in state.models.entries():
         if e.llm is None:
             continue
-        on_gpu = getattr(getattr(e.llm.model, "device", None), "type", "cpu") != "cpu"
+        on_gpu = e.llm.model_info().device != "cpu"
         out.append({**_loaded_entry(state, e), "expires_at": e.expires_at(), "size_vram": e.size if on_gpu else 0,
-                    "context_length": e.llm.engine.max_model_len})
+                    "context_length": e.llm.max_model_len})
     return {"models": out}
 
 
@@ -252,7 +242,7 @@ async def show(body: OllamaShowRequest, request: Request):
     out = folder_show(Path(str(llm.path)), details["quantization_level"].lower())
     out["details"] = {**out["details"], **details}
     out["model_info"]["general.parameter_count"] = out["model_info"]["general.parameter_count"] or \
-        sum(p.numel() for p in llm.model.parameters())
+        llm.model_info().parameters
     return {**out, "template": llm.template.source, "capabilities": caps, "modified_at": _iso(state.created)}
 
 

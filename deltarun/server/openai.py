@@ -16,13 +16,15 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from ..client import EngineClient
 from ..outputs import Logprob
 from ..processor.tool_calls import ToolCall
+from ..sampling import SamplingParams
 from .common import ChatPrompt, add_structured, build_chat_prompt, check_length, new_id, sampling
 from .errors import APIError
 from .protocol import ChatCompletionRequest
 from .state import ServerState
-from .streaming import chat_events, prepare, until_disconnect
+from .streaming import chat_events, collect_chat, until_disconnect
 from .structured import StructuredOutputError
 from .tool_grammar import forced_tool_processors
 
@@ -63,7 +65,7 @@ def tool_call_json(call: ToolCall, index: int | None = None) -> dict[str, Any]:
     return out if index is None else {"index": index, **out}
 
 
-def _params(llm, body: ChatCompletionRequest, prompt: ChatPrompt):
+def _params(llm: EngineClient, body: ChatCompletionRequest, prompt: ChatPrompt) -> SamplingParams:
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     check_length(llm, len(prompt.ids), max_tokens)
     if body.top_logprobs is not None and not body.logprobs:
@@ -100,7 +102,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                                      tool_choice=body.tool_choice or "auto", parallel=body.parallel_tool_calls,
                                      template_kwargs=body.chat_template_kwargs)
     params = _params(llm, body, prompt)
-    req = prepare(llm, prompt.ids, llm.chat_params(params, prompt.thinking), prompt.mm)
+    req = llm.prepare(prompt.ids, llm.chat_params(params, prompt.thinking), prompt.mm)
     rid, created = new_id("chatcmpl-"), int(time.time())
     events = chat_events(llm, req, prompt.in_think, prompt.tools, prompt.prefix, prompt.max_calls)
     k = body.top_logprobs or 0
@@ -140,28 +142,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def collect() -> list[dict[str, Any]]:
-        acc = [{"reasoning": "", "content": "", "calls": [], "logprobs": [], "finish": None}
-               for _ in range(body.n)]
-        async with aclosing(events) as evs:
-            async for ev in evs:
-                a = acc[ev.index]
-                a["reasoning"] += ev.reasoning
-                a["content"] += ev.content
-                a["calls"] += ev.calls
-                a["logprobs"] += ev.logprobs
-                a["finish"] = ev.finish_reason or a["finish"]
-        return acc
-
-    acc = await until_disconnect(request, collect())
+    totals = await until_disconnect(request, collect_chat(events, body.n))
     choices = []
-    for i, a in enumerate(acc):
-        msg: dict[str, Any] = {"role": "assistant", "content": a["content"] or (None if a["calls"] else ""),
-                               "reasoning_content": a["reasoning"] or None}
-        if a["calls"]:
-            msg["tool_calls"] = [tool_call_json(c) for c in a["calls"]]
-        choices.append({"index": i, "message": msg, "finish_reason": a["finish"],
-                        "logprobs": {"content": chat_logprobs(a["logprobs"], k, llm.tokenizer)}
+    for i, a in enumerate(totals):
+        msg: dict[str, Any] = {"role": "assistant", "content": a.content or (None if a.calls else ""),
+                               "reasoning_content": a.reasoning or None}
+        if a.calls:
+            msg["tool_calls"] = [tool_call_json(c) for c in a.calls]
+        choices.append({"index": i, "message": msg, "finish_reason": a.finish_reason,
+                        "logprobs": {"content": chat_logprobs(a.logprobs, k, llm.tokenizer)}
                         if body.logprobs else None})
     return {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
             "choices": choices, "usage": usage()}

@@ -13,6 +13,7 @@ from contextlib import aclosing
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from ..client import EngineClient
 from ..outputs import Logprob
 from ..processor.output import RequestState
 from .common import add_structured, check_length, new_id, sampling
@@ -20,7 +21,7 @@ from .errors import APIError
 from .openai import sse
 from .protocol import CompletionRequest
 from .state import ServerState
-from .streaming import prepare, run_request, run_to_end, until_disconnect
+from .streaming import run_request, run_to_end, until_disconnect
 
 router = APIRouter()
 
@@ -58,7 +59,7 @@ class _LogprobsBuilder:
         self.data["top_logprobs"].append({(v.decoded_token or ""): v.logprob for t, v in top})
 
 
-def _echo_prefix(llm, req: RequestState, k: int | None) -> tuple[str, _LogprobsBuilder | None]:
+def _echo_prefix(llm: EngineClient, req: RequestState, k: int | None) -> tuple[str, _LogprobsBuilder | None]:
     text = req.prompt if req.prompt is not None else llm.tokenizer.decode(req.prompt_ids)
     if k is None:
         return text, None
@@ -91,7 +92,7 @@ async def completions(body: CompletionRequest, request: Request):
         rf = body.response_format
         params = add_structured(llm, params, rf.type if rf else None,
                                 (rf.json_schema or {}).get("schema") if rf else None, False)
-        reqs.append(prepare(llm, p, params))
+        reqs.append(llm.prepare(p, params))
     rid, created = new_id("cmpl-"), int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
 
@@ -155,7 +156,7 @@ async def models(request: Request):
 
     state: ServerState = request.app.state.server
     loaded = [e for e in state.models.entries() if e.llm is not None]
-    data = [_model_card(state, e.name, e.llm.engine.max_model_len) for e in loaded]
+    data = [_model_card(state, e.name, e.llm.max_model_len) for e in loaded]
     names = {n for e in loaded for n in e.names}
     local = await asyncio.to_thread(local_entries, state.models.served())
     data += [_model_card(state, m["name"]) for m in local if m["name"] not in names]
@@ -167,6 +168,6 @@ async def model(model_id: str, request: Request):
     state: ServerState = request.app.state.server
     entry = state.models.find(model_id)
     if entry is not None and entry.llm is not None:
-        return _model_card(state, model_id, entry.llm.engine.max_model_len)
+        return _model_card(state, model_id, entry.llm.max_model_len)
     await state.models.resolve(model_id)  # 404 with a hint when it is not a local model
     return _model_card(state, model_id)

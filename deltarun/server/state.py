@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
-from ..async_llm import AsyncLLM
+from ..client import EngineClient
 
 if TYPE_CHECKING:
     from .model_manager import ModelManager
@@ -20,8 +20,9 @@ class ServerState:
     default_thinking: bool | None = None  # None: the chat template's own default
     created: int = field(default_factory=lambda: int(time.time()))
 
-    async def use(self, request: Request, name: str, keep_alive: Any = None) -> AsyncLLM:
-        """The model `name` for this request: loaded on first use, held until the response is sent."""
+    async def use(self, request: Request, name: str, keep_alive: Any = None) -> EngineClient:
+        """The model `name` for this request, as the one interface routes call (client.py): loaded on
+        first use, held until the response is sent."""
         start = time.perf_counter_ns()
         entry = await self.models.acquire(name, keep_alive)
         request.scope["deltarun.leases"].append(entry)  # LeaseMiddleware releases it

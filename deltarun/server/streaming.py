@@ -1,62 +1,41 @@
-"""Driving one request through `AsyncLLM` for the HTTP handlers, and per-choice chat output parsing.
+"""Streams for the HTTP handlers: the server's one call into a model, and per-choice chat output parsing.
 
-`run_request` is `AsyncLLM.generate_stream` with the request's state exposed (the handlers need the
-new log-probs and token counts, which `StreamDelta` does not carry); closing it aborts the request.
-`ChatChoice` turns one completion's text stream into reasoning, content and tool calls.
+`run_request` is `EngineClient.stream` with the server's metrics attached (the one request loop is
+deltarun/request_stream.py); closing it aborts the request. `ChatChoice` turns one completion's text
+into reasoning (processor/reasoning.py), content and tool calls; `chat_events` runs a chat request as
+per-choice `ChatEvent`s, which each API renders as its own stream, or adds up with `collect_chat`.
 """
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from contextlib import aclosing
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 from fastapi import Request
 
-from ..async_llm import AsyncLLM
-from ..inputs import MultiModalInput
-from ..outputs import StreamDelta
+from ..client import EngineClient
+from ..outputs import LogprobDict, StreamDelta
 from ..processor.output import RequestState
 from ..processor.reasoning import ReasoningParser
 from ..processor.tool_calls import ToolCall, ToolCallParser
-from ..sampling import SamplingParams
 from .metrics import METRICS
 
 T = TypeVar("T")
 
 
-def prepare(llm: AsyncLLM, prompt: str | list[int], params: SamplingParams,
-            mm: MultiModalInput | None = None) -> RequestState:
-    """Tokenize and validate (ValueError → 400) before any response byte is sent; `mm`: the prompt's media."""
-    return llm.prepare(prompt, params, mm)
+def run_request(llm: EngineClient, req: RequestState) -> AsyncGenerator[list[StreamDelta], None]:
+    """The request's deltas, step by step, counted in the server's metrics; leaving early (or
+    cancellation) aborts it in the engine."""
+    return llm.stream(req, METRICS)
 
 
-async def run_request(llm: AsyncLLM, req: RequestState) -> AsyncIterator[list[StreamDelta]]:
-    """The request's deltas, step by step; leaving early (or cancellation) aborts it in the engine."""
-    start = time.perf_counter()
-    first = True
-    METRICS.request_started()
-    ok = False
-    try:
-        async with aclosing(llm.async_engine.generate(req.request_id, req.prompt_ids, req.params, req.mm)) as steps:
-            async for step in steps:
-                deltas = llm.output.update(req, step, llm.async_engine.finish)
-                if first and any(d.token_ids for d in deltas):
-                    METRICS.first_token(time.perf_counter() - start)
-                    first = False
-                yield deltas
-                if req.finished:
-                    break
-        ok = True
-    finally:
-        METRICS.request_finished(time.perf_counter() - start, len(req.prompt_ids),
-                                 sum(len(t.token_ids) for t in req.tracks), ok and req.finished)
-
-
-async def run_to_end(llm: AsyncLLM, req: RequestState) -> None:
-    async for _ in run_request(llm, req):
-        pass
+async def run_to_end(llm: EngineClient, req: RequestState) -> None:
+    async with aclosing(run_request(llm, req)) as steps:
+        async for _ in steps:
+            pass
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -90,10 +69,7 @@ class ChatChoice:
         """(reasoning delta, content delta, new tool calls) for the next generated text."""
         if self.prefix:
             text, self.prefix = self.prefix + text, ""
-        r, c = self.reasoning_parser.feed(text)
-        if final:
-            r2, c2 = self.reasoning_parser.finish()
-            r, c = r + r2, c + c2
+        r, c = self.reasoning_parser.feed(text, final)
         calls: list[ToolCall] = []
         if self.tool_parser is not None:
             c, calls = self.tool_parser.feed(c)
@@ -106,59 +82,19 @@ class ChatChoice:
         return r, c, calls
 
 
-def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Messages as the chat template reads them: tool-call arguments as dicts, text parts normalized.
-
-    Image and video parts (`image`, `image_url`, `video`, `video_url`) pass through unchanged for
-    `extract_media`, which also refuses any other part type."""
-    import json
-
-    out = []
-    for m in messages:
-        m = {k: v for k, v in m.items() if v is not None}
-        if m.get("role") == "developer":
-            m["role"] = "system"
-        content = m.get("content")
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                kind = part.get("type")
-                if kind in ("text", "input_text") or (kind is None and "text" in part):
-                    parts.append({"type": "text", "text": str(part.get("text", ""))})
-                else:
-                    parts.append(part)
-            m["content"] = parts
-        elif content is None:
-            m["content"] = ""
-        calls = []
-        for tc in m.get("tool_calls") or []:
-            fn = dict(tc.get("function", tc))
-            args = fn.get("arguments")
-            if isinstance(args, str):
-                try:
-                    fn["arguments"] = json.loads(args) if args.strip() else {}
-                except json.JSONDecodeError:
-                    raise ValueError(f"tool call arguments of {fn.get('name')!r} are not valid JSON") from None
-            calls.append({"type": "function", "function": fn})
-        if calls:
-            m["tool_calls"] = calls
-        out.append(m)
-    return out
-
-
 class ChatEvent:
     """What one step added to one choice of a chat request."""
 
     __slots__ = ("index", "reasoning", "content", "calls", "logprobs", "finish_reason", "token_count")
 
-    def __init__(self, index: int, reasoning: str, content: str, calls: list[ToolCall], logprobs: list,
+    def __init__(self, index: int, reasoning: str, content: str, calls: list[ToolCall], logprobs: list[LogprobDict],
                  finish_reason: str | None, token_count: int):
         self.index, self.reasoning, self.content, self.calls = index, reasoning, content, calls
         self.logprobs, self.finish_reason, self.token_count = logprobs, finish_reason, token_count
 
 
-async def chat_events(llm: AsyncLLM, req: RequestState, in_think: bool, tools: list[dict] | None,
-                      prefix: str = "", max_calls: int | None = None) -> AsyncIterator[ChatEvent]:
+async def chat_events(llm: EngineClient, req: RequestState, in_think: bool, tools: list[dict] | None,
+                      prefix: str = "", max_calls: int | None = None) -> AsyncGenerator[ChatEvent, None]:
     """Run a chat request, yielding parsed events per choice; finish_reason "tool_calls" when it called."""
     choices = [ChatChoice(in_think, tools, prefix) for _ in range(req.params.n)]
     sent = [0] * req.params.n
@@ -177,3 +113,33 @@ async def chat_events(llm: AsyncLLM, req: RequestState, in_think: bool, tools: l
                 if reason == "stop" and ch.calls:
                     reason = "tool_calls"
                 yield ChatEvent(d.index, r, c, calls, lps, reason, len(track.token_ids))
+
+
+@dataclass
+class ChoiceTotal:
+    """One choice of a chat request added up (the non-streaming answer)."""
+
+    reasoning: str = ""
+    content: str = ""
+    calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[LogprobDict] = field(default_factory=list)
+    finish_reason: str | None = None
+    first_token_ns: int | None = None  # perf_counter_ns when its first token arrived (Ollama's durations)
+
+    def add(self, ev: ChatEvent) -> None:
+        if self.first_token_ns is None and ev.token_count:
+            self.first_token_ns = time.perf_counter_ns()
+        self.reasoning += ev.reasoning
+        self.content += ev.content
+        self.calls += ev.calls
+        self.logprobs += ev.logprobs
+        self.finish_reason = ev.finish_reason or self.finish_reason
+
+
+async def collect_chat(events: AsyncGenerator[ChatEvent, None], n: int) -> list[ChoiceTotal]:
+    """Run `chat_events` to the end, adding up each of the `n` choices."""
+    totals = [ChoiceTotal() for _ in range(n)]
+    async with aclosing(events) as evs:
+        async for ev in evs:
+            totals[ev.index].add(ev)
+    return totals

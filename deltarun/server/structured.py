@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..processor.reasoning import CLOSE as THINK_END  # the token that ends the reasoning
 from ..processor.tokenizer import Tokenizer
 
-THINK_END = "</think>"
 # Compact separators and no free whitespace: the output is bounded, as with OpenAI's strict mode.
 _JSON_OPTIONS = {"whitespace_flexible": False}
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..client import EngineClient
 from ..store import names
 from ..store.aliases import aliases
 from ..store.info import parameter_counts
@@ -150,8 +151,8 @@ def llm_kwargs(options: dict[str, Any], quantization: str | None) -> dict[str, A
     return kwargs
 
 
-def load_llm(target: Target, options: dict[str, Any]) -> Any:
-    """Load `target` with the server's engine options (runs in a worker thread)."""
+def load_llm(target: Target, options: dict[str, Any]) -> EngineClient:
+    """Load `target` with the server's engine options (runs in a worker thread): the local client."""
     from ..async_llm import AsyncLLM
 
     kwargs = llm_kwargs(options, target.quantization)
