@@ -2,7 +2,8 @@
 
 Module names mirror the official checkpoint (`model.language_model.*`, `lm_head`), so loading is a
 near-identity copy. The model builds its own cache (`new_cache`) and knows nothing of scheduling,
-text or HTTP. Vision (`model.visual.*`) and MTP (`mtp.*`) weights are not built here yet.
+text or HTTP. The vision tower (`model.visual.*`) is model/vision.py and the MTP head (`mtp.*`) model/mtp.py,
+each loaded on its own (weights/vision_loader.py, weights/mtp_loader.py).
 """
 from __future__ import annotations
 
