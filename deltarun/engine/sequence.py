@@ -10,14 +10,17 @@ cache keys) and, while its prompt is being prefilled, the vision tower's output 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from ..cache.state import SeqState
+from ..cache.state import SeqState, StatePool
 from ..inputs import MultiModalInput, StepOutput, TopLogprobs
 from ..ops.sampling import SamplerState
 from ..sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from ..model.qwen3_5 import Qwen3_5ForCausalLM
 
 
 @dataclass(eq=False)  # identity: two sequences are never "equal"
@@ -90,8 +93,8 @@ class DecodeHost(Protocol):
     the state pool, the counters, the usable vocabulary, a plain decode step and the stop check (which marks a
     sequence finished; the scheduler frees it after the step's phase)."""
 
-    model: torch.nn.Module
-    pool: object  # cache.state.StatePool
+    model: Qwen3_5ForCausalLM
+    pool: StatePool
     stats: dict
     valid_vocab: int
 
