@@ -61,6 +61,12 @@ class Sequence:
         return len(self.request.prompt_ids) if not self.token_ids else self.num_inputs - 1
 
     @property
+    def held_state(self) -> SeqState:
+        """`state`, of a sequence that holds one (admitted and not yet freed: running, prefilling, decoding)."""
+        assert self.state is not None, "the sequence holds no state"
+        return self.state
+
+    @property
     def decoding(self) -> bool:
         return self.state is not None and bool(self.token_ids) and self.num_computed == self.num_inputs - 1
 
