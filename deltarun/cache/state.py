@@ -69,18 +69,22 @@ class KVCache:
         """Add k, v [1, Hkv, T, D]; return all held keys and values [1, Hkv, length, D]."""
         need = self.length + k.shape[2]
         self.make_room(need, k)
+        kc, vc = self.k, self.v
+        assert kc is not None and vc is not None  # make_room allocated them
         if not self.quantized:
-            self.k[:, :, self.length : need] = k
-            self.v[:, :, self.length : need] = v
+            kc[:, :, self.length : need] = k
+            vc[:, :, self.length : need] = v
             self.length = need
-            return self.k[:, :, :need], self.v[:, :, :need]
-        for x, q, sc in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
+            return kc[:, :, :need], vc[:, :, :need]
+        ks, vs = self.k_scale, self.v_scale
+        assert ks is not None and vs is not None  # allocated with the int8 keys and values
+        for x, q, sc in ((k, kc, ks), (v, vc, vs)):
             scale = (x.float().abs().amax(-1, keepdim=True) / 127).clamp(min=1e-12)
             q[:, :, self.length : need] = torch.round(x.float() / scale).to(torch.int8)
             sc[:, :, self.length : need] = scale
         self.length = need
-        return (self.k[:, :, :need] * self.k_scale[:, :, :need]).to(self.dtype), \
-            (self.v[:, :, :need] * self.v_scale[:, :, :need]).to(self.dtype)
+        return (kc[:, :, :need] * ks[:, :, :need]).to(self.dtype), \
+            (vc[:, :, :need] * vs[:, :, :need]).to(self.dtype)
 
     def copy_prefix(self, other: "KVCache", n: int) -> None:
         """Hold exactly the first n tokens of `other` (a prefix-cache hit)."""
@@ -88,7 +92,9 @@ class KVCache:
         self.length = 0
         self.quantized, self.dtype = other.quantized, other.dtype
         if n:
-            self.reserve(n, other.k if not other.quantized else other.k.to(other.dtype))
+            src = other.k
+            assert src is not None  # `other` holds at least n tokens
+            self.reserve(n, src if not other.quantized else src.to(other.dtype))
             for dst, src in zip(self._tensors(), other._tensors()):
                 dst[:, :, :n] = src[:, :, :n]
             self.length = n

@@ -18,6 +18,7 @@ import torch
 
 from ..cache.prefix import PrefixCache
 from ..inputs import MultiModalInput, SeqUpdate, StepOutput
+from ..model.mtp import MTPHead
 from ..model.qwen3_5 import Qwen3_5ForCausalLM
 from ..sampling import SamplingParams
 from .memory import default_budgets
@@ -47,7 +48,7 @@ class EngineConfig:
 class Engine:
     def __init__(self, model: Qwen3_5ForCausalLM, *, eos_token_ids: list[int], valid_vocab: int | None = None,
                  config: EngineConfig | None = None, vision: torch.nn.Module | None = None,
-                 mtp: torch.nn.Module | None = None, **overrides):
+                 mtp: MTPHead | None = None, **overrides):
         self.model = model
         self.cfg = cfg = config or EngineConfig(**overrides)
         self.eos_token_ids = list(eos_token_ids)

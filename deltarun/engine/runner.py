@@ -11,6 +11,7 @@ forks states for n > 1, and samples. Stops and freeing are the scheduler's (sche
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from ..model.qwen3_5 import Qwen3_5ForCausalLM
 from ..ops.sampling import SamplerState, prompt_logprobs, sample
 from ..sampling import SamplingParams
 from .sequence import Request, Sequence
+
+if TYPE_CHECKING:
+    from .speculative import Speculator
 
 LOGITS_CHUNK = 256  # prompt positions per logits block: bounds the [T, vocab] fp32 buffer
 
@@ -33,7 +37,7 @@ class ModelRunner:
         self.eos_token_ids, self.valid_vocab, self.kv_int8 = list(eos_token_ids), valid_vocab, kv_int8
         self.vision = vision  # the vision tower (may be set later: front ends load it on first use)
         self.check_stop = check_stop  # the scheduler's: marks a sequence finished after a token
-        self.spec = None  # the MTP speculator (speculative.py), set by the engine; None: plain decoding
+        self.spec: Speculator | None = None  # the MTP speculator, set by the engine; None: plain decoding
 
     # -- states -----------------------------------------------------------------------------------
     def new_state(self, capacity: int) -> SeqState:
@@ -66,10 +70,10 @@ class ModelRunner:
         req = parent.request
         child = Sequence(index, req, self.sampler(req, index), num_computed=parent.num_computed)
         child.state = self.new_state(parent.prefill_target + 1)
-        self.pool.copy_slot(parent.state.slot, child.state.slot)
-        for dst, src in zip(child.state.kv, parent.state.kv):
+        self.pool.copy_slot(parent.held_state.slot, child.state.slot)
+        for dst, src in zip(child.state.kv, parent.held_state.kv):
             dst.copy_prefix(src, src.length)
-        child.state.length = parent.state.length
+        child.state.length = parent.held_state.length
         if self.spec is not None:
             self.spec.fork(parent, child)
         return child
@@ -87,7 +91,7 @@ class ModelRunner:
         if any(s.request.mm is not None for s in seqs):  # rows after an image run at index + delta
             pos = [s.num_computed + (s.request.mm.delta if s.request.mm is not None else 0) for s in seqs]
             positions = torch.tensor(pos, device=dev).view(1, -1, 1).expand(3, -1, 1)
-        hidden = self.model(ids, ModelCache(self.pool, [s.state for s in seqs]), positions=positions)
+        hidden = self.model(ids, ModelCache(self.pool, [s.held_state for s in seqs]), positions=positions)
         for s in seqs:
             s.num_computed += 1
         self.sample(self.model.logits(hidden[:, -1]), seqs, outputs)
@@ -96,7 +100,7 @@ class ModelRunner:
         """Compute inputs start … end−1 of `seq` into its state; returns their hidden states [T, H]."""
         req = seq.request
         ids = torch.tensor([seq.inputs[start:end]], device=self.model.device)
-        cache = ModelCache(self.pool, [seq.state])
+        cache = ModelCache(self.pool, [seq.held_state])
         if req.mm is None:
             hidden = self.model(ids, cache)[0]
         else:
@@ -108,9 +112,10 @@ class ModelRunner:
             self.spec.on_prefill(seq, hidden, start)  # the MTP head's context
         blk = self.prefix.block
         if end % blk == 0 and self.prefix.budget > 0:
-            self.prefix.insert(seq.key_inputs, end, self.pool.snapshot(seq.state.slot), seq.state.kv)
-        if req.vision_embeds is not None and all(s.num_computed >= req.mm.num_prompt for s in req.seqs
-                                                 if not s.finished):
+            self.prefix.insert(seq.key_inputs, end, self.pool.snapshot(seq.held_state.slot), seq.held_state.kv)
+        mm = req.mm  # a request has vision embeddings only when it has images/videos
+        if req.vision_embeds is not None and mm is not None and all(s.num_computed >= mm.num_prompt for s in req.seqs
+                                                                    if not s.finished):
             req.vision_embeds = None  # every vision token is in the state now
         if not seq.token_ids and req.params.prompt_logprobs is not None:
             self._prompt_logprobs(req, hidden, start, end == target)
@@ -119,12 +124,15 @@ class ModelRunner:
     def _embed(self, req: Request, ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Embeddings [1, T, H] of inputs start … end−1 with the vision rows of the tokens among them."""
         x = self.model.model.language_model.embed_tokens(ids)
-        a, b = req.mm.rows(start, end)
+        mm = req.mm
+        assert mm is not None  # only requests with images/videos are embedded here
+        a, b = mm.rows(start, end)
         if a < b:
             if req.vision_embeds is None:  # once per request, and only if a chunk needs it (not on a hit)
-                req.vision_embeds = encode_vision(self.vision, req.mm)
+                assert self.vision is not None  # check_request refuses images/videos without a vision tower
+                req.vision_embeds = encode_vision(self.vision, mm)
                 self.stats["vision_encodes"] += 1
-            idx = (req.mm.vision_index[a:b] - start).to(x.device)
+            idx = (mm.vision_index[a:b] - start).to(x.device)
             x[0, idx] = req.vision_embeds[a:b].to(device=x.device, dtype=x.dtype)
         return x
 
@@ -135,6 +143,7 @@ class ModelRunner:
             req.prompt_top_logprobs.append(None)
         n = hidden.shape[0] - (1 if done else 0)  # the prompt's last position predicts no prompt token
         k = req.params.prompt_logprobs
+        assert k is not None  # called only for requests that asked for prompt log-probs
         for a in range(0, n, LOGITS_CHUNK):
             b = min(n, a + LOGITS_CHUNK)
             nxt = torch.tensor(req.prompt_ids[start + a + 1 : start + b + 1], device=hidden.device)

@@ -121,7 +121,7 @@ class Scheduler:
             growth = 0
             for s in self.running:
                 if s.decoding:
-                    for c in s.state.kv:
+                    for c in s.held_state.kv:
                         if c.length + step > c.capacity:
                             growth += (grown_capacity(c.capacity, c.length + step) - c.capacity) * per_layer
             requests = {id(s.request): s.request for s in self.running}
@@ -134,7 +134,9 @@ class Scheduler:
         """Set `seq`'s finish reason if `tok` (just appended) ends it; `reap` frees it after the phase."""
         p = seq.request.params
         if len(seq.token_ids) >= p.min_tokens:
-            if tok in p.stop_token_ids:
+            stops = p.stop_token_ids
+            assert stops is not None  # SamplingParams.__post_init__ makes None []
+            if tok in stops:
                 seq.finish_reason, seq.stop_reason = "stop", tok
             elif not p.ignore_eos and tok in self.eos_token_ids:
                 seq.finish_reason = "stop"
@@ -172,7 +174,7 @@ class Scheduler:
 
     # -- memory -----------------------------------------------------------------------------------
     def usage(self) -> int:
-        return sum(s.state.kv_nbytes() for s in self.running) + len(self.running) * self.pool.slot_nbytes()
+        return sum(s.held_state.kv_nbytes() for s in self.running) + len(self.running) * self.pool.slot_nbytes()
 
     def _admit(self, seq: Sequence) -> bool:
         slots_needed = seq.request.params.n if not seq.token_ids else 1

@@ -10,14 +10,17 @@ cache keys) and, while its prompt is being prefilled, the vision tower's output 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from ..cache.state import SeqState
+from ..cache.state import SeqState, StatePool
 from ..inputs import MultiModalInput, StepOutput, TopLogprobs
 from ..ops.sampling import SamplerState
 from ..sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from ..model.qwen3_5 import Qwen3_5ForCausalLM
 
 
 @dataclass(eq=False)  # identity: two sequences are never "equal"
@@ -58,6 +61,12 @@ class Sequence:
         return len(self.request.prompt_ids) if not self.token_ids else self.num_inputs - 1
 
     @property
+    def held_state(self) -> SeqState:
+        """`state`, of a sequence that holds one (admitted and not yet freed: running, prefilling, decoding)."""
+        assert self.state is not None, "the sequence holds no state"
+        return self.state
+
+    @property
     def decoding(self) -> bool:
         return self.state is not None and bool(self.token_ids) and self.num_computed == self.num_inputs - 1
 
@@ -90,8 +99,8 @@ class DecodeHost(Protocol):
     the state pool, the counters, the usable vocabulary, a plain decode step and the stop check (which marks a
     sequence finished; the scheduler frees it after the step's phase)."""
 
-    model: torch.nn.Module
-    pool: object  # cache.state.StatePool
+    model: Qwen3_5ForCausalLM
+    pool: StatePool
     stats: dict
     valid_vocab: int
 

@@ -43,8 +43,9 @@ class SpecPolicy:
         if self.mode != "auto":
             return self.mode == "on"
         if self.probing is not None:
-            hopeless = self.probing and self.samples[True] and self.cost[False] is not None \
-                and self.cost[True] > EARLY * self.cost[False]  # do not pay a whole probe for a clear loser
+            spec, plain = self.cost[True], self.cost[False]  # spec is set once a speculative step was measured
+            hopeless = self.probing and self.samples[True] and spec is not None and plain is not None \
+                and spec > EARLY * plain  # do not pay a whole probe for a clear loser
             if self.samples[self.probing] < PROBE and not hopeless:
                 return self.probing
             if self.cost[not self.probing] is None:  # first probes: measure the other mode too
@@ -59,6 +60,7 @@ class SpecPolicy:
             self.samples[self.probing] = 0
             return self.probing
         self.until_probe -= 1
+        assert self.last_winner is not None  # decided when the first probes ended
         return self.last_winner
 
     def record(self, spec: bool, seconds: float, tokens: int) -> None:
@@ -71,7 +73,9 @@ class SpecPolicy:
             self._probe[spec] = sec, tok = sec + seconds, tok + tokens
             self.cost[spec] = sec / tok
         else:  # the running mode: follow slow drifts (longer contexts, other load)
-            self.cost[spec] = (1 - EMA) * self.cost[spec] + EMA * seconds / tokens
+            cost = self.cost[spec]
+            assert cost is not None  # its probe measured it
+            self.cost[spec] = (1 - EMA) * cost + EMA * seconds / tokens
         self.samples[spec] += 1
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..cache.state import DraftState, KVCache, ModelCache
+from ..cache.state import DraftState, KVCache, ModelCache, SeqState
 from ..inputs import SeqUpdate, StepOutput
 from ..model.mtp import MTPHead
 from ..ops import routes
@@ -57,31 +57,33 @@ class Speculator:
         """hidden [T, H]: the target's output for inputs start … start+T−1 of `seq` (a prefill chunk)."""
         if not self._eligible(seq):
             return
-        d = seq.state.draft
+        state = seq.held_state
+        d = state.draft
         if d is None or d.pos + (0 if d.hidden is None else d.hidden.shape[0]) != start:
-            d = seq.state.draft = DraftState(KVCache(), start)  # a prefix hit or a gap: start afresh here
+            d = state.draft = DraftState(KVCache(), start)  # a prefix hit or a gap: start afresh here
         d.hidden = hidden if d.hidden is None else torch.cat([d.hidden, hidden])
         self._flush([seq], keep=1)  # the last row's next token may not exist yet (it is sampled next)
 
     def _flush(self, seqs: list[Sequence], keep: int) -> torch.Tensor | None:
         """Feed all but `keep` pending rows of each sequence (all hold as many) to the head in one batch;
         returns its output for them [G, P−keep, H]."""
-        ds = [s.state.draft for s in seqs]
-        n = ds[0].hidden.shape[0] - keep
+        ds = [_context(s) for s in seqs]
+        hs = [_pending(d) for d in ds]
+        n = hs[0].shape[0] - keep
         if n <= 0:
             return None
-        dev = ds[0].hidden.device
+        dev = hs[0].device
         ids = torch.tensor([s.inputs[d.pos + 1 : d.pos + 1 + n] for s, d in zip(seqs, ds)], device=dev)
         pos = torch.tensor([list(range(d.pos, d.pos + n)) for d in ds], device=dev)
-        out = self.head(self.engine.model, ids, torch.stack([d.hidden[:n] for d in ds]), pos, [d.kv for d in ds])
-        for d in ds:
-            d.hidden, d.pos = d.hidden[n:].clone(), d.pos + n  # a copy: do not pin the whole chunk
+        out = self.head(self.engine.model, ids, torch.stack([h[:n] for h in hs]), pos, [d.kv for d in ds])
+        for d, h in zip(ds, hs):
+            d.hidden, d.pos = h[n:].clone(), d.pos + n  # a copy: do not pin the whole chunk
         return out
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
-        if (d := parent.state.draft) is not None:
-            child.state.draft = DraftState(KVCache(), d.pos, d.hidden.clone())
-            child.state.draft.kv.copy_prefix(d.kv, d.kv.length)
+        if (d := parent.held_state.draft) is not None:
+            child.held_state.draft = cd = DraftState(KVCache(), d.pos, _pending(d).clone())
+            cd.kv.copy_prefix(d.kv, d.kv.length)
 
     # -- one decode step ---------------------------------------------------------------------------
     def decode(self, seqs: list[Sequence], outputs: dict[str, StepOutput]) -> None:
@@ -97,7 +99,7 @@ class Speculator:
 
     def _budget(self, seq: Sequence) -> int:
         """Drafts worth making for `seq`: never more than it may still emit minus the bonus token."""
-        d = seq.state.draft
+        d = seq.held_state.draft
         if d is None or d.hidden is None or not self._eligible(seq) or d.pos + d.hidden.shape[0] != seq.num_computed:
             return 0  # no fresh context (first step after a plain step or a prefix restore): resyncs now
         p = seq.request.params
@@ -119,12 +121,13 @@ class Speculator:
         keep: dict[int, int] = {}
         groups: dict[int, list[int]] = {}  # step 1: catch up on the pending pairs, batched by their count
         for b in rows:
-            groups.setdefault(seqs[b].state.draft.hidden.shape[0], []).append(b)
+            groups.setdefault(_pending(_context(seqs[b])).shape[0], []).append(b)
         for group in groups.values():
             out = self._flush([seqs[b] for b in group], keep=0)
+            assert out is not None  # keep=0, and a row with a budget has ≥ 1 pending pair
             for i, b in enumerate(group):
                 last[b] = out[i, -1]
-                keep[b] = seqs[b].state.draft.kv.length  # entries past this come from drafts: dropped below
+                keep[b] = _context(seqs[b]).kv.length  # entries past this come from drafts: dropped below
         for j in range(max(budgets)):
             live = [b for b in rows if budgets[b] > j]
             toks = self._pick(torch.stack([last[b] for b in live]), [seqs[b] for b in live], [qs[b] for b in live])
@@ -137,11 +140,11 @@ class Speculator:
             ids = torch.tensor([[drafts[b][-1]] for b in live], device=dev)
             pos = torch.tensor([[seqs[b].num_computed + j] for b in live], device=dev)
             out = self.head(eng.model, ids, torch.stack([last[b] for b in live])[:, None], pos,
-                            [seqs[b].state.draft.kv for b in live], step=j + 1)
+                            [_context(seqs[b]).kv for b in live], step=j + 1)
             for i, b in enumerate(live):
                 last[b] = out[i, 0]
         for b in rows:
-            seqs[b].state.draft.kv.length = keep[b]
+            _context(seqs[b]).kv.length = keep[b]
         return drafts, qs
 
     def _pick(self, h: torch.Tensor, seqs: list[Sequence], qs: list[list[torch.Tensor]]) -> list[int]:
@@ -176,7 +179,7 @@ class Speculator:
         if any(s.request.mm is not None for s in seqs):
             pos = [s.num_computed + (s.request.mm.delta if s.request.mm is not None else 0) for s in seqs]
             positions = (torch.tensor(pos, device=dev)[:, None] + torch.arange(t, device=dev)).expand(3, -1, -1)
-        states = [s.state for s in seqs]
+        states = [s.held_state for s in seqs]
         capture: dict = {}
         hidden = eng.model(ids, ModelCache(pool, states, capture=capture), positions=positions)  # [B, T, H]
         logits = eng.model.logits(hidden)  # [B, T, V]
@@ -225,9 +228,11 @@ class Speculator:
                 if want is not None and want > 0:
                     vals, ids = torch.topk(logits[i], min(want, logits.shape[-1]))
                     top = list(zip(ids.tolist(), (vals - lse).tolist()))
-            for dst, v in ((update.new_token_ids, tok), (update.new_logprobs, lp), (update.new_top_logprobs, top),
-                           (seq.token_ids, tok), (seq.logprobs, lp), (seq.top_logprobs, top)):
-                dst.append(v)
+            for toks, lps, tops in ((update.new_token_ids, update.new_logprobs, update.new_top_logprobs),
+                                    (seq.token_ids, seq.logprobs, seq.top_logprobs)):
+                toks.append(tok)
+                lps.append(lp)
+                tops.append(top)
             sampler.append(tok)
             eng.stats["generated_tokens"] += 1
             eng.check_stop(seq, tok)
@@ -239,7 +244,7 @@ class Speculator:
         outputs.setdefault(req.request_id, StepOutput(req.request_id, [])).updates.append(update)
         return n
 
-    def _rewind(self, seqs: list[Sequence], states: list, capture: dict, accepted: list[int], t: int) -> None:
+    def _rewind(self, seqs: list[Sequence], states: list[SeqState], capture: dict, accepted: list[int], t: int) -> None:
         """Set each live row's DeltaNet states to those after its last kept position; cut its KV there."""
         live = [s.state is not None and not s.finished for s in seqs]  # finished rows are freed after the step
         pool, rows = self.engine.pool, [b for b, s in enumerate(seqs) if live[b] and accepted[b] < t - 1]
@@ -247,8 +252,8 @@ class Speculator:
             if live[b]:
                 keep = accepted[b] + 1
                 s.num_computed += keep
-                s.state.length += keep - t
-                for c in s.state.kv:
+                s.held_state.length += keep - t
+                for c in s.held_state.kv:
                     c.length += keep - t
         if not rows:
             return
@@ -263,6 +268,21 @@ class Speculator:
             pool.conv[layer].index_copy_(0, slots, w.gather(2, cols))
             for b in rows:  # rec [T−1, B, …]: states after positions 0 … T−2 (verify_buffer)
                 pool.recurrent[layer][states[b].slot].copy_(rec[accepted[b], b])
+
+
+def _context(seq: Sequence) -> DraftState:
+    """The MTP head's context of `seq`, which has one where this is called (an eligible sequence gets it with
+    its first prefill chunk; a row drafts only with a fresh one)."""
+    d = seq.held_state.draft
+    assert d is not None, "no MTP context"
+    return d
+
+
+def _pending(d: DraftState) -> torch.Tensor:
+    """The target rows [P, H] `d` has not fed to the head: set with the context (on_prefill, _verify) and
+    only ever replaced by a tensor."""
+    assert d.hidden is not None, "an MTP context without its pending rows"
+    return d.hidden
 
 
 def agrees(target: int, draft: int) -> bool:
@@ -285,7 +305,7 @@ def make_speculator(engine: "DecodeHost", head: MTPHead | None, cfg) -> Speculat
     return Speculator(engine, head, cfg.mtp, k, cfg.mtp_draft_vocab) if k > 0 else None
 
 
-def _draft_head(lm_head: torch.nn.Module, n: int) -> torch.nn.Module | None:
+def _draft_head(lm_head: Linear | QuantLinear, n: int) -> torch.nn.Module | None:
     """The lm_head's first n rows as a Linear of their own, or None (draft over the whole vocabulary).
     BPE ids are merge-ranked, frequent tokens first: with the real tokenizer the first 32K ids cover
     92–94% of English prose and code tokens (benchmarks/ docs), and each draft step reads n rows instead of
@@ -294,9 +314,9 @@ def _draft_head(lm_head: torch.nn.Module, n: int) -> torch.nn.Module | None:
         return None
     if isinstance(lm_head, QuantLinear):  # re-quantized from its own values: drafts need not be bit-exact
         w = lm_head.row_block(0, n).to(lm_head.dtype)
-        head = QuantLinear.from_float(w, lm_head.bits, lm_head.group_size, lm_head.dtype).to(w.device)
-        head.pack()
-        return head
+        quant = QuantLinear.from_float(w, lm_head.bits, lm_head.group_size, lm_head.dtype).to(w.device)
+        quant.pack()
+        return quant
     head = Linear(lm_head.in_features, n, bias=False, device="meta")
     head.weight = torch.nn.Parameter(lm_head.weight[:n], requires_grad=False)  # a view: no copy
     routes.assign(head)  # the routes the lm_head's own rows take here
