@@ -155,13 +155,12 @@ class QuantLinear(nn.Module):
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Dequantized weight rows idx [R] → [R, K] in fp32 (an embedding lookup, or all rows)."""
-        qw, sc, zr = self.qweight, self.scales, self.zeros
         if self.bits == 8:
-            assert qw is not None and sc is not None  # only a CPU-packed int4 weight drops them
-            return qw[idx].float() * sc[idx].float()[:, None]
+            assert self.qweight is not None and self.scales is not None  # only a CPU-packed int4 weight drops them
+            return self.qweight[idx].float() * self.scales[idx].float()[:, None]
         if self._cpu4 is None:
-            assert qw is not None and sc is not None and zr is not None
-            return dequantize_int4(qw[idx], sc[idx], zr[idx])
+            assert self.qweight is not None and self.scales is not None and self.zeros is not None
+            return dequantize_int4(self.qweight[idx], self.scales[idx], self.zeros[idx])
         packed, sz, pairs = self._cpu4
         k, blk = self.in_features, cpu_int4_block()
         within = idx % blk
