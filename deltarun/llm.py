@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .engine.engine import Engine, EngineConfig
 from .inputs import MultiModalInput
@@ -132,10 +132,11 @@ class LLM(Frontend):
         """One `RequestOutput` per prompt (a string or a list of token ids); params one or per prompt."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        plist = params if isinstance(params, list) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
-        return self._run([self.prepare(p, sp) for p, sp in zip(prompts, plist)])  # all validated before any runs
+        batch = cast(list[Prompt], prompts)  # one prompt (a str or a list of ints) was wrapped above
+        plist = params if isinstance(params, list) else [params] * len(batch)
+        if len(plist) != len(batch):
+            raise ValueError(f"got {len(plist)} SamplingParams for {len(batch)} prompts")
+        return self._run([self.prepare(p, sp) for p, sp in zip(batch, plist)])  # all validated before any runs
 
     def _run(self, reqs: list[RequestState]) -> list[RequestOutput]:
         by_id = {r.request_id: r for r in reqs}
@@ -172,7 +173,7 @@ class LLM(Frontend):
              **template_kwargs: Any) -> ChatOutput | list[ChatOutput]:
         """Answer one conversation (or a list of them); the reasoning comes back apart from the answer."""
         batch = bool(messages) and isinstance(messages[0], list)
-        convs = messages if batch else [messages]
+        convs = cast(list[Messages], messages if batch else [messages])
         rendered = [self.render_chat(c, enable_thinking, tools, **template_kwargs) for c in convs]
         outs = self._run([self.prepare(ids, self.chat_params(params, thinking), mm)
                           for _, ids, thinking, mm in rendered])

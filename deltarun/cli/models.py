@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..store.progress import ProgressBars
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 COMMANDS = ("list", "show", "pull", "rm", "ps")
 
@@ -140,15 +144,17 @@ def cmd_show(args: argparse.Namespace) -> int:
 class _RichBars(ProgressBars):
     """snapshot_download's progress bars, drawn with rich."""
 
-    progress = None  # the shared rich.progress.Progress, set by cmd_pull
+    progress: Progress | None = None  # the shared rich.progress.Progress, set by cmd_pull
 
     def start(self) -> None:
         self.task = self.progress.add_task(self.desc, total=self.total or None, completed=self.n) \
             if self.progress is not None else None
 
     def report(self) -> None:
-        if getattr(self, "task", None) is not None:
-            self.progress.update(self.task, description=self.desc, completed=self.n, total=self.total or None)
+        task = getattr(self, "task", None)
+        if task is not None:
+            assert self.progress is not None  # a task exists only on a progress
+            self.progress.update(task, description=self.desc, completed=self.n, total=self.total or None)
 
     @staticmethod
     def write(s, *args, **kwargs):

@@ -82,7 +82,7 @@ def rope_inv_freq(rope: RopeConfig, rotary_dim: int) -> tuple[torch.Tensor, floa
         return rotary_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
 
     low = max(math.floor(correction_dim(rope.beta_fast)), 0)
-    high = min(math.ceil(correction_dim(rope.beta_slow)), rotary_dim - 1)
+    high: float = min(math.ceil(correction_dim(rope.beta_slow)), rotary_dim - 1)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)

@@ -7,6 +7,9 @@ each loaded on its own (weights/vision_loader.py, weights/mtp_loader.py).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -104,8 +107,8 @@ class Qwen3_5ForCausalLM(nn.Module):
         return self.model.language_model.norm.weight.device
 
     def state_shapes(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-        return [layer.linear_attn.state_shapes() for layer in self.model.language_model.layers
-                if layer.layer_type == "linear_attention"]
+        layers = cast(Iterable[DecoderLayer], self.model.language_model.layers)
+        return [layer.linear_attn.state_shapes() for layer in layers if layer.layer_type == "linear_attention"]
 
     @property
     def num_kv_layers(self) -> int:

@@ -5,6 +5,8 @@ queries are the last T of the S positions (S - T earlier positions come from the
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -21,7 +23,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
         # so keys are read once per KV head (≈10× faster than enable_gqa on CPU at long context).
         o = F.scaled_dot_product_attention(q.view(b, hkv, groups, d), k, v, scale=scale)
         return o.view(b, hq, 1, d)
-    gqa = {"enable_gqa": True} if groups > 1 else {}  # never materialises repeated K/V
+    gqa: dict[str, Any] = {"enable_gqa": True} if groups > 1 else {}  # never materialises repeated K/V
     if t == s:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
     if t * s <= MASK_ENTRIES:

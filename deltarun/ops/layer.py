@@ -10,6 +10,7 @@ speculative verify, weights without a kernel, CUDA) runs the modules as before.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -107,14 +108,20 @@ class Plan:
     kv_shape: tuple = ()  # [1, Hkv, 1, D]: what a KV cache grows by
 
 
-def plan(layer: nn.Module) -> Plan | None:
+class Fusable(Protocol):
+    """A decoder layer the fused path can take (model/qwen3_5.py `DecoderLayer`)."""
+
+    def fused_parts(self) -> LayerParts: ...
+
+
+def plan(layer: Fusable) -> Plan | None:
     """The layer's fused-decode arguments, built on first use from `layer.fused_parts()` and cached on the
     layer (None: no plan)."""
     p = layer.__dict__.get("_decode_plan")
     if p is None:
         p = _build(layer.fused_parts()) or _NO
         layer.__dict__["_decode_plan"] = p
-    return None if p is _NO else p
+    return p if isinstance(p, Plan) else None  # else the cached _NO
 
 
 def reset(model: nn.Module) -> None:
@@ -166,6 +173,7 @@ def gdn_layer(p: Plan, x: torch.Tensor, cache, index: int, slots: torch.Tensor |
             held = cache.slot_ids = key, torch.arange(slots.start, slots.stop)
         slots = held[1]
     pool = cache.pool
+    assert p.gdn is not None  # callers take this path only for a linear-attention layer's plan
     return torch.ops.deltarun.gdn_layer_decode(x, *p.gdn, pool.conv[index], pool.recurrent[index], slots, p.hk,
                                                *p.tail)
 
@@ -179,6 +187,7 @@ def attn_layer(p: Plan, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
     for c in caches:
         if c.length + 1 > c.capacity:
             c.make_room(c.length + 1, x.new_empty(p.kv_shape))
+    assert p.attn is not None  # callers take this path only for a full-attention layer's plan
     y = torch.ops.deltarun.attn_layer_decode(x, *p.attn, rope[0], rope[1], [c.k for c in caches],
                                              [c.v for c in caches], [c.length for c in caches], *p.attn_rest,
                                              *p.tail)

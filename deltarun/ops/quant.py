@@ -14,6 +14,8 @@ missing or disagrees. Activations and outputs stay in the model dtype. Nothing h
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -104,6 +106,11 @@ class QuantLinear(nn.Module):
     weight-only kernel; many rows (prefill) dequantize once per call and use the dtype's matmul.
     """
 
+    # The portable buffers; None once a packed kernel copy (CPU int4) or a shared table holds the weights.
+    qweight: torch.Tensor | None
+    scales: torch.Tensor | None
+    zeros: torch.Tensor | None
+
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = DEFAULT_GROUP,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None):
         super().__init__()
@@ -120,10 +127,11 @@ class QuantLinear(nn.Module):
             self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8, device=device))
             self.register_buffer("scales", torch.empty(n, k // self.group_size, dtype=dtype, device=device))
             self.register_buffer("zeros", torch.empty(n, k // self.group_size, dtype=dtype, device=device))
-        self._kernel = None  # set by pack(): a callable x2d → y2d, or None for the reference path
+        self._kernel: _Kernel | None = None  # set by pack(): a callable x2d → y2d, or None for the reference path
         # (CPU-packed int4, sz [K/g, N, 2], whether its column pairs are in the AVX2 kernel's order)
         self._cpu4: tuple[torch.Tensor, torch.Tensor, bool] | None = None
-        self._gemm = None  # set by pack(): the integer prefill matmul (csrc/qgemm.cpp), x2d → y2d, or None
+        # set by pack(): the integer prefill matmul (csrc/qgemm.cpp), x2d → y2d, or None
+        self._gemm: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.routes = {"decode": "dequant", "prefill": "dequant"}  # ops/routes.py names, set by pack()
 
     @classmethod
@@ -148,8 +156,10 @@ class QuantLinear(nn.Module):
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Dequantized weight rows idx [R] → [R, K] in fp32 (an embedding lookup, or all rows)."""
         if self.bits == 8:
+            assert self.qweight is not None and self.scales is not None  # only a CPU-packed int4 weight drops them
             return self.qweight[idx].float() * self.scales[idx].float()[:, None]
         if self._cpu4 is None:
+            assert self.qweight is not None and self.scales is not None and self.zeros is not None
             return dequantize_int4(self.qweight[idx], self.scales[idx], self.zeros[idx])
         packed, sz, pairs = self._cpu4
         k, blk = self.in_features, cpu_int4_block()
@@ -173,6 +183,7 @@ class QuantLinear(nn.Module):
         if self._device().type == "cpu" and kernels.available():
             blk = cpu_int4_block()
             if self.bits == 8:
+                assert self.qweight is not None and self.scales is not None
                 return gemv.dequant_int8_rows(self.qweight, self.scales, start, end)
             if self._cpu4 is not None and not (start % blk or end % blk):
                 packed, sz, pairs = self._cpu4
@@ -200,7 +211,10 @@ class QuantLinear(nn.Module):
         return self.row_block(0, self.out_features)
 
     def _device(self) -> torch.device:
-        return (self.qweight if self.qweight is not None else self._cpu4[0]).device
+        if self.qweight is None:
+            assert self._cpu4 is not None  # dropped for the CPU-packed copy
+            return self._cpu4[0].device
+        return self.qweight.device
 
     def portable(self) -> dict[str, torch.Tensor]:
         """The buffers in the saved (portable) format."""
@@ -232,6 +246,7 @@ class QuantLinear(nn.Module):
             self._gemm = gemm
             self.routes["prefill"] = f"qgemm_int{self.bits}"
         if self.bits == 4 and dev.type == "cpu" and cpu_int4_block() and n % cpu_int4_block() == 0:
+            assert kernel.sz is not None  # an int4 kernel's last argument
             self._cpu4 = kernel.packed, kernel.sz, kernel.pairs
             if torch.equal(self.rows(idx), portable):  # our reading of the CPU layout holds
                 self.qweight = self.scales = self.zeros = None  # the kernel's copy is the only one
@@ -244,7 +259,10 @@ class QuantLinear(nn.Module):
         k = self._kernel
         if k is None or k.name not in ("gemv_int8", "gemv_int4"):
             return None
-        return [k.packed, *k.args] if k.name == "gemv_int8" else [k.packed, k.sz]
+        if k.name == "gemv_int8":
+            return [k.packed, *k.args]
+        assert k.sz is not None
+        return [k.packed, k.sz]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -272,7 +290,7 @@ class _Kernel:
 
     def __init__(self, name: str, op, packed: torch.Tensor, *args):
         self.name, self.op, self.packed, self.args = name, op, packed, args  # name: ops/routes.py
-        self.sz = args[-1] if args else None
+        self.sz: torch.Tensor | None = args[-1] if args else None  # int4: scales and zeros [K/g, N, 2]
         self.pairs = False  # int4: column pairs in the AVX2 kernel's order (`int4_pairs`)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -291,6 +309,7 @@ def _gemm(mod: QuantLinear, kernel: _Kernel):
         return (lambda x: gemv.qgemm_int8(x, q, scales)) if first("int8", "prefill", {"qgemm_int8": ok}) != "dequant" \
             else None
     packed, g, sz = kernel.packed, mod.group_size, kernel.sz
+    assert sz is not None
     ok = on and kernel.name == "gemv_int4" and kernel.pairs and g % 32 == 0 and kernels.has_qgemm_int4()
     return (lambda x: gemv.qgemm_int4(x, packed, g, sz)) if first("int4", "prefill", {"qgemm_int4": ok}) != "dequant" \
         else None
@@ -306,26 +325,30 @@ def _probe_ok(op, probe: torch.Tensor, want: torch.Tensor, idx: torch.Tensor, to
 
 
 def _int8_kernel(mod: QuantLinear) -> _Kernel:
-    ours = mod.qweight.device.type == "cpu" and kernels.available()
+    qw, sc = mod.qweight, mod.scales
+    assert qw is not None and sc is not None  # packing reads the portable buffers
+    ours = qw.device.type == "cpu" and kernels.available()
     if first("int8", "decode", {"gemv_int8": ours}) == "gemv_int8":  # fp32 scales: what the kernel multiplies by
-        return _Kernel("gemv_int8", gemv.int8_mm, mod.qweight.contiguous(), mod.scales.float().contiguous())
-    return _Kernel("int8pack", torch.ops.aten._weight_int8pack_mm, mod.qweight.contiguous(), mod.scales.contiguous())
+        return _Kernel("gemv_int8", gemv.int8_mm, qw.contiguous(), sc.float().contiguous())
+    return _Kernel("int8pack", torch.ops.aten._weight_int8pack_mm, qw.contiguous(), sc.contiguous())
 
 
 def _int4_kernel(mod: QuantLinear) -> _Kernel:
-    sz = torch.stack((mod.scales, mod.zeros), dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
+    qw, sc, zr = mod.qweight, mod.scales, mod.zeros
+    assert qw is not None and sc is not None and zr is not None  # packing reads the portable buffers
+    sz = torch.stack((sc, zr), dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
     g, n = mod.group_size, mod.out_features
-    if mod.qweight.device.type == "cpu":  # a row block at a time: an int32 copy of a 248K-row matrix is 1 GB
+    if qw.device.type == "cpu":  # a row block at a time: an int32 copy of a 248K-row matrix is 1 GB
         ours = first("int4", "decode", {"gemv_int4": gemv.int4_usable(sz)}) == "gemv_int4"
         pairs = ours and cpu_int4_block() == 32  # our AVX2 kernel reads the column pairs in its own order
         step = ROW_BLOCK if cpu_int4_block() and n % cpu_int4_block() == 0 else n
-        packed = torch.cat([_cpu_pack(unpack_int4(mod.qweight[i:i + step]), pairs) for i in range(0, n, step)])
+        packed = torch.cat([_cpu_pack(unpack_int4(qw[i:i + step]), pairs) for i in range(0, n, step)])
         kernel = (_Kernel("gemv_int4", gemv.int4_mm, packed, g, sz) if ours else
                   _Kernel("int4pack", torch.ops.aten._weight_int4pack_mm_for_cpu, packed, g, sz))
         kernel.pairs = pairs
         return kernel
     # CUDA (tinygemm): nibbles high-first, inner_k_tiles = 8
-    q = unpack_int4(mod.qweight)
+    q = unpack_int4(qw)
     packed = torch.ops.aten._convert_weight_to_int4pack((q[:, 0::2] << 4 | q[:, 1::2]).contiguous(), 8)
     return _Kernel("int4pack", torch.ops.aten._weight_int4pack_mm, packed, g, sz)
 

@@ -67,5 +67,5 @@ def assign(model: nn.Module) -> int:
 
 def describe(model: nn.Module) -> Counter:
     """How many linears of `model` take each (phase, route): what `deltarun bench` and tests report."""
-    return Counter((phase, r) for m in model.modules() if isinstance(getattr(m, "routes", None), dict)
-                   for phase, r in m.routes.items())
+    tables = (getattr(m, "routes", None) for m in model.modules())
+    return Counter((phase, r) for routes in tables if isinstance(routes, dict) for phase, r in routes.items())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -18,6 +19,14 @@ from torch import Tensor
 from deltarun.sampling import NEUTRAL, SamplingParams
 
 TopLogprobs = list[tuple[int, float]]
+
+_T = TypeVar("_T")
+
+
+def _filled(value: _T | None) -> _T:
+    """A sampling knob of a :class:`SamplerState`'s params, which ``with_defaults`` left set."""
+    assert value is not None
+    return value
 
 
 class SamplerState:
@@ -93,15 +102,18 @@ class SamplerState:
 
     def seen_ids(self) -> Tensor:
         if self._seen_ids is None:
+            assert self.seen is not None
             self._seen_ids = torch.tensor(sorted(self.seen), dtype=torch.long, device=self.device)
         return self._seen_ids
 
     def count_ids(self) -> tuple[Tensor, Tensor]:
         """(ids, counts as float32) of the generated tokens."""
         if self._count_ids is None:
-            ids = sorted(self.counts)
+            counts = self.counts
+            assert counts is not None
+            ids = sorted(counts)
             self._count_ids = (torch.tensor(ids, dtype=torch.long, device=self.device),
-                               torch.tensor([self.counts[i] for i in ids], dtype=torch.float32,
+                               torch.tensor([counts[i] for i in ids], dtype=torch.float32,
                                             device=self.device))
         return self._count_ids
 
@@ -152,22 +164,22 @@ def process_logits(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
 
     for i, s in enumerate(states):
         if s.seen:
-            ids, rp = s.seen_ids(), s.params.repetition_penalty
+            ids, rp = s.seen_ids(), _filled(s.params.repetition_penalty)
             v = x[i, ids]
             # HF semantics: shrink toward "less likely" whatever the sign of the logit.
             x[i, ids] = torch.where(v > 0, v / rp, v * rp)
         if s.counts:
             ids, counts = s.count_ids()
-            x[i, ids] -= s.params.frequency_penalty * counts + s.params.presence_penalty
+            x[i, ids] -= _filled(s.params.frequency_penalty) * counts + _filled(s.params.presence_penalty)
 
     # Greedy rows get neutral values below so that one batched pass serves every row.
     sampled = [not s.params.greedy for s in states]
-    temps = [s.params.temperature if r else 1.0 for s, r in zip(states, sampled)]
+    temps = [_filled(s.params.temperature) if r else 1.0 for s, r in zip(states, sampled)]
     if any(t != 1.0 for t in temps):
         x /= _col(temps, dev)
 
-    ks = [s.params.top_k if r and 0 < s.params.top_k < V else 0
-          for s, r in zip(states, sampled)]
+    ks = [k if r and 0 < k < V else 0
+          for k, r in zip((_filled(s.params.top_k) for s in states), sampled)]
     if any(ks):
         kth = torch.topk(x, max(ks), dim=-1).values  # [B, kmax], descending
         pick = torch.tensor([max(k, 1) - 1 for k in ks], dtype=torch.long, device=dev)
@@ -177,7 +189,7 @@ def process_logits(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
         # "<" keeps ties at the k-th value, like HF's TopKLogitsWarper.
         x = x.masked_fill(x < thresh, neg_inf)
 
-    ps = [s.params.top_p if r else 1.0 for s, r in zip(states, sampled)]
+    ps = [_filled(s.params.top_p) if r else 1.0 for s, r in zip(states, sampled)]
     if any(p < 1.0 for p in ps):
         # After top-k only a few tokens are finite: sort those, not the whole vocabulary.
         m = int(torch.isfinite(x).sum(dim=-1).max()) if any(ks) else V
@@ -193,7 +205,7 @@ def process_logits(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
         drop[:, -1] = False
         x[:, :] = x.scatter(1, order, srt.masked_fill(drop, neg_inf))
 
-    mps = [s.params.min_p if r else 0.0 for s, r in zip(states, sampled)]
+    mps = [_filled(s.params.min_p) if r else 0.0 for s, r in zip(states, sampled)]
     if any(m > 0.0 for m in mps):
         probs = x.softmax(dim=-1)
         floor = _col(mps, dev) * probs.amax(dim=-1, keepdim=True)
@@ -239,11 +251,11 @@ def sample(logits: Tensor, states: Sequence[SamplerState], vocab_limit: int | No
         kmax = min(max(ks), logits.shape[1])
         top = [[] for _ in states]
         if kmax > 0:
-            vals, ids = torch.topk(lf, kmax, dim=-1)
-            vals = vals - lse
-            vals, ids = vals.tolist(), ids.tolist()  # one device sync for the whole batch
+            top_vals, top_ids = torch.topk(lf, kmax, dim=-1)
+            top_vals = top_vals - lse
+            lp_rows, id_rows = top_vals.tolist(), top_ids.tolist()  # one device sync for the whole batch
             for i, k in enumerate(ks):
-                top[i] = list(zip(ids[i][:k], vals[i][:k]))
+                top[i] = list(zip(id_rows[i][:k], lp_rows[i][:k]))
     return SampleOutput(token_ids=token_ids, logprobs=chosen, top_logprobs=top)
 
 

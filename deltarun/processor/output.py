@@ -56,12 +56,14 @@ class OutputProcessor:
     def new_request(self, request_id: str, prompt: str | None, prompt_ids: list[int],
                     params: SamplingParams) -> RequestState:
         state = RequestState(request_id, prompt, prompt_ids, params)
+        assert isinstance(params.stop, list)  # SamplingParams.__post_init__ makes it one
         state.tracks = [_Track(IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
                                StopChecker(params.stop)) for _ in range(params.n)]
         return state
 
     def update(self, req: RequestState, step: StepOutput, finish: FinishFn) -> list[StreamDelta]:
         if step.prompt_logprobs is not None:
+            assert step.prompt_top_logprobs is not None  # the engine sets both or neither
             req.prompt_logprobs = [
                 None if lp is None else self._logprob_dict(req.prompt_ids[i], lp, top or [])
                 for i, (lp, top) in enumerate(zip(step.prompt_logprobs, step.prompt_top_logprobs))]
@@ -79,10 +81,12 @@ class OutputProcessor:
                 emit, stopped = tr.stops.feed(tr.detok.add(tok))
                 new_text += emit
                 if stopped:
+                    matched = tr.stops.matched
+                    assert matched is not None  # a stop is reported with the string it matched
                     if req.params.include_stop_str_in_output:
-                        new_text += tr.stops.matched
-                    tr.finish_reason, tr.stop_reason = "stop", tr.stops.matched
-                    finish(req.request_id, u.index, "stop", tr.stops.matched)
+                        new_text += matched
+                    tr.finish_reason, tr.stop_reason = "stop", matched
+                    finish(req.request_id, u.index, "stop", matched)
                     break
             if tr.finish_reason is None and u.finish_reason is not None:
                 emit, _ = tr.stops.feed(tr.detok.flush())

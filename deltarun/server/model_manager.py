@@ -146,7 +146,8 @@ class ModelManager:
     async def acquire(self, name: str, keep_alive: Any = _UNSET) -> Loaded:
         """The model `name`, loaded if needed, marked in use until `release`."""
         self.start()
-        seconds = _UNSET if keep_alive is _UNSET or keep_alive is None else _parse(keep_alive)
+        unset = keep_alive is _UNSET or keep_alive is None
+        seconds = None if unset else _parse(keep_alive)
         entry = self.find(name)
         if entry is None:
             target = await self.resolve(name)
@@ -160,7 +161,7 @@ class ModelManager:
             entry.names.add(name)
         # nothing awaits from here on: the model cannot be unloaded before it is marked busy
         entry.in_flight += 1
-        entry.keep_alive = entry.default_keep_alive if seconds is _UNSET else seconds
+        entry.keep_alive = entry.default_keep_alive if unset else seconds
         entry.last_used, entry.expires = time.monotonic(), None
         return entry
 

@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -53,7 +53,7 @@ def chat_logprobs(entries: list[dict[int, Logprob]], k: int, tokenizer) -> list[
     out = []
     for d in entries:
         tok, chosen = next(iter(d.items()))
-        top = sorted(((t, v) for t, v in d.items() if v.rank is not None), key=lambda x: x[1].rank)[:k]
+        top = sorted(((t, v) for t, v in d.items() if v.rank is not None), key=lambda x: cast(int, x[1].rank))[:k]
         out.append({**_lp_entry(tok, chosen, tokenizer),
                     "top_logprobs": [_lp_entry(t, v, tokenizer) for t, v in top]})
     return out

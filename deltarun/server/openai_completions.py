@@ -9,6 +9,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import cast
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -33,8 +34,8 @@ def _prompts(body: CompletionRequest) -> list[str | list[int]]:
     if not p:
         raise APIError(400, "prompt must not be empty", param="prompt")
     if all(isinstance(x, int) for x in p):
-        return [list(p)]
-    return list(p)
+        return [cast(list[int], list(p))]
+    return cast(list[str | list[int]], list(p))
 
 
 class _LogprobsBuilder:
@@ -55,7 +56,7 @@ class _LogprobsBuilder:
             self.data["top_logprobs"].append(None)
             return
         self.data["token_logprobs"].append(d[tok_id].logprob if tok_id in d else None)
-        top = sorted(((t, v) for t, v in d.items() if v.rank is not None), key=lambda x: x[1].rank)[:k]
+        top = sorted(((t, v) for t, v in d.items() if v.rank is not None), key=lambda x: cast(int, x[1].rank))[:k]
         self.data["top_logprobs"].append({(v.decoded_token or ""): v.logprob for t, v in top})
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
+from starlette.types import Receive, Scope, Send
 
 from ..client import EngineClient
 
@@ -36,7 +37,7 @@ class LeaseMiddleware:
     def __init__(self, app, manager: "ModelManager"):
         self.app, self.manager = app, manager
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         leases: list = []

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,8 +22,11 @@ import torch
 from ..processor.reasoning import CLOSE as THINK_END  # the token that ends the reasoning
 from ..processor.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions  # llguidance itself is imported where first used
+
 # Compact separators and no free whitespace: the output is bounded, as with OpenAI's strict mode.
-_JSON_OPTIONS = {"whitespace_flexible": False}
+_JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False}
 
 
 class StructuredOutputError(ValueError):

@@ -44,9 +44,12 @@ def _value(schema: Any) -> str:
 def _function(tool: dict, idx: int, rules: list[str], with_name: bool) -> str:
     """Rule body for one function's call (after `<function=`); its parameter rules go into `rules`."""
     fn = tool.get("function", tool)
-    params = fn.get("parameters") if isinstance(fn.get("parameters"), dict) else {}
-    props = params.get("properties") if isinstance(params.get("properties"), dict) else {}
-    required = params.get("required") if isinstance(params.get("required"), list) else []
+    params = fn.get("parameters")
+    params = params if isinstance(params, dict) else {}
+    props = params.get("properties")
+    props = props if isinstance(props, dict) else {}
+    required = params.get("required")
+    required = required if isinstance(required, list) else []
     parts = [_lit(fn["name"] + ">\n")] if with_name else []
     for j, (name, schema) in enumerate(props.items()):
         rule = f"f{idx}_p{j}"

@@ -4,6 +4,7 @@ download itself and its checks (pull.py)."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 
 class ProgressBars:
@@ -22,7 +23,8 @@ class ProgressBars:
     def set_lock(cls, lock):
         cls._lock = lock
 
-    def __init__(self, iterable=None, *args, desc=None, total=None, initial=0, unit="it", **kwargs):
+    def __init__(self, iterable: Any = None, *args: Any, desc: str | None = None, total: float | None = None,
+                 initial: int = 0, unit: str = "it", **kwargs: Any) -> None:
         self.iterable, self.desc, self.unit, self.n = iterable, desc or "", unit, initial or 0
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)

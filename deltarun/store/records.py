@@ -80,7 +80,7 @@ def weights_dtype(folder: Path, cfg: dict) -> str:
                     start, end = v.get("data_offsets", (0, 0))
                     sizes[v.get("dtype", "?")] = sizes.get(v.get("dtype", "?"), 0) + end - start
             if sizes:
-                top = max(sizes, key=sizes.get)
+                top = max(sizes, key=lambda d: sizes[d])
                 if not (cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config")):
                     return SAFETENSORS_DTYPES.get(top, top.lower())
         except (OSError, ValueError):

@@ -114,7 +114,12 @@ def finish(model: nn.Module, tied: bool) -> None:
     shared = (embed, head) if tied and isinstance(embed, QuantEmbedding) and isinstance(head, QuantLinear) else None
     if shared:
         e, h = shared
-        h.set_int8(e.qweight, e.scales) if e.bits == 8 else h.set_int4(e.qweight, e.scales, e.zeros)
+        if e.bits == 8:
+            assert e.qweight is not None and e.scales is not None  # not shared yet: the embedding holds its rows
+            h.set_int8(e.qweight, e.scales)
+        else:
+            assert e.qweight is not None and e.scales is not None and e.zeros is not None
+            h.set_int4(e.qweight, e.scales, e.zeros)
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
             mod.pack()
