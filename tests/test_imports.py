@@ -1,8 +1,9 @@
-"""Import rules, read from the source (every import statement, function bodies included): deltarun has no
-import circles, weights/ (file formats) imports nothing from store/, and the server and CLI use only public
-names of store/, engine/ imports nothing from processor/, server/ or store/, and the server's routes reach
-a model only through the `EngineClient` protocol (client.py), never AsyncLLM or the engine. (More rules
-join as the architecture work re-seats packages.)"""
+"""Architecture rules, read from the source (every import statement, function bodies included): deltarun has
+no import circles; weights/ (file formats) imports nothing from store/; the server and CLI use only public
+names of store/; engine/ imports nothing from processor/, server/ or store/, and its scheduler no torch; the
+server's routes reach a model only through the `EngineClient` protocol (client.py); model/ never names
+torch.ops; no module changes its class; ops/ reads the environment only in settings.py and no model
+attribute names."""
 from __future__ import annotations
 
 import ast
