@@ -153,7 +153,9 @@ def test_api_key(chat_ckpt):
     live = live_server(chat_ckpt, api_key="s3cret")
     assert httpx.get(live.url + "/v1/models").status_code == 401
     assert httpx.get(live.url + "/api/tags").json() == {"error": "missing or wrong API key "
-                                                                  "(Authorization: Bearer ...)"}
+                                                                  "(Authorization: Bearer ... or x-api-key)"}
+    assert httpx.get(live.url + "/api/tags", headers={"x-api-key": "s3cret"}).status_code == 200  # Anthropic's
+    assert httpx.get(live.url + "/api/tags", headers={"x-api-key": "s3cre"}).status_code == 401
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=live.url + "/v1", api_key="wrong", max_retries=0).models.list()
     ok = openai.OpenAI(base_url=live.url + "/v1", api_key="s3cret", max_retries=0)

@@ -39,7 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     model_flags(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=11435)
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route")
+    serve.add_argument("--api-key", default=os.environ.get("DELTARUN_API_KEY"),
+                       help="require this key ('Authorization: Bearer KEY' or 'x-api-key: KEY') on every route "
+                            "(default $DELTARUN_API_KEY; argv is visible to `ps`: prefer the variable or a file)")
+    serve.add_argument("--api-key-file", help="read the API key from this file (its first line)")
+    serve.add_argument("--allowed-hosts", action="append", default=[], metavar="NAME",
+                       help="also answer requests whose Host is NAME (repeatable, or comma-separated in "
+                            "$DELTARUN_ALLOWED_HOSTS; '*' = any). Loopback names and this machine's own are "
+                            "always accepted")
     serve.add_argument("--cors", action="append", metavar="ORIGIN",
                        help="allow this browser origin (repeatable; '*' = any)")
     serve.add_argument("--served-model-name", help="model name clients use (default: the MODEL argument)")
@@ -105,6 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..server import create_app
+    from ..server.guard import host_name, is_loopback
     from ..server.model_manager import ModelManager
     from ..server.targets import load_llm, parse_keep_alive, resolve_target
 
@@ -125,8 +133,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow_http(llm)
         models.adopt(llm, name, names=(args.model,), key=target.key)
         models.loads += 1
+    api_key = args.api_key
+    if args.api_key_file:
+        try:
+            api_key = Path(args.api_key_file).read_text().splitlines()[0].strip()
+        except (OSError, IndexError) as e:
+            raise SystemExit(f"deltarun: cannot read an API key from {args.api_key_file}: {e}") from None
+    if not api_key and not is_loopback(host_name(args.host)):
+        err(f"warning: serving on {args.host} without an API key: anyone who can reach this address can use "
+            "and manage your models (set DELTARUN_API_KEY or --api-key-file)")
     # --think/--no-think set the server-wide default; each request may still switch it
-    app = create_app(models, api_key=args.api_key, cors_origins=args.cors, default_thinking=args.think)
+    app = create_app(models, api_key=api_key, cors_origins=args.cors, default_thinking=args.think,
+                     host=args.host, extra_hosts=[h for a in args.allowed_hosts for h in a.split(",")])
     what = f"serving {name}" if name else "no model loaded yet (loaded on request)"
     err(f"deltarun: {what} on http://{args.host}:{args.port} (OpenAI: /v1, Ollama: /api)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")  # the app's shutdown unloads
@@ -171,3 +189,4 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+

@@ -1,15 +1,19 @@
 """The FastAPI application: OpenAI (`/v1/...`) and Ollama (`/api/...`) routes over the models of a
 `ModelManager` (model_manager.py: loaded on request, kept for keep_alive).
 
-Cross-cutting concerns live here: the optional API key (Bearer, every route), the request body size
-limit, CORS (off unless origins are given), `/health`, `/metrics`, the chat page's static files, and
-turning every error into the error body of the API that was called (errors.py), so the server keeps
-serving whatever a client sends. Routers import errors.py and state.py, never this module, and reach a
+Cross-cutting concerns live here: the Host/Origin rules and the body's type and size (guard.py), the
+optional API key (every route), CORS (off unless origins are given), `/health`, `/metrics`, the chat
+page's static files, and turning every error into the error body of the API that was called (errors.py),
+so the server keeps serving whatever a client sends; a 500 says only "internal error" and a request id
+(the details go to the server log). Routers import errors.py and state.py, never this module, and reach a
 model only through the `EngineClient` protocol (deltarun/client.py).
 """
 from __future__ import annotations
 
+import hmac
 import json
+import logging
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import manage, ollama, openai, openai_completions
 from .errors import APIError, error_response, validation_message
+from .guard import Guard, allowed_hosts
 from .metrics import METRICS
 from .model_manager import ModelManager
 from .state import LeaseMiddleware, ServerState
@@ -27,6 +32,7 @@ from .state import LeaseMiddleware, ServerState
 if TYPE_CHECKING:
     from ..client import EngineClient
 
+log = logging.getLogger("deltarun.server")
 MAX_BODY_BYTES = 16 * 1024 * 1024
 STATIC_DIR = Path(__file__).parent / "static"  # the chat page: plain HTML/CSS/JS, no build step, no CDN
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -35,9 +41,12 @@ STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; ch
 
 def create_app(llm: "EngineClient | ModelManager | None" = None, model_name: str | None = None, *,
                api_key: str | None = None, cors_origins: list[str] | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, default_thinking: bool | None = None) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, default_thinking: bool | None = None,
+               host: str | None = "127.0.0.1", extra_hosts: list[str] | None = None) -> FastAPI:
     """`llm`: one loaded model (served as `model_name`, kept loaded), a `ModelManager` (models loaded on
-    request), or None (an empty manager with the defaults)."""
+    request), or None (an empty manager with the defaults). `host`: the address the server is bound to
+    (its Host rule, guard.py; None: no Host rule, for an app mounted inside another); `extra_hosts`:
+    `--allowed-hosts`."""
     from contextlib import asynccontextmanager
 
     if isinstance(llm, ModelManager):
@@ -64,12 +73,10 @@ def create_app(llm: "EngineClient | ModelManager | None" = None, model_name: str
                                                         or request.url.path.startswith("/static/"))
         if api_key and request.method != "OPTIONS" and not public:  # the page loads, then asks for the key
             auth = request.headers.get("authorization", "")
-            if auth != f"Bearer {api_key}":
-                return error_response(request, 401, "missing or wrong API key (Authorization: Bearer ...)",
-                                      code="invalid_api_key")
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            return error_response(request, 413, f"request body larger than {max_body_bytes} bytes")
+            given = auth[7:] if auth.startswith("Bearer ") else request.headers.get("x-api-key", "")
+            if not hmac.compare_digest(given.encode(), api_key.encode()):  # constant time
+                return error_response(request, 401, "missing or wrong API key (Authorization: Bearer ... or "
+                                      "x-api-key)", code="invalid_api_key")
         return await call_next(request)
 
     if cors_origins:
@@ -100,7 +107,9 @@ def create_app(llm: "EngineClient | ModelManager | None" = None, model_name: str
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
-        return error_response(request, 500, f"internal error: {type(exc).__name__}: {exc}")
+        rid = uuid.uuid4().hex[:12]  # the client gets this id only: exception text can name server paths
+        log.error("internal error %s on %s %s", rid, request.method, request.url.path, exc_info=exc)
+        return error_response(request, 500, f"internal error (request id {rid}; details in the server log)")
 
     @app.get("/health")
     async def health():
@@ -131,5 +140,7 @@ def create_app(llm: "EngineClient | ModelManager | None" = None, model_name: str
     app.include_router(openai_completions.router)
     app.include_router(ollama.router)
     app.include_router(manage.router)
-    app.add_middleware(LeaseMiddleware, manager=models)  # outermost: it sees the whole response go out
+    app.add_middleware(LeaseMiddleware, manager=models)  # it sees the whole response go out
+    app.add_middleware(Guard, host_ok=allowed_hosts(host, extra_hosts or ()) if host is not None else None,
+                       cors=cors_origins or (), max_body=max_body_bytes)  # outermost: refusals reach nothing
     return app

@@ -1,0 +1,134 @@
+"""The server's gate (deltarun/server/guard.py, app.py): Host names (DNS rebinding), browser Origins on
+state-changing routes, the body types curl and the clients send, the size cap on chunked bodies, the API key
+headers, and 500s that name no server detail. Every request goes to 127.0.0.1; a foreign name appears only
+in the Host / Origin headers a hostile page's browser would send."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from server_helpers import live_server
+
+from deltarun.server.guard import allowed_hosts, host_name
+
+EVIL = "evil.example.com"
+GEN = {"model": "tiny", "prompt": "hi", "stream": False, "options": {"num_predict": 1}}
+
+
+@pytest.fixture(scope="module")
+def live(chat_ckpt):
+    return live_server(chat_ckpt)
+
+
+def _port(live) -> str:
+    return live.url.rsplit(":", 1)[1]
+
+
+def test_host_names():
+    assert host_name("LOCALHOST:11435") == "localhost" and host_name("[::1]:80") == "::1"
+    assert host_name("127.0.0.1") == "127.0.0.1" and host_name("::1") == "::1"
+    local = allowed_hosts("127.0.0.1")
+    assert all(local(n) for n in ("localhost", "127.0.0.1", "::1", "127.0.0.2"))
+    assert not any(local(n) for n in (EVIL, "10.0.0.5", "", "localhost.evil.example.com"))
+    assert allowed_hosts("127.0.0.1", ["my.box"])("my.box")
+    assert allowed_hosts("127.0.0.1", ["*"])(EVIL)
+    everywhere = allowed_hosts("0.0.0.0")
+    assert everywhere("192.168.1.20") and everywhere("fe80::1") and not everywhere(EVIL)
+    one = allowed_hosts("192.168.1.20")
+    assert one("192.168.1.20") and not one("192.168.1.21") and not one(EVIL)
+
+
+def test_allowed_hosts_from_the_environment(monkeypatch):
+    monkeypatch.setenv("DELTARUN_ALLOWED_HOSTS", "a.lan, b.lan")
+    ok = allowed_hosts("127.0.0.1")
+    assert ok("a.lan") and ok("b.lan") and not ok("c.lan")
+
+
+def test_dns_rebinding_cannot_reach_any_route(live):
+    """A page that points its own name at 127.0.0.1 sends that name as Host: every route refuses, in its
+    API's error shape, and nothing changed."""
+    bad = {"Host": f"{EVIL}:{_port(live)}", "Origin": f"http://{EVIL}"}
+    calls = [("GET", "/api/tags", None), ("GET", "/v1/models", None), ("POST", "/api/generate", GEN),
+             ("POST", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}),
+             ("DELETE", "/api/delete", {"model": "tiny"}),
+             ("POST", "/api/copy", {"source": "tiny", "destination": "x"}),
+             ("POST", "/api/pull", {"model": "Qwen/Qwen3.5-0.8B"}), ("POST", "/api/show", {"model": "tiny"})]
+    for method, path, body in calls:
+        r = httpx.request(method, live.url + path, json=body, headers=bad, timeout=30)
+        assert r.status_code == 403, (method, path, r.text)
+        err = r.json()["error"]
+        assert "Host" in (err if path.startswith("/api/") else err["message"]), path
+    names = [m["name"] for m in httpx.get(live.url + "/api/tags", timeout=30).json()["models"]]
+    assert "tiny" in names and "x" not in names
+
+
+def test_foreign_origin_refused_on_state_changing_routes(live):
+    own = {"Origin": f"http://127.0.0.1:{_port(live)}"}
+    foreign = {"Origin": f"http://{EVIL}"}
+    r = httpx.post(live.url + "/api/generate", json=GEN, headers=foreign, timeout=30)
+    assert r.status_code == 403 and "origin" in r.json()["error"]
+    r = httpx.request("DELETE", live.url + "/api/delete", json={"model": "tiny"}, headers={"Origin": "null"},
+                      timeout=30)
+    assert r.status_code == 403
+    assert httpx.post(live.url + "/api/generate", json=GEN, headers=own, timeout=60).status_code == 200
+    assert httpx.get(live.url + "/api/tags", headers=foreign, timeout=30).status_code == 200  # reads: CORS rules
+
+
+def test_cors_origin_may_post(chat_ckpt):
+    live = live_server(chat_ckpt, cors_origins=["http://app.example"])
+    r = httpx.post(live.url + "/api/generate", json=GEN, headers={"Origin": "http://app.example"}, timeout=60)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+
+
+@pytest.mark.parametrize("ctype", [None, "application/json", "text/plain", "application/x-www-form-urlencoded",
+                                   "application/json; charset=utf-8"])
+def test_json_bodies_under_every_simple_content_type(live, ctype):
+    """`curl -d '{...}'` sends x-www-form-urlencoded (Ollama's docs use exactly that): read as JSON."""
+    headers = {"Content-Type": ctype} if ctype else {}
+    r = httpx.post(live.url + "/api/generate", content=json.dumps(GEN).encode(), headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    if ctype is None:  # httpx adds none for raw content: check that no Content-Type really went out
+        assert "content-type" not in r.request.headers
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    r = httpx.post(live.url + "/v1/chat/completions", content=json.dumps(body).encode(), headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_multipart_is_415_in_each_api_shape(live):
+    files = {"file": ("a.json", json.dumps(GEN).encode(), "application/json")}
+    r = httpx.post(live.url + "/api/generate", files=files, timeout=30)
+    assert r.status_code == 415 and "multipart" in r.json()["error"]
+    r = httpx.post(live.url + "/v1/chat/completions", files=files, timeout=30)
+    assert r.status_code == 415 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_chunked_body_over_the_cap_is_413(chat_ckpt):
+    small = live_server(chat_ckpt, max_body_bytes=1000)
+
+    def chunks():  # no Content-Length: the cap must hold while the body streams in
+        for _ in range(50):
+            yield b" " * 100
+
+    r = httpx.post(small.url + "/api/generate", content=chunks(), timeout=30)
+    assert "content-length" not in r.request.headers
+    assert r.status_code == 413 and r.json() == {"error": "request body larger than 1000 bytes"}
+    fits = iter([json.dumps(GEN).encode()])
+    assert httpx.post(small.url + "/api/generate", content=fits, timeout=60).status_code == 200
+
+
+def test_a_500_names_no_detail(live, monkeypatch, caplog):
+    from deltarun.server import openai_completions
+
+    def boom(*a, **k):
+        raise RuntimeError("/home/someone/secret/path exploded")
+    monkeypatch.setattr(openai_completions, "_model_card", boom)
+    with caplog.at_level("ERROR", logger="deltarun.server"):
+        r = httpx.get(live.url + "/v1/models", timeout=30)
+    assert r.status_code == 500
+    message = r.json()["error"]["message"]
+    assert "secret" not in r.text and message.startswith("internal error (request id ")
+    rid = message.split("request id ")[1].split(";")[0]
+    assert any(rid in rec.getMessage() and rec.exc_info for rec in caplog.records)  # the details: the log
+    monkeypatch.undo()
+    assert httpx.get(live.url + "/v1/models", timeout=30).status_code == 200  # and it keeps serving
