@@ -132,3 +132,48 @@ def test_a_500_names_no_detail(live, monkeypatch, caplog):
     assert any(rid in rec.getMessage() and rec.exc_info for rec in caplog.records)  # the details: the log
     monkeypatch.undo()
     assert httpx.get(live.url + "/v1/models", timeout=30).status_code == 200  # and it keeps serving
+
+
+def test_model_names_never_reach_the_disk(live, chat_ckpt, tmp_path):
+    """A client names only what the store lists (and copies of it): a path in any spelling gets one answer,
+    whether or not it exists, on every route that takes a model name; nothing is copied or deleted."""
+    import os
+
+    fake = tmp_path / "folder"
+    fake.mkdir()
+    (fake / "config.json").write_text("{}")
+    existing = [str(chat_ckpt), os.path.relpath(chat_ckpt), str(fake), os.path.relpath(fake)]
+    missing = [str(tmp_path / "nothing"), "../../etc", "~/x", "C:/Windows", "..%2F..%2Fetc", "a\\b", "./x", "a//b"]
+
+    def answers(name: str) -> list[tuple[int, str]]:
+        out = []
+        for method, path, body in (("POST", "/api/show", {"model": name}),
+                                   ("POST", "/api/generate", {**GEN, "model": name}),
+                                   ("DELETE", "/api/delete", {"model": name}),
+                                   ("POST", "/api/copy", {"source": name, "destination": "copied"}),
+                                   ("POST", "/v1/chat/completions",
+                                    {"model": name, "messages": [{"role": "user", "content": "hi"}]})):
+            r = httpx.request(method, live.url + path, json=body, timeout=30)
+            err = r.json()["error"]
+            out.append((r.status_code, (err if isinstance(err, str) else err["message"]).replace(repr(name), "NAME")))
+        return out
+    first = answers(existing[0])
+    assert all(code == 404 for code, _ in first), first
+    for name in existing[1:] + missing:
+        assert answers(name) == first, name  # the same answer: no oracle for what exists on the disk
+    assert chat_ckpt.exists() and (fake / "config.json").exists()
+    names = [m["name"] for m in httpx.get(live.url + "/api/tags", timeout=30).json()["models"]]
+    assert "copied" not in names
+    r = httpx.post(live.url + "/api/copy", json={"source": "tiny", "destination": "../escape"}, timeout=30)
+    assert r.status_code == 400 and "not a path" in r.json()["error"]
+
+
+def test_what_counts_as_a_path():
+    from deltarun.store.names import looks_like_path
+
+    for name in ("qwen3.5:0.8b", "Qwen/Qwen3.5-0.8B", "demo", "mine:latest", "qwen3.5:9b-q4_K_M", "q:4b",
+                 "registry.ollama.ai/library/qwen3.5:latest", "Qwen/Qwen3.5-2B-int4"):
+        assert not looks_like_path(name), name
+    for name in ("/abs", "./rel", "../up", "a/../b", "~/x", "~user", "C:/x", "c:\\x", "a\\b", "..%2Fetc",
+                 "%2e%2e", "a//b", "a/", "", " ", ".hidden", "a\0b"):
+        assert looks_like_path(name), name

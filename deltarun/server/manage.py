@@ -44,9 +44,13 @@ class CopyRequest(BaseModel):
     destination: str
 
 
-def _find(name: str) -> LocalModel:
+def _find(name: str, trusted: bool = False) -> LocalModel:
+    """The listed model a client named (never a path: store/names.py `looks_like_path`); `trusted`: a folder
+    given on the server's command line."""
     try:
-        return find_local(name)
+        if not trusted and names.looks_like_path(name):  # one answer whether the path exists or not
+            raise names.ModelNotFound(f"{name!r}: models are named (see /api/tags), never given by path")
+        return find_local(name, by_path=trusted)
     except names.ModelNotFound as e:
         raise APIError(404, str(e), param="model", code="model_not_found") from None
 
@@ -141,9 +145,11 @@ async def delete_model(body: DeleteRequest, request: Request):
 
 @router.post("/api/copy")
 async def copy_model(body: CopyRequest, request: Request):
+    if names.looks_like_path(body.destination):
+        raise APIError(400, f"destination {body.destination!r} must be a name, not a path", param="destination")
     _find(body.source)
     try:
-        find_local(body.destination)
+        find_local(body.destination, by_path=False)
     except names.ModelNotFound:
         pass
     else:
@@ -189,9 +195,10 @@ def _tag_entry(m: LocalModel) -> dict[str, Any]:
 
 # -------------------------------------------------------------------------------------------------- show
 
-def show_local(name: str) -> dict[str, Any]:
-    """/api/show's answer for a local model from the store: details, model_info, template, license."""
-    model = _find(name)
+def show_local(name: str, trusted: bool = False) -> dict[str, Any]:
+    """/api/show's answer for a local model from the store: details, model_info, template, license
+    (`trusted`: `name` is the command line's folder)."""
+    model = _find(name, trusted)
     if model.is_gguf:
         return {"modelfile": "", "parameters": "", "template": "", "license": "",
                 "details": {"parent_model": "", "format": "gguf", "family": "qwen35", "families": ["qwen35"],

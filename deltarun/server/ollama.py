@@ -235,7 +235,9 @@ async def show(body: OllamaShowRequest, request: Request):
     entry = state.models.find(name)
     if entry is None:
         served = state.models.served().get(name)  # the command-line model, unloaded for now
-        return await asyncio.to_thread(show_local, str(served) if served else name)  # 404: not local either
+        if served:  # the command-line model, unloaded for now: its folder is the server's own choice
+            return await asyncio.to_thread(show_local, str(served), True)
+        return await asyncio.to_thread(show_local, name)  # 404: not local either
     llm = entry.llm
     caps = ["completion", "tools", "thinking"] + (["vision"] if llm.config.vision else [])
     details = _details(llm)

@@ -81,7 +81,7 @@ def resolve_target(name: str, options: dict[str, Any] | None = None, *, download
     options = options or {}
     if not name or not name.strip():
         raise names.ModelNotFound("model is required")
-    if not download and name.startswith(("/", ".", "~", "\\")):
+    if not download and names.looks_like_path(name):  # the same answer whether such a path exists or not
         raise names.ModelNotFound(f"{name!r}: the server loads models by name (see /api/tags), not by path; "
                                 "start it with `deltarun serve PATH` to serve a folder")
     effective = _follow_aliases(name)
@@ -91,11 +91,11 @@ def resolve_target(name: str, options: dict[str, Any] | None = None, *, download
     else:
         try:
             try:
-                found = find_local(name)
+                found = find_local(name, by_path=download)
             except names.ModelNotFound:
                 if not name.endswith(":latest"):
                     raise
-                found = find_local(name.removesuffix(":latest"))  # Ollama clients add the tag
+                found = find_local(name.removesuffix(":latest"), by_path=download)  # Ollama clients add the tag
             path = found.path
         except names.ModelNotFound:
             if not download:

@@ -73,16 +73,20 @@ def alias_models() -> list[LocalModel]:
     return out
 
 
-def find_local(name: str, _depth: int = 0) -> LocalModel:
-    """The local model `name` stands for, never downloading; ModelNotFound with a hint otherwise."""
+def find_local(name: str, _depth: int = 0, *, by_path: bool = True) -> LocalModel:
+    """The local model `name` stands for, never downloading; ModelNotFound with a hint otherwise.
+    `by_path=False` (a name from a client): only what the store lists and the copies made of it, never a
+    folder or file on the disk, so the answer says nothing about paths."""
     text = str(name)
     table = aliases()  # Ollama's names: "mine" is "mine:latest"
     target = table.get(text) or table.get(text.removesuffix(":latest")) or table.get(f"{text}:latest")
     if target is not None and _depth < 8:
-        m = find_local(target, _depth + 1)
+        m = find_local(target, _depth + 1)  # the copy's target was checked when the copy was made
         return dataclasses.replace(m, name=text, extra={**m.extra, "alias_of": m.name})
+    if not by_path and names.looks_like_path(text):
+        raise names.ModelNotFound(names.unknown_name_message(text))
     path = Path(text).expanduser()
-    if path.exists():
+    if by_path and path.exists():
         if path.is_file():
             if is_gguf(path):
                 return LocalModel(name=path.name, source="folder", path=path, size=path.stat().st_size, quant="gguf")

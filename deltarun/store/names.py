@@ -28,6 +28,17 @@ class ModelNotFound(RuntimeError):
     """The model is neither local nor downloadable; the message tells the user what to do."""
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether a client's model name is a filesystem path in any spelling (absolute, relative, `..`, `~`,
+    a drive letter, a backslash, URL-encoded): the server refuses those without looking at the disk."""
+    text = name.strip()
+    if not text or text.startswith(("/", "\\", "~", ".")) or any(c in text for c in "\\%\0"):
+        return True
+    if re.match(r"^[A-Za-z]:/", text):  # C:/… (C:\… has a backslash)
+        return True
+    return any(seg in ("", ".", "..") for seg in text.split("/"))
+
+
 def split_quant(name: str) -> tuple[str, str | None]:
     """`qwen3.5:9b-q4_k_m` → ("qwen3.5:9b", "q4_k_m"); names without a quantization tag → (name, None)."""
     m = QUANT_RE.search(name) if ":" in name else None  # org/repo ids keep their suffixes
