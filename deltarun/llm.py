@@ -27,7 +27,7 @@ from .processor.tokenizer import Tokenizer
 from .processor.video import VideoProcessorConfig
 from .processor.vision import ImageProcessorConfig
 from .sampling import SamplingParams, card_defaults
-from .store.names import quant_tag
+from .store.names import is_demo, quant_tag
 from .store.resolve import resolve_model
 from .threads import set_threads
 from .weights.loader import load_model
@@ -37,6 +37,8 @@ from .weights.vision_loader import load_vision
 Prompt = str | list[int]
 Messages = list[dict[str, Any]]
 DEFAULT_MAX_TOKENS = 32768  # the model cards' recommended output length
+# the random-weights demo never ends a turn: unbounded, its first answer would stream noise for ~40 minutes
+DEMO_MAX_TOKENS = 256
 
 
 class Frontend:
@@ -55,6 +57,7 @@ class Frontend:
         if quantization is None:
             quantization = quant_tag(str(model))
         self.path = resolve_model(model)
+        self.default_max_tokens = DEMO_MAX_TOKENS if is_demo(self.path) else DEFAULT_MAX_TOKENS
         self.model = load_model(self.path, dtype=dtype, device=device, rope_scaling=rope_scaling,
                                 context_length=engine_options.get("max_model_len"), quantization=quantization)
         self.config = self.model.config
@@ -79,7 +82,7 @@ class Frontend:
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         room = self.engine.max_model_len - len(ids)
-        params = params.with_defaults({"max_tokens": max(0, min(DEFAULT_MAX_TOKENS, room))})
+        params = params.with_defaults({"max_tokens": max(0, min(self.default_max_tokens, room))})
         self.engine.check_request(ids, params, mm)
         req = self.output.new_request(str(next(self._ids)), prompt if isinstance(prompt, str) else None,
                                       ids, params)

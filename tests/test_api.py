@@ -116,3 +116,22 @@ def test_closing_a_stream_aborts(chat_llm):
     next(stream)
     stream.close()
     assert not chat_llm.engine.has_unfinished()
+
+
+def test_the_random_demo_answers_are_bounded(chat_ckpt, chat_llm, tmp_path, monkeypatch):
+    """The demo (random weights) never emits end-of-turn: by default an answer stops at 256 tokens, unless
+    the request asks for more; a real model's default is the model card's 32,768 (within the context)."""
+    from deltarun import LLM
+    from deltarun.llm import DEFAULT_MAX_TOKENS, DEMO_MAX_TOKENS
+    from deltarun.paths import cache_dir
+
+    monkeypatch.setenv("DELTARUN_HOME", str(tmp_path))
+    demo = cache_dir() / "demo-qwen3.5-0.8b-random"
+    demo.symlink_to(chat_ckpt)  # stands in for the 0.8B-layout demo checkpoint
+    llm = LLM(str(demo), dtype="float32", device="cpu")
+    room = llm.engine.max_model_len - 1
+    assert DEMO_MAX_TOKENS == 256 and llm.prepare([5], None).params.max_tokens == min(256, room)
+    assert llm.prepare([5], SamplingParams(max_tokens=300)).params.max_tokens == 300
+    assert chat_llm.prepare([5], None).params.max_tokens == min(DEFAULT_MAX_TOKENS, room)
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == min(256, llm.engine.max_model_len - 3) and out.finish_reason == "length"

@@ -127,7 +127,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model
     if args.model:  # preloaded (downloaded when needed), and kept loaded
         if args.model == "demo":
-            err("note: 'demo' has RANDOM WEIGHTS in the Qwen3.5-0.8B layout; its answers are noise")
+            err("note: 'demo' has RANDOM WEIGHTS in the Qwen3.5-0.8B layout; its answers are noise, "
+                "256 tokens each unless a request sets its length")
         target = resolve_target(args.model, options, download=True)
         llm = load_llm(target, options)
         allow_http(llm)

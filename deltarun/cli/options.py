@@ -66,7 +66,8 @@ def load_llm(args: argparse.Namespace):
     from ..store.resolve import resolve_model
 
     if args.model == "demo":
-        err("note: 'demo' has RANDOM WEIGHTS in the Qwen3.5-0.8B layout; its answers are noise")
+        err("note: 'demo' has RANDOM WEIGHTS in the Qwen3.5-0.8B layout; its answers are noise, "
+            "256 tokens each unless --max-tokens says otherwise")
     path = resolve_model(args.model)
     if is_demo(path) and args.model != "demo":
         err("note: this is the demo checkpoint with RANDOM WEIGHTS")
