@@ -177,3 +177,22 @@ def test_what_counts_as_a_path():
     for name in ("/abs", "./rel", "../up", "a/../b", "~/x", "~user", "C:/x", "c:\\x", "a\\b", "..%2Fetc",
                  "%2e%2e", "a//b", "a/", "", " ", ".hidden", "a\0b"):
         assert looks_like_path(name), name
+
+
+def test_a_full_queue_answers_429_with_retry_after(chat_ckpt, monkeypatch):
+    """While `max_queued_requests` requests already wait in a model's engine, a new one is refused at once
+    (429, Retry-After, each API's error shape, the official client's RateLimitError); below it, served."""
+    import dataclasses
+
+    import openai
+
+    live = live_server(chat_ckpt, max_queued_requests=3)
+    real = live.llm.stats
+    monkeypatch.setattr(live.llm, "stats", lambda: dataclasses.replace(real(), requests_waiting=3))
+    r = httpx.post(live.url + "/api/generate", json=GEN, timeout=30)
+    assert r.status_code == 429 and r.headers["retry-after"] == "1" and "waiting" in r.json()["error"]
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    monkeypatch.setattr(live.llm, "stats", lambda: dataclasses.replace(real(), requests_waiting=2))
+    assert httpx.post(live.url + "/api/generate", json=GEN, timeout=60).status_code == 200

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "always accepted")
     serve.add_argument("--cors", action="append", metavar="ORIGIN",
                        help="allow this browser origin (repeatable; '*' = any)")
+    serve.add_argument("--max-queued-requests", type=int, default=256, metavar="N",
+                       help="per model, answer 429 (Retry-After) while N requests already wait (default 256)")
     serve.add_argument("--served-model-name", help="model name clients use (default: the MODEL argument)")
     serve.add_argument("--allow-http-media", action="store_true",
                        help="let requests name images/videos by http(s) URL, which the server then downloads")
@@ -145,7 +147,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "and manage your models (set DELTARUN_API_KEY or --api-key-file)")
     # --think/--no-think set the server-wide default; each request may still switch it
     app = create_app(models, api_key=api_key, cors_origins=args.cors, default_thinking=args.think,
-                     host=args.host, extra_hosts=[h for a in args.allowed_hosts for h in a.split(",")])
+                     host=args.host, extra_hosts=[h for a in args.allowed_hosts for h in a.split(",")],
+                     max_queued_requests=args.max_queued_requests)
     what = f"serving {name}" if name else "no model loaded yet (loaded on request)"
     err(f"deltarun: {what} on http://{args.host}:{args.port} (OpenAI: /v1, Ollama: /api)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")  # the app's shutdown unloads

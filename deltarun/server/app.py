@@ -42,11 +42,12 @@ STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; ch
 def create_app(llm: "EngineClient | ModelManager | None" = None, model_name: str | None = None, *,
                api_key: str | None = None, cors_origins: list[str] | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, default_thinking: bool | None = None,
-               host: str | None = "127.0.0.1", extra_hosts: list[str] | None = None) -> FastAPI:
+               host: str | None = "127.0.0.1", extra_hosts: list[str] | None = None,
+               max_queued_requests: int | None = 256) -> FastAPI:
     """`llm`: one loaded model (served as `model_name`, kept loaded), a `ModelManager` (models loaded on
     request), or None (an empty manager with the defaults). `host`: the address the server is bound to
     (its Host rule, guard.py; None: no Host rule, for an app mounted inside another); `extra_hosts`:
-    `--allowed-hosts`."""
+    `--allowed-hosts`; `max_queued_requests`: per model, requests waiting beyond that get 429 (None: no cap)."""
     from contextlib import asynccontextmanager
 
     if isinstance(llm, ModelManager):
@@ -65,7 +66,7 @@ def create_app(llm: "EngineClient | ModelManager | None" = None, model_name: str
             await models.close()
 
     app = FastAPI(title="deltarun", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.server = ServerState(models, default_thinking)
+    app.state.server = ServerState(models, default_thinking, max_queued=max_queued_requests)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -86,7 +87,7 @@ def create_app(llm: "EngineClient | ModelManager | None" = None, model_name: str
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return error_response(request, exc.status, exc.message, exc.param, exc.code)
+        return error_response(request, exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):

@@ -10,6 +10,7 @@ from fastapi import Request
 from starlette.types import Receive, Scope, Send
 
 from ..client import EngineClient
+from .errors import APIError
 
 if TYPE_CHECKING:
     from .model_manager import ModelManager
@@ -20,12 +21,18 @@ class ServerState:
     models: "ModelManager"
     default_thinking: bool | None = None  # None: the chat template's own default
     created: int = field(default_factory=lambda: int(time.time()))
+    max_queued: int | None = 256  # per model: requests beyond this many waiting in its engine get 429
 
     async def use(self, request: Request, name: str, keep_alive: Any = None) -> EngineClient:
         """The model `name` for this request, as the one interface routes call (client.py): loaded on
         first use, held until the response is sent."""
         start = time.perf_counter_ns()
         entry = await self.models.acquire(name, keep_alive)
+        waiting = entry.llm.stats().requests_waiting
+        if self.max_queued is not None and waiting >= self.max_queued:
+            self.models.release(entry)
+            raise APIError(429, f"{waiting} requests are already waiting for {name}: retry shortly",
+                           code="rate_limit_exceeded", headers={"Retry-After": "1"})
         request.scope["deltarun.leases"].append(entry)  # LeaseMiddleware releases it
         request.scope["deltarun.load_ns"] = time.perf_counter_ns() - start  # Ollama's load_duration
         return entry.llm
