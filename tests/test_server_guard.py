@@ -196,3 +196,21 @@ def test_a_full_queue_answers_429_with_retry_after(chat_ckpt, monkeypatch):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
     monkeypatch.setattr(live.llm, "stats", lambda: dataclasses.replace(real(), requests_waiting=2))
     assert httpx.post(live.url + "/api/generate", json=GEN, timeout=60).status_code == 200
+
+
+def test_api_key_from_environment_or_file(monkeypatch, tmp_path):
+    """A key on argv shows in `ps`: `serve` also takes it from $DELTARUN_API_KEY or a file's first line."""
+    from deltarun.cli.main import api_key_of, build_parser
+
+    monkeypatch.setenv("DELTARUN_API_KEY", "from-env")
+    assert api_key_of(build_parser().parse_args(["serve"])) == "from-env"
+    key = tmp_path / "key"
+    key.write_text("from-file\nignored\n")
+    assert api_key_of(build_parser().parse_args(["serve", "--api-key-file", str(key)])) == "from-file"
+    monkeypatch.delenv("DELTARUN_API_KEY")
+    assert api_key_of(build_parser().parse_args(["serve"])) is None
+    for bad in (tmp_path / "missing", tmp_path / "empty"):
+        if bad.name == "empty":
+            bad.write_text("\n")
+        with pytest.raises(SystemExit, match="no API key in"):
+            api_key_of(build_parser().parse_args(["serve", "--api-key-file", str(bad)]))

@@ -136,12 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow_http(llm)
         models.adopt(llm, name, names=(args.model,), key=target.key)
         models.loads += 1
-    api_key = args.api_key
-    if args.api_key_file:
-        try:
-            api_key = Path(args.api_key_file).read_text().splitlines()[0].strip()
-        except (OSError, IndexError) as e:
-            raise SystemExit(f"deltarun: cannot read an API key from {args.api_key_file}: {e}") from None
+    api_key = api_key_of(args)
     if not api_key and not is_loopback(host_name(args.host)):
         err(f"warning: serving on {args.host} without an API key: anyone who can reach this address can use "
             "and manage your models (set DELTARUN_API_KEY or --api-key-file)")
@@ -153,6 +148,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     err(f"deltarun: {what} on http://{args.host}:{args.port} (OpenAI: /v1, Ollama: /api)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")  # the app's shutdown unloads
     return 0
+
+
+def api_key_of(args: argparse.Namespace) -> str | None:
+    """The key `serve` requires: --api-key-file's first line, else --api-key (default $DELTARUN_API_KEY)."""
+    if not args.api_key_file:
+        return args.api_key or None
+    try:
+        key = Path(args.api_key_file).read_text().splitlines()[0].strip()
+    except (OSError, IndexError, UnicodeDecodeError):
+        key = ""
+    if not key:
+        raise SystemExit(f"deltarun: no API key in {args.api_key_file} (its first line is the key)")
+    return key
 
 
 def cmd_init_random(args: argparse.Namespace) -> int:
