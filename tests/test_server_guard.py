@@ -214,3 +214,40 @@ def test_api_key_from_environment_or_file(monkeypatch, tmp_path):
             bad.write_text("\n")
         with pytest.raises(SystemExit, match="no API key in"):
             api_key_of(build_parser().parse_args(["serve", "--api-key-file", str(bad)]))
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "10.1.2.3", "192.168.0.7", "169.254.169.254", "100.64.0.1",
+                                     "::1", "fe80::1", "fd00::5", "0.0.0.0", "224.0.0.1"])
+def test_media_urls_to_private_addresses_are_refused(monkeypatch, address):
+    """SSRF: a URL whose host resolves (stubbed resolver: no traffic leaves) to a non-public address is
+    refused before any connection, and so is a redirect to one; --allow-private-media lifts it."""
+    import socket
+    import urllib.request
+
+    from deltarun.processor import fetch
+
+    def resolver(host, *a, **k):
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        return [(family, socket.SOCK_STREAM, 6, "", (address, 80))]
+    opened = []
+    monkeypatch.setattr(fetch, "_resolve", resolver)
+    monkeypatch.setattr(urllib.request.OpenerDirector, "open", lambda self, *a, **k: opened.append(a) or 1 / 0)
+    with pytest.raises(ValueError, match="private address .*--allow-private-media"):
+        fetch.fetch("http://media.example/cat.png", 1000, "image")
+    with pytest.raises(Exception, match="redirected to a refused address"):
+        fetch._CheckedRedirects().redirect_request(None, None, 302, "Found", {}, "http://inner.example/x")
+    assert opened == []
+    with pytest.raises(ZeroDivisionError):  # allowed: it would connect (the stub stands in for the network)
+        fetch.fetch("http://media.example/cat.png", 1000, "image", allow_private=True)
+    assert len(opened) == 1
+
+
+def test_public_media_addresses_pass_the_check(monkeypatch):
+    import socket
+
+    from deltarun.processor import fetch
+
+    monkeypatch.setattr(fetch, "_resolve", lambda *a, **k: [(socket.AF_INET, socket.SOCK_STREAM, 6, "",
+                                                              ("93.184.216.34", 80))])
+    assert fetch.private_reason("https://media.example/cat.png") is None
+    assert fetch.private_reason("http:///nohost") == "the URL names no host"

@@ -163,6 +163,9 @@ def test_http_urls_need_the_flag(oa, ol, chat_llm, live, tmp_path, monkeypatch):
         with pytest.raises(openai.BadRequestError, match="--allow-http-media"):
             _openai_tokens(oa, [{"type": "video_url", "video_url": {"url": url}}])
         monkeypatch.setattr(live.llm.image_config, "allow_http", True)  # what `serve --allow-http-media` sets
+        with pytest.raises(openai.BadRequestError, match="--allow-private-media"):  # 127.0.0.1 is private
+            _openai_tokens(oa, part)
+        monkeypatch.setattr(live.llm.image_config, "allow_private", True)  # `--allow-private-media`
         _, gen, _ = _reference(chat_llm, [{"type": "image", "image": png}])
         assert _openai_tokens(oa, part)[1] == _token_bytes(chat_llm, gen)
     finally:
@@ -179,3 +182,5 @@ def test_serve_flag_parses():
 
     assert build_parser().parse_args(["serve", "demo", "--allow-http-media"]).allow_http_media is True
     assert build_parser().parse_args(["serve", "demo"]).allow_http_media is False
+    assert build_parser().parse_args(["serve", "demo", "--allow-private-media"]).allow_private_media is True
+    assert build_parser().parse_args(["serve", "demo"]).allow_private_media is False

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", help="model name clients use (default: the MODEL argument)")
     serve.add_argument("--allow-http-media", action="store_true",
                        help="let requests name images/videos by http(s) URL, which the server then downloads")
+    serve.add_argument("--allow-private-media", action="store_true",
+                       help="with --allow-http-media, also fetch from loopback, private and link-local addresses "
+                            "(refused by default: the server would fetch what only it can reach)")
     serve.set_defaults(model=None)  # no model: start empty, load models on request
     next(a for a in serve._actions if a.dest == "model").help = \
         "model to load at start and keep loaded (default none: every model loads on its first request)"
@@ -124,6 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def allow_http(llm) -> None:
         llm.image_config.allow_http = llm.video_config.allow_http = args.allow_http_media
+        llm.image_config.allow_private = llm.video_config.allow_private = args.allow_private_media
 
     models = ModelManager(options, keep_alive=keep_alive, max_loaded=args.max_loaded_models, on_load=allow_http)
     name = args.served_model_name or args.model

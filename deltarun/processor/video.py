@@ -47,6 +47,7 @@ class VideoProcessorConfig:
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
     max_frame_pixels: int = MAX_IMAGE_PIXELS
     allow_http: bool = False
+    allow_private: bool = False  # fetch URLs on loopback/private/link-local addresses too (fetch.py)
 
     @classmethod
     def from_dict(cls, d: dict, **overrides) -> "VideoProcessorConfig":
@@ -195,7 +196,8 @@ def load_video(source: str | bytes | bytearray | os.PathLike, cfg: VideoProcesso
     import av
 
     cfg = cfg or VideoProcessorConfig()
-    raw = read_media_bytes(source, allow_http=cfg.allow_http, max_bytes=MAX_VIDEO_BYTES, kind="video")
+    raw = read_media_bytes(source, allow_http=cfg.allow_http, max_bytes=MAX_VIDEO_BYTES, kind="video",
+                           allow_private=cfg.allow_private)
     with _open(raw) as container:
         if not container.streams.video:
             raise ValueError("the file holds no video stream")

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .fetch import fetch
+
 ImageSource = Union[str, bytes, bytearray, os.PathLike, Image.Image]
 
 FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF")
@@ -47,6 +49,7 @@ class ImageProcessorConfig:
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
     max_image_pixels: int = MAX_IMAGE_PIXELS
     allow_http: bool = False
+    allow_private: bool = False  # fetch URLs on loopback/private/link-local addresses too (fetch.py)
 
     @classmethod
     def from_dict(cls, d: dict, **overrides) -> "ImageProcessorConfig":
@@ -87,8 +90,10 @@ _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+/-]*)(?P<params>(;[\w.+-]+=[^;,]*)*
 
 
 def read_media_bytes(source: str | bytes | bytearray | os.PathLike, allow_http: bool = False,
-                     max_bytes: int = MAX_DOWNLOAD_BYTES, kind: str = "image") -> bytes | Path:
-    """Raw bytes (or a local Path) for a media source: path, bytes, base64, data URL, http(s) URL."""
+                     max_bytes: int = MAX_DOWNLOAD_BYTES, kind: str = "image", allow_private: bool = False
+                     ) -> bytes | Path:
+    """Raw bytes (or a local Path) for a media source: path, bytes, base64, data URL, http(s) URL (public
+    addresses only unless `allow_private`: fetch.py)."""
     if isinstance(source, (bytes, bytearray)):
         return bytes(source)
     if isinstance(source, os.PathLike):
@@ -109,7 +114,7 @@ def read_media_bytes(source: str | bytes | bytearray | os.PathLike, allow_http: 
         if not allow_http:
             raise ValueError(f"{kind} URLs (http/https) are disabled; pass a file, base64 data or a data URL "
                              "(or enable URL fetching)")
-        return _download(s, max_bytes, kind)
+        return fetch(s, max_bytes, kind, allow_private)
     if s.startswith("file://"):
         return _existing(Path(urllib.request.url2pathname(s[7:])), kind)
     if len(s) < 4096 and _is_file(s):
@@ -142,24 +147,13 @@ def _b64(data: str, kind: str) -> bytes:
         raise ValueError(f"{kind} source is neither an existing file nor valid base64 data") from None
 
 
-def _download(url: str, max_bytes: int, kind: str) -> bytes:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r:  # noqa: S310 (only when the caller allows it)
-            data = r.read(max_bytes + 1)
-    except OSError as e:
-        raise ValueError(f"cannot fetch {kind} from {url}: {e}") from None
-    if len(data) > max_bytes:
-        raise ValueError(f"{kind} at {url} is larger than {max_bytes} bytes")
-    return data
-
-
 def load_image(source: ImageSource, allow_http: bool = False,
-               max_image_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+               max_image_pixels: int = MAX_IMAGE_PIXELS, allow_private: bool = False) -> Image.Image:
     """Decode an image source into an RGB PIL image (first frame of animations; alpha over white)."""
     if isinstance(source, Image.Image):
         img = source
     else:
-        raw = read_media_bytes(source, allow_http=allow_http, kind="image")
+        raw = read_media_bytes(source, allow_http=allow_http, kind="image", allow_private=allow_private)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
@@ -231,7 +225,8 @@ def patchify(frames: torch.Tensor, patch_size: int, merge_size: int, temporal_pa
 def preprocess_image(image: ImageSource, cfg: ImageProcessorConfig | None = None) -> ProcessedImage:
     """One image source → ProcessedImage(pixel_values [h·w, C·Tp·P·P], grid_thw (1, h, w))."""
     cfg = cfg or ImageProcessorConfig()
-    img = load_image(image, allow_http=cfg.allow_http, max_image_pixels=cfg.max_image_pixels)
+    img = load_image(image, allow_http=cfg.allow_http, max_image_pixels=cfg.max_image_pixels,
+                     allow_private=cfg.allow_private)
     rh, rw = smart_resize(img.height, img.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
     if (rw, rh) != img.size:
         img = img.resize((rw, rh), resample=Image.Resampling.BICUBIC)
