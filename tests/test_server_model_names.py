@@ -1,11 +1,13 @@
 """The multi-model server and names: unknown names (404 with a hint), load failures, copied names,
 quantization tags, keep_alive values; `deltarun serve MODEL` as a subprocess with `deltarun ps`."""
+import json
 import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 
 import httpx
 import ollama
@@ -137,10 +139,31 @@ def test_serve_preloads_its_model_and_ps_shows_expiry(home, capsys):
         left = re.search(r"(\d+) seconds? from now|1 minute from now", rows["tiny-b"])
         assert "100% CPU" in rows["tiny-b"] and left and 30 <= int(left.group(1) or 60) <= 60, rows
         assert rows["tiny-a"].rstrip().endswith("forever")
+        # SIGTERM mid-answer: the server stops accepting, lets the answer finish (--drain-timeout), exits 0
+        lines: list[dict] = []
+
+        def stream() -> None:
+            body = {"model": "tiny-a", "prompt": "hi", "options": {"num_predict": 400}}
+            with httpx.stream("POST", f"http://127.0.0.1:{port}/api/generate", json=body, timeout=60) as r:
+                lines.extend(json.loads(line) for line in r.iter_lines() if line)
+        t = threading.Thread(target=stream)
+        t.start()
+        wait_for(lambda: proc.poll() is None and _busy(port), 30, "the answer to start")
+        proc.terminate()
+        t.join(60)
+        assert lines and lines[-1]["done"] is True, lines[-1:]  # the whole answer arrived
+        assert proc.wait(30) == 0
     finally:
         proc.terminate()
         proc.wait(30)
     assert main(["ps", "--port", str(port)]) == 1
+
+
+def _busy(port: int) -> bool:
+    """Whether the server's engine has a request running (from /metrics)."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return any(line.startswith("deltarun_requests_running") and not line.rstrip().endswith(" 0")
+               for line in text.splitlines())
 
 
 def test_serve_parser(monkeypatch):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", help="model name clients use (default: the MODEL argument)")
     serve.add_argument("--allow-http-media", action="store_true",
                        help="let requests name images/videos by http(s) URL, which the server then downloads")
+    serve.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="on SIGTERM stop accepting, let running requests finish for up to this long, then "
+                            "end them and exit 0 (default 30)")
     serve.add_argument("--allow-private-media", action="store_true",
                        help="with --allow-http-media, also fetch from loopback, private and link-local addresses "
                             "(refused by default: the server would fetch what only it can reach)")
@@ -150,7 +154,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      max_queued_requests=args.max_queued_requests)
     what = f"serving {name}" if name else "no model loaded yet (loaded on request)"
     err(f"deltarun: {what} on http://{args.host}:{args.port} (OpenAI: /v1, Ollama: /api)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")  # the app's shutdown unloads
+    # SIGTERM: uvicorn drains (stops accepting, waits up to --drain-timeout), the app's shutdown unloads, and
+    # then uvicorn re-raises the signal to the handler it found: this no-op one, so the exit is a clean 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=args.drain_timeout)
     return 0
 
 
