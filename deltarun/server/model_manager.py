@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -35,6 +36,13 @@ from .targets import (
 
 _UNSET = object()
 log = logging.getLogger("deltarun.server")
+_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?(?:[/\\][^/\\\s'\"():,]+)+[/\\]?")
+
+
+def path_free(text: str) -> str:
+    """`text` with every filesystem path cut to its last part: a client learns the reason, not the layout
+    of the server's disk (the full text goes to the server log)."""
+    return _PATH.sub(lambda m: m.group(0).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1] or "/", text)
 
 
 @dataclass(eq=False)
@@ -223,7 +231,8 @@ class ModelManager:
             try:
                 llm = await asyncio.to_thread(self.factory, target, self.engine_options)
             except Exception as e:  # LoadError, ConfigError, OSError, ...: the server keeps serving others
-                raise APIError(500, f"could not load model {target.name!r} ({target.path}): {e}") from None
+                log.error("could not load model %r from %s", target.name, target.path, exc_info=e)
+                raise APIError(500, f"could not load model {target.name!r}: {path_free(str(e))}") from None
             if self.on_load is not None:
                 self.on_load(llm)
             self.loads += 1
