@@ -300,3 +300,23 @@ def test_fp32_prefill_linear_matches_f_linear(monkeypatch, onednn):
     got = linear._linear_f32(x, w, b)
     assert got.shape == (2, 37, 130)
     torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_a_fresh_build_lock_is_waited_for_then_cleared(tmp_path, monkeypatch):
+    """A lock younger than STALE_LOCK_S: another build may hold it (wait until it goes), or a build killed a
+    moment ago left it (removed once stale) — never an endless wait."""
+    import threading
+    import time
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    threading.Timer(0.6, lock.unlink).start()  # another process finishing its build
+    t = time.time()
+    kernels.wait_for_build_lock(lock)
+    assert 0.5 <= time.time() - t < 5
+    monkeypatch.setattr(kernels, "STALE_LOCK_S", 1)
+    lock.touch()  # left by a build killed just now
+    t = time.time()
+    kernels.wait_for_build_lock(lock)
+    assert not lock.exists() and 0.9 <= time.time() - t < 5
+    kernels.wait_for_build_lock(lock)  # no lock: returns at once

@@ -93,9 +93,7 @@ def available() -> bool:
 
         build = settings().kernels_dir / _cpu_tag()
         build.mkdir(parents=True, exist_ok=True)
-        lock = build / "lock"  # torch's build lock: one left by a build that was killed would block forever
-        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            lock.unlink(missing_ok=True)
+        wait_for_build_lock(build / "lock")
         if not (build / "deltarun_gemv.so").exists():
             print("deltarun: building the CPU kernels for this machine (once, ~30 s) …", file=sys.stderr, flush=True)
         cpp_extension.load(name="deltarun_gemv", sources=[str(SOURCE.with_name(f)) for f in SOURCES],
@@ -110,6 +108,25 @@ def available() -> bool:
         if not _state["ok"]:
             _state["error"] = "built, but the self-check against F.linear failed"
     return bool(_state["ok"])
+
+
+def wait_for_build_lock(lock: Path) -> None:
+    """torch's build lock is held while another process builds (wait for it to go) or was left by a build that
+    was killed (remove it once older than STALE_LOCK_S). torch itself would wait on a left lock forever."""
+    told = False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+            return
+        if not told:
+            print(f"deltarun: waiting for another build of the CPU kernels ({lock}; a lock left by a killed build "
+                  f"is removed once {STALE_LOCK_S} s old) …", file=sys.stderr, flush=True)
+            told = True
+        time.sleep(0.5)
 
 
 def _not_built() -> str | None:
