@@ -320,3 +320,16 @@ def test_a_fresh_build_lock_is_waited_for_then_cleared(tmp_path, monkeypatch):
     kernels.wait_for_build_lock(lock)
     assert not lock.exists() and 0.9 <= time.time() - t < 5
     kernels.wait_for_build_lock(lock)  # no lock: returns at once
+
+
+def test_linear_adds_an_adapter_delta_on_any_route():
+    """Linear.delta (the LoRA hook) is added to whichever route the layer takes; None leaves it untouched."""
+    lin = linear.Linear(64, 32, bias=False).bfloat16()
+    routes.assign(lin)
+    x = torch.randn(3, 64).bfloat16()
+    with torch.inference_mode():
+        base = lin(x)
+        lin.delta = lambda t: torch.ones(*t.shape[:-1], 32, dtype=t.dtype)
+        assert torch.equal(lin(x), base + 1)
+        lin.routes = None  # F.linear: the same delta on top
+        assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight) + 1)
