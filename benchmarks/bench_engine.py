@@ -13,6 +13,7 @@ values), bf16 on CPU by default:
      values, so peak RSS is that of the end of the whole prefill; the prefill time is extrapolated from
      the first and last chunk times (a chunk costs a + b·depth: attention is linear in the depth).
      Validated against whole prefills at lengths both can run (see docs/benchmarks.md).
+  5. time to first token of a 64-token request arriving while a 32K-token prompt prefills.
 
     .venv/bin/python benchmarks/bench_engine.py                  # all, prefill lengths 8K and 32K
     .venv/bin/python benchmarks/bench_engine.py --parts 4 --lengths 32768,131072,262144 --tail
@@ -94,6 +95,29 @@ def part_ttft(args) -> list[str]:
             f"| 4,096-token prompt while 4 sequences decode (chunks of {eng.max_prefill_tokens}) | {dt:.2f} | "
             f"{bg_tokens / dt:.2f} |",
             f"| the same prompt alone | {dt_alone:.2f} | – |"]
+
+
+def part_fair(args) -> list[str]:
+    """A 64-token request arriving while a long prompt prefills: its time to first token, in seconds and in
+    chunk times of the long prompt (median of its chunks just before the arrival)."""
+    llm = _llm(args, prefix_cache_memory=0)
+    eng = llm.engine
+    eng.add_request("long", _ids(args.fair_length, seed=9), _params(1))
+    chunks = []
+    for _ in range(4):
+        t = time.perf_counter()
+        eng.step()
+        chunks.append(time.perf_counter() - t)
+    chunk = sorted(chunks[1:])[1]
+    eng.add_request("short", _ids(64, seed=10), _params(1))
+    t, steps = time.perf_counter(), 0
+    while "short" in eng.requests:
+        eng.step()
+        steps += 1
+    ttft = time.perf_counter() - t
+    return ["| workload | short request TTFT s | in chunk times | engine steps | chunk s |", "|---|---|---|---|---|",
+            f"| 64-token request during a {args.fair_length:,}-token prefill (chunks of {eng.max_prefill_tokens}) "
+            f"| {ttft:.2f} | {ttft / chunk:.1f} | {steps} | {chunk:.3f} |"]
 
 
 def part_prefix(args) -> list[str]:
@@ -188,10 +212,11 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--parts", default="1,2,3,4", help="which parts to run (1-4)")
+    p.add_argument("--parts", default="1,2,3,4,5", help="which parts to run (1-5)")
     p.add_argument("--concurrency", default="1,2,4,8,16")
     p.add_argument("--gen-len", type=int, default=32, help="timed decode steps per concurrency level")
     p.add_argument("--lengths", default="8192,32768", help="prompt lengths for the memory part")
+    p.add_argument("--fair-length", type=int, default=32768, help="the long prompt of the fairness part")
     p.add_argument("--chunk", type=int, default=2048, help="prefill chunk for the memory part")
     p.add_argument("--tail", action="store_true", help="memory part: run only the first and last chunks (see top)")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
@@ -210,7 +235,7 @@ def main() -> None:
     load = open("/proc/loadavg").read().split()[0]
     print(f"command: {' '.join(sys.argv)}\nmodel: {args.model} ({args.dtype}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, load average {load}\n", flush=True)
-    parts = {"1": part_concurrency, "2": part_ttft, "3": part_prefix, "4": part_long}
+    parts = {"1": part_concurrency, "2": part_ttft, "3": part_prefix, "4": part_long, "5": part_fair}
     tables = [parts[k](args) for k in args.parts.split(",")]
     print()
     for t in tables:

@@ -106,3 +106,45 @@ def test_abort_releases_state(tiny_ckpt):
     eng.abort("a")
     eng.abort("b")
     assert _free(llm) and not eng.queue and not eng.has_unfinished()
+
+
+def test_short_prompt_is_not_held_behind_a_long_prefill(tiny_ckpt):
+    """Waiting prompts take turns chunk by chunk: a short prompt arriving while a long one prefills gets its
+    first token after at most one more chunk of the long one, and both answers equal their runs alone."""
+    llm = _llm(tiny_ckpt, max_prefill_tokens=32, prefix_cache_memory=GiB)
+    eng = llm.engine
+    long_prompt, short_prompt = _ids(600, seed=21), _ids(12, seed=22)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True).with_defaults({})
+    eng.add_request("long", long_prompt, params)
+    for _ in range(3):
+        eng.step()
+    eng.add_request("short", short_prompt, params)
+    tokens: dict[str, list[int]] = {"long": [], "short": []}
+    steps_to_first = None
+    for step in range(1, 200):
+        for out in eng.step():
+            for u in out.updates:
+                tokens[out.request_id] += u.new_token_ids
+        if steps_to_first is None and tokens["short"]:
+            steps_to_first = step
+        if not eng.has_unfinished():
+            break
+    assert steps_to_first is not None and steps_to_first <= 2  # FCFS would wait ~17 chunks of the long prompt
+    assert tokens["long"] == _alone(tiny_ckpt, long_prompt, params)[0][0]
+    assert tokens["short"] == _alone(tiny_ckpt, short_prompt, params)[0][0]
+    assert _free(llm)
+
+
+def test_admission_stays_in_arrival_order(tiny_ckpt):
+    """With one slot, a waiting prompt is not overtaken by later arrivals, whatever their length."""
+    llm = _llm(tiny_ckpt, max_num_seqs=1, max_prefill_tokens=32)
+    eng = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True).with_defaults({})
+    for name, n in (("a", 90), ("b", 200), ("c", 5)):
+        eng.add_request(name, _ids(n, seed=n), params)
+    finished = []
+    for _ in range(300):
+        finished += [o.request_id for o in eng.step() if o.finished]
+        if not eng.has_unfinished():
+            break
+    assert finished == ["a", "b", "c"]

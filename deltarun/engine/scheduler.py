@@ -9,7 +9,11 @@ After each phase `reap` frees the sequences that finished. Stops (`check_stop`) 
 It touches no tensor: the state pool is used only for its slot bookkeeping, and a newly admitted
 sequence's state is made by the runner through the `start` callback.
 
-Which waiting sequence gets the next chunk is one function, `pick_prefill` (first come, first served).
+Which waiting sequence gets the next chunk is one function, `pick_prefill`: waiting prompts take turns,
+one chunk each (a sequence that got a chunk goes to the back of the queue), so a short prompt's first token
+waits for at most one chunk of every prompt ahead of it, never for a long prompt's whole prefill. New
+sequences are admitted in arrival order only (a large prompt waiting for room is not overtaken by later
+admissions), while sequences that already hold state keep taking turns.
 """
 from __future__ import annotations
 
@@ -57,9 +61,18 @@ class Chunk:
         return self.end == self.target
 
 
-def pick_prefill(waiting: deque[Sequence]) -> Sequence | None:
-    """The scheduling policy: which waiting sequence gets the next prefill chunk."""
-    return waiting[0] if waiting else None
+def pick_prefill(waiting: deque[Sequence], admit: Callable[[Sequence], bool]) -> Sequence | None:
+    """The scheduling policy: the first waiting sequence that holds state, or that `admit` lets in; only the
+    oldest sequence without state is offered to `admit` (admission stays in arrival order)."""
+    offered = False
+    for seq in waiting:
+        if seq.state is not None:
+            return seq
+        if not offered:
+            offered = True
+            if admit(seq):
+                return seq
+    return None
 
 
 def chunk_end(start: int, target: int, max_tokens: int, block: int) -> int:
@@ -154,14 +167,18 @@ class Scheduler:
     # -- prefill ----------------------------------------------------------------------------------
     def schedule_prefill(self) -> Chunk | None:
         """The next prefill chunk, admitting its sequence first (None: nothing waits, or it waits for room)."""
-        seq = pick_prefill(self.waiting)
-        if seq is None or (seq.state is None and not self._admit(seq)):
+        seq = pick_prefill(self.waiting, self._admit)
+        if seq is None:
             return None
         target, start = seq.prefill_target, seq.num_computed
         if start >= target:  # a resumed sequence restored whole from the prefix cache
             self.waiting.remove(seq)
             return None
-        return Chunk(seq, start, chunk_end(start, target, self.max_prefill_tokens, self.block), target)
+        chunk = Chunk(seq, start, chunk_end(start, target, self.max_prefill_tokens, self.block), target)
+        if not chunk.last:  # its turn is over: the others go first
+            self.waiting.remove(seq)
+            self.waiting.append(seq)
+        return chunk
 
     def prefilled(self, seq: Sequence) -> None:
         """`seq`'s prompt is in its state: it leaves the queue (and decodes from the next step)."""
