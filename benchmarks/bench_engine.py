@@ -92,7 +92,7 @@ def part_ttft(args) -> list[str]:
     _run_until(alone, lambda: not alone.has_unfinished())
     dt_alone = time.perf_counter() - t
     return ["| workload | time to first token s | background decode tok/s |", "|---|---|---|",
-            f"| 4,096-token prompt while 4 sequences decode (chunks of {eng.max_prefill_tokens}) | {dt:.2f} | "
+            f"| 4,096-token prompt while 4 sequences decode (chunks of {eng.cfg.max_prefill_tokens}) | {dt:.2f} | "
             f"{bg_tokens / dt:.2f} |",
             f"| the same prompt alone | {dt_alone:.2f} | – |"]
 
@@ -116,8 +116,8 @@ def part_fair(args) -> list[str]:
         steps += 1
     ttft = time.perf_counter() - t
     return ["| workload | short request TTFT s | in chunk times | engine steps | chunk s |", "|---|---|---|---|---|",
-            f"| 64-token request during a {args.fair_length:,}-token prefill (chunks of {eng.max_prefill_tokens}) "
-            f"| {ttft:.2f} | {ttft / chunk:.1f} | {steps} | {chunk:.3f} |"]
+            f"| 64-token request during a {args.fair_length:,}-token prefill (chunks of "
+            f"{eng.cfg.max_prefill_tokens}) | {ttft:.2f} | {ttft / chunk:.1f} | {steps} | {chunk:.3f} |"]
 
 
 def part_prefix(args) -> list[str]:

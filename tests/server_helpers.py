@@ -71,7 +71,7 @@ def scripted(monkeypatch, pieces: list[str], finish: str = "stop") -> None:
     from deltarun.outputs import StreamDelta
     from deltarun.server import streaming
 
-    async def fake_run_request(llm, req):
+    async def fake_run_request(llm, req, deadline=None):
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
             for tr in req.tracks:

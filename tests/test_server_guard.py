@@ -251,3 +251,67 @@ def test_public_media_addresses_pass_the_check(monkeypatch):
                                                               ("93.184.216.34", 80))])
     assert fetch.private_reason("https://media.example/cat.png") is None
     assert fetch.private_reason("http:///nohost") == "the URL names no host"
+
+
+def _media_server(routes: dict[str, tuple[int, dict[str, str], bytes]]):
+    """A one-thread HTTP server on 127.0.0.1 answering `routes` (path → status, headers, body)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            status, headers, body = routes.get(self.path, (404, {}, b""))
+            self.send_response(status)
+            for k, v in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_name_that_rebinds_after_the_check_is_refused(monkeypatch):
+    """DNS rebinding: the name answers a public address to the first lookup and a private one afterwards.
+    The connection is checked on the addresses it uses, so the second answer is refused before any socket
+    connects (the stub resolver stands in for DNS: no traffic leaves)."""
+    import socket
+
+    from deltarun.processor import fetch
+
+    answers = iter(["93.184.216.34", "127.0.0.1", "127.0.0.1"])
+    monkeypatch.setattr(fetch, "_resolve", lambda host, port, **k: [(socket.AF_INET, socket.SOCK_STREAM, 6, "",
+                                                                      (next(answers), port or 80))])
+    connects = []
+    monkeypatch.setattr(socket.socket, "connect", lambda self, addr: connects.append(addr) or 1 / 0)
+    with pytest.raises(ValueError, match=r"private address \(127.0.0.1\)"):
+        fetch.fetch("http://media.example/cat.png", 1000, "image")
+    assert connects == []
+
+
+def test_the_fetch_connects_to_the_address_it_checked(monkeypatch):
+    """The name is resolved once, by the check, and the socket goes to that address: here a server on
+    127.0.0.1 that the stubbed check treats as public (the system resolver never sees media.example). A
+    redirect leaving http(s) is refused."""
+    import socket
+
+    from deltarun.processor import fetch
+
+    server = _media_server({"/cat.png": (200, {}, b"meow"), "/ftp": (302, {"Location": "ftp://media.example/x"}, b""),
+                            "/hop": (302, {"Location": "/cat.png"}, b"")})
+    port = server.server_address[1]
+    try:
+        monkeypatch.setattr(fetch, "_public", lambda addr: True)
+        monkeypatch.setattr(fetch, "_resolve", lambda host, p, **k: [(socket.AF_INET, socket.SOCK_STREAM, 6, "",
+                                                                       ("127.0.0.1", p or port))])
+        assert fetch.fetch(f"http://media.example:{port}/cat.png", 100, "image") == b"meow"
+        assert fetch.fetch(f"http://media.example:{port}/hop", 100, "image") == b"meow"
+        with pytest.raises(ValueError, match="only http and https"):
+            fetch.fetch(f"http://media.example:{port}/ftp", 100, "image")
+        with pytest.raises(ValueError, match="larger than 3 bytes"):
+            fetch.fetch(f"http://media.example:{port}/cat.png", 3, "image")
+    finally:
+        server.shutdown()

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="allow this browser origin (repeatable; '*' = any)")
     serve.add_argument("--max-queued-requests", type=int, default=256, metavar="N",
                        help="per model, answer 429 (Retry-After) while N requests already wait (default 256)")
+    serve.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                       help="end a request that runs longer (queue wait included) with an error in its API's "
+                            "shape: 408, or an error event when streaming (default: no limit)")
     serve.add_argument("--served-model-name", help="model name clients use (default: the MODEL argument)")
     serve.add_argument("--allow-http-media", action="store_true",
                        help="let requests name images/videos by http(s) URL, which the server then downloads")
@@ -151,7 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # --think/--no-think set the server-wide default; each request may still switch it
     app = create_app(models, api_key=api_key, cors_origins=args.cors, default_thinking=args.think,
                      host=args.host, extra_hosts=[h for a in args.allowed_hosts for h in a.split(",")],
-                     max_queued_requests=args.max_queued_requests)
+                     max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout)
     what = f"serving {name}" if name else "no model loaded yet (loaded on request)"
     err(f"deltarun: {what} on http://{args.host}:{args.port} (OpenAI: /v1, Ollama: /api)")
     # SIGTERM: uvicorn drains (stops accepting, waits up to --drain-timeout), the app's shutdown unloads, and

@@ -71,10 +71,12 @@ def _march() -> list[str]:
 
 
 def _cpu_tag() -> str:
-    """Short hash of the CPU's feature flags, the target level and torch's version: a build made for another
-    CPU (a shared home directory), another level or another torch is never loaded."""
+    """Short hash of the CPU's feature flags, the target level, torch's version and the sources (their
+    content and their folder): a build made for another CPU (a shared home directory), another level or
+    another torch is never loaded, and two copies of the sources (two checkouts or venvs) never share a build
+    folder, where ninja, which compares paths and times, would rebuild each time the other one loads."""
     flags = " ".join(sorted(_cpu_flags() or ()))
-    text = flags + " ".join(_march()) + torch.__version__ + "".join(
+    text = flags + " ".join(_march()) + torch.__version__ + str(SOURCE.parent.resolve()) + "".join(
         f.read_text() for f in sorted(SOURCE.parent.iterdir()))
     return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 

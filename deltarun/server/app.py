@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import logging
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +21,7 @@ from fastapi.responses import FileResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import manage, ollama, openai, openai_completions
-from .errors import APIError, error_response, validation_message
+from .errors import APIError, error_response, internal_error, validation_message
 from .guard import Guard, allowed_hosts
 from .metrics import METRICS
 from .model_manager import ModelManager
@@ -32,7 +30,6 @@ from .state import LeaseMiddleware, ServerState
 if TYPE_CHECKING:
     from ..client import EngineClient
 
-log = logging.getLogger("deltarun.server")
 MAX_BODY_BYTES = 16 * 1024 * 1024
 STATIC_DIR = Path(__file__).parent / "static"  # the chat page: plain HTML/CSS/JS, no build step, no CDN
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -43,11 +40,12 @@ def create_app(llm: "EngineClient | ModelManager | None" = None, model_name: str
                api_key: str | None = None, cors_origins: list[str] | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, default_thinking: bool | None = None,
                host: str | None = "127.0.0.1", extra_hosts: list[str] | None = None,
-               max_queued_requests: int | None = 256) -> FastAPI:
+               max_queued_requests: int | None = 256, request_timeout: float | None = None) -> FastAPI:
     """`llm`: one loaded model (served as `model_name`, kept loaded), a `ModelManager` (models loaded on
     request), or None (an empty manager with the defaults). `host`: the address the server is bound to
     (its Host rule, guard.py; None: no Host rule, for an app mounted inside another); `extra_hosts`:
-    `--allowed-hosts`; `max_queued_requests`: per model, requests waiting beyond that get 429 (None: no cap)."""
+    `--allowed-hosts`; `max_queued_requests`: per model, requests waiting beyond that get 429 (None: no cap);
+    `request_timeout`: seconds a generation may run, queue wait included (None: no limit)."""
     from contextlib import asynccontextmanager
 
     if isinstance(llm, ModelManager):
@@ -66,7 +64,10 @@ def create_app(llm: "EngineClient | ModelManager | None" = None, model_name: str
             await models.close()
 
     app = FastAPI(title="deltarun", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.server = ServerState(models, default_thinking, max_queued=max_queued_requests)
+    if request_timeout is not None and not request_timeout > 0:
+        raise ValueError(f"the request timeout must be a positive number of seconds, not {request_timeout}")
+    app.state.server = ServerState(models, default_thinking, max_queued=max_queued_requests,
+                                   timeout=request_timeout)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -108,9 +109,7 @@ def create_app(llm: "EngineClient | ModelManager | None" = None, model_name: str
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
-        rid = uuid.uuid4().hex[:12]  # the client gets this id only: exception text can name server paths
-        log.error("internal error %s on %s %s", rid, request.method, request.url.path, exc_info=exc)
-        return error_response(request, 500, f"internal error (request id {rid}; details in the server log)")
+        return error_response(request, 500, internal_error(request, exc))
 
     @app.get("/health")
     async def health():

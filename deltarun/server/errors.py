@@ -2,11 +2,16 @@
 (OpenAI: `{"error": {"message", "type", "param", "code"}}`, Ollama: `{"error": "message"}`)."""
 from __future__ import annotations
 
+import logging
+import uuid
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from .metrics import METRICS
+
+log = logging.getLogger("deltarun.server")
 
 
 class APIError(Exception):
@@ -21,15 +26,28 @@ def _is_ollama(request: Request) -> bool:
     return request.url.path.startswith("/api/")
 
 
-def error_response(request: Request, status: int, message: str, param: str | None = None,
-                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_body(request: Request, status: int, message: str, param: str | None = None,
+               code: str | None = None) -> dict:
+    """The error in the shape of the API that was called (also what a stream sends when it fails)."""
     METRICS.error()
     if _is_ollama(request):
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
-    kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+        return {"error": message}
+    kind = {401: "authentication_error", 404: "not_found_error", 408: "timeout_error", 413: "invalid_request_error",
             429: "rate_limit_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status, headers=headers)
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(request: Request, status: int, message: str, param: str | None = None,
+                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(request, status, message, param, code), status_code=status, headers=headers)
+
+
+def internal_error(request: Request, exc: BaseException) -> str:
+    """Log a bug with its traceback under a fresh request id; the client gets the id only (exception text
+    can name server paths)."""
+    rid = uuid.uuid4().hex[:12]
+    log.error("internal error %s on %s %s", rid, request.method, request.url.path, exc_info=exc)
+    return f"internal error (request id {rid}; details in the server log)"
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

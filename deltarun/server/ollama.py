@@ -30,8 +30,8 @@ from .errors import APIError
 from .manage import local_entries
 from .model_manager import Loaded, is_unload
 from .protocol import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
-from .state import ServerState
-from .streaming import chat_events, collect_chat, until_disconnect
+from .state import ServerState, deadline
+from .streaming import chat_events, collect_chat, until_disconnect, with_error_event
 
 router = APIRouter()
 VERSION = "0.12.0"  # the Ollama API version whose fields this mirrors; clients compare it
@@ -82,7 +82,7 @@ async def _respond(request: Request, body: Any, llm: EngineClient, req: RequestS
                    kind: str) -> Any:
     """Run a chat (kind "chat") or generate request; NDJSON lines when streaming, else one object."""
     start = time.perf_counter_ns()
-    events = chat_events(llm, req, prompt.in_think, prompt.tools, prompt.prefix)
+    events = chat_events(llm, req, prompt.in_think, prompt.tools, prompt.prefix, deadline=deadline(request))
 
     def stats(first_ns: int | None, reason: str | None) -> dict[str, Any]:
         end = time.perf_counter_ns()
@@ -124,7 +124,8 @@ async def _respond(request: Request, body: Any, llm: EngineClient, req: RequestS
             reason = "stop" if reason == "tool_calls" else reason
             yield json.dumps({**head(), **piece("", "", []), **stats(first_ns, reason)}) + "\n"
 
-        return StreamingResponse(stream(), media_type="application/x-ndjson")
+        return StreamingResponse(with_error_event(request, stream(), lambda e: json.dumps(e) + "\n"),
+                                 media_type="application/x-ndjson")
 
     [total] = await until_disconnect(request, collect_chat(events, 1))
     reason = "stop" if total.finish_reason == "tool_calls" else total.finish_reason

@@ -23,8 +23,8 @@ from ..sampling import SamplingParams
 from .common import ChatPrompt, add_structured, build_chat_prompt, check_length, new_id, sampling
 from .errors import APIError
 from .protocol import ChatCompletionRequest
-from .state import ServerState
-from .streaming import chat_events, collect_chat, until_disconnect
+from .state import ServerState, deadline
+from .streaming import chat_events, collect_chat, until_disconnect, with_error_event
 from .structured import StructuredOutputError
 from .tool_grammar import forced_tool_processors
 
@@ -33,6 +33,11 @@ router = APIRouter()
 
 def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def sse_error(body: dict) -> str:
+    """A stream's error (the official clients raise it), then the end of the stream, as vLLM sends them."""
+    return sse(body) + "data: [DONE]\n\n"
 
 
 def _thinking(body: ChatCompletionRequest, default: bool | None) -> bool | None:
@@ -104,7 +109,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     params = _params(llm, body, prompt)
     req = llm.prepare(prompt.ids, llm.chat_params(params, prompt.thinking), prompt.mm)
     rid, created = new_id("chatcmpl-"), int(time.time())
-    events = chat_events(llm, req, prompt.in_think, prompt.tools, prompt.prefix, prompt.max_calls)
+    events = chat_events(llm, req, prompt.in_think, prompt.tools, prompt.prefix, prompt.max_calls,
+                         deadline(request))
     k = body.top_logprobs or 0
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
 
@@ -139,7 +145,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 yield sse({**head, "choices": [], "usage": usage()})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
+        return StreamingResponse(with_error_event(request, stream(), sse_error), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     totals = await until_disconnect(request, collect_chat(events, body.n))

@@ -19,10 +19,10 @@ from ..outputs import Logprob
 from ..processor.output import RequestState
 from .common import add_structured, check_length, new_id, sampling
 from .errors import APIError
-from .openai import sse
+from .openai import sse, sse_error
 from .protocol import CompletionRequest
-from .state import ServerState
-from .streaming import run_request, run_to_end, until_disconnect
+from .state import ServerState, deadline
+from .streaming import run_request, run_to_end, until_disconnect, with_error_event
 
 router = APIRouter()
 
@@ -107,7 +107,7 @@ async def completions(body: CompletionRequest, request: Request):
             for pi, req in enumerate(reqs):  # several prompts stream one after the other
                 sent = [0] * body.n
                 echoed = [False] * body.n
-                async with aclosing(run_request(llm, req)) as steps:
+                async with aclosing(run_request(llm, req, deadline(request))) as steps:
                     async for deltas in steps:
                         for d in deltas:
                             text, lp, b = d.text, None, None
@@ -127,9 +127,10 @@ async def completions(body: CompletionRequest, request: Request):
                 yield sse({**head, "choices": [], "usage": usage()})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(with_error_event(request, stream(), sse_error), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
 
-    await until_disconnect(request, asyncio.gather(*(run_to_end(llm, r) for r in reqs)))
+    await until_disconnect(request, asyncio.gather(*(run_to_end(llm, r, deadline(request)) for r in reqs)))
     choices = []
     for pi, req in enumerate(reqs):
         for i, track in enumerate(req.tracks):

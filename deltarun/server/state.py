@@ -2,6 +2,7 @@
 holds a request's models until its response has been sent."""
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ class ServerState:
     default_thinking: bool | None = None  # None: the chat template's own default
     created: int = field(default_factory=lambda: int(time.time()))
     max_queued: int | None = 256  # per model: requests beyond this many waiting in its engine get 429
+    timeout: float | None = None  # seconds a request may run, from its arrival (--request-timeout)
 
     async def use(self, request: Request, name: str, keep_alive: Any = None) -> EngineClient:
         """The model `name` for this request, as the one interface routes call (client.py): loaded on
@@ -34,8 +36,16 @@ class ServerState:
             raise APIError(429, f"{waiting} requests are already waiting for {name}: retry shortly",
                            code="rate_limit_exceeded", headers={"Retry-After": "1"})
         request.scope["deltarun.leases"].append(entry)  # LeaseMiddleware releases it
+        if self.timeout is not None:  # the model's load counts: the limit is on what the client waits
+            request.scope["deltarun.deadline"] = (asyncio.get_running_loop().time() + self.timeout
+                                                  - (time.perf_counter_ns() - start) / 1e9)
         request.scope["deltarun.load_ns"] = time.perf_counter_ns() - start  # Ollama's load_duration
         return entry.llm
+
+
+def deadline(request: Request) -> float | None:
+    """When this request's generation must end (the event loop's clock), None: no limit."""
+    return request.scope.get("deltarun.deadline")
 
 
 class LeaseMiddleware:

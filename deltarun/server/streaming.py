@@ -1,7 +1,8 @@
 """Streams for the HTTP handlers: the server's one call into a model, and per-choice chat output parsing.
 
-`run_request` is `EngineClient.stream` with the server's metrics attached (the one request loop is
-deltarun/request_stream.py); closing it aborts the request. `ChatChoice` turns one completion's text
+`run_request` is `EngineClient.stream` with the server's metrics and the request's deadline
+(`--request-timeout`) attached (the one request loop is deltarun/request_stream.py); closing it, or the
+deadline passing, aborts the request in the engine. `ChatChoice` turns one completion's text
 into reasoning (processor/reasoning.py), content and tool calls; `chat_events` runs a chat request as
 per-choice `ChatEvent`s, which each API renders as its own stream, or adds up with `collect_chat`.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -21,19 +22,37 @@ from ..outputs import LogprobDict, StreamDelta
 from ..processor.output import RequestState
 from ..processor.reasoning import ReasoningParser
 from ..processor.tool_calls import ToolCall, ToolCallParser
+from .errors import APIError, error_body, internal_error
 from .metrics import METRICS
 
 T = TypeVar("T")
 
 
-def run_request(llm: EngineClient, req: RequestState) -> AsyncGenerator[list[StreamDelta], None]:
+def run_request(llm: EngineClient, req: RequestState, deadline: float | None = None
+                ) -> AsyncGenerator[list[StreamDelta], None]:
     """The request's deltas, step by step, counted in the server's metrics; leaving early (or
-    cancellation) aborts it in the engine."""
-    return llm.stream(req, METRICS)
+    cancellation) aborts it in the engine. `deadline` (the event loop's clock, state.deadline): past it
+    the request is aborted and a 408 `APIError` raised."""
+    steps = llm.stream(req, METRICS)
+    return steps if deadline is None else _until(steps, deadline)
 
 
-async def run_to_end(llm: EngineClient, req: RequestState) -> None:
-    async with aclosing(run_request(llm, req)) as steps:
+async def _until(steps: AsyncGenerator[T, None], deadline: float) -> AsyncGenerator[T, None]:
+    async with aclosing(steps):
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):  # cancels the wait inside `steps`: it aborts
+                    item = await anext(steps)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise APIError(408, "the request ran longer than this server's --request-timeout and was ended",
+                               code="request_timeout") from None
+            yield item
+
+
+async def run_to_end(llm: EngineClient, req: RequestState, deadline: float | None = None) -> None:
+    async with aclosing(run_request(llm, req, deadline)) as steps:
         async for _ in steps:
             pass
 
@@ -52,6 +71,19 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     finally:
         if not task.done():
             task.cancel()
+
+
+async def with_error_event(request: Request, lines: AsyncIterator[str], render: Callable[[dict], str]
+                           ) -> AsyncIterator[str]:
+    """A response stream that ends with an error event in its API's shape (`render` of the error body)
+    when producing it fails: the status line has gone out, so the error travels in the stream."""
+    try:
+        async for line in lines:
+            yield line
+    except APIError as e:
+        yield render(error_body(request, e.status, e.message, e.param, e.code))
+    except Exception as e:  # a bug: logged with its traceback, the client gets a request id
+        yield render(error_body(request, 500, internal_error(request, e)))
 
 
 class ChatChoice:
@@ -94,11 +126,12 @@ class ChatEvent:
 
 
 async def chat_events(llm: EngineClient, req: RequestState, in_think: bool, tools: list[dict] | None,
-                      prefix: str = "", max_calls: int | None = None) -> AsyncGenerator[ChatEvent, None]:
+                      prefix: str = "", max_calls: int | None = None, deadline: float | None = None
+                      ) -> AsyncGenerator[ChatEvent, None]:
     """Run a chat request, yielding parsed events per choice; finish_reason "tool_calls" when it called."""
     choices = [ChatChoice(in_think, tools, prefix) for _ in range(req.params.n)]
     sent = [0] * req.params.n
-    async with aclosing(run_request(llm, req)) as steps:
+    async with aclosing(run_request(llm, req, deadline)) as steps:
         async for deltas in steps:
             for d in deltas:
                 ch, track = choices[d.index], req.tracks[d.index]
