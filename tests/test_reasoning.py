@@ -121,3 +121,60 @@ def test_delta_splitter_keeps_one_parser_per_sequence():
         got[i][0] += d.reasoning
         got[i][1] += d.content
     assert [tuple(got[i]) for i in got] == [split_reasoning(t, True) for t in texts]
+
+
+def test_thinking_budget_mask_counts_only_reasoning():
+    import torch
+
+    from deltarun.processor.reasoning import ThinkingBudget
+
+    OPEN_ID, CLOSE_ID = 7, 9
+    mask = ThinkingBudget(3, OPEN_ID, CLOSE_ID, in_think=True)()
+    for tok in (1, 2):
+        logits = torch.zeros(12)
+        mask(logits)
+        assert torch.isfinite(logits).all()  # under budget: free
+        mask.accept(tok)
+    mask.accept(3)
+    logits = torch.zeros(12)
+    mask(logits)
+    assert torch.isfinite(logits).nonzero().flatten().tolist() == [CLOSE_ID]  # spent: only </think>
+    mask.accept(CLOSE_ID)
+    logits = torch.zeros(12)
+    mask(logits)
+    assert torch.isfinite(logits).all()  # the answer is free
+    quiet = ThinkingBudget(0, OPEN_ID, CLOSE_ID, in_think=False)()  # no block open: nothing to bound
+    quiet.accept(1)
+    logits = torch.zeros(12)
+    quiet(logits)
+    assert torch.isfinite(logits).all()
+    opened = ThinkingBudget(0, OPEN_ID, CLOSE_ID, in_think=False)()  # the model opens one itself
+    opened.accept(OPEN_ID)
+    logits = torch.zeros(12)
+    opened(logits)
+    assert torch.isfinite(logits).nonzero().flatten().tolist() == [CLOSE_ID]
+    with pytest.raises(ValueError):
+        ThinkingBudget(-1, OPEN_ID, CLOSE_ID, True)
+
+
+@pytest.mark.parametrize("budget", [0, 5])
+def test_thinking_budget_on_chat_completions(chat_ckpt, budget):
+    """`thinking_budget`: the reasoning holds at most that many tokens, then `</think>` and an answer follow
+    (the random model never closes its reasoning by itself)."""
+    import httpx
+    from server_helpers import live_server
+
+    live = live_server(chat_ckpt)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": budget + 12,
+            "ignore_eos": True, "enable_thinking": True, "thinking_budget": budget, "logprobs": True,
+            "temperature": 0}
+    r = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    tokens = [t["token"] for t in choice["logprobs"]["content"]]
+    assert tokens.index("</think>") <= budget
+    assert choice["message"]["content"]  # the answer followed
+    unbounded = httpx.post(live.url + "/v1/chat/completions", json={**body, "thinking_budget": None}, timeout=120)
+    assert "</think>" not in [t["token"] for t in unbounded.json()["choices"][0]["logprobs"]["content"]]
+    bad = httpx.post(live.url + "/v1/chat/completions", json={**body, "thinking_budget": -1}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "thinking_budget"

@@ -143,3 +143,43 @@ class DeltaSplitter:
         parser = self._parsers.setdefault(delta.index, ReasoningParser(in_think=self.in_think))
         delta.reasoning, delta.content = parser.feed(delta.text, final=delta.finish_reason is not None)
         return delta
+
+
+class ThinkingBudget:
+    """A `SamplingParams.logits_processors` factory bounding the reasoning: once `budget` tokens have been
+    written inside the think block, the next token is forced to be ``</think>`` and the answer follows
+    (`thinking_budget` on chat completions; Responses' reasoning.effort; Anthropic's budget_tokens).
+    `open_id`/`close_id`: the ids of ``<think>``/``</think>``; `in_think`: the prompt leaves a block open."""
+
+    def __init__(self, budget: int, open_id: int, close_id: int, in_think: bool):
+        if budget < 0:
+            raise ValueError(f"the thinking budget must be ≥ 0 tokens, not {budget}")
+        self.budget, self.open_id, self.close_id, self.in_think = budget, open_id, close_id, in_think
+
+    def __call__(self) -> "_BudgetMask":
+        return _BudgetMask(self)
+
+
+class _BudgetMask:
+    """One sequence's count of reasoning tokens; `accept` follows the tokens it really emitted."""
+
+    def __init__(self, spec: ThinkingBudget):
+        self.spec = spec
+        self.inside = spec.in_think
+        self.used = 0
+        self.started = False
+
+    def __call__(self, logits) -> None:  # logits: [V], masked in place
+        if self.inside and self.used >= self.spec.budget:
+            logits.fill_(float("-inf"))
+            logits[self.spec.close_id] = 0.0
+
+    def accept(self, token_id: int) -> None:
+        if not self.started and not self.inside and token_id == self.spec.open_id:
+            self.inside = True  # the model opened a block itself, as its first token
+        elif self.inside:
+            if token_id == self.spec.close_id:
+                self.inside = False
+            else:
+                self.used += 1
+        self.started = True

@@ -13,7 +13,7 @@ from typing import Any
 from ..client import EngineClient
 from ..inputs import MultiModalInput
 from ..processor.multimodal import MediaRef, extract_media
-from ..processor.reasoning import opens_think, skip_reasoning
+from ..processor.reasoning import CLOSE, OPEN, ThinkingBudget, opens_think, skip_reasoning
 from ..sampling import SamplingParams
 from .errors import APIError
 from .structured import StructuredOutputError, make_structured
@@ -160,6 +160,27 @@ def add_structured(llm: EngineClient, params: SamplingParams, kind: str | None, 
         params.logits_processors = make_structured(llm.tokenizer, kind, schema, thinking)
     except StructuredOutputError as e:
         raise APIError(400, str(e), param="response_format") from None
+    return params
+
+
+EFFORT_BUDGETS = {"low": 1024, "medium": 4096}  # tokens of reasoning; high and above: no limit
+
+
+def effort_budget(effort: str | None) -> int | None:
+    """The thinking budget a reasoning effort stands for (None: unlimited; none/minimal turn thinking off)."""
+    return EFFORT_BUDGETS.get(effort or "")
+
+
+def add_thinking_budget(llm: EngineClient, params: SamplingParams, budget: int | None,
+                        prompt: "ChatPrompt") -> SamplingParams:
+    """Bound the reasoning of a thinking turn to `budget` tokens (None: unbounded), then force `</think>`."""
+    if budget is None or not prompt.thinking:
+        return params
+    open_id, close_id = llm.tokenizer.token_to_id(OPEN), llm.tokenizer.token_to_id(CLOSE)
+    if open_id is None or close_id is None:  # a vocabulary without think tokens: nothing to bound
+        return params
+    bound = ThinkingBudget(budget, open_id, close_id, prompt.in_think)
+    params.logits_processors = [*(params.logits_processors or []), bound]
     return params
 
 

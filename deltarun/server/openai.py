@@ -20,7 +20,16 @@ from ..client import EngineClient
 from ..outputs import Logprob
 from ..processor.tool_calls import ToolCall
 from ..sampling import SamplingParams
-from .common import ChatPrompt, add_structured, build_chat_prompt, check_length, new_id, sampling
+from .common import (
+    ChatPrompt,
+    add_structured,
+    add_thinking_budget,
+    build_chat_prompt,
+    check_length,
+    effort_budget,
+    new_id,
+    sampling,
+)
 from .errors import APIError
 from .protocol import ChatCompletionRequest
 from .state import ServerState, deadline
@@ -106,7 +115,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                                      thinking=_thinking(body, state.default_thinking), tools=tools,
                                      tool_choice=body.tool_choice or "auto", parallel=body.parallel_tool_calls,
                                      template_kwargs=body.chat_template_kwargs)
-    params = _params(llm, body, prompt)
+    budget = body.thinking_budget if body.thinking_budget is not None else effort_budget(body.reasoning_effort)
+    params = add_thinking_budget(llm, _params(llm, body, prompt), budget, prompt)
     req = llm.prepare(prompt.ids, llm.chat_params(params, prompt.thinking), prompt.mm)
     rid, created = new_id("chatcmpl-"), int(time.time())
     events = chat_events(llm, req, prompt.in_think, prompt.tools, prompt.prefix, prompt.max_calls,

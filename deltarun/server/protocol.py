@@ -88,6 +88,7 @@ class ChatCompletionRequest(_SamplingFields):
     reasoning_effort: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     enable_thinking: bool | None = None  # a common shortcut some clients send at the top level
+    thinking_budget: int | None = Field(None, ge=0)  # most reasoning tokens before </think> is forced
 
 
 class CompletionRequest(_SamplingFields):
