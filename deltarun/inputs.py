@@ -78,4 +78,5 @@ class StepOutput:
     updates: list[SeqUpdate]
     prompt_logprobs: list[float | None] | None = None  # set once, when the prefill completes
     prompt_top_logprobs: list[TopLogprobs | None] | None = None
+    cached_tokens: int | None = None  # set once, when the prefill completes: prompt tokens the prefix cache gave
     finished: bool = False

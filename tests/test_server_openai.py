@@ -237,3 +237,21 @@ def test_forced_tool_call_follows_schema(client, choice):
         assert isinstance(args["city"], str) and 0 < len(args["city"]) <= 20
         assert type(args["nights"]) is int and 1 <= args["nights"] <= 9 and args["room"] in ("single", "double")
         assert all(type(x) is bool for x in args.get("extras", []))
+
+
+def test_usage_counts_prompt_tokens_from_the_prefix_cache(chat_ckpt):
+    """usage.prompt_tokens_details.cached_tokens: 0 for a new prompt; for a repeat, the prompt tokens the prefix
+    cache restored (whole 64-token blocks, the last prompt token always computed)."""
+    import uuid
+
+    import httpx
+    from server_helpers import live_server
+
+    live = live_server(chat_ckpt)
+    text = f"{uuid.uuid4().hex} " + "a long shared question about deltas " * 20
+    body = {"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": 2}
+    first = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=120).json()["usage"]
+    second = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=120).json()["usage"]
+    assert first["prompt_tokens"] == second["prompt_tokens"] > 128
+    assert first["prompt_tokens_details"]["cached_tokens"] == 0
+    assert second["prompt_tokens_details"]["cached_tokens"] == (second["prompt_tokens"] - 1) // 64 * 64

@@ -185,6 +185,7 @@ class Engine:
         seq, req = chunk.seq, chunk.seq.request
         out = outputs.setdefault(req.request_id, StepOutput(req.request_id, []))
         out.prompt_logprobs, out.prompt_top_logprobs = req.prompt_logprobs or None, req.prompt_top_logprobs or None
+        out.cached_tokens = req.cached_tokens
         for i in range(1, req.params.n):
             self.scheduler.add_running(self.runner.fork(seq, i))
         if req.params.max_tokens == 0:

@@ -64,6 +64,8 @@ class ModelRunner:
             for dst, src in zip(seq.state.kv, hit.kv):
                 dst.copy_prefix(src, hit.length)
             seq.num_computed = seq.state.length = hit.length
+            if fresh:
+                seq.request.cached_tokens = hit.length
 
     def fork(self, parent: Sequence, index: int) -> Sequence:
         """Completion `index` of the parent's request, from a copy of the parent's state after its prompt."""

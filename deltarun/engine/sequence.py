@@ -84,6 +84,7 @@ class Request:
     mm: MultiModalInput | None = None
     vision_embeds: torch.Tensor | None = None  # [N_vis, H] while the prompt's vision tokens are prefilled
     adapter: str | None = None  # the adapter (LoRA) the request runs with; None: the base model
+    cached_tokens: int = 0  # prompt tokens restored from the prefix cache instead of computed
 
     @property
     def finished(self) -> bool:

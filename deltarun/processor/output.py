@@ -43,6 +43,7 @@ class RequestState:
     tracks: list[_Track] = field(default_factory=list)
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     mm: MultiModalInput | None = None  # the prompt's MultiModalInput (images/videos), passed on to the engine
+    cached_tokens: int = 0  # prompt tokens the engine's prefix cache supplied (usage: cached tokens)
 
     @property
     def finished(self) -> bool:
@@ -67,6 +68,8 @@ class OutputProcessor:
             req.prompt_logprobs = [
                 None if lp is None else self._logprob_dict(req.prompt_ids[i], lp, top or [])
                 for i, (lp, top) in enumerate(zip(step.prompt_logprobs, step.prompt_top_logprobs))]
+        if step.cached_tokens is not None:
+            req.cached_tokens = step.cached_tokens
         deltas = []
         for u in step.updates:
             tr = req.tracks[u.index]

@@ -124,10 +124,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     k = body.top_logprobs or 0
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
 
-    def usage() -> dict[str, int]:
+    def usage() -> dict[str, Any]:
         gen = sum(len(t.token_ids) for t in req.tracks)
         return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": gen,
-                "total_tokens": len(req.prompt_ids) + gen}
+                "total_tokens": len(req.prompt_ids) + gen,
+                "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}
 
     if body.stream:
         async def stream() -> AsyncIterator[str]:
