@@ -38,9 +38,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sweep(folder: Path) -> list[Path]:
-    """Remove the temp files/folders in `folder` whose writer is gone (killed mid-write); returns them.
-    A live writer's temp is left alone: it may be minutes into a quantization."""
+def sweep(folder: Path, name: str | None = None) -> list[Path]:
+    """Remove the temp files/folders in `folder` (only those for final name `name`, if given) whose writer
+    is gone (killed mid-write); returns them. A live writer's temp is left alone: it may be minutes into a
+    quantization."""
     gone: list[Path] = []
     try:
         entries = list(Path(folder).iterdir())
@@ -48,7 +49,7 @@ def sweep(folder: Path) -> list[Path]:
         return gone
     for p in entries:
         m = _TEMP.match(p.name)
-        if m is None or _alive(int(m.group(1))):
+        if m is None or (name is not None and not p.name.startswith(f".{name}.tmp-")) or _alive(int(m.group(1))):
             continue
         try:
             if p.is_dir() and not p.is_symlink():
@@ -78,6 +79,7 @@ def write_bytes(path: Path, data: bytes) -> None:
     """Replace `path` with `data` atomically: readers see the old file or the new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep(path.parent, path.name)  # a killed writer's temp of this file
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
