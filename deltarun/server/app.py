@@ -13,7 +13,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +22,7 @@ from fastapi.responses import FileResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import manage, ollama, openai, openai_completions
-from .errors import APIError, error_response, validation_message
+from .errors import APIError, error_response, internal_error, validation_message
 from .guard import Guard, allowed_hosts
 from .metrics import METRICS
 from .model_manager import ModelManager
@@ -108,9 +107,7 @@ def create_app(llm: "EngineClient | ModelManager | None" = None, model_name: str
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
-        rid = uuid.uuid4().hex[:12]  # the client gets this id only: exception text can name server paths
-        log.error("internal error %s on %s %s", rid, request.method, request.url.path, exc_info=exc)
-        return error_response(request, 500, f"internal error (request id {rid}; details in the server log)")
+        return error_response(request, 500, internal_error(exc, f"{request.method} {request.url.path}"))
 
     @app.get("/health")
     async def health():

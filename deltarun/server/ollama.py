@@ -26,7 +26,7 @@ from ..processor.output import RequestState
 from ..sampling import SamplingParams
 from ..store.info import parameter_counts
 from .common import ChatPrompt, add_structured, build_chat_prompt, sampling
-from .errors import APIError
+from .errors import APIError, guard_stream, ollama_stream_error
 from .manage import local_entries
 from .model_manager import Loaded, is_unload
 from .protocol import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
@@ -124,7 +124,8 @@ async def _respond(request: Request, body: Any, llm: EngineClient, req: RequestS
             reason = "stop" if reason == "tool_calls" else reason
             yield json.dumps({**head(), **piece("", "", []), **stats(first_ns, reason)}) + "\n"
 
-        return StreamingResponse(stream(), media_type="application/x-ndjson")
+        return StreamingResponse(guard_stream(request, stream(), ollama_stream_error),
+                                 media_type="application/x-ndjson")
 
     [total] = await until_disconnect(request, collect_chat(events, 1))
     reason = "stop" if total.finish_reason == "tool_calls" else total.finish_reason
@@ -203,7 +204,7 @@ def _loaded_entry(state: ServerState, entry: Loaded) -> dict[str, Any]:
 async def tags(request: Request):
     """Every model this server can run: the loaded ones, then the rest of what is local."""
     state: ServerState = request.app.state.server
-    loaded = [e for e in state.models.entries() if e.llm is not None]
+    loaded = state.listed_loaded()
     out = [_loaded_entry(state, e) for e in loaded]
     names = {n for e in loaded for n in e.names}
     out += [m for m in await asyncio.to_thread(local_entries, state.models.served()) if m["name"] not in names]

@@ -21,7 +21,7 @@ from ..outputs import Logprob
 from ..processor.tool_calls import ToolCall
 from ..sampling import SamplingParams
 from .common import ChatPrompt, add_structured, build_chat_prompt, check_length, new_id, sampling
-from .errors import APIError
+from .errors import APIError, guard_stream, openai_stream_error
 from .protocol import ChatCompletionRequest
 from .state import ServerState
 from .streaming import chat_events, collect_chat, until_disconnect
@@ -139,7 +139,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 yield sse({**head, "choices": [], "usage": usage()})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
+        return StreamingResponse(guard_stream(request, stream(), openai_stream_error), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     totals = await until_disconnect(request, collect_chat(events, body.n))

@@ -18,7 +18,7 @@ from ..client import EngineClient
 from ..outputs import Logprob
 from ..processor.output import RequestState
 from .common import add_structured, check_length, new_id, sampling
-from .errors import APIError
+from .errors import APIError, guard_stream, openai_stream_error
 from .openai import sse
 from .protocol import CompletionRequest
 from .state import ServerState
@@ -127,7 +127,8 @@ async def completions(body: CompletionRequest, request: Request):
                 yield sse({**head, "choices": [], "usage": usage()})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(guard_stream(request, stream(), openai_stream_error), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
 
     await until_disconnect(request, asyncio.gather(*(run_to_end(llm, r) for r in reqs)))
     choices = []
@@ -156,7 +157,7 @@ async def models(request: Request):
     from .manage import local_entries
 
     state: ServerState = request.app.state.server
-    loaded = [e for e in state.models.entries() if e.llm is not None]
+    loaded = state.listed_loaded()
     data = [_model_card(state, e.name, e.llm.max_model_len) for e in loaded]
     names = {n for e in loaded for n in e.names}
     local = await asyncio.to_thread(local_entries, state.models.served())
