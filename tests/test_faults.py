@@ -160,6 +160,16 @@ def test_kill_while_replacing_a_quantized_folder_keeps_a_whole_one(home, ckpt):
     assert _temps(home) and atomic.sweep(home) and not _temps(home)
 
 
+def test_kill_during_init_random_leaves_no_folder(home, tmp_path):
+    """`deltarun init-random` wrote config.json first, then the shards: killed midway, a listed half model."""
+    cfg, out = tmp_path / "cfg.json", home / "rand"
+    cfg.write_text(json.dumps(tiny_config()))
+    _killed_at_pause(PAUSE + "import deltarun.weights.random_init as r\nreal = r.save_file\n"
+                     "def save_file(*a, **k):\n    real(*a, **k)\n    pause()\nr.save_file = save_file\n"
+                     f"from deltarun.cli import main\nmain(['init-random', {str(cfg)!r}, {str(out)!r}])\n")
+    assert not out.exists() and "rand" not in _listed() and _temps(home)
+
+
 # ------------------------------------------------------------------------------------------------ copy
 
 def test_kill_during_copy_keeps_the_old_table(home, ckpt):
