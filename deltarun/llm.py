@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
-from .engine.engine import Engine, EngineConfig
-from .inputs import MultiModalInput
+from .engine.engine import Engine, EngineConfig, StepFailed
+from .inputs import MultiModalInput, StepOutput
 from .outputs import ChatCompletion, ChatOutput, RequestOutput, StreamDelta
 from .processor.chat_template import ChatTemplate
 from .processor.mrope import VisionTokens
@@ -147,7 +147,7 @@ class LLM(Frontend):
             self.engine.add_request(r.request_id, r.prompt_ids, r.params, r.mm)
         try:
             while self.engine.has_unfinished():
-                for step in self.engine.step():
+                for step in self._step():
                     if step.request_id in by_id:
                         self.output.update(by_id[step.request_id], step, self.engine.finish)
         finally:
@@ -155,6 +155,12 @@ class LLM(Frontend):
                 if not r.finished:
                     self.engine.abort(r.request_id)
         return [self.output.result(r) for r in reqs]
+
+    def _step(self) -> list[StepOutput]:
+        try:
+            return self.engine.step()
+        except StepFailed as e:  # a blocking call fails whole, with what the model raised
+            raise e.error from None
 
     def generate_stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
         """Yield new text as it is generated. Closing the iterator (or Ctrl-C) aborts the request."""
@@ -164,7 +170,7 @@ class LLM(Frontend):
         self.engine.add_request(req.request_id, req.prompt_ids, req.params, req.mm)
         try:
             while not req.finished:
-                for step in self.engine.step():
+                for step in self._step():
                     if step.request_id == req.request_id:
                         yield from self.output.update(req, step, self.engine.finish)
         finally:

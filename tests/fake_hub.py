@@ -7,7 +7,8 @@
 
 Faults for tests: `drop_once` (file names whose first GET sends half the bytes then closes the socket),
 `drop_always` (every GET closes before any byte), `corrupt` (served with one byte flipped, same size and
-ETag). `requests` logs every call.
+ETag), `stall` (file names whose GET sends half the bytes, sets `stalled`, then hangs until `close`: a pull
+caught mid-file, to be killed). `requests` logs every call.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ class FakeHub:
         self.drop_once: set[str] = set()
         self.drop_always: set[str] = set()
         self.corrupt: set[str] = set()
+        self.stall: set[str] = set()
+        self.stalled = threading.Event()
+        self._release = threading.Event()
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -35,6 +39,7 @@ class FakeHub:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
+        self._release.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -125,6 +130,13 @@ class FakeHub:
                 if self.command == "HEAD":
                     return
                 body = data[start:]
+                if name in hub.stall:
+                    self.wfile.write(body[:len(body) // 2])
+                    self.wfile.flush()
+                    hub.stalled.set()
+                    hub._release.wait(60)
+                    self.close_connection = True
+                    return
                 if name in hub.drop_always or (name in hub.drop_once and not start):
                     hub.drop_once.discard(name)
                     self.wfile.write(b"" if name in hub.drop_always else body[:len(body) // 2])

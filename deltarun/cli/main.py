@@ -179,11 +179,24 @@ def api_key_of(args: argparse.Namespace) -> str | None:
 
 
 def cmd_init_random(args: argparse.Namespace) -> int:
+    import shutil
+
     import torch
 
+    from ..atomic import publish_dir, sweep, temp_path
     from ..weights.random_init import write_random_checkpoint
 
-    out = write_random_checkpoint(args.config, Path(args.out), seed=args.seed, dtype=getattr(torch, args.dtype))
+    out = Path(args.out).expanduser()
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").exists():
+        raise ValueError(f"{out} holds files and no model: give a new folder (or a model folder to replace)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sweep(out.parent)
+    tmp = temp_path(out)  # written whole beside it, then renamed: a killed run leaves no half model
+    try:
+        write_random_checkpoint(args.config, tmp, seed=args.seed, dtype=getattr(torch, args.dtype))
+        publish_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote a random-weights checkpoint to {out}")
     return 0
 

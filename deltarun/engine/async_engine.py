@@ -2,8 +2,10 @@
 
 One engine thread owns the model and caches: it drains an inbox of add/abort/finish commands, runs
 `step()` while there is work, and hands each request's `StepOutput`s to that request's asyncio queue
-on the caller's event loop. Requests are validated in the caller (`Engine.check_request`) so that
-bad input fails there, with a clear error, and never reaches the loop.
+on the caller's event loop. An exception inside a step fails only the requests of the phase that raised
+(`StepFailed`); the others keep running and the engine keeps serving. Requests are validated in the
+caller (`Engine.check_request`) so that bad input fails there, with a clear error, and never reaches
+the loop.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from collections.abc import AsyncGenerator
 
 from ..inputs import MultiModalInput, StepOutput
 from ..sampling import SamplingParams
-from .engine import Engine
+from .engine import Engine, StepFailed
 
 
 class AsyncEngine:
@@ -92,7 +94,11 @@ class AsyncEngine:
                 pass
             try:
                 outputs = self.engine.step()
-            except Exception as e:  # a bug, not bad input: fail the running requests, keep serving
+            except StepFailed as e:  # a bug hit one phase: only its requests fail, the rest go on
+                outputs = e.outputs
+                for rid in e.request_ids:
+                    self._deliver(rid, e.error)
+            except Exception as e:  # outside any phase (the scheduler): its state is unknown, fail them all
                 self._fail_all(e)
                 continue
             for out in outputs:

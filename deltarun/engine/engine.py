@@ -13,6 +13,7 @@ sequence via `finish`. Images/videos come as a `MultiModalInput` (inputs.py) on 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 
@@ -43,6 +44,15 @@ class EngineConfig:
     # step read 32K lm_head rows instead of 248K (a third of the 0.8B's weights); EAGLE-3 drafts over 32K too.
     mtp_draft_vocab: int = 32768
     kv_cache_dtype: str = "auto"  # "int8": keys/values held as int8 + a scale per head and token
+
+
+class StepFailed(RuntimeError):
+    """One phase of a step raised. Its requests (`request_ids`) are aborted, their state freed; `outputs`
+    are what the step did for the other requests (deliver them as usual); `error` is what was raised."""
+
+    def __init__(self, request_ids: list[str], outputs: list[StepOutput], error: Exception):
+        super().__init__(f"a step failed for {len(request_ids)} request(s): {error!r}")
+        self.request_ids, self.outputs, self.error = request_ids, outputs, error
 
 
 class Engine:
@@ -159,26 +169,46 @@ class Engine:
     # -- the loop ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        """One decode batch and one prefill chunk. If a phase raises, only that phase's requests fail:
+        they are aborted (their slots freed) and `StepFailed` carries the error and the other requests'
+        outputs; requests outside the phase (waiting ones, the decode batch when the prefill fails) go on."""
         outputs: dict[str, StepOutput] = {}
         self.stats["steps"] += 1
         decode = self.scheduler.schedule_decode()
         if decode:
-            self.runner.decode(decode, outputs)
+            try:
+                self.runner.decode(decode, outputs)
+            except Exception as e:
+                self._fail_phase({s.request.request_id for s in decode}, outputs, e)
             self.scheduler.reap()
         chunk = self.scheduler.schedule_prefill()
         if chunk is not None:
-            hidden = self.runner.prefill(chunk.seq, chunk.start, chunk.end, chunk.target)
-            if chunk.last:
-                self.scheduler.prefilled(chunk.seq)
-                if not chunk.seq.token_ids:  # a fresh prompt (not a resumed sequence): its first tokens
-                    self._first_tokens(chunk, hidden, outputs)
+            try:
+                hidden = self.runner.prefill(chunk.seq, chunk.start, chunk.end, chunk.target)
+                if chunk.last:
+                    self.scheduler.prefilled(chunk.seq)
+                    if not chunk.seq.token_ids:  # a fresh prompt (not a resumed sequence): its first tokens
+                        self._first_tokens(chunk, hidden, outputs)
+            except Exception as e:
+                self._fail_phase({chunk.seq.request.request_id}, outputs, e)
             self.scheduler.reap()
+        return self._collect(outputs)
+
+    def _collect(self, outputs: dict[str, StepOutput]) -> list[StepOutput]:
+        """The step's outputs, each marked finished (and its request forgotten) when its request is done."""
         for out in outputs.values():
             req = self.requests.get(out.request_id)
             if req is not None and req.finished:
                 out.finished = True
                 self.requests.pop(out.request_id)
         return list(outputs.values())
+
+    def _fail_phase(self, request_ids: set[str], outputs: dict[str, StepOutput], error: Exception) -> NoReturn:
+        for rid in request_ids:
+            outputs.pop(rid, None)
+            self.abort(rid)  # frees every slot the request holds
+        self.scheduler.reap()  # sequences of the other requests that finished before the phase raised
+        raise StepFailed(sorted(request_ids), self._collect(outputs), error) from error
 
     def _first_tokens(self, chunk: Chunk, hidden: torch.Tensor, outputs: dict[str, StepOutput]) -> None:
         """A prompt just finished prefilling: fork its n − 1 siblings, then sample each one's first token."""

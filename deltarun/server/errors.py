@@ -1,5 +1,7 @@
 """The server's errors: `APIError` (raised by routes) and the error body of the API that was called
-(OpenAI: `{"error": {"message", "type", "param", "code"}}`, Ollama: `{"error": "message"}`)."""
+(OpenAI: `{"error": {"message", "type", "param", "code"}}`, Ollama: `{"error": "message"}`), also sent as
+a stream's last event when it fails midway (streaming.with_error_event); and an internal error's message
+(a request id; the details go to the server log)."""
 from __future__ import annotations
 
 import logging
@@ -60,3 +62,4 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "the request body is not valid JSON", None
     where = ".".join(loc)
     return (f"{where}: {e.get('msg')}" if where else str(e.get("msg"))), (where or None)
+

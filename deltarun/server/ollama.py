@@ -204,7 +204,7 @@ def _loaded_entry(state: ServerState, entry: Loaded) -> dict[str, Any]:
 async def tags(request: Request):
     """Every model this server can run: the loaded ones, then the rest of what is local."""
     state: ServerState = request.app.state.server
-    loaded = [e for e in state.models.entries() if e.llm is not None]
+    loaded = state.listed_loaded()
     out = [_loaded_entry(state, e) for e in loaded]
     names = {n for e in loaded for n in e.names}
     out += [m for m in await asyncio.to_thread(local_entries, state.models.served()) if m["name"] not in names]

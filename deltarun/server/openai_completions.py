@@ -157,7 +157,7 @@ async def models(request: Request):
     from .manage import local_entries
 
     state: ServerState = request.app.state.server
-    loaded = [e for e in state.models.entries() if e.llm is not None]
+    loaded = state.listed_loaded()
     data = [_model_card(state, e.name, e.llm.max_model_len) for e in loaded]
     names = {n for e in loaded for n in e.names}
     local = await asyncio.to_thread(local_entries, state.models.served())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
@@ -41,6 +42,11 @@ class ServerState:
                                                   - (time.perf_counter_ns() - start) / 1e9)
         request.scope["deltarun.load_ns"] = time.perf_counter_ns() - start  # Ollama's load_duration
         return entry.llm
+
+    def listed_loaded(self) -> list[Any]:
+        """The loaded models to list (/api/tags, /v1/models): those whose files are still on disk. A folder
+        deleted under a loaded model: it answers from memory until unloaded, but is offered no more."""
+        return [e for e in self.models.entries() if e.llm is not None and Path(str(e.llm.path)).exists()]
 
 
 def deadline(request: Request) -> float | None:

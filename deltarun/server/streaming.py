@@ -78,8 +78,9 @@ async def with_error_event(request: Request, lines: AsyncIterator[str], render: 
     """A response stream that ends with an error event in its API's shape (`render` of the error body)
     when producing it fails: the status line has gone out, so the error travels in the stream."""
     try:
-        async for line in lines:
-            yield line
+        async with aclosing(lines) as chunks:  # type: ignore[type-var]  # closes the route's generator at once
+            async for line in chunks:
+                yield line
     except APIError as e:
         yield render(error_body(request, e.status, e.message, e.param, e.code))
     except Exception as e:  # a bug: logged with its traceback, the client gets a request id

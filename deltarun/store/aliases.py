@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+from .. import atomic
 from ..paths import cache_dir
 from . import names
 from .records import LocalModel, read_json
@@ -20,12 +21,9 @@ def aliases() -> dict[str, str]:
 
 
 def write_aliases(table: dict[str, str]) -> None:
-    """Replace the whole table (atomically)."""
-    path = cache_dir() / ALIASES_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(table, indent=2, sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
+    """Replace the whole table atomically (a temp file of its own, renamed over it: a crash mid-write leaves
+    the old table, and two writers never share a temp name)."""
+    atomic.write_text(cache_dir() / ALIASES_FILE, json.dumps(table, indent=2, sort_keys=True))
 
 
 def forget_aliases_of(model: LocalModel) -> list[str]:

@@ -12,7 +12,15 @@ from ..weights.gguf_meta import is_gguf
 from . import names
 from .aliases import aliases
 from .ollama_store import ollama_dir, ollama_models
-from .records import LocalModel, folder_size, hf_cache_dir, is_qwen35_folder, read_json, weights_dtype
+from .records import (
+    LocalModel,
+    folder_size,
+    hf_cache_dir,
+    is_qwen35_folder,
+    read_json,
+    snapshot_is_whole,
+    weights_dtype,
+)
 
 
 def hf_models() -> list[LocalModel]:
@@ -33,7 +41,7 @@ def hf_models() -> list[LocalModel]:
         rev = next((r for r in repo.revisions if "main" in r.refs), None) or \
             max(repo.revisions, key=lambda r: r.last_modified)
         cfg = is_qwen35_folder(Path(rev.snapshot_path))
-        if cfg is None:
+        if cfg is None or not snapshot_is_whole(Path(rev.snapshot_path)):  # a pull killed or failed midway
             continue
         out.append(LocalModel(name=names.alias_for(repo.repo_id) or repo.repo_id, source="hf",
                               path=Path(rev.snapshot_path), size=repo.size_on_disk,
@@ -48,7 +56,7 @@ def deltarun_models() -> list[LocalModel]:
     if not root.is_dir():
         return []
     out = []
-    for d in sorted(root.iterdir()):
+    for d in sorted(root.iterdir()):  # hidden names: temp folders of writes in progress or killed (atomic.py)
         cfg = is_qwen35_folder(d) if d.is_dir() and not d.name.startswith(".") else None
         if cfg is None:
             continue

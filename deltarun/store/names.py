@@ -9,9 +9,9 @@ from __future__ import annotations
 import difflib
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
+from ..atomic import publish_dir, sweep, temp_path
 from ..paths import cache_dir
 
 ALIASES = {f"qwen3.5:{size}": f"Qwen/Qwen3.5-{size.upper()}" for size in ("0.8b", "2b", "4b", "9b")}
@@ -94,15 +94,15 @@ def demo_path() -> Path:
     from ..weights.random_init import write_random_checkpoint
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=path.parent))
+    sweep(path.parent)  # a demo a killed process left half-written (1.7 GB)
+    tmp = temp_path(path)
+    tmp.mkdir()
     try:
         write_random_checkpoint("0.8B", tmp, seed=0)
         (tmp / "README.md").write_text(
             "# deltarun demo model\n\nRANDOM WEIGHTS in the exact Qwen3.5-0.8B layout, made by "
             "`deltarun init-random 0.8B`. It exercises every code path offline; its output is noise.\n")
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)  # atomic: a half-written demo is never picked up
+        publish_dir(tmp, path)  # atomic: a half-written demo is never picked up
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

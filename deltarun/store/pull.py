@@ -4,15 +4,23 @@ huggingface_hub's `snapshot_download` resumes a dropped connection inside a file
 files already in the cache, but it only checks each file's *size*. So after it returns, `verify` hashes
 every blob of the snapshot against its name (the cache names blobs by ETag: sha256 for LFS files, the git
 blob sha1 for small ones); a corrupt blob is removed and fetched again once, then reported.
+
+A pull killed midway (kill -9, power cut) leaves a partial snapshot: whole files only (huggingface_hub
+writes each blob as `.incomplete` and renames it), but not all of them. So the repo folder carries a
+marker (records.PULL_MARKER) from the first byte until every file is verified; the store neither lists
+nor loads a repo with the marker, and the next pull resumes and removes it.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 from . import names
+from .records import PULL_MARKER, hf_cache_dir, hf_repo_folder
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 SHA1 = re.compile(r"^[0-9a-f]{40}$")
@@ -37,8 +45,6 @@ def resolve_repo(name: str) -> str:
                                 f"Hugging Face hub: `deltarun pull {base}` (run it as {base}-int4 or -int8 "
                                 f"to quantize while loading), or `ollama pull {name}` into Ollama's store")
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
-        from .records import hf_cache_dir
-
         raise names.ModelNotFound(f"pulling {repo} needs the network, but HF_HUB_OFFLINE is set; "
                                 f"unset it, or copy the cache folder models--{repo.replace('/', '--')} "
                                 f"into {hf_cache_dir()}")
@@ -77,20 +83,28 @@ def pull(repo: str, revision: str | None = None, tqdm_class=None) -> Path:
     """Download `repo` (resuming, skipping what is cached), verify every file, re-fetch corrupt ones once."""
     from huggingface_hub import snapshot_download
 
-    from .records import hf_cache_dir
-
     def fetch() -> Path:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=names.WEIGHT_PATTERNS,
                                       cache_dir=hf_cache_dir(), tqdm_class=tqdm_class))
 
-    path = fetch()
-    bad = verify(path)
-    if bad:
+    folder = hf_repo_folder(repo)
+    marker = folder / PULL_MARKER
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"repo": repo, "revision": revision, "pid": os.getpid()}))  # its being there counts
+    try:
         path = fetch()
-        still = verify(path)
-        if still:
-            raise CorruptDownload(f"{', '.join(p.name for p in still)} of {repo} failed the checksum twice "
-                                  "(removed); the server or a proxy is serving corrupt data")
+        bad = verify(path)
+        if bad:
+            path = fetch()
+            still = verify(path)
+            if still:
+                raise CorruptDownload(f"{', '.join(p.name for p in still)} of {repo} failed the checksum twice "
+                                      "(removed); the server or a proxy is serving corrupt data")
+    except BaseException:
+        if all(p.name == PULL_MARKER for p in folder.iterdir()):  # nothing came (unknown repo, offline)
+            shutil.rmtree(folder, ignore_errors=True)  # leave no folder behind
+        raise  # else the marker stays: the snapshot is partial until a pull finishes it
+    marker.unlink(missing_ok=True)  # every file is here and verified: the model may be listed now
     return path
 
 

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 QWEN_TYPES = ("qwen3_5", "qwen3_5_text")
+# In an HF cache repo folder while deltarun pulls it, and left there when a pull dies (killed, network
+# gone, checksum failed): the snapshot may be partial, so the repo is not listed or loaded until a pull
+# finishes it (store/pull.py writes and removes it).
+PULL_MARKER = ".deltarun-pulling"
 
 
 @dataclass
@@ -91,6 +95,24 @@ def weights_dtype(folder: Path, cfg: dict) -> str:
 def is_qwen35_folder(path: Path) -> dict | None:
     cfg = read_json(path / "config.json")
     return cfg if cfg and cfg.get("model_type") in QWEN_TYPES else None
+
+
+def hf_repo_folder(repo: str) -> Path:
+    """The HF cache folder of model repo `repo` (models--Org--Name)."""
+    return hf_cache_dir() / f"models--{repo.replace('/', '--')}"
+
+
+def snapshot_is_whole(snapshot: Path) -> bool:
+    """Whether an HF cache snapshot may be loaded: no unfinished deltarun pull of its repo, and its config
+    and weights all there (a partial download by any tool has some files and not others)."""
+    snapshot = Path(snapshot)
+    if (snapshot.parent.parent / PULL_MARKER).exists() or not (snapshot / "config.json").is_file():
+        return False
+    index = read_json(snapshot / "model.safetensors.index.json")
+    if index is not None:
+        shards = set((index.get("weight_map") or {}).values())
+        return bool(shards) and all((snapshot / str(s)).is_file() for s in shards)  # is_file follows the link
+    return any(p.is_file() for p in snapshot.glob("*.safetensors"))
 
 
 def folder_size(path: Path) -> int:

@@ -43,15 +43,21 @@ def resolve_model(name: str | os.PathLike, *, download: bool = True) -> Path:
                             f"Ollama's store: run {base!r} or {base + '-int4'!r} (quantized while loading)")
     from huggingface_hub import snapshot_download
 
+    from .pull import pull
+    from .records import hf_cache_dir, snapshot_is_whole
+
     try:
-        return Path(snapshot_download(repo, local_files_only=True, allow_patterns=WEIGHT_PATTERNS))
+        cached = Path(snapshot_download(repo, local_files_only=True, allow_patterns=WEIGHT_PATTERNS,
+                                        cache_dir=hf_cache_dir()))
+        if snapshot_is_whole(cached):  # else a pull was killed midway: never load part of a model
+            return cached
     except Exception:  # not in the cache (huggingface_hub raises several types)
         pass
     if found := _ollama(text):  # not in the HF cache, but Ollama has it: no download needed
         return found
     if download and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
         try:
-            return Path(snapshot_download(repo, allow_patterns=WEIGHT_PATTERNS))
+            return pull(repo)  # marked partial until every file is there and verified
         except Exception as e:  # no network, unknown repo, …
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         else:  # pragma: no cover - unreachable

@@ -15,12 +15,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..atomic import sweep, temp_path
 from ..paths import cache_dir
 from .common import LoadError
 from .gguf_file import GGUFFile
@@ -195,7 +195,9 @@ def sidecar_for(path: str | os.PathLike) -> Path:
     tokens = field(reader, "tokenizer.ggml.tokens", None)
     tok_config = tokenizer_config(reader, tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out.parent))
+    sweep(out.parent)  # sidecars a killed process left half-built
+    tmp = temp_path(out)
+    tmp.mkdir()
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tok_text is not None:

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..atomic import publish_dir, sweep, temp_path
 from ..ops.quant import BITS, DEFAULT_GROUP, QuantEmbedding, QuantLinear, pack_int4, quantize_int4, quantize_int8
 
 KEEP_FULL = ("in_proj_a", "in_proj_b")  # [num_v_heads, H]: a few KB, and they gate every decay
@@ -132,17 +133,28 @@ def save_quantized(src: Path, out: Path, spec: QuantSpec) -> dict[str, int]:
     """Write a quantized copy of model folder `src` to `out` (streaming one tensor at a time).
 
     Returns byte counts {"before": …, "after": …} of the weights."""
-    from .common import weight_files
-
     src, out = Path(src), Path(out)
     raw = json.loads((src / "config.json").read_text())
     if raw.get("quantization_config"):
         raise ValueError(f"{src} is already quantized ({raw['quantization_config'].get('bits')}-bit)")
     tied = raw.get("tie_word_embeddings", raw.get("text_config", {}).get("tie_word_embeddings", False))
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tensors, before, after = {}, 0, 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sweep(out.parent)  # what a killed earlier run left (its temp folder is hidden, never listed)
+    tmp = temp_path(out)
+    tmp.mkdir()
+    try:
+        before, after = _write_quantized(src, tmp, raw, tied, spec)
+        publish_dir(tmp, out)  # a half-written folder is never left under the final name
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after publish_dir; a failed run's partial folder
+    return {"before": before, "after": after}
+
+
+def _write_quantized(src: Path, tmp: Path, raw: dict, tied: bool, spec: QuantSpec) -> tuple[int, int]:
+    """Fill folder `tmp` with the quantized checkpoint; returns the weights' bytes before and after."""
+    from .common import weight_files
+
+    tensors, before = {}, 0
     for path in weight_files(src):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():
@@ -163,7 +175,4 @@ def save_quantized(src: Path, out: Path, spec: QuantSpec) -> dict[str, int]:
             shutil.copy2(item, tmp / item.name)
     raw["quantization_config"] = spec.config_entry()
     (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)  # a half-written folder is never left under the final name
-    return {"before": before, "after": after}
+    return before, after
