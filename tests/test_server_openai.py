@@ -162,6 +162,16 @@ def test_api_key(chat_ckpt):
     assert ok.models.list().data[0].id == "tiny"
 
 
+def test_tiny_repetition_penalty_still_samples(live):
+    """Found by the fuzz (test_server_fuzz.py): a repetition penalty near 0 (valid: > 0) made the prompt's
+    positive logits inf, the softmax NaN and the request a 500."""
+    body = {"model": "tiny", "prompt": [105, 811, 461, 45, 390, 437, 61], "max_tokens": 2, "seed": 1,
+            "temperature": 0.5, "repetition_penalty": 5e-324, "ignore_eos": True}
+    r = httpx.post(live.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2
+
+
 def test_client_disconnect_aborts(live):
     body = {"model": "tiny", "messages": MSG, "max_tokens": 3000, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=60) as r:

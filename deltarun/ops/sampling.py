@@ -19,6 +19,7 @@ from torch import Tensor
 from deltarun.sampling import NEUTRAL, SamplingParams
 
 TopLogprobs = list[tuple[int, float]]
+MAX_PENALIZED = 1e30  # a logit's cap after the repetition penalty: times 1 / GREEDY_EPS it is still finite
 
 _T = TypeVar("_T")
 
@@ -166,8 +167,10 @@ def process_logits(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
         if s.seen:
             ids, rp = s.seen_ids(), _filled(s.params.repetition_penalty)
             v = x[i, ids]
-            # HF semantics: shrink toward "less likely" whatever the sign of the logit.
-            x[i, ids] = torch.where(v > 0, v / rp, v * rp)
+            # HF semantics: shrink toward "less likely" whatever the sign of the logit. A penalty near 0
+            # (5e-324 is valid) would make v / rp inf, and several infs a NaN softmax: cap the logit at a
+            # value that stays finite after dividing by any sampled temperature (>= GREEDY_EPS).
+            x[i, ids] = torch.where(v > 0, v / rp, v * rp).clamp_(max=MAX_PENALIZED)
         if s.counts:
             ids, counts = s.count_ids()
             x[i, ids] -= _filled(s.params.frequency_penalty) * counts + _filled(s.params.presence_penalty)
