@@ -162,11 +162,14 @@ def test_api_key(chat_ckpt):
     assert ok.models.list().data[0].id == "tiny"
 
 
-def test_tiny_repetition_penalty_still_samples(live):
-    """Found by the fuzz (test_server_fuzz.py): a repetition penalty near 0 (valid: > 0) made the prompt's
-    positive logits inf, the softmax NaN and the request a 500."""
-    body = {"model": "tiny", "prompt": [105, 811, 461, 45, 390, 437, 61], "max_tokens": 2, "seed": 1,
-            "temperature": 0.5, "repetition_penalty": 5e-324, "ignore_eos": True}
+@pytest.mark.parametrize("extreme", [{"repetition_penalty": 5e-324},
+                                     {"temperature": 1e300, "min_tokens": 2, "ignore_eos": False}])
+def test_extreme_sampling_values_still_sample(live, extreme):
+    """Found by the fuzz (test_server_fuzz.py): a repetition penalty near 0 or a temperature past fp32's
+    range (both valid; min_tokens puts -inf on end-of-text, and -inf / inf is NaN) made the softmax NaN and
+    the request a 500."""
+    body = {"model": "tiny", "prompt": [105, 811, 461, 45, 390, 437, 61, 0], "max_tokens": 2, "seed": 1,
+            "temperature": 0.5, "ignore_eos": True, **extreme}
     r = httpx.post(live.url + "/v1/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 2

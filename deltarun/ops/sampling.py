@@ -19,7 +19,9 @@ from torch import Tensor
 from deltarun.sampling import NEUTRAL, SamplingParams
 
 TopLogprobs = list[tuple[int, float]]
-MAX_PENALIZED = 1e30  # a logit's cap after the repetition penalty: times 1 / GREEDY_EPS it is still finite
+# a logit's cap after the repetition penalty (times 1 / GREEDY_EPS it is still finite in fp32), and the cap of
+# the penalty and the temperature themselves (past 3e38 they would be inf in fp32, and 0 * inf a NaN)
+MAX_PENALIZED = 1e30
 
 _T = TypeVar("_T")
 
@@ -165,7 +167,7 @@ def process_logits(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
 
     for i, s in enumerate(states):
         if s.seen:
-            ids, rp = s.seen_ids(), _filled(s.params.repetition_penalty)
+            ids, rp = s.seen_ids(), min(_filled(s.params.repetition_penalty), MAX_PENALIZED)  # fp32: inf past 3e38
             v = x[i, ids]
             # HF semantics: shrink toward "less likely" whatever the sign of the logit. A penalty near 0
             # (5e-324 is valid) would make v / rp inf, and several infs a NaN softmax: cap the logit at a
@@ -177,7 +179,8 @@ def process_logits(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
 
     # Greedy rows get neutral values below so that one batched pass serves every row.
     sampled = [not s.params.greedy for s in states]
-    temps = [_filled(s.params.temperature) if r else 1.0 for s, r in zip(states, sampled)]
+    # a temperature past fp32's range (1e300 is valid) would be inf, and -inf / inf a NaN: 1e30 is as flat
+    temps = [min(_filled(s.params.temperature), MAX_PENALIZED) if r else 1.0 for s, r in zip(states, sampled)]
     if any(t != 1.0 for t in temps):
         x /= _col(temps, dev)
 
