@@ -2,11 +2,12 @@
 `ModelManager` (model_manager.py: loaded on request, kept for keep_alive).
 
 Cross-cutting concerns live here: the Host/Origin rules and the body's type and size (guard.py), the
-optional API key (every route), CORS (off unless origins are given), `/health`, `/metrics`, the chat
-page's static files, and turning every error into the error body of the API that was called (errors.py),
-so the server keeps serving whatever a client sends; a 500 says only "internal error" and a request id
-(the details go to the server log). Routers import errors.py and state.py, never this module, and reach a
-model only through the `EngineClient` protocol (deltarun/client.py).
+optional API key (every route), CORS (off unless origins are given), `/health`, `/metrics`, the OpenAPI
+schema at `/openapi.json` (every request body declared, protocol.py; no /docs or /redoc pages: they load
+scripts from a CDN), the chat page's static files, and turning every error into the error body of the API
+that was called (errors.py), so the server keeps serving whatever a client sends; a 500 says only "internal
+error" and a request id (the details go to the server log). Routers import errors.py and state.py, never this
+module, and reach a model only through the `EngineClient` protocol (deltarun/client.py).
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def create_app(llm: "EngineClient | ModelManager | None" = None, model_name: str
         finally:
             await models.close()
 
-    app = FastAPI(title="deltarun", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(title="deltarun", docs_url=None, redoc_url=None, openapi_url="/openapi.json", lifespan=lifespan)
     app.state.server = ServerState(models, default_thinking, max_queued=max_queued_requests)
 
     @app.middleware("http")

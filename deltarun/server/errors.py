@@ -2,6 +2,8 @@
 (OpenAI: `{"error": {"message", "type", "param", "code"}}`, Ollama: `{"error": "message"}`)."""
 from __future__ import annotations
 
+import re
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -32,12 +34,18 @@ def error_response(request: Request, status: int, message: str, param: str | Non
                         status_code=status, headers=headers)
 
 
+# the names pydantic gives the members of a union in an error's location ("prompt.list[constrained-str]"):
+# the client sent a field, not a type, so the location stops at the field
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|constrained-\w+|\w+(-\w+)*\[.*\])$")
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errs = exc.errors()
     if not errs:
         return "invalid request", None
     e = errs[0]
     loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    loc = [x for x in loc if not _UNION_MEMBER.match(x)]
     if e.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     where = ".".join(loc)

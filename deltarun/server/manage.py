@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..store import names
 from ..store.aliases import aliases, forget_aliases_of, remove_alias
@@ -23,11 +23,13 @@ from ..store.operations import add_alias, delete, deletion_refusal
 from ..store.progress import ProgressBars
 from ..store.records import LocalModel, read_json
 from .errors import APIError
+from .protocol import one_of_names
 
 router = APIRouter()
 
 
 class PullRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra=one_of_names("model", "name"))
     model: str | None = None
     name: str | None = None  # older clients
     insecure: bool = False
@@ -35,13 +37,14 @@ class PullRequest(BaseModel):
 
 
 class DeleteRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra=one_of_names("model", "name"))
     model: str | None = None
     name: str | None = None
 
 
 class CopyRequest(BaseModel):
-    source: str
-    destination: str
+    source: str = Field(min_length=1)
+    destination: str = Field(min_length=1, description="a name (not a path): letters, digits, '._:-/'")
 
 
 def _find(name: str, trusted: bool = False) -> LocalModel:
