@@ -167,7 +167,10 @@ def process_logits(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
 
     for i, s in enumerate(states):
         if s.seen:
-            ids, rp = s.seen_ids(), min(_filled(s.params.repetition_penalty), MAX_PENALIZED)  # fp32: inf past 3e38
+            # within [1 / MAX_PENALIZED, MAX_PENALIZED]: in fp32 a smaller one is 0 and a larger one inf, and a
+            # token masked to -inf (a grammar) times 0 is NaN, a 0 logit times inf too
+            rp = min(max(_filled(s.params.repetition_penalty), 1 / MAX_PENALIZED), MAX_PENALIZED)
+            ids = s.seen_ids()
             v = x[i, ids]
             # HF semantics: shrink toward "less likely" whatever the sign of the logit. A penalty near 0
             # (5e-324 is valid) would make v / rp inf, and several infs a NaN softmax: cap the logit at a
