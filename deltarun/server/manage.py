@@ -47,12 +47,18 @@ class CopyRequest(BaseModel):
     destination: str = Field(min_length=1, description="a name (not a path): letters, digits, '._:-/'")
 
 
+def _refuse_path(name: str) -> None:
+    """A client's model name that is a path (store/names.py `looks_like_path`): one 404 whether it exists or not."""
+    if names.looks_like_path(name):
+        raise APIError(404, f"{name!r}: models are named (see /api/tags), never given by path", param="model",
+                       code="model_not_found")
+
+
 def _find(name: str, trusted: bool = False) -> LocalModel:
-    """The listed model a client named (never a path: store/names.py `looks_like_path`); `trusted`: a folder
-    given on the server's command line."""
+    """The listed model a client named (never a path); `trusted`: a folder given on the server's command line."""
+    if not trusted:
+        _refuse_path(name)
     try:
-        if not trusted and names.looks_like_path(name):  # one answer whether the path exists or not
-            raise names.ModelNotFound(f"{name!r}: models are named (see /api/tags), never given by path")
         return find_local(name, by_path=trusted)
     except names.ModelNotFound as e:
         raise APIError(404, str(e), param="model", code="model_not_found") from None
@@ -99,6 +105,7 @@ async def pull_model(body: PullRequest):
     name = body.model or body.name
     if not name:
         raise APIError(400, "model is required")
+    _refuse_path(name)  # resolve_repo looks at the disk: its answer would tell whether a path exists
     try:
         repo = resolve_repo(name)
     except names.ModelNotFound as e:
