@@ -117,6 +117,11 @@ def acceptance_schema(raw: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+def designed_5xx(route: str, status: int, text: str) -> bool:
+    """A 5xx the server answers by design: a pull on an offline server (test_server_manage.py: a clear 503)."""
+    return route == "POST /api/pull" and status == 503 and "needs the network" in text
+
+
 def excused(route: str, status: int, body: Any) -> bool:
     """Whether refusing a body the acceptance schema calls valid is right: (route, status, reason)."""
     err = body.get("error") if isinstance(body, dict) else None
