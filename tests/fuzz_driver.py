@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 from fuzz_schema import SERVED, acceptance_schema, designed_5xx, excused
 
-LOGGERS = ("deltarun", "uvicorn", "uvicorn.error", "asyncio")
+LOGGERS = ("deltarun", "uvicorn", "asyncio")  # uvicorn.error ("Exception in ASGI application") propagates to uvicorn
 
 
 def isolated_env(root: Path) -> dict[str, str]:
@@ -87,13 +87,13 @@ def fuzz_server(ckpt: Path, root: Path) -> Iterator[FuzzServer]:
     loggers = [logging.getLogger(n) for n in LOGGERS]
     for lg in loggers:
         lg.addHandler(tap)
-    server = None
+    server, thread = None, None
     try:
         llm = AsyncLLM(str(ckpt), dtype="float32", device="cpu")
         port = _free_port()
         server = uvicorn.Server(uvicorn.Config(create_app(llm, SERVED), host="127.0.0.1", port=port,
                                                log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
+        thread = threading.Thread(target=server.run, daemon=True, name="fuzz server")
         thread.start()
         deadline = time.time() + 60
         while not server.started:
@@ -104,12 +104,9 @@ def fuzz_server(ckpt: Path, root: Path) -> Iterator[FuzzServer]:
         raw = httpx.get(url + "/openapi.json", timeout=30).json()
         yield FuzzServer(url, tap, raw)
     finally:
-        if server is not None:
-            server.should_exit = True
-            for _ in range(500):
-                if not server.started or getattr(server, "_shutdown_done", True):
-                    break
-                time.sleep(0.01)
+        if server is not None and thread is not None:
+            server.should_exit = True  # its lifespan closes the engine; a shutdown error is logged to the tap
+            thread.join(timeout=30)
         for lg in loggers:
             lg.removeHandler(tap)
         os.environ.clear()

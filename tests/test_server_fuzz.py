@@ -68,3 +68,24 @@ def test_fuzz_check_can_fail(path):
     assert check(route, path, True, 400, right_shape)  # a valid body refused
     cut = ("application/x-ndjson", '{"done": false}\n') if ollama else ("text/event-stream", "data: {}\n\n")
     assert check(route, path, True, 200, cut[1], cut[0])
+
+
+def test_log_tap_sees_server_tracebacks():
+    """uvicorn's "Exception in ASGI application" and the server's own internal errors reach the tap."""
+    import logging
+
+    from fuzz_driver import LOGGERS, LogTap
+
+    tap = LogTap()
+    for name in LOGGERS:
+        logging.getLogger(name).addHandler(tap)
+    try:
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
+        logging.getLogger("deltarun.server").error("internal error abc on POST /api/chat")
+    finally:
+        for name in LOGGERS:
+            logging.getLogger(name).removeHandler(tap)
+    assert len(tap.tracebacks) == 2 and "boom" in tap.tracebacks[0]
