@@ -102,6 +102,16 @@ def test_pull_errors(live, machine):
         list(ollama.Client(host=live.url).pull("qwen3.5:2b", stream=True))
 
 
+def test_pull_of_a_path_says_nothing_about_the_disk(live, machine, tmp_path):
+    """A path given to /api/pull gets one 404 whether it exists or not ("is a local path" told that it did)."""
+    answers = []
+    for path in (str(tmp_path), str(tmp_path / "missing"), "./" + tmp_path.name, "~/nope"):
+        r = httpx.post(live.url + "/api/pull", json={"model": path, "stream": False}, timeout=30)
+        assert r.status_code == 404, r.text
+        answers.append(r.json()["error"].replace(repr(path), "PATH"))
+    assert len(set(answers)) == 1 and "never given by path" in answers[0]
+
+
 def test_delete_refuses_other_tools_and_unknown(live, machine):
     blob = _ollama_model(machine["ollama"], "qwen3.5", "9b-q4_K_M", b"GGUF" + b"\0" * 100, "Q4_K_M")
     r = httpx.request("DELETE", live.url + "/api/delete", json={"model": "qwen3.5:9b-q4_K_M"}, timeout=30)

@@ -162,6 +162,20 @@ def test_api_key(chat_ckpt):
     assert ok.models.list().data[0].id == "tiny"
 
 
+@pytest.mark.parametrize("extreme", [{"repetition_penalty": 5e-324},
+                                     {"temperature": 1e300, "min_tokens": 2, "ignore_eos": False},
+                                     {"repetition_penalty": 1e-300, "response_format": {"type": "json_object"}}])
+def test_extreme_sampling_values_still_sample(live, extreme):
+    """Found by the fuzz (test_server_fuzz.py): a repetition penalty near 0 or a temperature past fp32's
+    range (all valid; min_tokens and a grammar put -inf on tokens, and -inf / inf or -inf * 0 is NaN) made
+    the softmax NaN and the request a 500."""
+    body = {"model": "tiny", "prompt": [105, 811, 461, 45, 390, 437, 61, 0], "max_tokens": 2, "seed": 1,
+            "temperature": 0.5, "ignore_eos": True, **extreme}
+    r = httpx.post(live.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2
+
+
 def test_client_disconnect_aborts(live):
     body = {"model": "tiny", "messages": MSG, "max_tokens": 3000, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=60) as r:

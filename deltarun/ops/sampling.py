@@ -19,6 +19,9 @@ from torch import Tensor
 from deltarun.sampling import NEUTRAL, SamplingParams
 
 TopLogprobs = list[tuple[int, float]]
+# a logit's cap after the repetition penalty (times 1 / GREEDY_EPS it is still finite in fp32), and the cap of
+# the penalty and the temperature themselves (past 3e38 they would be inf in fp32, and 0 * inf a NaN)
+MAX_PENALIZED = 1e30
 
 _T = TypeVar("_T")
 
@@ -164,17 +167,23 @@ def process_logits(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
 
     for i, s in enumerate(states):
         if s.seen:
-            ids, rp = s.seen_ids(), _filled(s.params.repetition_penalty)
+            # within [1 / MAX_PENALIZED, MAX_PENALIZED]: in fp32 a smaller one is 0 and a larger one inf, and a
+            # token masked to -inf (a grammar) times 0 is NaN, a 0 logit times inf too
+            rp = min(max(_filled(s.params.repetition_penalty), 1 / MAX_PENALIZED), MAX_PENALIZED)
+            ids = s.seen_ids()
             v = x[i, ids]
-            # HF semantics: shrink toward "less likely" whatever the sign of the logit.
-            x[i, ids] = torch.where(v > 0, v / rp, v * rp)
+            # HF semantics: shrink toward "less likely" whatever the sign of the logit. A penalty near 0
+            # (5e-324 is valid) would make v / rp inf, and several infs a NaN softmax: cap the logit at a
+            # value that stays finite after dividing by any sampled temperature (>= GREEDY_EPS).
+            x[i, ids] = torch.where(v > 0, v / rp, v * rp).clamp_(max=MAX_PENALIZED)
         if s.counts:
             ids, counts = s.count_ids()
             x[i, ids] -= _filled(s.params.frequency_penalty) * counts + _filled(s.params.presence_penalty)
 
     # Greedy rows get neutral values below so that one batched pass serves every row.
     sampled = [not s.params.greedy for s in states]
-    temps = [_filled(s.params.temperature) if r else 1.0 for s, r in zip(states, sampled)]
+    # a temperature past fp32's range (1e300 is valid) would be inf, and -inf / inf a NaN: 1e30 is as flat
+    temps = [min(_filled(s.params.temperature), MAX_PENALIZED) if r else 1.0 for s, r in zip(states, sampled)]
     if any(t != 1.0 for t in temps):
         x /= _col(temps, dev)
 

@@ -2,11 +2,12 @@
 `ModelManager` (model_manager.py: loaded on request, kept for keep_alive).
 
 Cross-cutting concerns live here: the Host/Origin rules and the body's type and size (guard.py), the
-optional API key (every route), CORS (off unless origins are given), `/health`, `/metrics`, the chat
-page's static files, and turning every error into the error body of the API that was called (errors.py),
-so the server keeps serving whatever a client sends; a 500 says only "internal error" and a request id
-(the details go to the server log). Routers import errors.py and state.py, never this module, and reach a
-model only through the `EngineClient` protocol (deltarun/client.py).
+optional API key (every route), CORS (off unless origins are given), `/health`, `/metrics`, the OpenAPI
+schema at `/openapi.json` (openapi.py: every request body declared, protocol.py; no /docs or /redoc pages: they load
+scripts from a CDN), the chat page's static files, and turning every error into the error body of the API
+that was called (errors.py), so the server keeps serving whatever a client sends; a 500 says only "internal
+error" and a request id (the details go to the server log). Routers import errors.py and state.py, never this
+module, and reach a model only through the `EngineClient` protocol (deltarun/client.py).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import manage, ollama, openai, openai_completions
+from . import manage, ollama, openai, openai_completions, openapi
 from .errors import APIError, error_response, internal_error, validation_message
 from .guard import Guard, allowed_hosts
 from .metrics import METRICS
@@ -63,7 +64,7 @@ def create_app(llm: "EngineClient | ModelManager | None" = None, model_name: str
         finally:
             await models.close()
 
-    app = FastAPI(title="deltarun", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(title="deltarun", docs_url=None, redoc_url=None, openapi_url="/openapi.json", lifespan=lifespan)
     if request_timeout is not None and not request_timeout > 0:
         raise ValueError(f"the request timeout must be a positive number of seconds, not {request_timeout}")
     app.state.server = ServerState(models, default_thinking, max_queued=max_queued_requests,
@@ -140,6 +141,7 @@ def create_app(llm: "EngineClient | ModelManager | None" = None, model_name: str
     app.include_router(openai_completions.router)
     app.include_router(ollama.router)
     app.include_router(manage.router)
+    app.openapi = lambda: openapi.schema(app)  # type: ignore[method-assign]  # the real error answers
     app.add_middleware(LeaseMiddleware, manager=models)  # it sees the whole response go out
     app.add_middleware(Guard, host_ok=allowed_hosts(host, extra_hosts or ()) if host is not None else None,
                        cors=cors_origins or (), max_body=max_body_bytes)  # outermost: refusals reach nothing

@@ -5,6 +5,7 @@ a stream's last event when it fails midway (streaming.with_error_event); and an 
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 
 from fastapi import Request
@@ -52,12 +53,18 @@ def internal_error(request: Request, exc: BaseException) -> str:
     return f"internal error (request id {rid}; details in the server log)"
 
 
+# the names pydantic gives the members of a union in an error's location ("prompt.list[constrained-str]"):
+# the client sent a field, not a type, so the location stops at the field
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|constrained-\w+|\w+(-\w+)*\[.*\])$")
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errs = exc.errors()
     if not errs:
         return "invalid request", None
     e = errs[0]
     loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    loc = [x for x in loc if not _UNION_MEMBER.match(x)]
     if e.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     where = ".".join(loc)

@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..store import names
 from ..store.aliases import aliases, forget_aliases_of, remove_alias
@@ -23,11 +23,13 @@ from ..store.operations import add_alias, delete, deletion_refusal
 from ..store.progress import ProgressBars
 from ..store.records import LocalModel, read_json
 from .errors import APIError
+from .protocol import one_of_names
 
 router = APIRouter()
 
 
 class PullRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra=one_of_names("model", "name"))
     model: str | None = None
     name: str | None = None  # older clients
     insecure: bool = False
@@ -35,21 +37,28 @@ class PullRequest(BaseModel):
 
 
 class DeleteRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra=one_of_names("model", "name"))
     model: str | None = None
     name: str | None = None
 
 
 class CopyRequest(BaseModel):
-    source: str
-    destination: str
+    source: str = Field(min_length=1)
+    destination: str = Field(min_length=1, description="a name (not a path): letters, digits, '._:-/'")
+
+
+def _refuse_path(name: str) -> None:
+    """A client's model name that is a path (store/names.py `looks_like_path`): one 404 whether it exists or not."""
+    if names.looks_like_path(name):
+        raise APIError(404, f"{name!r}: models are named (see /api/tags), never given by path", param="model",
+                       code="model_not_found")
 
 
 def _find(name: str, trusted: bool = False) -> LocalModel:
-    """The listed model a client named (never a path: store/names.py `looks_like_path`); `trusted`: a folder
-    given on the server's command line."""
+    """The listed model a client named (never a path); `trusted`: a folder given on the server's command line."""
+    if not trusted:
+        _refuse_path(name)
     try:
-        if not trusted and names.looks_like_path(name):  # one answer whether the path exists or not
-            raise names.ModelNotFound(f"{name!r}: models are named (see /api/tags), never given by path")
         return find_local(name, by_path=trusted)
     except names.ModelNotFound as e:
         raise APIError(404, str(e), param="model", code="model_not_found") from None
@@ -96,6 +105,7 @@ async def pull_model(body: PullRequest):
     name = body.model or body.name
     if not name:
         raise APIError(400, "model is required")
+    _refuse_path(name)  # resolve_repo looks at the disk: its answer would tell whether a path exists
     try:
         repo = resolve_repo(name)
     except names.ModelNotFound as e:

@@ -1,17 +1,35 @@
 """Request bodies of the OpenAI and Ollama APIs as pydantic models (wrong types become 400s).
 
 Only the fields the server acts on are declared; unknown fields are accepted and ignored, as the
-real services do, so that clients sending newer fields keep working.
+real services do, so that clients sending newer fields keep working. The ranges the sampler accepts
+(sampling.py `SamplingParams.validate`) are declared too, so the OpenAPI schema (/openapi.json) says
+which bodies succeed: a value outside them is a 400 either way.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..sampling import MAX_LOGPROBS
 
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+# the sampler's ranges (sampling.py), shared by both APIs
+Temperature = Annotated[float, Field(ge=0)]
+TopP = Annotated[float, Field(gt=0, le=1)]
+TopK = Annotated[int, Field(ge=-1, description="0 or -1: off")]
+MinP = Annotated[float, Field(ge=0, le=1)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+RepetitionPenalty = Annotated[float, Field(gt=0, description="1: off")]
+Seed = Annotated[int, Field(ge=-(2**63), lt=2**64)]
+Count = Annotated[int, Field(ge=0)]
+Text = Annotated[str, Field(min_length=1)]
+StopText = Annotated[str, Field(min_length=1)]
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
 
 
 # -- OpenAI ----------------------------------------------------------------------------------------
@@ -57,19 +75,19 @@ class ResponseFormat(_Lenient):
 
 class _SamplingFields(_Lenient):
     model: str
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    max_tokens: int | None = None
-    min_tokens: int = 0
+    n: Annotated[int, Field(ge=1)] = 1
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    seed: Seed | None = None
+    stop: StopText | list[StopText] | None = None
+    stop_token_ids: list[Count] | None = None
+    max_tokens: Count | None = None
+    min_tokens: Count = 0  # at most max_tokens (a 400 otherwise: JSON Schema cannot compare two fields)
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -77,10 +95,10 @@ class _SamplingFields(_Lenient):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Count | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: TopLogprobs | None = None  # needs logprobs: true
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
@@ -92,10 +110,11 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16  # OpenAI's default for legacy completions
+    prompt: (Text | Annotated[list[Text], Field(min_length=1)] | Annotated[list[Count], Field(min_length=1)]
+             | Annotated[list[list[Count]], Field(min_length=1)])
+    max_tokens: Count | None = 16  # OpenAI's default for legacy completions
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: TopLogprobs | None = None
     suffix: str | None = None
     best_of: int | None = None
     response_format: ResponseFormat | None = None
@@ -103,16 +122,16 @@ class CompletionRequest(_SamplingFields):
 
 # -- Ollama ----------------------------------------------------------------------------------------
 class OllamaOptions(_Lenient):
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    num_predict: int | None = None
-    stop: list[str] | str | None = None
-    seed: int | None = None
-    repeat_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    num_predict: int | None = None  # negative: no limit
+    stop: list[StopText] | StopText | None = None
+    seed: Seed | None = None
+    repeat_penalty: RepetitionPenalty | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     num_ctx: int | None = None
 
 
@@ -157,6 +176,12 @@ class OllamaGenerateRequest(_OllamaCommon):
     context: list[int] | None = None
 
 
+def one_of_names(*fields: str) -> dict[str, Any]:
+    """JSON Schema for "at least one of `fields` names a model" (older clients send `name`, newer `model`)."""
+    return {"anyOf": [{"required": [f], "properties": {f: {"type": "string", "minLength": 1}}} for f in fields]}
+
+
 class OllamaShowRequest(_Lenient):
+    model_config = ConfigDict(extra="allow", json_schema_extra=one_of_names("model", "name"))
     model: str | None = None
     name: str | None = None  # older clients
