@@ -1,5 +1,5 @@
-"""The FastAPI application: OpenAI (`/v1/...`) and Ollama (`/api/...`) routes over the models of a
-`ModelManager` (model_manager.py: loaded on request, kept for keep_alive).
+"""The FastAPI application: OpenAI (`/v1/...`), Anthropic (`/v1/messages`) and Ollama (`/api/...`) routes
+over the models of a `ModelManager` (model_manager.py: loaded on request, kept for keep_alive).
 
 Cross-cutting concerns live here: the Host/Origin rules and the body's type and size (guard.py), the
 optional API key (every route), CORS (off unless origins are given), `/health`, `/metrics`, the chat
@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import manage, ollama, openai, openai_completions
+from . import anthropic, manage, ollama, openai, openai_completions
 from .errors import APIError, error_response, internal_error, validation_message
 from .guard import Guard, allowed_hosts
 from .metrics import METRICS
@@ -139,6 +139,7 @@ def create_app(llm: "EngineClient | ModelManager | None" = None, model_name: str
     app.include_router(openai.router)
     app.include_router(openai_completions.router)
     app.include_router(ollama.router)
+    app.include_router(anthropic.router)
     app.include_router(manage.router)
     app.add_middleware(LeaseMiddleware, manager=models)  # it sees the whole response go out
     app.add_middleware(Guard, host_ok=allowed_hosts(host, extra_hosts or ()) if host is not None else None,
