@@ -229,3 +229,28 @@ def test_api_key_and_body_size_refusals(chat_ckpt):
         anthropic.Anthropic(base_url=small.url, api_key="x", max_retries=0).messages.create(
             model="tiny", messages=[{"role": "user", "content": "x" * 2000}], max_tokens=2)
     _error(e.value, 413, "request_too_large")
+    foreign = httpx.post(keyed.url + "/v1/messages", headers={"Origin": "http://evil.example", "x-api-key": "s3cret"},
+                         json={"model": "tiny", "messages": MSG, "max_tokens": 2}, timeout=30)
+    assert foreign.status_code == 403 and foreign.json()["error"]["type"] == "permission_error"
+
+
+def test_structured_output(client):
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+              "additionalProperties": False}
+    r = _create(client, thinking=OFF, max_tokens=40, temperature=0,
+                output_config={"format": {"type": "json_schema", "schema": schema}})
+    assert r.stop_reason == "end_turn" and json.loads(r.content[0].text)["answer"] in ("yes", "no")
+
+
+def test_cache_read_input_tokens_from_the_prefix_cache(client):
+    """A repeated long prompt: the prefix cache's whole 64-token blocks are cache reads, the rest input."""
+    import uuid
+
+    messages = [{"role": "user", "content": f"{uuid.uuid4().hex} " + "a long shared question about deltas " * 20}]
+    first = _create(client, messages=messages, max_tokens=2, thinking=OFF).usage
+    with client.messages.stream(model="tiny", messages=messages, max_tokens=2, thinking=OFF) as s:
+        second = s.get_final_message().usage
+    n = first.input_tokens
+    assert first.cache_read_input_tokens == 0 and n > 128
+    cached = second.cache_read_input_tokens
+    assert cached == (n - 1) // 64 * 64 and second.input_tokens == n - cached

@@ -6,9 +6,11 @@
         tool_use (one input_json_delta with the whole input: calls are parsed whole),
     message_delta (stop_reason, stop_sequence, usage), message_stop.
 
-message_start waits for the first step of the engine, so that its usage can say how many prompt tokens the
-prefix cache supplied; message_delta repeats the final usage (the SDK overwrites the start's with it). A
-failure midway is an `event: error` with Anthropic's error body (streaming.with_error_event).
+message_start goes out at once, as the API sends it (a client shows progress from it; prefilling a long
+prompt can take a while here), so its usage cannot yet say how many prompt tokens the prefix cache supplies:
+it counts the whole prompt as input_tokens, and message_delta carries the final usage, cumulative, which the
+SDK puts in place of the start's. A failure midway is an `event: error` with Anthropic's error body
+(streaming.with_error_event).
 """
 from __future__ import annotations
 
@@ -80,27 +82,17 @@ class _Blocks:
 async def message_stream(events: AsyncGenerator[ChatEvent, None], req: RequestState, mid: str, model: str,
                          stop_sequences: list[str] | None) -> AsyncIterator[str]:
     blocks = _Blocks()
-    started = False
     finish: str | None = None
-
-    def start() -> list[str]:
-        message: dict[str, Any] = {"id": mid, "type": "message", "role": "assistant", "model": model, "content": [],
-                   "stop_reason": None, "stop_sequence": None,
-                   "usage": usage(len(req.prompt_ids), req.cached_tokens, 0)}
-        return [sse("message_start", {"type": "message_start", "message": message}), sse("ping", {"type": "ping"})]
-
+    message: dict[str, Any] = {"id": mid, "type": "message", "role": "assistant", "model": model, "content": [],
+                               "stop_reason": None, "stop_sequence": None,
+                               "usage": usage(len(req.prompt_ids), 0, 0)}
+    yield sse("message_start", {"type": "message_start", "message": message})
+    yield sse("ping", {"type": "ping"})
     async with aclosing(events) as evs:
         async for ev in evs:
-            if not started:
-                started = True
-                for line in start():
-                    yield line
             finish = ev.finish_reason or finish
             for line in blocks.feed(ev):
                 yield line
-    if not started:
-        for line in start():
-            yield line
     for line in blocks.close():
         yield line
     reason, sequence = stop_reason(finish, req.tracks[0].stop_reason, stop_sequences)
