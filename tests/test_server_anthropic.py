@@ -156,6 +156,21 @@ def test_thinking_and_tool_use_parsed_signed_and_sent_back(client, live, monkeyp
     assert nxt.content[-1].text == "It is 21." and nxt.stop_reason == "end_turn"
 
 
+def test_max_tokens_past_the_context_window(client, live, monkeypatch):
+    """max_tokens beyond the context left is cut to it, and running out stops with the newer API's reason."""
+    scripted(monkeypatch, ["a", "b"], finish="length")
+    assert _create(client, thinking=OFF, max_tokens=2).stop_reason == "max_tokens"
+    huge = _create(client, thinking=OFF, max_tokens=live.llm.max_model_len)
+    assert huge.stop_reason == "model_context_window_exceeded" and huge.content[0].text == "ab"
+    with client.messages.stream(model="tiny", messages=MSG, max_tokens=live.llm.max_model_len, thinking=OFF) as s:
+        assert s.get_final_message().stop_reason == "model_context_window_exceeded"
+    long = [{"role": "user", "content": "word " * live.llm.max_model_len}]
+    assert client.messages.count_tokens(model="tiny", messages=long).input_tokens > live.llm.max_model_len
+    with pytest.raises(anthropic.BadRequestError) as e:  # the prompt itself must fit
+        _create(client, messages=long, max_tokens=2)
+    _error(e.value, 400, "invalid_request_error")
+
+
 def test_stop_sequences(client):
     full = _create(client, thinking=OFF, temperature=0)
     assert full.stop_reason == "max_tokens"
@@ -177,6 +192,8 @@ def test_thinking_budget(client, live, budget):
     assert unbounded.content[0].thinking.startswith(thought)
     assert len(live.llm.tokenizer.encode(thought)) <= budget
     assert bounded.content[-1].type == "text" and bounded.content[-1].text  # the answer followed
+    low = _create(client, thinking={"type": "adaptive"}, output_config={"effort": "low"}, **kw)
+    assert low.content == unbounded.content  # 1,024 tokens of thinking: more than this answer has
 
 
 def _error(e: anthropic.APIStatusError, status: int, kind: str) -> None:

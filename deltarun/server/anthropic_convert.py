@@ -24,7 +24,7 @@ from typing import Any
 
 from ..processor.tool_calls import ToolCall
 from .anthropic_protocol import AnthropicTool, CountTokensRequest, ToolChoice
-from .common import new_id
+from .common import effort_budget, new_id
 from .errors import APIError
 
 log = logging.getLogger("deltarun.server")
@@ -180,16 +180,18 @@ def thinking_of(body: CountTokensRequest, default: bool | None) -> tuple[bool | 
         if t.budget_tokens is None:
             raise APIError(400, "thinking.budget_tokens: Field required", param="thinking.budget_tokens")
         return True, t.budget_tokens
-    return True, None  # adaptive: the model decides how long to think
+    effort = body.output_config.effort if body.output_config else None
+    return True, effort_budget(effort)  # adaptive: unbounded, or the budget of output_config.effort low/medium
 
 
-def stop_reason(finish: str | None, stop: int | str | None, stop_sequences: list[str] | None
+def stop_reason(finish: str | None, stop: int | str | None, stop_sequences: list[str] | None, capped: bool = False
                 ) -> tuple[str, str | None]:
-    """(stop_reason, stop_sequence) from the engine's finish reason and what stopped it."""
+    """(stop_reason, stop_sequence) from the engine's finish reason and what stopped it; `capped`: the token
+    limit was the context left, not max_tokens."""
     if finish == "tool_calls":
         return "tool_use", None
     if finish == "length":
-        return "max_tokens", None
+        return ("model_context_window_exceeded" if capped else "max_tokens"), None
     if isinstance(stop, str) and stop in (stop_sequences or []):
         return "stop_sequence", stop
     return "end_turn", None

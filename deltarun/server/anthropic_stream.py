@@ -80,7 +80,7 @@ class _Blocks:
 
 
 async def message_stream(events: AsyncGenerator[ChatEvent, None], req: RequestState, mid: str, model: str,
-                         stop_sequences: list[str] | None) -> AsyncIterator[str]:
+                         stop_sequences: list[str] | None, capped: bool) -> AsyncIterator[str]:
     blocks = _Blocks()
     finish: str | None = None
     message: dict[str, Any] = {"id": mid, "type": "message", "role": "assistant", "model": model, "content": [],
@@ -95,7 +95,7 @@ async def message_stream(events: AsyncGenerator[ChatEvent, None], req: RequestSt
                 yield line
     for line in blocks.close():
         yield line
-    reason, sequence = stop_reason(finish, req.tracks[0].stop_reason, stop_sequences)
+    reason, sequence = stop_reason(finish, req.tracks[0].stop_reason, stop_sequences, capped)
     yield sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
                                 "usage": usage(len(req.prompt_ids), req.cached_tokens, len(req.tracks[0].token_ids))})
     yield sse("message_stop", {"type": "message_stop"})
