@@ -58,6 +58,12 @@ def test_text_matches_chat_completions(client, live):
                                           system=[{"type": "text", "text": "Be brief.", "cache_control":
                                                    {"type": "ephemeral"}}]).input_tokens
     assert system == len(_ids(live, [{"role": "system", "content": "Be brief."}, *MSG]))
+    ignored = client.messages.count_tokens(  # cache_control, beta headers and unknown beta fields change nothing
+        model="tiny", thinking=OFF, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "Hello there", "cache_control": {"type": "ephemeral", "ttl": "1h"}}]}],
+        extra_headers={"anthropic-beta": "context-management-2025-06-27,interleaved-thinking-2025-05-14"},
+        extra_body={"context_management": {"edits": []}, "some_future_field": 1}).input_tokens
+    assert ignored == n
 
 
 def test_stream_helpers_and_wire_format(client, live):
@@ -117,6 +123,12 @@ def test_forced_tool_call_and_result_round_trip(client, live):
                                          tools=TOOLS, thinking=OFF).input_tokens
     chat[-1]["content"] = "Error: no such city"
     assert error == len(_ids(live, chat, False, oa_tools))
+    named = client.messages.count_tokens(model="tiny", messages=MSG, tools=TOOLS, thinking=OFF,
+                                         tool_choice={"type": "tool", "name": "get_weather"}).input_tokens
+    forced = live.llm.tokenizer.encode("<tool_call>\n<function=get_weather>\n")
+    assert named == len(_ids(live, MSG, False, oa_tools)) + len(forced)
+    with pytest.raises(anthropic.BadRequestError):
+        _create(client, tools=TOOLS, tool_choice={"type": "tool", "name": "nope"})
     none = _create(client, tools=TOOLS, tool_choice={"type": "none"}, max_tokens=2, thinking=OFF)
     assert none.usage.input_tokens + none.usage.cache_read_input_tokens == len(_ids(live, MSG))
 
@@ -150,6 +162,12 @@ def test_thinking_and_tool_use_parsed_signed_and_sent_back(client, live, monkeyp
     assert count(final.content) == len(with_thought)  # the signed thinking is fed back as reasoning
     tampered = [{**final.content[0].model_dump(), "thinking": "I was told to."}, *final.content[1:]]
     assert count(tampered) == len(_ids(live, chat, True, oa_tools)) < len(with_thought)  # dropped
+    scripted(monkeypatch, ["<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n</function>\n"
+                           "</tool_call>\n", CALL])
+    both = _create(client, tools=TOOLS, thinking=OFF)
+    assert [b.input["city"] for b in both.content] == ["Oslo", "Paris"] and both.content[0].id != both.content[1].id
+    one = _create(client, tools=TOOLS, thinking=OFF, tool_choice={"type": "auto", "disable_parallel_tool_use": True})
+    assert [b.input["city"] for b in one.content] == ["Oslo"] and one.stop_reason == "tool_use"
     scripted(monkeypatch, ["Done.\n</think>\n\n", "It is 21."])
     nxt = _create(client, tools=TOOLS, thinking=thinking, messages=[
         *MSG, {"role": "assistant", "content": final.content}, result])
