@@ -134,18 +134,29 @@ class Report:
             f"check failures: {len(self.failures)}"
 
 
+def _anthropic(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
 def _error_shape_ok(path: str, body: Any) -> bool:
     if not isinstance(body, dict) or "error" not in body:
         return False
     if path.startswith("/api/"):  # Ollama
         return set(body) == {"error"} and isinstance(body["error"], str) and bool(body["error"])
-    err = body["error"]  # OpenAI
+    err = body["error"]
+    if _anthropic(path):  # {"type": "error", "error": {"type", "message"}}
+        return body.get("type") == "error" and isinstance(err, dict) and set(err) == {"type", "message"}
+    # OpenAI
     return isinstance(err, dict) and isinstance(err.get("message"), str) and isinstance(err.get("type"), str)
 
 
-def _stream_end_ok(ctype: str, text: str) -> bool:
-    """A stream ends as its API ends one: SSE with `data: [DONE]`, NDJSON with a last line that is done
-    (chat/generate), a success (pull) or an error in Ollama's shape."""
+def _stream_end_ok(path: str, ctype: str, text: str) -> bool:
+    """A stream ends as its API ends one: SSE with `data: [DONE]` (OpenAI) or a message_stop / error event
+    (Anthropic), NDJSON with a last line that is done (chat/generate), a success (pull) or an error in
+    Ollama's shape."""
+    if ctype.startswith("text/event-stream") and _anthropic(path):
+        last = text.rstrip().rsplit("\n\n", 1)[-1]
+        return last.startswith(("event: message_stop", "event: error"))
     if ctype.startswith("text/event-stream"):
         return text.rstrip().endswith("data: [DONE]")
     if ctype.startswith("application/x-ndjson"):
@@ -160,7 +171,7 @@ def check(route: str, path: str, positive: bool, status: int, text: str, ctype: 
     if status >= 500 and not designed_5xx(route, status, text):
         return f"{status}: {text[:300]}"
     if status < 400:
-        return None if _stream_end_ok(ctype, text) else f"{status} stream cut short: ...{text[-300:]!r}"
+        return None if _stream_end_ok(path, ctype, text) else f"{status} stream cut short: ...{text[-300:]!r}"
     try:
         body = json.loads(text)
     except ValueError:

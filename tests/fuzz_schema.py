@@ -114,7 +114,35 @@ def acceptance_schema(raw: dict[str, Any]) -> dict[str, Any]:
     gen = _props(spec, "OllamaGenerateRequest")
     gen["images"], gen["suffix"] = {"type": "null"}, {"enum": ["", None]}  # suffix: no fill-in-the-middle
     gen["context"] = {"anyOf": [{"type": "null"}, TOKEN_IDS]}
+    _anthropic(spec)
     return spec
+
+
+def _anthropic(spec: dict[str, Any]) -> None:
+    """The Messages API's bodies: text turns starting with a user one (blocks other than text need real
+    media or tool ids), tool_choice that needs no tools, a thinking config with its budget, small schemas."""
+    block = {"type": "array", "minItems": 1, "maxItems": 3, "items": TEXT_PART}
+    turn = lambda roles: {"type": "object", "required": ["role", "content"], "properties": {  # noqa: E731
+        "role": {"enum": roles}, "content": {"anyOf": [{"type": "string"}, block]}}}
+    for name in ("CountTokensRequest", "MessagesRequest"):
+        p = _props(spec, name)
+        p["model"] = {"type": "string", "enum": [SERVED]}
+        p["messages"] = {"type": "array", "minItems": 1, "maxItems": 3, "prefixItems": [turn(["user"])],
+                         "items": turn(["user", "assistant"])}
+        p["system"] = {"anyOf": [{"type": "null"}, {"type": "string"}, block]}
+        p["tool_choice"] = {"anyOf": [{"type": "null"}, {"type": "object", "required": ["type"],
+                                                         "properties": {"type": {"enum": ["auto", "none"]}}}]}
+        p["thinking"] = {"anyOf": [{"type": "null"}, {"enum": [
+            {"type": "disabled"}, {"type": "adaptive"}, {"type": "enabled", "budget_tokens": 2}]}]}
+        fmt = {"anyOf": [{"type": "null"}, {"type": "object", "required": ["type", "schema"], "properties": {
+            "type": {"const": "json_schema"}, "schema": {"enum": SMALL_SCHEMAS}}}]}
+        p["output_format"] = fmt
+        p["output_config"] = {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
+            "format": fmt, "effort": {"enum": ["low", "medium", "high", None]}}}]}
+    _props(spec, "AnthropicTool")["input_schema"] = {"anyOf": [{"type": "null"}, {"enum": SMALL_SCHEMAS}]}
+    msg = _props(spec, "MessagesRequest")
+    msg["max_tokens"] = {"type": "integer", "minimum": 1, "maximum": 4}
+    msg["keep_alive"] = {"enum": ["5m", 300, -1, None]}
 
 
 def designed_5xx(route: str, status: int, text: str) -> bool:

@@ -51,6 +51,8 @@ def test_dns_rebinding_cannot_reach_any_route(live):
     bad = {"Host": f"{EVIL}:{_port(live)}", "Origin": f"http://{EVIL}"}
     calls = [("GET", "/api/tags", None), ("GET", "/v1/models", None), ("POST", "/api/generate", GEN),
              ("POST", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}),
+             ("POST", "/v1/messages", {"model": "tiny", "max_tokens": 2,
+                                       "messages": [{"role": "user", "content": "hi"}]}),
              ("DELETE", "/api/delete", {"model": "tiny"}),
              ("POST", "/api/copy", {"source": "tiny", "destination": "x"}),
              ("POST", "/api/pull", {"model": "Qwen/Qwen3.5-0.8B"}), ("POST", "/api/show", {"model": "tiny"})]
@@ -152,7 +154,9 @@ def test_model_names_never_reach_the_disk(live, chat_ckpt, tmp_path):
                                    ("DELETE", "/api/delete", {"model": name}),
                                    ("POST", "/api/copy", {"source": name, "destination": "copied"}),
                                    ("POST", "/v1/chat/completions",
-                                    {"model": name, "messages": [{"role": "user", "content": "hi"}]})):
+                                    {"model": name, "messages": [{"role": "user", "content": "hi"}]}),
+                                   ("POST", "/v1/messages", {"model": name, "max_tokens": 2,
+                                                             "messages": [{"role": "user", "content": "hi"}]})):
             r = httpx.request(method, live.url + path, json=body, timeout=30)
             err = r.json()["error"]
             out.append((r.status_code, (err if isinstance(err, str) else err["message"]).replace(repr(name), "NAME")))
@@ -194,6 +198,12 @@ def test_a_full_queue_answers_429_with_retry_after(chat_ckpt, monkeypatch):
     client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    import anthropic
+
+    with pytest.raises(anthropic.RateLimitError) as e:
+        anthropic.Anthropic(base_url=live.url, api_key="x", max_retries=0).messages.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    assert e.value.body["error"]["type"] == "rate_limit_error" and e.value.response.headers["retry-after"] == "1"
     monkeypatch.setattr(live.llm, "stats", lambda: dataclasses.replace(real(), requests_waiting=2))
     assert httpx.post(live.url + "/api/generate", json=GEN, timeout=60).status_code == 200
 

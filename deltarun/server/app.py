@@ -1,13 +1,13 @@
-"""The FastAPI application: OpenAI (`/v1/...`) and Ollama (`/api/...`) routes over the models of a
-`ModelManager` (model_manager.py: loaded on request, kept for keep_alive).
+"""The FastAPI application: OpenAI (`/v1/...`), Anthropic (`/v1/messages`) and Ollama (`/api/...`) routes
+over the models of a `ModelManager` (model_manager.py: loaded on request, kept for keep_alive).
 
 Cross-cutting concerns live here: the Host/Origin rules and the body's type and size (guard.py), the
 optional API key (every route), CORS (off unless origins are given), `/health`, `/metrics`, the OpenAPI
-schema at `/openapi.json` (openapi.py: every request body declared, protocol.py; no /docs or /redoc pages: they load
+schema at `/openapi.json` (openapi.py: every request body declared; no /docs or /redoc pages: they load
 scripts from a CDN), the chat page's static files, and turning every error into the error body of the API
 that was called (errors.py), so the server keeps serving whatever a client sends; a 500 says only "internal
-error" and a request id (the details go to the server log). Routers import errors.py and state.py, never this
-module, and reach a model only through the `EngineClient` protocol (deltarun/client.py).
+error" and a request id (the details go to the server log). Routers import errors.py and state.py, never
+this module, and reach a model only through the `EngineClient` protocol (deltarun/client.py).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import manage, ollama, openai, openai_completions, openapi
+from . import anthropic, manage, ollama, openai, openai_completions, openapi
 from .errors import APIError, error_response, internal_error, validation_message
 from .guard import Guard, allowed_hosts
 from .metrics import METRICS
@@ -140,6 +140,7 @@ def create_app(llm: "EngineClient | ModelManager | None" = None, model_name: str
     app.include_router(openai.router)
     app.include_router(openai_completions.router)
     app.include_router(ollama.router)
+    app.include_router(anthropic.router)
     app.include_router(manage.router)
     app.openapi = lambda: openapi.schema(app)  # type: ignore[method-assign]  # the real error answers
     app.add_middleware(LeaseMiddleware, manager=models)  # it sees the whole response go out
