@@ -51,6 +51,7 @@ def test_dns_rebinding_cannot_reach_any_route(live):
     bad = {"Host": f"{EVIL}:{_port(live)}", "Origin": f"http://{EVIL}"}
     calls = [("GET", "/api/tags", None), ("GET", "/v1/models", None), ("POST", "/api/generate", GEN),
              ("POST", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}),
+             ("POST", "/v1/responses", {"model": "tiny", "input": "hi"}),
              ("DELETE", "/api/delete", {"model": "tiny"}),
              ("POST", "/api/copy", {"source": "tiny", "destination": "x"}),
              ("POST", "/api/pull", {"model": "Qwen/Qwen3.5-0.8B"}), ("POST", "/api/show", {"model": "tiny"})]

@@ -276,3 +276,34 @@ def test_agents_sdk_previous_response_id_hits_the_prefix_cache(live, monkeypatch
     first, second = (r.usage for r in result.raw_responses)
     assert len(seen) == 1 and first.input_tokens_details.cached_tokens == 0
     assert second.input_tokens_details.cached_tokens >= first.input_tokens // 64 * 64 > 0
+
+
+def test_effort_switches_thinking_and_openapi_declares_bodies(client):
+    def count(effort):
+        return client.responses.input_tokens.count(model="tiny", input="Hi", reasoning={"effort": effort}).input_tokens
+
+    assert count("high") == count("none") - 2 == count("minimal") - 2  # "<think>\n" vs "<think>\n\n</think>\n\n"
+    from deltarun.server import create_app
+
+    paths = create_app().openapi()["paths"]
+    for path in ("/v1/responses", "/v1/responses/input_tokens"):
+        assert "requestBody" in paths[path]["post"], path
+    assert {"get", "delete"} <= set(paths["/v1/responses/{response_id}"])
+
+
+def test_store_is_a_bounded_lru():
+    from deltarun.server.errors import APIError
+    from deltarun.server.responses_store import ResponseStore, StoredResponse
+
+    store, ids = ResponseStore(max_entries=2), [f"resp_{i:024x}" for i in range(3)]
+    for rid in ids[:2]:
+        store.put(rid, StoredResponse({"id": rid}, [], []))
+    store.get(ids[0])  # now the most recently used: the other one goes first
+    store.put(ids[2], StoredResponse({"id": ids[2]}, [], []))
+    with pytest.raises(APIError):
+        store.get(ids[1])
+    assert store.get(ids[0]).response["id"] == ids[0] and len(store) == 2
+    small = ResponseStore(max_bytes=1000)
+    small.put(ids[0], StoredResponse({"id": ids[0]}, [], [], "x" * 600))
+    small.put(ids[1], StoredResponse({"id": ids[1]}, [], [], "x" * 600))
+    assert len(small) == 1 and small.get(ids[1])

@@ -55,7 +55,8 @@ async def _prompt(llm: EngineClient, state: ServerState, body: _ResponsesInput, 
     """(the prompt, the conversation it renders without instructions, the response it continues)."""
     if body.conversation is not None:
         raise APIError(400, "conversations are not served here; use previous_response_id", param="conversation")
-    prev = state.responses.get(body.previous_response_id) if body.previous_response_id else None
+    prev = state.responses.get(body.previous_response_id, "previous_response_id") if body.previous_response_id \
+        else None
     new = input_messages(body.input)
     if not new and prev is None:
         raise APIError(400, "input must not be empty", param="input")
@@ -101,12 +102,13 @@ def _params(llm: EngineClient, body: ResponsesRequest, prompt: ChatPrompt) -> Sa
             params.logits_processors = forced_tool_processors(llm.tokenizer, prompt.tools, prompt.prefix)
         except StructuredOutputError as e:
             raise APIError(400, str(e), param="tools") from None
-    elif fmt is not None and fmt.type == "json_schema":
-        if not isinstance(fmt.schema_, dict):
-            raise APIError(400, "text.format.schema must be a JSON schema object", param="text.format.schema")
-        params = add_structured(llm, params, "json_schema", fmt.schema_, prompt.thinking)
     elif fmt is not None:
-        params = add_structured(llm, params, fmt.type, None, prompt.thinking)
+        if fmt.type == "json_schema" and not isinstance(fmt.schema_, dict):
+            raise APIError(400, "text.format.schema must be a JSON schema object", param="text.format.schema")
+        try:
+            params = add_structured(llm, params, fmt.type, fmt.schema_, prompt.thinking)
+        except APIError as e:
+            raise APIError(e.status, e.message, param="text.format") from None
     return add_thinking_budget(llm, params, effort_budget(_effort(body)), prompt)
 
 

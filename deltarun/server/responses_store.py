@@ -1,11 +1,11 @@
 """Stored responses (`store: true`, the default) for `GET /v1/responses/{id}`, `input_items` and
 `previous_response_id`: in memory only, bounded by count and by size, least recently used dropped first.
 
-An entry keeps the response object, its input items, the whole conversation up to and including its
-output (as chat messages; without `instructions`, which the API does not carry over) and the exact
-prompt text and token ids of its turn, so the next turn can start with the very
-same tokens and the prefix cache can serve them. Conversations share their message dicts with their
-ancestors, so an entry costs about the size of its own turn, which is what the size bound counts.
+An entry keeps the response object, the input items of its own turn (what `input_items` lists), the
+whole conversation up to and including its output (as chat messages; without `instructions`, which the
+API does not carry over) and the exact prompt text and token ids of its turn, so the next turn can start
+with the very same tokens and the prefix cache can serve them. The size bound counts an entry's response,
+input items, prompt text and ids; its conversation shares the message dicts of its ancestors.
 """
 from __future__ import annotations
 
@@ -48,13 +48,14 @@ class ResponseStore:
             while self._items and (len(self._items) > self.max_entries or self._bytes > self.max_bytes):
                 self._drop(next(iter(self._items)))
 
-    def get(self, rid: str) -> StoredResponse:
-        """The entry (now the most recently used); 404 for an unknown id or one not shaped like ours."""
+    def get(self, rid: str, param: str = "response_id") -> StoredResponse:
+        """The entry (now the most recently used); 404 for an unknown id or one not shaped like ours (the same
+        answer: an id is only ever looked up in this dict, never used as a path)."""
         with self._lock:
             entry = self._items.get(rid) if ID_RE.fullmatch(rid) else None
             if entry is None:
                 raise APIError(404, "no stored response with that id (responses are kept in memory, a bounded "
-                               "number of them, and only with store: true)", param="response_id")
+                               "number of them, and only with store: true)", param=param)
             self._items.move_to_end(rid)
             return entry
 
