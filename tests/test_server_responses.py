@@ -31,11 +31,15 @@ def client(live):
 
 
 def test_text_usage_store_and_items(client, live):
+    from deltarun.server.metrics import METRICS
+
+    served = METRICS.requests["ok"]
     r = client.responses.create(model="tiny", input="Hello there", max_output_tokens=5, temperature=0,
                                 metadata={"k": "v"})
     assert r.object == "response" and r.model == "tiny" and r.metadata == {"k": "v"} and r.id.startswith("resp_")
     assert r.usage.input_tokens == len(live.llm.render([{"role": "user", "content": "Hello there"}], None)[1])
     assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    assert METRICS.requests["ok"] == served + 1  # /metrics counts it like the other routes
     assert r.usage.output_tokens_details.reasoning_tokens == 0 and r.usage.output_tokens <= 5
     if r.status == "incomplete":  # noise rarely ends within 5 tokens
         assert r.incomplete_details.reason == "max_output_tokens" and r.usage.output_tokens == 5
@@ -107,7 +111,7 @@ def _stream(client, **kw):
         return events, s.get_final_response() if events[-1].type == "response.completed" else events[-1].response
 
 
-def test_reasoning_text_and_calls_created_and_streamed(client, monkeypatch):
+def test_reasoning_text_and_calls_created_and_streamed(client, live, monkeypatch):
     scripted(monkeypatch, REASONED)
     kw = {"reasoning": {"effort": "high", "summary": "auto"}, "max_output_tokens": 50}
     r = client.responses.create(model="tiny", input="Weather?", tools=[TOOL], **kw)
@@ -115,6 +119,16 @@ def test_reasoning_text_and_calls_created_and_streamed(client, monkeypatch):
     assert r.output[0].content[0].text == "Let me think" and r.output[0].summary[0].text == "Let me think"
     assert r.output_text == "I'll check." and json.loads(r.output[2].arguments) == {"city": "Rome"}
     plain = client.responses.create(model="tiny", input="Weather?", tools=[TOOL], reasoning={"effort": "high"})
+    # the output sent back (reasoning item included) renders as the assistant turn the chat template writes
+    history = [{"role": "user", "content": "Weather?"}, *[i.model_dump(exclude_none=True) for i in r.output],
+               {"type": "function_call_output", "call_id": r.output[2].call_id, "output": "sunny"}]
+    back = client.responses.input_tokens.count(model="tiny", input=history, tools=[TOOL], reasoning={"effort": "high"})
+    call = {"function": {"name": "get_weather", "arguments": {"city": "Rome"}}}
+    chat = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "I'll check.",
+                                                      "reasoning_content": "Let me think", "tool_calls": [call]},
+            {"role": "tool", "content": "sunny"}]
+    fn = {k: TOOL[k] for k in ("name", "description", "parameters")}
+    assert back.input_tokens == len(live.llm.render(chat, True, [{"type": "function", "function": fn}])[1])
     assert plain.output[0].summary == [] and plain.usage.output_tokens_details.reasoning_tokens > 0
     events, final = _stream(client, **kw)
     kinds = [e.type for e in events]
