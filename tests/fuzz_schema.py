@@ -115,8 +115,38 @@ def acceptance_schema(raw: dict[str, Any]) -> dict[str, Any]:
     gen["images"], gen["suffix"] = {"type": "null"}, {"enum": ["", None]}  # suffix: no fill-in-the-middle
     gen["context"] = {"anyOf": [{"type": "null"}, TOKEN_IDS]}
     _anthropic(spec)
+    _responses(spec)
     return spec
 
+
+def _responses(spec: dict[str, Any]) -> None:
+    """The Responses API's bodies: input as text or user/assistant message items (other items need ids of
+    earlier calls), function tools with small schemas and a tool_choice that needs none, no stored response
+    to continue (the store is empty), no conversation or background mode (not served: 400)."""
+    item = {"type": "object", "required": ["role", "content"], "properties": {
+        "type": {"const": "message"}, "role": {"enum": ["user"]}, "content": {"type": "string"}}}
+    tool = {"type": "object", "required": ["type", "name"], "properties": {
+        "type": {"const": "function"}, "name": {"type": "string", "pattern": "^[a-z_]{1,12}$"},
+        "parameters": {"enum": SMALL_SCHEMAS}}}
+    fmt = {"anyOf": [{"type": "null"}, {"type": "object", "properties": {"type": {"enum": ["text", "json_object"]}}},
+                     {"type": "object", "required": ["type", "name", "schema"], "properties": {
+                         "type": {"const": "json_schema"}, "name": {"type": "string", "pattern": "^[a-z]{1,8}$"},
+                         "schema": {"enum": SMALL_SCHEMAS}}}]}
+    for name in ("InputTokensRequest", "ResponsesRequest"):
+        p = _props(spec, name)
+        p["model"] = {"type": "string", "enum": [SERVED]}
+        p["input"] = {"anyOf": [{"type": "string", "minLength": 1},
+                                {"type": "array", "minItems": 1, "maxItems": 3, "items": item}]}
+        p["tools"] = {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 2, "items": tool}]}
+        p["tool_choice"] = {"enum": ["auto", "none", None]}
+        p["previous_response_id"] = p["conversation"] = {"type": "null"}
+        p["text"] = {"anyOf": [{"type": "null"}, {"type": "object", "properties": {"format": fmt}}]}
+        _require(spec, name, "input")
+    r = _props(spec, "ResponsesRequest")
+    r["max_output_tokens"], r["seed"] = {"type": "integer", "minimum": 1, "maximum": 4}, SEED
+    r["background"] = {"enum": [False, None]}
+    r["include"] = {"type": "null"}
+    _require(spec, "ResponsesRequest", "max_output_tokens")
 
 def _anthropic(spec: dict[str, Any]) -> None:
     """The Messages API's bodies: text turns starting with a user one (blocks other than text need real
@@ -158,6 +188,9 @@ def excused(route: str, status: int, body: Any) -> bool:
     if route in ("DELETE /api/delete", "POST /api/copy") and status == 404:
         return True
     if route == "POST /api/pull" and status in (404, 503):
+        return True
+    # a stored response by id: the store starts empty, so any id is not found
+    if route.startswith(("GET /v1/responses/{", "DELETE /v1/responses/{")) and status == 404:
         return True
     # a prompt longer than the context (a rule between the prompt and max_tokens; tokens are not characters)
     if "context length" in text:

@@ -75,7 +75,8 @@ def test_no_import_circles():
 def test_routers_do_not_import_the_app():
     g = import_graph()
     for router in ("openai", "openai_completions", "ollama", "manage", "model_manager", "common", "anthropic",
-                   "anthropic_stream", "anthropic_convert"):
+                   "anthropic_stream", "anthropic_convert", "responses", "responses_input", "responses_stream",
+                   "responses_store"):
         assert "deltarun.server.app" not in g[f"deltarun.server.{router}"], router
 
 

@@ -53,6 +53,7 @@ def test_dns_rebinding_cannot_reach_any_route(live):
              ("POST", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}),
              ("POST", "/v1/messages", {"model": "tiny", "max_tokens": 2,
                                        "messages": [{"role": "user", "content": "hi"}]}),
+             ("POST", "/v1/responses", {"model": "tiny", "input": "hi"}),
              ("DELETE", "/api/delete", {"model": "tiny"}),
              ("POST", "/api/copy", {"source": "tiny", "destination": "x"}),
              ("POST", "/api/pull", {"model": "Qwen/Qwen3.5-0.8B"}), ("POST", "/api/show", {"model": "tiny"})]

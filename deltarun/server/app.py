@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import anthropic, manage, ollama, openai, openai_completions, openapi
+from . import anthropic, manage, ollama, openai, openai_completions, openapi, responses
 from .errors import APIError, error_response, internal_error, validation_message
 from .guard import Guard, allowed_hosts
 from .metrics import METRICS
@@ -139,6 +139,7 @@ def create_app(llm: "EngineClient | ModelManager | None" = None, model_name: str
 
     app.include_router(openai.router)
     app.include_router(openai_completions.router)
+    app.include_router(responses.router)
     app.include_router(ollama.router)
     app.include_router(anthropic.router)
     app.include_router(manage.router)

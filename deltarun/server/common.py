@@ -72,14 +72,19 @@ class ChatPrompt:
     prefix: str  # answer text forced into the prompt by tool_choice
     max_calls: int | None  # 1 when parallel_tool_calls is false
     mm: MultiModalInput | None = None  # the prompt's images/videos (`ids` are then the expanded ids)
+    text: str = ""  # the rendered prompt (`ids` are its tokens unless it has media)
 
 
 async def build_chat_prompt(llm: EngineClient, messages: list[dict[str, Any]], *, thinking: bool | None,
                             tools: list[dict] | None, tool_choice: Any = "auto", parallel: bool = True,
                             template_kwargs: dict[str, Any] | None = None,
-                            context: list[int] | None = None) -> ChatPrompt:
+                            context: list[int] | None = None,
+                            reuse: tuple[str, list[int]] | None = None) -> ChatPrompt:
     """Render the conversation. `tool_choice`: "auto" | "none" | "required" | {"function": {"name"}}.
     `context`: token ids put before the rendered prompt (Ollama's /api/generate continuation).
+    `reuse`: an earlier prompt's (text, ids); when this prompt starts with that text, its ids are those
+    very ids and only the rest is tokenized, so the prefix cache serves them whatever the tokenizer would
+    have merged across the boundary (a continued Responses conversation).
 
     "none" leaves the tools out of the prompt (the model cannot call what it is not shown). "required"
     and a named function write the opening of the call into the prompt, so the model must call (a named
@@ -113,7 +118,10 @@ async def build_chat_prompt(llm: EngineClient, messages: list[dict[str, Any]], *
         prompt = skip_reasoning(prompt)  # a forced call comes first: no reasoning before it
         prefix = "<tool_call>\n<function=" + (f"{forced}>\n" if forced else "")
         prompt += prefix
-    ids = list(context or []) + llm.tokenizer.encode(prompt)
+    if reuse and reuse[0] and not context and prompt.startswith(reuse[0]):
+        ids = list(reuse[1]) + llm.tokenizer.encode(prompt[len(reuse[0]):])
+    else:
+        ids = list(context or []) + llm.tokenizer.encode(prompt)
     mm = None
     if media:
         media = [_client_media(llm, m) for m in media]
@@ -121,7 +129,7 @@ async def build_chat_prompt(llm: EngineClient, messages: list[dict[str, Any]], *
             ids, mm = await asyncio.to_thread(_prepare_media, llm, ids, media)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-    return ChatPrompt(ids, on, opens_think(prompt), shown, prefix, None if parallel else 1, mm)
+    return ChatPrompt(ids, on, opens_think(prompt), shown, prefix, None if parallel else 1, mm, prompt)
 
 
 _VISION_LOAD = threading.Lock()  # concurrent first image requests load the tower once

@@ -1,5 +1,5 @@
-"""What every route shares: `ServerState` (the models, the server's defaults) and `LeaseMiddleware`, which
-holds a request's models until its response has been sent."""
+"""What every route shares: `ServerState` (the models, the server's defaults, stored Responses) and
+`LeaseMiddleware`, which holds a request's models until its response has been sent."""
 from __future__ import annotations
 
 import asyncio
@@ -13,6 +13,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..client import EngineClient
 from .errors import APIError
+from .responses_store import ResponseStore
 
 if TYPE_CHECKING:
     from .model_manager import ModelManager
@@ -25,6 +26,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     max_queued: int | None = 256  # per model: requests beyond this many waiting in its engine get 429
     timeout: float | None = None  # seconds a request may run, from its arrival (--request-timeout)
+    responses: ResponseStore = field(default_factory=ResponseStore)  # stored Responses API answers
 
     async def use(self, request: Request, name: str, keep_alive: Any = None) -> EngineClient:
         """The model `name` for this request, as the one interface routes call (client.py): loaded on
