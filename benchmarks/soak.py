@@ -12,9 +12,11 @@ Ollama chat + generate with images, tools, JSON schemas and intentional mid-stre
 
 Goals: 0 failed requests; 0 "Traceback" in the server log; once idle, /metrics shows no request, state slot
 or KV byte still held (and the prefix cache within its budget); server RSS at the end ≤ RSS after the
-warm-up + 5%. RSS is compared net of the two caches that legitimately grow and shrink with the traffic —
-the KV of requests in flight and the budgeted prefix cache (both from /metrics at the same moment) — so
-what remains is what a leak would grow. Raw RSS is reported too. Pass the server's own flags after `--`.
+warm-up + 5%. RSS is compared as RssAnon (VmRSS also counts the pages of the memory-mapped weights, which
+grow as the embedding rows of new tokens are first read — file cache, not a leak) net of the two caches
+that legitimately grow and shrink with the traffic — the KV of requests in flight and the budgeted prefix
+cache (both from /metrics at the same moment) — so what remains is what a leak would grow. VmRSS is
+reported too. Pass the server's own flags after `--`.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from soak_clients import KINDS, Mix, Results, client  # noqa: E402
+from soak_clients import KINDS, Mix, Results, client, warm_up  # noqa: E402
 
 HELD = ("requests_in_engine", "state_slots_used", "kv_cache_bytes", "sequences_running", "requests_waiting")
 
@@ -39,13 +41,14 @@ HELD = ("requests_in_engine", "state_slots_used", "kv_cache_bytes", "sequences_r
 @dataclass
 class Sample:
     t: float  # seconds since the clients started
-    rss: int  # bytes (VmRSS)
+    rss: int  # bytes (VmRSS): anonymous memory + file pages mapped (the memory-mapped weights count as touched)
+    anon: int  # bytes (RssAnon): what the process allocated; what a leak grows
     kv: int  # KV bytes held by requests in flight (/metrics)
     prefix: int  # prefix-cache bytes (/metrics)
 
     @property
     def net(self) -> int:
-        return self.rss - self.kv - self.prefix
+        return self.anon - self.kv - self.prefix
 
 
 @dataclass
@@ -72,17 +75,17 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
-def rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int) -> tuple[int, int]:
+    """(VmRSS, RssAnon) of a process, in bytes."""
     with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+        kb = {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in f)
+              if k in ("VmRSS", "RssAnon")}
+    return kb["VmRSS"], kb["RssAnon"]
 
 
 async def sample(http: httpx.AsyncClient, url: str, pid: int | None, t: float) -> tuple[Sample | None, dict]:
     m = parse_metrics((await http.get(url + "/metrics")).text)
-    s = Sample(t, rss_bytes(pid), int(m.get("deltarun_kv_cache_bytes", 0)),
+    s = Sample(t, *rss_bytes(pid), int(m.get("deltarun_kv_cache_bytes", 0)),
                int(m.get("deltarun_prefix_cache_bytes", 0))) if pid else None
     return s, m
 
@@ -110,8 +113,10 @@ async def wait_idle(url: str, timeout: float) -> dict[str, float]:
 
 async def run_load(url: str, model: str, clients: int, seconds: float, warmup: float, mix: Mix,
                    pid: int | None, log: Path | None, every: float = 5.0, seed: int = 0) -> Report:
-    """The whole soak against a running server; `warmup`: seconds before the RSS reference is taken."""
+    """The whole soak against a running server: a warm-up round (`warm_up`), then `clients` for `seconds`;
+    `warmup`: seconds of that load before the RSS reference is taken."""
     res = Results()
+    await warm_up(url, model, mix, res)
     t0 = time.perf_counter()
     until = t0 + seconds
     samples: list[Sample] = []
@@ -146,7 +151,7 @@ def goals(rep: Report, max_growth: float = 0.05) -> list[str]:
     if rep.held.get("prefix_cache_bytes", 0) > rep.held.get("prefix_cache_budget_bytes", 0):
         missed.append("the prefix cache is over its budget")
     if rep.start is not None and rep.end is not None and rep.end.net > rep.start.net * (1 + max_growth):
-        missed.append(f"RSS (net of KV and prefix cache) grew {rep.end.net / rep.start.net - 1:+.1%} "
+        missed.append(f"anonymous RSS (net of KV and prefix cache) grew {rep.end.net / rep.start.net - 1:+.1%} "
                       f"> {max_growth:.0%} after the warm-up")
     return missed
 
@@ -165,11 +170,15 @@ def render(rep: Report) -> str:
              f"TTFT p50 {pct(r.ttft, .5) * 1e3:.0f} ms  p99 {pct(r.ttft, .99) * 1e3:.0f} ms;  "
              f"inter-token p50 {pct(r.itl, .5) * 1e3:.0f} ms  p99 {pct(r.itl, .99) * 1e3:.0f} ms"]
     if rep.start and rep.end:
-        peak = max(s.rss for s in rep.samples) if rep.samples else rep.end.rss
-        lines.append(f"RSS after warm-up (t={rep.start.t:.0f} s) {rep.start.rss / mb:.0f} MiB, end (idle) "
-                     f"{rep.end.rss / mb:.0f} MiB ({rep.end.rss / rep.start.rss - 1:+.1%}), peak {peak / mb:.0f} MiB; "
-                     f"net of KV + prefix cache {rep.start.net / mb:.0f} → {rep.end.net / mb:.0f} MiB "
-                     f"({rep.end.net / rep.start.net - 1:+.1%})")
+        a, b = rep.start, rep.end
+        peak = max(s.rss for s in rep.samples) if rep.samples else b.rss
+        lines.append(f"RSS after warm-up (t={a.t:.0f} s) {a.rss / mb:.0f} MiB, end (idle) {b.rss / mb:.0f} MiB "
+                     f"({b.rss / a.rss - 1:+.1%}), peak {peak / mb:.0f} MiB; anonymous {a.anon / mb:.0f} → "
+                     f"{b.anon / mb:.0f} MiB, net of KV + prefix cache {a.net / mb:.0f} → {b.net / mb:.0f} MiB "
+                     f"({b.net / a.net - 1:+.1%})")
+        step = max(1, len(rep.samples) // 10)
+        lines.append("timeline (s: RSS / anonymous / net MiB): " + ", ".join(
+            f"{s.t:.0f}: {s.rss / mb:.0f}/{s.anon / mb:.0f}/{s.net / mb:.0f}" for s in [*rep.samples[::step], b]))
     lines.append("held once idle: " + ", ".join(f"{k} {v:.0f}" for k, v in rep.held.items()))
     lines.append(f"tracebacks in the server log: {'n/a' if rep.tracebacks is None else rep.tracebacks}")
     lines += [f"failure: {f}" for f in r.failures[:10]]
@@ -251,10 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", default="64-256", help="answer length range (max_tokens / num_predict)")
     for f, d in (("image", .15), ("tools", .15), ("schema", .15), ("disconnect", .10)):
         ap.add_argument(f"--{f}", type=float, default=d, help=f"fraction of requests with {f} (default {d})")
+    ap.add_argument("--grace", type=float, help="cut requests still under way this many seconds after the end "
+                    "(counted apart, not failures; default: let them finish)")
     ap.add_argument("--max-rss-growth", type=float, default=0.05)
     a = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     lo, _, hi = a.tokens.partition("-")
-    mix = Mix(tuple(a.kinds.split(",")), a.image, a.tools, a.schema, a.disconnect, int(lo), int(hi or lo))
+    mix = Mix(tuple(a.kinds.split(",")), a.image, a.tools, a.schema, a.disconnect, int(lo), int(hi or lo), a.grace)
     warmup = a.warmup if a.warmup is not None else a.seconds / 10
     proc, code = None, 0
     if a.url:

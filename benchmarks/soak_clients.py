@@ -177,6 +177,20 @@ async def one_request(http: httpx.AsyncClient, url: str, kind: str, path: str, b
     res.by_kind[kind] = res.by_kind.get(kind, 0) + 1
 
 
+async def warm_up(url: str, model: str, mix: Mix, res: Results, tokens: int = 8) -> None:
+    """One short request of every kind with each feature it takes, all at once, before the clock starts: what
+    loads on first use (the vision tower, the grammar compiler, the tool parser) is loaded before the RSS
+    reference. Only failures are recorded (into `res`)."""
+    rng, image_b64 = random.Random(-1), base64.b64encode(png_bytes(0)).decode()
+    features = [Mix(mix.kinds, image=1.0 * (f == "image"), tools=1.0 * (f == "tools"), schema=1.0 * (f == "schema"),
+                    min_tokens=tokens, max_tokens=tokens) for f in ("plain", "image", "tools", "schema")]
+    scratch = Results()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10)) as http:
+        await asyncio.gather(*(one_request(http, url, kind, *build(kind, model, rng, m, image_b64), None, scratch)
+                               for kind in mix.kinds for m in features))
+    res.failures += [f"warm-up: {f}" for f in scratch.failures]
+
+
 async def client(url: str, model: str, mix: Mix, until: float, seed: int, res: Results) -> None:
     """One client: requests back to back until `until` (perf_counter); the one under way then completes."""
     rng = random.Random(seed)
