@@ -88,7 +88,11 @@ class AsyncLLM(Frontend):
 
 def engine_stats(engine: Engine) -> EngineStats:
     """The engine's public counters (read from another thread without locking: plain ints)."""
+    # the engine thread changes `active` meanwhile: iterate over a copy, skip a sequence freed since
+    held = [st for s in list(engine.active) if (st := s.state) is not None]
     return EngineStats(engine.num_waiting, engine.num_running, engine.prefix.hits, engine.prefix.hit_tokens,
                        engine.prefix.nbytes, engine.stats["preemptions"], engine.stats["prompt_tokens"],
                        engine.stats.get("spec_steps", 0), engine.stats.get("spec_drafted", 0),
-                       engine.stats.get("spec_accepted", 0))
+                       engine.stats.get("spec_accepted", 0), requests_in_engine=len(engine.requests),
+                       state_slots_used=engine.pool.num_slots - len(engine.pool.free_slots),
+                       kv_cache_bytes=sum(st.kv_nbytes() for st in held), prefix_cache_budget=engine.prefix.budget)

@@ -61,6 +61,11 @@ class EngineStats:
     spec_steps: int = 0  # MTP speculative decoding; 0 when it is off
     spec_drafted: int = 0
     spec_accepted: int = 0
+    # what running requests hold, all 0 once the engine is idle (the soak benchmark checks that)
+    requests_in_engine: int = 0  # requests the engine still tracks (waiting, prefilling or decoding)
+    state_slots_used: int = 0  # DeltaNet state slots held (of max_num_seqs)
+    kv_cache_bytes: int = 0  # KV (+ MTP context) bytes of the sequences holding a slot, slots themselves excluded
+    prefix_cache_budget: int = 0  # the prefix cache's byte budget (prefix_cache_bytes stays within it)
 
 
 @dataclass(frozen=True)

@@ -316,3 +316,23 @@ def test_cli_flags_and_metrics_reach_the_engine(tiny_ckpt):
     text = Metrics().render({"tiny": engine_stats(llm.engine)})
     drafted = llm.engine.stats["spec_drafted"]
     assert drafted > 0 and f'deltarun_spec_decode_draft_tokens_total{{model="tiny"}} {drafted}' in text
+
+
+def test_plain_steps_do_not_hold_the_verify_scratch(tiny_ckpt):
+    """Once auto decodes plainly, the verify scratch is freed (the soak saw ~0.5 GB of the 0.8B's held for
+    good after one probe at a full batch); a later speculative step allocates it again and still matches."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    plain = _tokens(_llm(tiny_ckpt, mtp="off").generate(PROMPTS[:4], params))
+    llm = _llm(tiny_ckpt, mtp="auto", num_speculative_tokens=2)
+    policy, pool = llm.engine.spec.policy, llm.engine.pool
+    modes = iter([True] * 3 + [False] * 3 + [True] * 100)
+    seen = []
+
+    def speculate():
+        seen.append((mode := next(modes), bool(pool._verify)))
+        return mode
+    policy.speculate = speculate
+    assert _tokens(llm.generate(PROMPTS[:4], params)) == plain
+    # (mode of the step, scratch held when it began): held after speculative steps, freed by the first plain one
+    assert seen[1:4] == [(True, True), (True, True), (False, True)] and seen[4:6] == [(False, False)] * 2
+    assert seen[6] == (True, False) and seen[7] == (True, True) and _free(llm)

@@ -132,6 +132,11 @@ class StatePool:
             buf = self._verify[index] = r.new_empty(max(t, old[0]), max(b, old[1]), *r.shape[1:])
         return buf[:t, :b]
 
+    def drop_verify_buffers(self) -> None:
+        """Free the verify scratch (speculation paused: auto found plain decoding cheaper, and may not probe
+        again for thousands of steps); the next verify step allocates it afresh."""
+        self._verify.clear()
+
     def alloc(self) -> int:
         if not self.free_slots:
             raise RuntimeError("no free DeltaNet state slot")

@@ -89,6 +89,9 @@ class Speculator:
     def decode(self, seqs: list[Sequence], outputs: dict[str, StepOutput]) -> None:
         eng, t0 = self.engine, time.perf_counter()
         if not any(self._eligible(s) for s in seqs) or not self.policy.speculate():
+            # no speculation now (auto found plain cheaper, or nothing to draft): its verify scratch (~0.9 GB at
+            # 16 rows of the 0.8B) is not held through the thousands of steps until the next probe
+            eng.pool.drop_verify_buffers()
             eng.plain_decode(seqs, outputs)
             self.policy.record(False, time.perf_counter() - t0, len(seqs))
             return

@@ -86,6 +86,11 @@ class Metrics:
                       "prefix_cache_hits_total": ("counter", lambda e: e.prefix_cache_hits),
                       "prefix_cache_hit_tokens_total": ("counter", lambda e: e.prefix_cache_hit_tokens),
                       "prefix_cache_bytes": ("gauge", lambda e: e.prefix_cache_bytes),
+                      "prefix_cache_budget_bytes": ("gauge", lambda e: e.prefix_cache_budget),
+                      # held by running requests: all 0 when idle, or something leaked
+                      "requests_in_engine": ("gauge", lambda e: e.requests_in_engine),
+                      "state_slots_used": ("gauge", lambda e: e.state_slots_used),
+                      "kv_cache_bytes": ("gauge", lambda e: e.kv_cache_bytes),
                       "preemptions_total": ("counter", lambda e: e.preemptions),
                       "engine_prompt_tokens_total": ("counter", lambda e: e.prompt_tokens),
                       # MTP speculative decoding (engine/speculative.py); 0 when it is off
