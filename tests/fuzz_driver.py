@@ -151,12 +151,15 @@ def _error_shape_ok(path: str, body: Any) -> bool:
 
 
 def _stream_end_ok(path: str, ctype: str, text: str) -> bool:
-    """A stream ends as its API ends one: SSE with `data: [DONE]` (OpenAI) or a message_stop / error event
-    (Anthropic), NDJSON with a last line that is done (chat/generate), a success (pull) or an error in
-    Ollama's shape."""
+    """A stream ends as its API ends one: SSE with `data: [DONE]` (OpenAI chat/completions), a
+    response.completed / incomplete / failed event (Responses) or a message_stop / error event (Anthropic),
+    NDJSON with a last line that is done (chat/generate), a success (pull) or an error in Ollama's shape."""
     if ctype.startswith("text/event-stream") and _anthropic(path):
         last = text.rstrip().rsplit("\n\n", 1)[-1]
         return last.startswith(("event: message_stop", "event: error"))
+    if ctype.startswith("text/event-stream") and path.startswith("/v1/responses"):  # no [DONE] in this API
+        last = text.rstrip().rsplit("\n\n", 1)[-1]
+        return last.startswith(tuple(f"event: response.{e}\n" for e in ("completed", "incomplete", "failed")))
     if ctype.startswith("text/event-stream"):
         return text.rstrip().endswith("data: [DONE]")
     if ctype.startswith("application/x-ndjson"):

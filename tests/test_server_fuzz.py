@@ -70,6 +70,18 @@ def test_fuzz_check_can_fail(path):
     assert check(route, path, True, 200, cut[1], cut[0])
 
 
+def test_stream_ends_of_the_agent_apis():
+    """Responses streams end with a terminal response event, Messages streams with message_stop or error."""
+    from fuzz_driver import check
+
+    sse = "text/event-stream"
+    done = 'event: response.completed\ndata: {}\n\n'
+    assert check("POST /v1/responses", "/v1/responses", True, 200, done, sse) is None
+    assert check("POST /v1/responses", "/v1/responses", True, 200, 'event: response.created\ndata: {}\n\n', sse)
+    assert check("POST /v1/messages", "/v1/messages", True, 200, 'event: message_stop\ndata: {}\n\n', sse) is None
+    assert check("POST /v1/messages", "/v1/messages", True, 200, 'event: ping\ndata: {}\n\n', sse)
+
+
 def test_log_tap_sees_server_tracebacks():
     """uvicorn's "Exception in ASGI application" and the server's own internal errors reach the tap."""
     import logging
