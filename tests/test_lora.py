@@ -138,8 +138,9 @@ def test_merge_equals_adapter(tiny_ckpt, tmp_path):
     merged = merge(tiny_ckpt, folder, tmp_path / "merged")
     check_exact(ref, merged, ids)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
-    assert main(["merge", str(tiny_ckpt), str(folder), str(tmp_path / "cli")]) == 0
-    check_exact(ref, tmp_path / "cli", ids)
+    assert main(["merge", str(tiny_ckpt), str(folder), str(tmp_path / "cli")]) == 0  # the CLI: the same folder
+    cli, api = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "cli", merged))
+    assert cli.keys() == api.keys() and all(torch.equal(cli[k], api[k]) for k in cli)
 
 
 def test_bf16_decode_takes_the_adapter(tiny_ckpt, tmp_path, cpu_kernels):
@@ -160,6 +161,10 @@ def test_bf16_decode_takes_the_adapter(tiny_ckpt, tmp_path, cpu_kernels):
     with ref.disable_adapter():
         base = _ref_logprobs(ref, full)[len(ids) - 1:]
     assert (ours - want).abs().max() < 0.1 < (ours - base).abs().max()
+    from deltarun.weights.lora import remove_lora
+
+    remove_lora(llm.model)  # without the adapter the same layers do run fused
+    assert all(fused.plan(layer) is not None for layer in llm.model.model.language_model.layers)
 
 
 # ------------------------------------------------------------------ refusals
@@ -259,8 +264,8 @@ def test_quantized_base_takes_the_adapter(tiny_ckpt, good_peft):
     """int8 weights (ops/quant.py QuantLinear) carry the same delta hook: what the layer adds once the adapter is
     applied is peft's LoRA output for that module."""
     from deltarun.ops.quant import QuantLinear
-    from deltarun.weights.lora import load_lora
     from deltarun.weights.loader import load_model
+    from deltarun.weights.lora import load_lora
 
     ref, folder = good_peft
     model = load_model(tiny_ckpt, dtype="float32", device="cpu", quantization="int8")
