@@ -189,7 +189,8 @@ def read_adapter(folder: str | Path, model: nn.Module, max_rank: int | None = No
 
 
 def apply_lora(model: nn.Module, adapter: Adapter) -> None:
-    """Set the adapter's delta on each targeted module of `model` (replacing any earlier adapter's)."""
+    """Set the adapter's delta on each targeted module of `model` (replacing any earlier adapter's). Do it
+    before an engine runs the model: its prefix-cache entries are not keyed by adapter."""
     remove_lora(model)
     for name, w in adapter.weights.items():
         mod = model.get_submodule(name)
