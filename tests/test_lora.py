@@ -114,6 +114,9 @@ CASES = {  # name: (text-only class?, LoraConfig fields)
     "regex": (False, dict(r=4, lora_alpha=8,
                           target_modules=r".*language_model.*\.(q_proj|o_proj|down_proj|in_proj_qkv|in_proj_b)")),
     "all_linear_text_only": (True, dict(r=4, lora_alpha=8, target_modules="all-linear")),
+    "layers_exclude": (False, dict(r=4, lora_alpha=8, target_modules=ATTN + MLP, layers_to_transform=[1, 2, 4],
+                                   layers_pattern="layers",
+                                   exclude_modules=["model.language_model.layers.4.mlp.up_proj"])),
 }
 
 
@@ -123,6 +126,8 @@ def test_adapter_matches_peft(case, tiny_ckpt, text_only_ckpt, tmp_path):
     base = text_only_ckpt if text_only else tiny_ckpt
     ref, folder = make_adapter(base, text_only, tmp_path / "adapter", seed=len(case), **lora)
     keys = load_file(str(folder / "adapter_model.safetensors"))
+    if case == "layers_exclude":  # peft's own selection, which deltarun's reading of the config must agree with
+        assert not any(".layers.0." in k or ".layers.3." in k or "layers.4.mlp.up_proj" in k for k in keys)
     assert all(k.startswith("base_model.model.model.layers." if text_only
                             else "base_model.model.model.language_model.layers.") for k in keys)
     diff = check_exact(ref, base, _ids(512), lora=folder)
