@@ -4,8 +4,8 @@ Adapters are made by peft itself (LoraConfig + get_peft_model + save_pretrained)
 zero-inits B, which would hide every mistake). Each case: prompt log-probs within 1e-4 and 32 identical greedy
 tokens, on every target family (attention, MLP, DeltaNet), both training classes' names (multimodal
 `model.language_model.layers.*`, text-only `model.layers.*`), rslora, rank/alpha patterns, regex and all-linear
-target_modules; the merged checkpoint against the same reference; a bf16 decode (the fused-layer path) with the
-adapter; and every refusal with its message.
+target_modules, layers_to_transform / exclude_modules; LLM and AsyncLLM; the merged checkpoint against the same
+reference; a bf16 decode (the fused-layer path) with the adapter; an int8 base; and every refusal with its message.
 """
 from __future__ import annotations
 
@@ -283,3 +283,21 @@ def test_quantized_base_takes_the_adapter(tiny_ckpt, good_peft):
     with torch.no_grad():
         want = peft_proj(x) - peft_proj.base_layer(x)
     torch.testing.assert_close(proj(x) - before, want, rtol=1e-5, atol=1e-5)
+
+
+def test_async_llm_takes_the_adapter(tiny_ckpt, good_peft):
+    import asyncio
+
+    from deltarun.async_llm import AsyncLLM
+
+    ref, folder = good_peft
+    llm = AsyncLLM(str(tiny_ckpt), dtype="float32", device="cpu", lora=folder)
+    ids = _ids(1024, seed=7)
+    try:
+        out = asyncio.run(llm.generate(ids, SamplingParams(temperature=0, max_tokens=N_GEN, prompt_logprobs=0,
+                                                           ignore_eos=True)))
+    finally:
+        llm.shutdown()
+    lp = torch.tensor([d[t].logprob for d, t in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:])])
+    assert (lp - _ref_logprobs(ref, ids)).abs().max() <= 1e-4
+    assert out.outputs[0].token_ids == _ref_greedy(ref, ids)
