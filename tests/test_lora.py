@@ -148,6 +148,13 @@ def test_merge_equals_adapter(tiny_ckpt, tmp_path):
     assert cli.keys() == api.keys() and all(torch.equal(cli[k], api[k]) for k in cli)
 
 
+def test_merge_text_only_checkpoint(text_only_ckpt, tmp_path):
+    """A flat checkpoint (`model.layers.*`, transformers' text-only class) merged with its class's adapter."""
+    ref, folder = make_adapter(text_only_ckpt, True, tmp_path / "adapter", seed=6, r=4, lora_alpha=8,
+                               target_modules="all-linear")
+    check_exact(ref, merge(text_only_ckpt, folder, tmp_path / "merged"), _ids(512, seed=8))
+
+
 def test_bf16_decode_takes_the_adapter(tiny_ckpt, tmp_path, cpu_kernels):
     """bf16 decode runs the fused C++ layers where it can; adapted layers must leave them. Scored against the
     fp32 reference: the generated tokens' log-probs follow the adapter, not the base."""
