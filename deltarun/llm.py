@@ -31,6 +31,7 @@ from .store.names import is_demo, quant_tag
 from .store.resolve import resolve_model
 from .threads import set_threads
 from .weights.loader import load_model
+from .weights.lora import load_lora
 from .weights.mtp_loader import load_mtp
 from .weights.vision_loader import load_vision
 
@@ -46,13 +47,16 @@ class Frontend:
 
     def __init__(self, model: str | Path = "qwen3.5:0.8b", *, dtype: str = "auto", device: str = "auto",
                  rope_scaling: dict | str | None = None, quantization: str | None = None,
-                 threads: int | None = None, **engine_options: Any):
+                 threads: int | None = None, lora: str | Path | None = None, max_lora_rank: int | None = None,
+                 **engine_options: Any):
         """engine_options: fields of `EngineConfig` (max_num_seqs, max_prefill_tokens, max_model_len,
         max_memory, prefix_cache_memory, prefix_block, mtp, num_speculative_tokens, mtp_draft_vocab).
         `rope_scaling`: e.g. "yarn:4" or the model card's rope_parameters dict, to run past the native
         262,144 positions.
         `quantization`: "int8", "int4" or "int4:GROUP" (weight-only, applied while loading; also taken
-        from a name's tag such as `qwen3.5:0.8b-int4`). `threads`: CPU threads (default: all cores)."""
+        from a name's tag such as `qwen3.5:0.8b-int4`). `threads`: CPU threads (default: all cores).
+        `lora`: a PEFT LoRA adapter folder applied to every request (weights/lora.py; `max_lora_rank` bounds
+        its rank)."""
         set_threads(threads)
         if quantization is None:
             quantization = quant_tag(str(model))
@@ -60,6 +64,8 @@ class Frontend:
         self.default_max_tokens = DEMO_MAX_TOKENS if is_demo(self.path) else DEFAULT_MAX_TOKENS
         self.model = load_model(self.path, dtype=dtype, device=device, rope_scaling=rope_scaling,
                                 context_length=engine_options.get("max_model_len"), quantization=quantization)
+        if lora is not None:
+            load_lora(lora, self.model, max_lora_rank)
         self.config = self.model.config
         self.tokenizer = Tokenizer.from_folder(self.path)
         self.template = ChatTemplate.from_folder(self.path) or ChatTemplate.builtin(

@@ -1,5 +1,5 @@
 """The `deltarun` command: `deltarun chat | generate | serve | init-random | list | show | pull | rm | ps | quantize |
-bench` (thin: flags → the Python API).
+merge | bench` (thin: flags → the Python API).
 
 Every user-facing failure ends as one line on stderr and a non-zero exit code, never a traceback.
 """
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .models import add_model_commands
     add_model_commands(sub)  # list, show, pull, rm
     from .tools import add_tool_commands
-    add_tool_commands(sub)  # quantize, bench
+    add_tool_commands(sub)  # quantize, merge, bench
     return parser
 
 
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         from .models import is_model_command, run_model_command
         if is_model_command(args.command):
             return run_model_command(args)
-        if hasattr(args, "func"):  # quantize, bench
+        if hasattr(args, "func"):  # quantize, merge, bench
             return args.func(args)
         return cmd_init_random(args)
     except (ModelNotFound, LoadError, ConfigError, ValueError, FileNotFoundError, OSError) as e:

@@ -1,4 +1,4 @@
-"""`deltarun quantize` and `deltarun bench`: tools around a model folder (thin: flags → library calls)."""
+"""`deltarun quantize`, `deltarun merge` and `deltarun bench`: tools around a model folder (thin: flags → calls)."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,13 @@ def add_tool_commands(sub) -> None:
     q.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128, 256],
                    help="int4 values per scale/zero (default 64)")
     q.set_defaults(func=cmd_quantize)
+
+    m = sub.add_parser("merge", help="fold a PEFT LoRA adapter into a model: a checkpoint that loads like any other")
+    m.add_argument("model", help="base model folder or name (a Hugging Face checkpoint, not GGUF or quantized)")
+    m.add_argument("adapter", help="PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
+    m.add_argument("out", help="output folder")
+    m.add_argument("--max-lora-rank", type=int, help="refuse adapters of a higher rank")
+    m.set_defaults(func=cmd_merge)
 
     b = sub.add_parser("bench", help="prefill/decode tokens/s, peak memory and load time on this machine")
     b.add_argument("model", help="model folder or name (e.g. demo: random weights, same speed)")
@@ -40,6 +47,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     sizes = save_quantized(src, out, spec)
     print(f"done: weights {sizes['before'] / 2**30:.2f} GiB → {sizes['after'] / 2**30:.2f} GiB; "
           f"run it with `deltarun chat {out}`", file=sys.stderr)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from ..store.resolve import resolve_model
+    from ..weights.lora import merge
+
+    src = resolve_model(args.model)
+    print(f"merging {args.adapter} into {src} → {args.out}", file=sys.stderr)
+    out = merge(src, args.adapter, args.out, args.max_lora_rank)
+    print(f"done: run it with `deltarun chat {out}`", file=sys.stderr)
     return 0
 
 

@@ -75,8 +75,11 @@ class GatedDeltaNet(nn.Module):
             if not isinstance(mod, nn.Linear):
                 return mod(x).float()
             if small and mod.weight.dtype == torch.float32:
-                return gemv.gemv_f32(x.reshape(rows, -1), mod.weight).view(*x.shape[:-1], -1)
-            return F.linear(x.float(), mod.weight.float())
+                y = gemv.gemv_f32(x.reshape(rows, -1), mod.weight).view(*x.shape[:-1], -1)
+            else:
+                y = F.linear(x.float(), mod.weight.float())
+            delta = getattr(mod, "delta", None)  # a LoRA adapter's (ops/linear.py): this path bypasses forward
+            return y if delta is None else y + delta(x.float())
         return proj(self.in_proj_a), proj(self.in_proj_b)
 
     def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -89,6 +89,8 @@ class Qwen3_5Model(nn.Module):
 
 
 class Qwen3_5ForCausalLM(nn.Module):
+    from_gguf: bool = False  # loaded from a GGUF file (weights/gguf.py reorders DeltaNet heads: no LoRA on it)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config

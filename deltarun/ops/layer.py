@@ -85,7 +85,10 @@ class LayerParts:
 
 def linear_args(mod: nn.Module) -> list[torch.Tensor] | None:
     """The tensors of the kernel `mod` runs on a few bf16 rows (csrc/layer.cpp's encoding), or None when
-    it would run something else (its route is not one of our kernels)."""
+    it would run something else (its route is not one of our kernels, or it carries an adapter's delta, which
+    the C++ layer ops would skip)."""
+    if getattr(mod, "delta", None) is not None:
+        return None
     if isinstance(mod, Linear):
         w = mod.weight
         if mod.bias is not None or not w.is_contiguous():

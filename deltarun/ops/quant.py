@@ -110,6 +110,7 @@ class QuantLinear(nn.Module):
     qweight: torch.Tensor | None
     scales: torch.Tensor | None
     zeros: torch.Tensor | None
+    delta: Callable[[torch.Tensor], torch.Tensor] | None = None  # an adapter's output added (ops/linear.py Linear)
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = DEFAULT_GROUP,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None):
@@ -278,7 +279,8 @@ class QuantLinear(nn.Module):
             xm, wt = (x2.float(), torch.float32) if widen else (x2, self.dtype)
             y = torch.cat([F.linear(xm, self.row_block(i, min(i + ROW_BLOCK, n)).to(wt))
                            for i in range(0, n, ROW_BLOCK)], dim=-1).to(self.dtype)
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return y if self.delta is None else y + self.delta(x)
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.bits == 4 else ""

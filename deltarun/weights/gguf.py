@@ -262,6 +262,7 @@ def load_gguf(folder: str | Path, dtype=None, device=None, rope_scaling=None, co
     quant.finish(model, tied)  # ties a quantized lm_head, packs every QuantLinear
     model.eval().requires_grad_(False)
     routes.assign(model)  # each bf16 linear's route on this machine: decode and prefill kernels (ops/routes.py)
+    model.from_gguf = True  # value heads reordered: weights/lora.py refuses adapters on it
     return model
 
 
