@@ -34,12 +34,18 @@ from .anthropic_convert import (
 )
 from .anthropic_protocol import CountTokensRequest, MessagesRequest
 from .anthropic_stream import message_stream, sse_error
-from .common import ChatPrompt, add_structured, add_thinking_budget, build_chat_prompt, check_length, new_id, sampling
-from .errors import APIError
+from .common import (
+    ChatPrompt,
+    add_forced_call,
+    add_structured,
+    add_thinking_budget,
+    build_chat_prompt,
+    check_length,
+    new_id,
+    sampling,
+)
 from .state import ServerState, deadline
 from .streaming import chat_events, collect_chat, until_disconnect, with_error_event
-from .structured import StructuredOutputError
-from .tool_grammar import forced_tool_processors
 
 router = APIRouter()
 
@@ -62,12 +68,7 @@ def _params(llm: EngineClient, body: MessagesRequest, prompt: ChatPrompt, budget
     params = sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, stop=body.stop_sequences,
                       max_tokens=min(body.max_tokens, room))
     fmt = body.output_config.format if body.output_config and body.output_config.format else body.output_format
-    if prompt.prefix and prompt.tools:  # tool_choice any/tool: the call itself is constrained
-        try:
-            params.logits_processors = forced_tool_processors(llm.tokenizer, prompt.tools, prompt.prefix)
-        except StructuredOutputError as e:
-            raise APIError(400, str(e), param="tools") from None
-    elif fmt is not None:
+    if not add_forced_call(llm, params, prompt) and fmt is not None:  # a forced call (tool_choice any/tool) wins
         params = add_structured(llm, params, "json_schema", fmt.schema_, prompt.thinking)
     return add_thinking_budget(llm, params, budget, prompt), body.max_tokens > room
 

@@ -17,6 +17,7 @@ from ..processor.reasoning import CLOSE, OPEN, ThinkingBudget, opens_think, skip
 from ..sampling import SamplingParams
 from .errors import APIError
 from .structured import StructuredOutputError, make_structured
+from .tool_grammar import forced_tool_processors
 
 
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -169,6 +170,18 @@ def add_structured(llm: EngineClient, params: SamplingParams, kind: str | None, 
     except StructuredOutputError as e:
         raise APIError(400, str(e), param="response_format") from None
     return params
+
+
+def add_forced_call(llm: EngineClient, params: SamplingParams, prompt: ChatPrompt) -> bool:
+    """For a turn whose prompt forces a tool call (tool_choice required/named, Anthropic's any/tool), constrain
+    the call itself to the tools' schemas (tool_grammar.py); True when it did (no other grammar then applies)."""
+    if not (prompt.prefix and prompt.tools):
+        return False
+    try:
+        params.logits_processors = forced_tool_processors(llm.tokenizer, prompt.tools, prompt.prefix)
+    except StructuredOutputError as e:
+        raise APIError(400, str(e), param="tools") from None
+    return True
 
 
 EFFORT_BUDGETS = {"low": 1024, "medium": 4096}  # tokens of reasoning; high and above: no limit

@@ -22,6 +22,7 @@ from ..processor.tool_calls import ToolCall
 from ..sampling import SamplingParams
 from .common import (
     ChatPrompt,
+    add_forced_call,
     add_structured,
     add_thinking_budget,
     build_chat_prompt,
@@ -34,8 +35,6 @@ from .errors import APIError
 from .protocol import ChatCompletionRequest
 from .state import ServerState, deadline
 from .streaming import chat_events, collect_chat, until_disconnect, with_error_event
-from .structured import StructuredOutputError
-from .tool_grammar import forced_tool_processors
 
 router = APIRouter()
 
@@ -91,11 +90,7 @@ def _params(llm: EngineClient, body: ChatCompletionRequest, prompt: ChatPrompt) 
                       min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
                       logprobs=(body.top_logprobs or 0) if body.logprobs else None)
     rf = body.response_format
-    if prompt.prefix and prompt.tools:  # tool_choice "required"/named: the call itself is constrained
-        try:
-            params.logits_processors = forced_tool_processors(llm.tokenizer, prompt.tools, prompt.prefix)
-        except StructuredOutputError as e:
-            raise APIError(400, str(e), param="tools") from None
+    if add_forced_call(llm, params, prompt):
         return params
     if rf is not None and rf.type == "json_schema":
         schema = (rf.json_schema or {}).get("schema")

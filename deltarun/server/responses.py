@@ -21,6 +21,7 @@ from ..processor.output import RequestState
 from ..sampling import SamplingParams
 from .common import (
     ChatPrompt,
+    add_forced_call,
     add_structured,
     add_thinking_budget,
     build_chat_prompt,
@@ -36,8 +37,6 @@ from .responses_store import StoredResponse
 from .responses_stream import EventWriter, OutputStream, output_items
 from .state import ServerState, deadline
 from .streaming import chat_events, collect_chat, until_disconnect, with_error_event
-from .structured import StructuredOutputError
-from .tool_grammar import forced_tool_processors
 
 router = APIRouter()
 
@@ -97,12 +96,7 @@ def _params(llm: EngineClient, body: ResponsesRequest, prompt: ChatPrompt) -> Sa
     params = sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
                       max_tokens=body.max_output_tokens, ignore_eos=body.ignore_eos)
     fmt = body.text.format if body.text else None
-    if prompt.prefix and prompt.tools:  # tool_choice "required"/named: the call itself is constrained
-        try:
-            params.logits_processors = forced_tool_processors(llm.tokenizer, prompt.tools, prompt.prefix)
-        except StructuredOutputError as e:
-            raise APIError(400, str(e), param="tools") from None
-    elif fmt is not None:
+    if not add_forced_call(llm, params, prompt) and fmt is not None:  # a forced call (tool_choice required/named) wins
         if fmt.type == "json_schema" and not isinstance(fmt.schema_, dict):
             raise APIError(400, "text.format.schema must be a JSON schema object", param="text.format.schema")
         try:
