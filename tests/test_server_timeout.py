@@ -86,3 +86,11 @@ def test_timeout_must_be_positive():
 
     with pytest.raises(ValueError, match="positive"):
         create_app(None, request_timeout=0)
+
+
+def test_cli_refuses_a_bad_timeout_before_loading(capsys):
+    """One line, exit 1, and no model load first ("demo" would be written and loaded otherwise)."""
+    from deltarun.cli import main
+
+    assert main(["serve", "demo", "--request-timeout", "0"]) == 1
+    assert "--request-timeout must be a positive number" in capsys.readouterr().err

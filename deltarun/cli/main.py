@@ -121,6 +121,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if args.request_timeout is not None and not args.request_timeout > 0:  # before any model loads
+        raise ValueError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout}")
     import uvicorn
 
     from ..server import create_app
