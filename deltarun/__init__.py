@@ -1,12 +1,14 @@
 """deltarun: a local, private, offline inference engine for the Qwen3.5 Small models.
 
-Public API: `LLM` (generate / chat and their streaming forms), `SamplingParams`, and the result types.
+Public API: `LLM` (generate / chat and their streaming forms), `SamplingParams`, `LoRARequest` (an adapter
+per request) and the result types.
 """
+from .lora_request import LoRARequest
 from .outputs import ChatCompletion, ChatOutput, CompletionOutput, Logprob, RequestOutput, StreamDelta
 from .sampling import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "ChatOutput",
+__all__ = ["LLM", "SamplingParams", "LoRARequest", "RequestOutput", "CompletionOutput", "Logprob", "ChatOutput",
            "ChatCompletion", "StreamDelta"]
 
 

@@ -15,6 +15,7 @@ from .client import EngineStats, ModelInfo, RequestObserver
 from .engine.async_engine import AsyncEngine
 from .engine.engine import Engine
 from .llm import Frontend, Messages, Prompt
+from .lora_request import LoRARequest
 from .outputs import RequestOutput, StreamDelta
 from .processor.output import RequestState
 from .processor.reasoning import DeltaSplitter
@@ -54,15 +55,16 @@ class AsyncLLM(Frontend):
         self.async_engine.shutdown()
 
     # -- the Python API -------------------------------------------------------------------------
-    async def generate_stream(self, prompt: Prompt, params: SamplingParams | None = None
-                              ) -> AsyncGenerator[StreamDelta, None]:
+    async def generate_stream(self, prompt: Prompt, params: SamplingParams | None = None,
+                              lora_request: LoRARequest | None = None) -> AsyncGenerator[StreamDelta, None]:
         """New text per sequence as it is generated; closing the iterator aborts the request."""
-        async with aclosing(self._deltas(self.prepare(prompt, params))) as deltas:
+        async with aclosing(self._deltas(self.prepare(prompt, params, lora_request=lora_request))) as deltas:
             async for delta in deltas:
                 yield delta
 
-    async def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> RequestOutput:
-        req = self.prepare(prompt, params)
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
+                       lora_request: LoRARequest | None = None) -> RequestOutput:
+        req = self.prepare(prompt, params, lora_request=lora_request)
         async with aclosing(self.stream(req)) as steps:
             async for _ in steps:
                 pass
@@ -70,11 +72,13 @@ class AsyncLLM(Frontend):
 
     async def chat_stream(self, messages: Messages, params: SamplingParams | None = None, *,
                           enable_thinking: bool | None = None, tools: list[dict] | None = None,
-                          **template_kwargs: Any) -> AsyncGenerator[StreamDelta, None]:
+                          lora_request: LoRARequest | None = None, **template_kwargs: Any
+                          ) -> AsyncGenerator[StreamDelta, None]:
         """Stream a conversation's answer, reasoning apart from content; messages may hold image/video parts."""
         prompt, ids, thinking, mm = self.render_chat(messages, enable_thinking, tools, **template_kwargs)
         split = DeltaSplitter(prompt)
-        async with aclosing(self._deltas(self.prepare(ids, self.chat_params(params, thinking), mm))) as deltas:
+        req = self.prepare(ids, self.chat_params(params, thinking), mm, lora_request)
+        async with aclosing(self._deltas(req)) as deltas:
             async for delta in deltas:
                 yield split(delta)
 

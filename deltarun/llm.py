@@ -17,6 +17,7 @@ from typing import Any, cast
 
 from .engine.engine import Engine, EngineConfig, StepFailed
 from .inputs import MultiModalInput, StepOutput
+from .lora_request import LoRARequest
 from .outputs import ChatCompletion, ChatOutput, RequestOutput, StreamDelta
 from .processor.chat_template import ChatTemplate
 from .processor.mrope import VisionTokens
@@ -31,7 +32,6 @@ from .store.names import is_demo, quant_tag
 from .store.resolve import resolve_model
 from .threads import set_threads
 from .weights.loader import load_model
-from .weights.lora import load_lora
 from .weights.mtp_loader import load_mtp
 from .weights.vision_loader import load_vision
 
@@ -47,16 +47,17 @@ class Frontend:
 
     def __init__(self, model: str | Path = "qwen3.5:0.8b", *, dtype: str = "auto", device: str = "auto",
                  rope_scaling: dict | str | None = None, quantization: str | None = None,
-                 threads: int | None = None, lora: str | Path | None = None, max_lora_rank: int | None = None,
-                 **engine_options: Any):
+                 threads: int | None = None, lora: str | Path | None = None, **engine_options: Any):
         """engine_options: fields of `EngineConfig` (max_num_seqs, max_prefill_tokens, max_model_len,
-        max_memory, prefix_cache_memory, prefix_block, mtp, num_speculative_tokens, mtp_draft_vocab).
+        max_memory, prefix_cache_memory, prefix_block, mtp, num_speculative_tokens, mtp_draft_vocab,
+        max_loras, max_cpu_loras, max_lora_rank).
         `rope_scaling`: e.g. "yarn:4" or the model card's rope_parameters dict, to run past the native
         262,144 positions.
         `quantization`: "int8", "int4" or "int4:GROUP" (weight-only, applied while loading; also taken
         from a name's tag such as `qwen3.5:0.8b-int4`). `threads`: CPU threads (default: all cores).
-        `lora`: a PEFT LoRA adapter folder applied to every request (weights/lora.py; `max_lora_rank` bounds
-        its rank)."""
+        `lora`: a PEFT LoRA adapter folder applied to every request that names no other (`lora_request`).
+        Adapters per request: `generate(..., lora_request=LoRARequest(name, id, folder))`; up to `max_loras`
+        distinct adapters share a batch (engine/adapters.py), each of rank ≤ `max_lora_rank` if given."""
         set_threads(threads)
         if quantization is None:
             quantization = quant_tag(str(model))
@@ -64,8 +65,6 @@ class Frontend:
         self.default_max_tokens = DEMO_MAX_TOKENS if is_demo(self.path) else DEFAULT_MAX_TOKENS
         self.model = load_model(self.path, dtype=dtype, device=device, rope_scaling=rope_scaling,
                                 context_length=engine_options.get("max_model_len"), quantization=quantization)
-        if lora is not None:
-            load_lora(lora, self.model, max_lora_rank)
         self.config = self.model.config
         self.tokenizer = Tokenizer.from_folder(self.path)
         self.template = ChatTemplate.from_folder(self.path) or ChatTemplate.builtin(
@@ -76,15 +75,27 @@ class Frontend:
         self.engine = Engine(self.model, eos_token_ids=self.tokenizer.eos_token_ids,
                              valid_vocab=self.tokenizer.vocab_size, config=engine_config, mtp=mtp)
         self.output = OutputProcessor(self.tokenizer)
+        self.default_adapter: str | None = None
+        if lora is not None:
+            self.default_adapter = self.add_lora(LoRARequest(Path(lora).name or "default", 0, str(lora)))
         self._ids = itertools.count()
         self.vision_tokens = VisionTokens.from_config(self.config)
         self.image_config = ImageProcessorConfig.from_folder(self.path)  # change fields to resize otherwise
         self.video_config = VideoProcessorConfig.from_folder(self.path)
 
+    def add_lora(self, lora: LoRARequest) -> str:
+        """Register a LoRA adapter (read and checked now: LoRAError for a bad folder); returns its name."""
+        self.engine.adapters.register(lora.lora_name, lora.lora_path)
+        return lora.lora_name
+
+    def list_loras(self) -> list[str]:
+        return list(self.engine.adapters.paths)
+
     def prepare(self, prompt: Prompt, params: SamplingParams | None,
-                mm: MultiModalInput | None = None) -> RequestState:
+                mm: MultiModalInput | None = None, lora_request: LoRARequest | None = None) -> RequestState:
         """Tokenize, fill the output-length default and validate; the engine is not touched.
-        `mm`: the images/videos of a prompt made by `prepare_media` (then `prompt` is its expanded ids)."""
+        `mm`: the images/videos of a prompt made by `prepare_media` (then `prompt` is its expanded ids).
+        `lora_request`: the adapter to run it with (registered on first use); default: `lora`'s, if given."""
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         room = self.engine.max_model_len - len(ids)
@@ -93,6 +104,7 @@ class Frontend:
         req = self.output.new_request(str(next(self._ids)), prompt if isinstance(prompt, str) else None,
                                       ids, params)
         req.mm = mm
+        req.adapter = self.add_lora(lora_request) if lora_request is not None else self.default_adapter
         return req
 
     def load_vision(self) -> None:
@@ -136,21 +148,24 @@ class Frontend:
 class LLM(Frontend):
     """`LLM("qwen3.5:0.8b")`, `LLM("/path/to/folder", dtype="float32", device="cpu")`, `LLM("demo")`."""
 
-    def generate(self, prompts: Prompt | list[Prompt],
-                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """One `RequestOutput` per prompt (a string or a list of token ids); params one or per prompt."""
+    def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
+                 lora_request: LoRARequest | list[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """One `RequestOutput` per prompt (a string or a list of token ids); params and adapters (`lora_request`)
+        one for all or one per prompt. Prompts with different adapters run in the same batches."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         batch = cast(list[Prompt], prompts)  # one prompt (a str or a list of ints) was wrapped above
         plist = params if isinstance(params, list) else [params] * len(batch)
         if len(plist) != len(batch):
             raise ValueError(f"got {len(plist)} SamplingParams for {len(batch)} prompts")
-        return self._run([self.prepare(p, sp) for p, sp in zip(batch, plist)])  # all validated before any runs
+        loras = _per_prompt(lora_request, len(batch))
+        return self._run([self.prepare(p, sp, lora_request=lr)  # all validated before any runs
+                          for p, sp, lr in zip(batch, plist, loras)])
 
     def _run(self, reqs: list[RequestState]) -> list[RequestOutput]:
         by_id = {r.request_id: r for r in reqs}
         for r in reqs:
-            self.engine.add_request(r.request_id, r.prompt_ids, r.params, r.mm)
+            self.engine.add_request(r.request_id, r.prompt_ids, r.params, r.mm, r.adapter)
         try:
             while self.engine.has_unfinished():
                 for step in self._step():
@@ -168,12 +183,13 @@ class LLM(Frontend):
         except StepFailed as e:  # a blocking call fails whole, with what the model raised
             raise e.error from None
 
-    def generate_stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
+    def generate_stream(self, prompt: Prompt, params: SamplingParams | None = None,
+                        lora_request: LoRARequest | None = None) -> Iterator[StreamDelta]:
         """Yield new text as it is generated. Closing the iterator (or Ctrl-C) aborts the request."""
-        return self._stream(self.prepare(prompt, params))
+        return self._stream(self.prepare(prompt, params, lora_request=lora_request))
 
     def _stream(self, req: RequestState) -> Iterator[StreamDelta]:
-        self.engine.add_request(req.request_id, req.prompt_ids, req.params, req.mm)
+        self.engine.add_request(req.request_id, req.prompt_ids, req.params, req.mm, req.adapter)
         try:
             while not req.finished:
                 for step in self._step():
@@ -185,13 +201,15 @@ class LLM(Frontend):
 
     def chat(self, messages: Messages | list[Messages], params: SamplingParams | None = None, *,
              enable_thinking: bool | None = None, tools: list[dict] | None = None,
+             lora_request: LoRARequest | list[LoRARequest | None] | None = None,
              **template_kwargs: Any) -> ChatOutput | list[ChatOutput]:
         """Answer one conversation (or a list of them); the reasoning comes back apart from the answer."""
         batch = bool(messages) and isinstance(messages[0], list)
         convs = cast(list[Messages], messages if batch else [messages])
         rendered = [self.render_chat(c, enable_thinking, tools, **template_kwargs) for c in convs]
-        outs = self._run([self.prepare(ids, self.chat_params(params, thinking), mm)
-                          for _, ids, thinking, mm in rendered])
+        loras = _per_prompt(lora_request, len(convs))
+        outs = self._run([self.prepare(ids, self.chat_params(params, thinking), mm, lr)
+                          for (_, ids, thinking, mm), lr in zip(rendered, loras)])
         results = []
         for (prompt, ids, _, _), out in zip(rendered, outs):
             in_think = opens_think(prompt)
@@ -204,9 +222,17 @@ class LLM(Frontend):
 
     def chat_stream(self, messages: Messages, params: SamplingParams | None = None, *,
                     enable_thinking: bool | None = None, tools: list[dict] | None = None,
-                    **template_kwargs: Any) -> Iterator[StreamDelta]:
+                    lora_request: LoRARequest | None = None, **template_kwargs: Any) -> Iterator[StreamDelta]:
         """Stream one conversation's answer; each delta says which part is reasoning and which content."""
         prompt, ids, thinking, mm = self.render_chat(messages, enable_thinking, tools, **template_kwargs)
         split = DeltaSplitter(prompt)
-        for delta in self._stream(self.prepare(ids, self.chat_params(params, thinking), mm)):
+        for delta in self._stream(self.prepare(ids, self.chat_params(params, thinking), mm, lora_request)):
             yield split(delta)
+
+
+def _per_prompt(lora: LoRARequest | list[LoRARequest | None] | None, n: int) -> list[LoRARequest | None]:
+    if isinstance(lora, list):
+        if len(lora) != n:
+            raise ValueError(f"got {len(lora)} LoRARequests for {n} prompts")
+        return lora
+    return [lora] * n

@@ -25,7 +25,7 @@ class StepSource(Protocol):
     """An engine seen from the front end: token ids in, step outputs out (engine/async_engine.py)."""
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 mm: MultiModalInput | None = None) -> AsyncGenerator[StepOutput, None]: ...
+                 mm: MultiModalInput | None = None, adapter: str | None = None) -> AsyncGenerator[StepOutput, None]: ...
 
     def finish(self, request_id: str, index: int, reason: str, stop_reason: int | str | None = None) -> None: ...
 
@@ -41,7 +41,7 @@ async def stream_request(engine: StepSource, output: OutputProcessor, req: Reque
     ok = False
     try:
         # aclosing: leaving early must abort the request now, not when the generator is collected
-        async with aclosing(engine.generate(req.request_id, req.prompt_ids, req.params, req.mm)) as steps:
+        async with aclosing(engine.generate(req.request_id, req.prompt_ids, req.params, req.mm, req.adapter)) as steps:
             async for step in steps:
                 deltas = output.update(req, step, engine.finish)
                 if first and any(d.token_ids for d in deltas):

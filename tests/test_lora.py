@@ -13,16 +13,15 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from lora_helpers import N_GEN, N_PROMPT, _ids, _ref_greedy, _ref_logprobs, make_adapter  # noqa: F401
 from safetensors.torch import load_file, save_file
 from transformers import Qwen3_5ForCausalLM as HFCausalLM
-from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5TextConfig
+from transformers import Qwen3_5TextConfig
 
 from deltarun import LLM, SamplingParams
 from deltarun.weights.lora import merge, read_adapter
 from deltarun.weights.lora_config import LoRAError
 
-N_PROMPT, N_GEN = 40, 32
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 GDN = ["in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj"]
@@ -49,43 +48,6 @@ def text_only_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("lora") / "text_only"
     ref.save_pretrained(out)
     return out
-
-
-def _reference(folder, text_only: bool):
-    cls = HFCausalLM if text_only else Qwen3_5ForConditionalGeneration
-    return cls.from_pretrained(folder, dtype=torch.float32).eval()
-
-
-def make_adapter(base, text_only: bool, out, seed: int = 0, **lora):
-    """peft's own adapter on the reference model, A and B random; returns (PeftModel, folder)."""
-    model = get_peft_model(_reference(base, text_only), LoraConfig(**lora))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_A" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[1] ** -0.5)
-            elif "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5 * p.shape[1] ** -0.5)
-    model.save_pretrained(out)
-    return model.eval(), out
-
-
-def _ids(vocab: int, seed: int = 1) -> list[int]:
-    return torch.randint(0, vocab, (N_PROMPT,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _ref_logprobs(model, ids):
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
-    return torch.log_softmax(logits, -1)[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
-
-
-def _ref_greedy(model, ids, n=N_GEN):
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-    return out[0, len(ids):].tolist()
 
 
 def _ours(llm, ids, n=N_GEN):
@@ -155,28 +117,30 @@ def test_merge_text_only_checkpoint(text_only_ckpt, tmp_path):
     check_exact(ref, merge(text_only_ckpt, folder, tmp_path / "merged"), _ids(512, seed=8))
 
 
-def test_bf16_decode_takes_the_adapter(tiny_ckpt, tmp_path, cpu_kernels):
-    """bf16 decode runs the fused C++ layers where it can; adapted layers must leave them. Scored against the
-    fp32 reference: the generated tokens' log-probs follow the adapter, not the base."""
+def test_bf16_decode_takes_the_adapter(tiny_ckpt, tmp_path, cpu_kernels, monkeypatch):
+    """bf16 decode runs the fused C++ layers where it can; a forward with adapter rows must run the modules.
+    Scored against the fp32 reference: the generated tokens' log-probs follow the adapter, not the base."""
+    from deltarun import LoRARequest
     from deltarun.ops import layer as fused
 
     ref, folder = make_adapter(tiny_ckpt, False, tmp_path / "adapter", seed=4, r=8, lora_alpha=32,
                                target_modules=MLP + GDN)
-    llm = LLM(str(tiny_ckpt), dtype="bfloat16", device="cpu", lora=folder)
-    for layer in llm.model.model.language_model.layers:
-        assert fused.plan(layer) is None  # every layer's MLP carries a delta: no fused tail, no fused layer
+    llm = LLM(str(tiny_ckpt), dtype="bfloat16", device="cpu")
+    calls = []
+    real = fused.gdn_layer
+    monkeypatch.setattr(fused, "gdn_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
     ids = _ids(1024, seed=5)
-    out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=16, logprobs=0, ignore_eos=True))[0].outputs[0]
+    params = SamplingParams(temperature=0, max_tokens=16, logprobs=0, ignore_eos=True)
+    out = llm.generate(ids, params, lora_request=LoRARequest("a", 1, str(folder)))[0].outputs[0]
+    assert not calls  # every decode step had adapter rows: the modules ran
     ours = torch.tensor([lp[t].logprob for lp, t in zip(out.logprobs, out.token_ids)])
     full = ids + out.token_ids
     want = _ref_logprobs(ref, full)[len(ids) - 1:]
     with ref.disable_adapter():
         base = _ref_logprobs(ref, full)[len(ids) - 1:]
     assert (ours - want).abs().max() < 0.1 < (ours - base).abs().max()
-    from deltarun.weights.lora import remove_lora
-
-    remove_lora(llm.model)  # without the adapter the same layers do run fused
-    assert all(fused.plan(layer) is not None for layer in llm.model.model.language_model.layers)
+    llm.generate(ids, params)  # the same engine without an adapter: the fused layers again
+    assert calls
 
 
 # ------------------------------------------------------------------ refusals

@@ -7,6 +7,7 @@ sequence's KV caches (only their first `length` positions are read, and those ne
 Keys form a hash chain over the token blocks (blake2b, 128-bit), so a key names the whole prefix.
 The engine keys a prompt with images/videos by its `key_ids`: each vision token replaced by a negative
 value derived from its media's content digest, so the same image hits and a different one misses.
+A request with a LoRA adapter salts its chain with the adapter's name: states differ per adapter.
 A lookup returns the deepest entry along a prompt's chain; the LRU evicts by bytes.
 """
 from __future__ import annotations
@@ -29,9 +30,11 @@ class PrefixEntry:
     nbytes: int
 
 
-def chain_keys(tokens: list[int], block: int, upto: int) -> list[bytes]:
-    """Key of every whole block prefix tokens[:block*(i+1)] with block*(i+1) <= upto."""
-    keys, prev = [], b""
+def chain_keys(tokens: list[int], block: int, upto: int, salt: str | None = None) -> list[bytes]:
+    """Key of every whole block prefix tokens[:block*(i+1)] with block*(i+1) <= upto; `salt` (an adapter's
+    name) starts the chain, so the same tokens under another adapter have other keys."""
+    keys: list[bytes] = []
+    prev = b"" if salt is None else hashlib.blake2b(salt.encode(), digest_size=16, person=b"adapter").digest()
     for end in range(block, upto + 1, block):
         prev = hashlib.blake2b(prev + array("q", tokens[end - block : end]).tobytes(), digest_size=16).digest()
         keys.append(prev)
@@ -47,12 +50,12 @@ class PrefixCache:
         self.hits = 0
         self.hit_tokens = 0
 
-    def lookup(self, tokens: list[int], limit: int) -> PrefixEntry | None:
-        """The deepest cached prefix of `tokens` no longer than `limit` tokens."""
+    def lookup(self, tokens: list[int], limit: int, salt: str | None = None) -> PrefixEntry | None:
+        """The deepest cached prefix of `tokens` (under adapter `salt`) no longer than `limit` tokens."""
         if self.budget <= 0 or not self.entries:
             return None
         best = None
-        for key in chain_keys(tokens, self.block, limit):
+        for key in chain_keys(tokens, self.block, limit, salt):
             entry = self.entries.get(key)
             if entry is not None:
                 best = (key, entry)
@@ -63,11 +66,12 @@ class PrefixCache:
         self.hit_tokens += best[1].length
         return best[1]
 
-    def insert(self, tokens: list[int], length: int, snapshot: list[torch.Tensor], kv: list[KVCache]) -> None:
-        """Remember the state after tokens[:length] (length a multiple of the block)."""
+    def insert(self, tokens: list[int], length: int, snapshot: list[torch.Tensor], kv: list[KVCache],
+               salt: str | None = None) -> None:
+        """Remember the state after tokens[:length] (length a multiple of the block) under adapter `salt`."""
         if self.budget <= 0 or length % self.block or length == 0:
             return
-        key = chain_keys(tokens, self.block, length)[-1]
+        key = chain_keys(tokens, self.block, length, salt)[-1]
         if key in self.entries:
             self.entries.move_to_end(key)
             return

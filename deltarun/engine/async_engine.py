@@ -30,16 +30,19 @@ class AsyncEngine:
         self._thread.start()
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       mm: MultiModalInput | None = None) -> AsyncGenerator[StepOutput, None]:
+                       mm: MultiModalInput | None = None, adapter: str | None = None
+                       ) -> AsyncGenerator[StepOutput, None]:
         """Stream a request's step outputs; leaving the loop early (or cancellation) aborts it.
-        `mm`: the prompt's images/videos (`Frontend.prepare_media`)."""
+        `mm`: the prompt's images/videos (`Frontend.prepare_media`); `adapter`: a registered LoRA adapter."""
         self.engine.check_request(prompt_ids, params, mm)
+        if adapter is not None and adapter not in self.engine.adapters:
+            raise ValueError(f"unknown adapter {adapter!r}")
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = (asyncio.get_running_loop(), q)
-        self._inbox.put(("add", request_id, prompt_ids, params, mm))
+        self._inbox.put(("add", request_id, prompt_ids, params, mm, adapter))
         finished = False
         try:
             while True:

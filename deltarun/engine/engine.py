@@ -22,6 +22,7 @@ from ..inputs import MultiModalInput, SeqUpdate, StepOutput
 from ..model.mtp import MTPHead
 from ..model.qwen3_5 import Qwen3_5ForCausalLM
 from ..sampling import SamplingParams
+from .adapters import AdapterSet
 from .memory import default_budgets
 from .runner import ModelRunner
 from .scheduler import Chunk, Memory, Scheduler
@@ -44,6 +45,9 @@ class EngineConfig:
     # step read 32K lm_head rows instead of 248K (a third of the 0.8B's weights); EAGLE-3 drafts over 32K too.
     mtp_draft_vocab: int = 32768
     kv_cache_dtype: str = "auto"  # "int8": keys/values held as int8 + a scale per head and token
+    max_loras: int = 4  # LoRA adapters one batch may mix (engine/adapters.py)
+    max_cpu_loras: int | None = None  # adapters kept read in memory (default: max_loras)
+    max_lora_rank: int | None = None  # adapters of a higher rank are refused (default: any)
 
 
 class StepFailed(RuntimeError):
@@ -77,15 +81,18 @@ class Engine:
         self.prefix = PrefixCache(cfg.prefix_cache_memory if cfg.prefix_cache_memory is not None else auto_prefix,
                                   cfg.prefix_block)
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0, "steps": 0,
-                      "vision_encodes": 0}
+                      "vision_encodes": 0, "forwards": 0}
+        self.adapters = AdapterSet(model, cfg.max_loras, cfg.max_cpu_loras, cfg.max_lora_rank)
         self.runner = ModelRunner(model, self.pool, self.prefix, eos_token_ids=self.eos_token_ids,
                                   valid_vocab=self.valid_vocab, kv_int8=kv_int8, vision=vision, stats=self.stats,
                                   check_stop=lambda seq, tok: self.scheduler.check_stop(seq, tok))
         self.spec = self.runner.spec = make_speculator(self.runner, mtp, cfg)  # None: plain decoding
+        self.runner.adapters = self.adapters
         self.scheduler = Scheduler(self.pool, Memory(self.max_memory, self.kv_token_bytes, model.num_kv_layers),
                                    max_prefill_tokens=cfg.max_prefill_tokens, block=cfg.prefix_block,
                                    lookahead=1 + (self.spec.k if self.spec is not None else 0),
-                                   eos_token_ids=self.eos_token_ids, start=self.runner.start, stats=self.stats)
+                                   eos_token_ids=self.eos_token_ids, start=self.runner.start, stats=self.stats,
+                                   admissible=self.adapters.admissible)
 
     @property
     def vision(self) -> torch.nn.Module | None:
@@ -137,11 +144,11 @@ class Engine:
                     mm: MultiModalInput | None = None, adapter: str | None = None) -> None:
         """Queue a prompt. `params` must already carry defaults (`SamplingParams.with_defaults`).
         `mm`: the prompt's images/videos (from `prepare_media`, whose expanded ids are `prompt_ids`).
-        `adapter`: carried on the request for adapter-aware scheduling; only None (the base) runs today."""
+        `adapter`: the name of a registered LoRA adapter (`adapters.register`) to run it with; None: the base."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if adapter is not None:
-            raise ValueError(f"adapter {adapter!r}: this engine serves no adapters")
+        if adapter is not None and adapter not in self.adapters:
+            raise ValueError(f"unknown adapter {adapter!r}: register it first")
         self.check_request(prompt_ids, params, mm)
         req = Request(request_id, [int(t) for t in prompt_ids], params, self.max_model_len,
                       self.scheduler.next_arrival(), mm=mm, adapter=adapter)

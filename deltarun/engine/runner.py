@@ -24,6 +24,7 @@ from ..sampling import SamplingParams
 from .sequence import Request, Sequence
 
 if TYPE_CHECKING:
+    from .adapters import AdapterSet
     from .speculative import Speculator
 
 LOGITS_CHUNK = 256  # prompt positions per logits block: bounds the [T, vocab] fp32 buffer
@@ -38,6 +39,7 @@ class ModelRunner:
         self.vision = vision  # the vision tower (may be set later: front ends load it on first use)
         self.check_stop = check_stop  # the scheduler's: marks a sequence finished after a token
         self.spec: Speculator | None = None  # the MTP speculator, set by the engine; None: plain decoding
+        self.adapters: AdapterSet | None = None  # the LoRA adapters requests may name, set by the engine
 
     # -- states -----------------------------------------------------------------------------------
     def new_state(self, capacity: int) -> SeqState:
@@ -58,7 +60,7 @@ class ModelRunner:
         if fresh and seq.request.params.prompt_logprobs is not None:
             return  # a hit would skip the prefix's logits
         # a fresh prompt must compute ≥ 1 token: its last position's logits give the first sample
-        hit = self.prefix.lookup(seq.key_inputs, seq.prefill_target - (1 if fresh else 0))
+        hit = self.prefix.lookup(seq.key_inputs, seq.prefill_target - (1 if fresh else 0), seq.key_salt)
         if hit is not None:
             self.pool.restore(seq.state.slot, hit.snapshot)
             for dst, src in zip(seq.state.kv, hit.kv):
@@ -93,7 +95,7 @@ class ModelRunner:
         if any(s.request.mm is not None for s in seqs):  # rows after an image run at index + delta
             pos = [s.num_computed + (s.request.mm.delta if s.request.mm is not None else 0) for s in seqs]
             positions = torch.tensor(pos, device=dev).view(1, -1, 1).expand(3, -1, 1)
-        hidden = self.model(ids, ModelCache(self.pool, [s.held_state for s in seqs]), positions=positions)
+        hidden = self.run_model(seqs, ids, ModelCache(self.pool, [s.held_state for s in seqs]), positions=positions)
         for s in seqs:
             s.num_computed += 1
         self.sample(self.model.logits(hidden[:, -1]), seqs, outputs)
@@ -104,17 +106,19 @@ class ModelRunner:
         ids = torch.tensor([seq.inputs[start:end]], device=self.model.device)
         cache = ModelCache(self.pool, [seq.held_state])
         if req.mm is None:
-            hidden = self.model(ids, cache)[0]
+            hidden = self.run_model([seq], ids, cache)[0]
         else:
             positions = req.mm.positions_for(start, end)[:, None].to(self.model.device)
-            hidden = self.model(None, cache, positions=positions, inputs_embeds=self._embed(req, ids, start, end))[0]
+            hidden = self.run_model([seq], None, cache, positions=positions,
+                                    inputs_embeds=self._embed(req, ids, start, end))[0]
         seq.num_computed = end
         self.stats["prompt_tokens"] += end - start
         if self.spec is not None:
             self.spec.on_prefill(seq, hidden, start)  # the MTP head's context
         blk = self.prefix.block
         if end % blk == 0 and self.prefix.budget > 0:
-            self.prefix.insert(seq.key_inputs, end, self.pool.snapshot(seq.held_state.slot), seq.held_state.kv)
+            self.prefix.insert(seq.key_inputs, end, self.pool.snapshot(seq.held_state.slot), seq.held_state.kv,
+                               seq.key_salt)
         mm = req.mm  # a request has vision embeddings only when it has images/videos
         if req.vision_embeds is not None and mm is not None and all(s.num_computed >= mm.num_prompt for s in req.seqs
                                                                     if not s.finished):
@@ -122,6 +126,17 @@ class ModelRunner:
         if not seq.token_ids and req.params.prompt_logprobs is not None:
             self._prompt_logprobs(req, hidden, start, end == target)
         return hidden
+
+    def run_model(self, seqs: list[Sequence], ids: torch.Tensor | None, cache: ModelCache, **kw) -> torch.Tensor:
+        """The model over `seqs` (row i of ids is seqs[i]'s), each row with its request's adapter."""
+        self.stats["forwards"] += 1
+        names = [s.request.adapter for s in seqs]
+        slots = self.model.__dict__.get("lora_slots")
+        if self.adapters is None or (slots is None and all(n is None for n in names)):
+            return self.model(ids, cache, **kw)
+        seq_slots = self.adapters.slots(names)  # may (re)build the model's slots
+        with self.model.__dict__["lora_slots"].use(seq_slots):
+            return self.model(ids, cache, **kw)
 
     def _embed(self, req: Request, ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Embeddings [1, T, H] of inputs start … end−1 with the vision rows of the tokens among them."""

@@ -61,14 +61,16 @@ class Chunk:
         return self.end == self.target
 
 
-def pick_prefill(waiting: deque[Sequence], admit: Callable[[Sequence], bool]) -> Sequence | None:
+def pick_prefill(waiting: deque[Sequence], admit: Callable[[Sequence], bool],
+                 eligible: Callable[[Sequence], bool] = lambda seq: True) -> Sequence | None:
     """The scheduling policy: the first waiting sequence that holds state, or that `admit` lets in; only the
-    oldest sequence without state is offered to `admit` (admission stays in arrival order)."""
+    oldest `eligible` sequence without state is offered to `admit` (admission stays in arrival order; one
+    that is not eligible now, its adapter not fitting beside the running ones, is passed over)."""
     offered = False
     for seq in waiting:
         if seq.state is not None:
             return seq
-        if not offered:
+        if not offered and eligible(seq):
             offered = True
             if admit(seq):
                 return seq
@@ -88,12 +90,14 @@ def chunk_end(start: int, target: int, max_tokens: int, block: int) -> int:
 
 class Scheduler:
     def __init__(self, pool: SlotPool, memory: Memory, *, max_prefill_tokens: int, block: int, lookahead: int,
-                 eos_token_ids: list[int], start: Callable[[Sequence], None], stats: dict):
+                 eos_token_ids: list[int], start: Callable[[Sequence], None], stats: dict,
+                 admissible: Callable[[str | None, set[str | None]], bool] = lambda name, running: True):
         self.pool, self.memory, self.stats = pool, memory, stats
         self.max_prefill_tokens, self.block = max_prefill_tokens, block
         self.lookahead = lookahead  # KV positions one decode step may add per sequence (1 + MTP drafts)
         self.eos_token_ids = list(eos_token_ids)
         self.start = start  # the runner's: give an admitted sequence its state (and any cached prefix)
+        self.admissible = admissible  # engine/adapters.py's: whether an adapter fits beside the running ones
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -167,7 +171,7 @@ class Scheduler:
     # -- prefill ----------------------------------------------------------------------------------
     def schedule_prefill(self) -> Chunk | None:
         """The next prefill chunk, admitting its sequence first (None: nothing waits, or it waits for room)."""
-        seq = pick_prefill(self.waiting, self._admit)
+        seq = pick_prefill(self.waiting, self._admit, self._fits)
         if seq is None:
             return None
         target, start = seq.prefill_target, seq.num_computed
@@ -192,6 +196,9 @@ class Scheduler:
     # -- memory -----------------------------------------------------------------------------------
     def usage(self) -> int:
         return sum(s.held_state.kv_nbytes() for s in self.running) + len(self.running) * self.pool.slot_nbytes()
+
+    def _fits(self, seq: Sequence) -> bool:
+        return self.admissible(seq.request.adapter, {s.request.adapter for s in self.running})
 
     def _admit(self, seq: Sequence) -> bool:
         slots_needed = seq.request.params.n if not seq.token_ids else 1

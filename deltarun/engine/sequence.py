@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from ..cache.state import SeqState, StatePool
+from ..cache.state import ModelCache, SeqState, StatePool
 from ..inputs import MultiModalInput, StepOutput, TopLogprobs
 from ..ops.sampling import SamplerState
 from ..sampling import SamplingParams
@@ -45,6 +45,11 @@ class Sequence:
     @property
     def inputs(self) -> list[int]:
         return self.request.prompt_ids + self.token_ids
+
+    @property
+    def key_salt(self) -> str | None:
+        """What else the prefix cache keys this sequence's states by: its adapter (states differ per adapter)."""
+        return self.request.adapter
 
     @property
     def key_inputs(self) -> list[int]:
@@ -106,5 +111,7 @@ class DecodeHost(Protocol):
     valid_vocab: int
 
     def plain_decode(self, seqs: list[Sequence], outputs: dict[str, StepOutput]) -> None: ...
+
+    def run_model(self, seqs: list[Sequence], ids: torch.Tensor | None, cache: ModelCache, **kw) -> torch.Tensor: ...
 
     def check_stop(self, seq: Sequence, token: int) -> None: ...

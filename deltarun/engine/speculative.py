@@ -184,7 +184,7 @@ class Speculator:
             positions = (torch.tensor(pos, device=dev)[:, None] + torch.arange(t, device=dev)).expand(3, -1, -1)
         states = [s.held_state for s in seqs]
         capture: dict = {}
-        hidden = eng.model(ids, ModelCache(pool, states, capture=capture), positions=positions)  # [B, T, H]
+        hidden = eng.run_model(seqs, ids, ModelCache(pool, states, capture=capture), positions=positions)  # [B, T, H]
         logits = eng.model.logits(hidden)  # [B, T, V]
         p0 = [s.num_computed for s in seqs]
         accepted = [self._accept(s, logits[b], drafts[b], qs[b], outputs) for b, s in enumerate(seqs)]

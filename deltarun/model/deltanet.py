@@ -78,8 +78,9 @@ class GatedDeltaNet(nn.Module):
                 y = gemv.gemv_f32(x.reshape(rows, -1), mod.weight).view(*x.shape[:-1], -1)
             else:
                 y = F.linear(x.float(), mod.weight.float())
-            delta = getattr(mod, "delta", None)  # a LoRA adapter's (ops/linear.py): this path bypasses forward
-            return y if delta is None else y + delta(x.float())
+            delta = getattr(mod, "delta", None)  # a LoRA adapter's (ops/lora.py): this path bypasses forward
+            d = None if delta is None else delta(x.float())
+            return y if d is None else y + d
         return proj(self.in_proj_a), proj(self.in_proj_b)
 
     def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -85,10 +85,8 @@ class LayerParts:
 
 def linear_args(mod: nn.Module) -> list[torch.Tensor] | None:
     """The tensors of the kernel `mod` runs on a few bf16 rows (csrc/layer.cpp's encoding), or None when
-    it would run something else (its route is not one of our kernels, or it carries an adapter's delta, which
-    the C++ layer ops would skip)."""
-    if getattr(mod, "delta", None) is not None:
-        return None
+    it would run something else (its route is not one of our kernels). An adapter's delta does not count: a
+    forward with adapter rows runs the modules (model/qwen3_5.py `DecoderLayer.forward`, ops/lora.py)."""
     if isinstance(mod, Linear):
         w = mod.weight
         if mod.bias is not None or not w.is_contiguous():

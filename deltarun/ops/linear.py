@@ -26,11 +26,12 @@ _onednn: dict[str, bool | None] = {}
 
 class Linear(nn.Linear):
     routes: dict[str, str] | None = None  # set by ops/routes.py `assign`
-    delta: Callable[[torch.Tensor], torch.Tensor] | None = None
+    delta: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._base(x)
-        return y if self.delta is None else y + self.delta(x)
+        d = None if self.delta is None else self.delta(x)
+        return y if d is None else y + d
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         r = self.routes

@@ -110,7 +110,7 @@ class QuantLinear(nn.Module):
     qweight: torch.Tensor | None
     scales: torch.Tensor | None
     zeros: torch.Tensor | None
-    delta: Callable[[torch.Tensor], torch.Tensor] | None = None  # an adapter's output added (ops/linear.py Linear)
+    delta: Callable[[torch.Tensor], torch.Tensor | None] | None = None  # an adapter's output (ops/lora.py)
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = DEFAULT_GROUP,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None):
@@ -280,7 +280,8 @@ class QuantLinear(nn.Module):
             y = torch.cat([F.linear(xm, self.row_block(i, min(i + ROW_BLOCK, n)).to(wt))
                            for i in range(0, n, ROW_BLOCK)], dim=-1).to(self.dtype)
         y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
-        return y if self.delta is None else y + self.delta(x)
+        d = None if self.delta is None else self.delta(x)
+        return y if d is None else y + d
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.bits == 4 else ""

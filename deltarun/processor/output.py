@@ -44,6 +44,7 @@ class RequestState:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     mm: MultiModalInput | None = None  # the prompt's MultiModalInput (images/videos), passed on to the engine
     cached_tokens: int = 0  # prompt tokens the engine's prefix cache supplied (usage: cached tokens)
+    adapter: str | None = None  # the LoRA adapter it runs with (its registered name), passed on to the engine
 
     @property
     def finished(self) -> bool:

@@ -7,9 +7,9 @@ Qwen3_5ForConditionalGeneration) or `model.layers.N.…` (the text-only Qwen3_5F
 decoder's linear projections (`SUPPORTED`) of the attention, MLP and DeltaNet layers. Each module computes
 y = base(x) + scale · B(A(x)) with scale = alpha / r (alpha / √r with use_rslora), as PEFT does.
 
-Applying (`apply_lora`) sets each targeted module's `delta` hook (ops/linear.py `Linear.delta`, the same on
-ops/quant.py `QuantLinear`), so bf16, fp32 and int8/int4 bases all take it; the fused decode layers
-(ops/layer.py) bypass module forwards, so a layer with a delta is left out of them (`linear_args`).
+Applying puts the adapter in a slot of the model's `LoRASlots` (ops/lora.py: each targeted module's `delta`
+hook computes every slot's delta, so bf16, fp32 and int8/int4 bases all take it, and a batch may mix
+adapters): `apply_lora` for every forward of a model, engine/adapters.py `AdapterSet` per request.
 Merging (`merge`) adds scale · B·A to the base's weights in fp32 and writes a checkpoint like the base's.
 
 Decisions — refused with a `LoRAError` naming the culprit, never loaded partly:
@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -38,7 +37,7 @@ from torch import nn
 from ..atomic import publish_dir, sweep, temp_path
 from ..config import ConfigError, ModelConfig
 from ..model.qwen3_5 import Qwen3_5ForCausalLM
-from ..ops import layer as fused
+from ..ops import lora as lora_ops
 from ..ops.quant import QuantLinear
 from .common import weight_files
 from .lora_config import LoRAConfig, LoRAError
@@ -48,7 +47,7 @@ SUPPORTED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 PEFT_PREFIX = "base_model.model."
 LM = "model.language_model."  # our (and the multimodal class's) decoder prefix; the text-only class has "model."
 PARTS = {".lora_A.weight": "A", ".lora_B.weight": "B"}
-__all__ = ["LoRAError", "LoRAWeights", "Adapter", "read_adapter", "apply_lora", "remove_lora", "merge"]
+__all__ = ["LoRAError", "LoRAWeights", "Adapter", "read_adapter", "apply_lora", "put", "remove_lora", "merge"]
 
 
 @dataclass
@@ -60,16 +59,6 @@ class LoRAWeights:
     def merged(self) -> torch.Tensor:
         """scale · B·A [out, in] in fp32: what merging adds to the base weight."""
         return self.scale * (self.B.float() @ self.A.float())
-
-
-class LoRADelta:
-    """A module's `delta` hook: x [..., in] → scale · B(A(x)) [..., out] in x's dtype (PEFT's LoRA forward)."""
-
-    def __init__(self, w: LoRAWeights, dtype: torch.dtype, device: torch.device):
-        self.A, self.B, self.scale = w.A.to(device, dtype), w.B.to(device, dtype), w.scale
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (F.linear(F.linear(x.to(self.A.dtype), self.A), self.B) * self.scale).to(x.dtype)
 
 
 @dataclass
@@ -189,26 +178,26 @@ def read_adapter(folder: str | Path, model: nn.Module, max_rank: int | None = No
 
 
 def apply_lora(model: nn.Module, adapter: Adapter) -> None:
-    """Set the adapter's delta on each targeted module of `model` (replacing any earlier adapter's). Do it
-    before an engine runs the model: its prefix-cache entries are not keyed by adapter."""
+    """Run every forward of `model` with `adapter` (replacing any earlier one): slot 0 of the model's
+    `LoRASlots` as the default slot. The engine serves many adapters through `AdapterSet` instead."""
     remove_lora(model)
-    for name, w in adapter.weights.items():
-        mod = model.get_submodule(name)
-        if isinstance(mod, QuantLinear):
-            dtype, device = mod.dtype, mod._device()
-        else:
-            assert isinstance(mod.weight, torch.Tensor)  # an nn.Linear (read_adapter checked the module kinds)
-            dtype, device = mod.weight.dtype, mod.weight.device
-        setattr(mod, "delta", LoRADelta(w, dtype, device))
-    fused.reset(model)  # layers whose projections now carry a delta leave the fused decode path
+    slots = lora_ops.slots_of(model, 1, adapter.max_rank)
+    put(model, slots, 0, adapter)
+    slots.default = 0
+
+
+def put(model: nn.Module, slots: lora_ops.LoRASlots, slot: int, adapter: Adapter | None) -> None:
+    """Slot `slot` of `slots` ← `adapter`'s weights (None: empty), hooking the modules it targets."""
+    for name, h in slots.hooks.items():
+        if adapter is None or name not in adapter.weights:
+            h.set(slot, None, None, 0.0)
+    for name, w in (adapter.weights.items() if adapter is not None else ()):
+        slots.hook(model, name).set(slot, w.A, w.B, w.scale)
 
 
 def remove_lora(model: nn.Module) -> None:
-    """Take every adapter delta off `model`: the base model again."""
-    for m in model.modules():
-        if getattr(m, "delta", None) is not None:
-            setattr(m, "delta", None)
-    fused.reset(model)
+    """Take every adapter off `model`: the base model again."""
+    lora_ops.clear(model)
 
 
 def load_lora(folder: str | Path, model: nn.Module, max_rank: int | None = None) -> Adapter:
