@@ -8,7 +8,8 @@ changing. The protocol has two halves:
 - the front end, which runs next to the routes whatever the engine is: the tokenizer and chat template,
   `render` (messages → prompt), `prepare_media` / `load_vision` (images and videos), `chat_params`
   (the model card's sampling defaults) and `prepare` (tokenize + validate → `RequestState`; nothing is
-  sent to the engine yet, so bad input fails before any response byte);
+  sent to the engine yet, so bad input fails before any response byte; a request's LoRA adapter rides on
+  it: `AdapterClient` below);
 - the engine: `stream(req)` submits a prepared request and yields each step's new text (closing the
   iterator aborts it; request_stream.py is the one loop behind it), `abort`, `stats` (counters for
   /metrics), `model_info` (what Ollama's listings show), `max_model_len` and `shutdown`.
@@ -138,3 +139,21 @@ class EngineClient(Protocol):
     def shutdown(self) -> None:
         """Stop the engine; nothing may be submitted afterwards."""
         ...
+
+
+class AdapterClient:
+    """A model's `EngineClient` whose requests run with one of its LoRA adapters (registered on the engine
+    under `adapter`): every name is the base client's, except `prepare`, which marks the request. A Ray
+    replica's client works the same way, the adapter travelling on the request."""
+
+    def __init__(self, base: Any, adapter: str):
+        self._base, self.adapter = base, adapter
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._base, name)
+
+    def prepare(self, prompt: str | list[int], params: SamplingParams | None,
+                mm: MultiModalInput | None = None) -> RequestState:
+        req = self._base.prepare(prompt, params, mm)
+        req.adapter = self.adapter
+        return req

@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="chat in the terminal (streaming)")
     model_flags(chat)
     chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--lora", metavar="FOLDER", help="answer with this PEFT LoRA adapter")
     sampling_flags(chat)
 
     gen = sub.add_parser("generate", help="answer one prompt and print it to stdout")
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the prompt ('-' reads stdin)")
     gen.add_argument("--raw", action="store_true", help="plain completion: no chat template")
     gen.add_argument("--system", help="system prompt")
+    gen.add_argument("--lora", metavar="FOLDER", help="answer with this PEFT LoRA adapter")
     gen.add_argument("--hide-thinking", action="store_true", help="do not print the reasoning (stderr)")
     gen.add_argument("-n", type=int, default=1, help="number of answers")
     gen.add_argument("--image", action="append", default=[], metavar="PATH",
@@ -56,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="end a request that runs longer (queue wait included) with an error in its API's "
                             "shape: 408, or an error event when streaming (default: no limit)")
     serve.add_argument("--served-model-name", help="model name clients use (default: the MODEL argument)")
+    serve.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=FOLDER",
+                       help="serve PEFT LoRA adapters of MODEL: a request naming NAME as its model runs MODEL "
+                            "with that adapter (repeatable; also '{\"name\": …, \"path\": …}' as vLLM takes)")
     serve.add_argument("--allow-http-media", action="store_true",
                        help="let requests name images/videos by http(s) URL, which the server then downloads")
     serve.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -125,6 +130,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout}")
     import uvicorn
 
+    from ..lora_request import LoRARequest
     from ..server import create_app
     from ..server.guard import host_name, is_loopback
     from ..server.model_manager import ModelManager
@@ -134,20 +140,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = engine_options(args)
     options["quantization"] = args.quantize  # for every model; a tag in a model's name wins (targets.py)
 
+    adapters = lora_modules(args.lora_modules)
+    if adapters and not args.model:
+        raise ValueError("--lora-modules needs the MODEL the adapters were trained on")
+    base_path: list[Path] = []
+
     def allow_http(llm) -> None:
         llm.image_config.allow_http = llm.video_config.allow_http = args.allow_http_media
         llm.image_config.allow_private = llm.video_config.allow_private = args.allow_private_media
+        if base_path and Path(str(llm.path)).resolve() == base_path[0]:  # the base, loaded again after an unload
+            for lora_name, folder in adapters.items():
+                llm.add_lora(LoRARequest(lora_name, 0, folder))
 
     models = ModelManager(options, keep_alive=keep_alive, max_loaded=args.max_loaded_models, on_load=allow_http)
     name = args.served_model_name or args.model
+    if adapters:
+        check_adapter_names(adapters, {name, args.model}, options)
     if args.model:  # preloaded (downloaded when needed), and kept loaded
         if args.model == "demo":
             err("note: 'demo' has RANDOM WEIGHTS in the Qwen3.5-0.8B layout; its answers are noise, "
                 "256 tokens each unless a request sets its length")
         target = resolve_target(args.model, options, download=True)
         llm = load_llm(target, options)
-        allow_http(llm)
+        base_path.append(Path(str(llm.path)).resolve())
+        allow_http(llm)  # registers the adapters: a bad one fails the start, one line
         models.adopt(llm, name, names=(args.model,), key=target.key)
+        models.adapters = {lora_name: name for lora_name in adapters}
         models.loads += 1
     api_key = api_key_of(args)
     if not api_key and not is_loopback(host_name(args.host)):
@@ -165,6 +183,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=args.drain_timeout)
     return 0
+
+
+def lora_modules(specs: list[str]) -> dict[str, str]:
+    """`--lora-modules` values (NAME=FOLDER, or vLLM's JSON form) → {name: folder}."""
+    import json
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        if spec.lstrip().startswith("{"):
+            try:
+                obj = json.loads(spec)
+                name, folder = str(obj["name"]), str(obj["path"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"--lora-modules {spec!r}: expected NAME=FOLDER or {{\"name\": …, \"path\": …}}") \
+                    from None
+        else:
+            name, sep, folder = spec.partition("=")
+            if not sep or not name or not folder:
+                raise ValueError(f"--lora-modules {spec!r}: expected NAME=FOLDER")
+        if name in out:
+            raise ValueError(f"--lora-modules: the name {name!r} is given twice")
+        out[name] = folder
+    return out
+
+
+def check_adapter_names(adapters: dict[str, str], served: set[str | None], options: dict) -> None:
+    """An adapter may not take a name that already means a model: the served one or any local model."""
+    from ..server.targets import resolve_target
+    from ..store.names import ModelNotFound
+
+    for lora_name in adapters:
+        taken = lora_name in served
+        if not taken:
+            try:
+                resolve_target(lora_name, options)
+                taken = True
+            except ModelNotFound:
+                pass
+        if taken:
+            raise ValueError(f"--lora-modules: the name {lora_name!r} is already a model's; give the adapter another")
 
 
 def api_key_of(args: argparse.Namespace) -> str | None:

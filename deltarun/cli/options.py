@@ -45,6 +45,10 @@ def model_flags(p: argparse.ArgumentParser) -> None:
     e.add_argument("--num-speculative-tokens", type=int, default=2, help="MTP drafts per step (default 2)")
     e.add_argument("--mtp-draft-vocab", type=int, default=32768,
                    help="MTP drafts only among the first N token ids, the most frequent (default 32768; 0 = all)")
+    lo = p.add_argument_group("LoRA adapters")
+    lo.add_argument("--max-loras", type=int, default=4, help="distinct adapters one batch may mix (default 4)")
+    lo.add_argument("--max-cpu-loras", type=int, help="adapters kept read in memory (default: --max-loras)")
+    lo.add_argument("--max-lora-rank", type=int, help="refuse adapters of a higher rank (default: any)")
     think = p.add_mutually_exclusive_group()
     think.add_argument("--think", dest="think", action="store_true", default=None, help="turn thinking on")
     think.add_argument("--no-think", dest="think", action="store_false", help="turn thinking off")
@@ -71,7 +75,7 @@ def load_llm(args: argparse.Namespace):
     path = resolve_model(args.model)
     if is_demo(path) and args.model != "demo":
         err("note: this is the demo checkpoint with RANDOM WEIGHTS")
-    return LLM(path, **engine_options(args))
+    return LLM(path, lora=getattr(args, "lora", None), **engine_options(args))
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -88,8 +92,8 @@ def engine_options(args: argparse.Namespace) -> dict:
             raise ValueError(f"--rope-scaling is not valid JSON: {e}") from None
     if args.threads is not None and args.threads < 1:
         raise ValueError("--threads must be >= 1")
-    for flag in ("max_num_seqs", "max_prefill_tokens"):
-        if getattr(args, flag) < 1:
+    for flag in ("max_num_seqs", "max_prefill_tokens", "max_loras", "max_cpu_loras", "max_lora_rank"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
     from ..store.names import quant_tag
 
@@ -104,7 +108,9 @@ def engine_options(args: argparse.Namespace) -> dict:
                 max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
                 kv_cache_dtype=args.kv_cache_dtype,
                 mtp=getattr(args, "mtp", "auto"), num_speculative_tokens=getattr(args, "num_speculative_tokens", 2),
-                mtp_draft_vocab=getattr(args, "mtp_draft_vocab", 32768))
+                mtp_draft_vocab=getattr(args, "mtp_draft_vocab", 32768),
+                max_loras=getattr(args, "max_loras", 4), max_cpu_loras=getattr(args, "max_cpu_loras", None),
+                max_lora_rank=getattr(args, "max_lora_rank", None))
 
 
 def err(msg: str) -> None:

@@ -91,6 +91,7 @@ class ModelManager:
         self._changed: asyncio.Event | None = None  # a model was released or unloaded
         self._reaper: asyncio.Task | None = None
         self._named: dict[str, tuple[Target, float | None]] = {}  # adopted models: (target, keep_alive)
+        self.adapters: dict[str, str] = {}  # LoRA adapter name → its base model's name (`serve --lora-modules`)
 
     # ------------------------------------------------------------------------------------ set-up
     def adopt(self, llm: Any, name: str, *, names: tuple[str, ...] = (), key: str | None = None,

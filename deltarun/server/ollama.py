@@ -208,6 +208,11 @@ async def tags(request: Request):
     out = [_loaded_entry(state, e) for e in loaded]
     names = {n for e in loaded for n in e.names}
     out += [m for m in await asyncio.to_thread(local_entries, state.models.served()) if m["name"] not in names]
+    by_name = {m["name"]: m for m in out}
+    for adapter, base in state.models.adapters.items():  # LoRA adapters: listed as their base, with its name
+        if base in by_name:
+            m = by_name[base]
+            out.append({**m, "name": adapter, "model": adapter, "details": {**m["details"], "parent_model": base}})
     return {"models": out}
 
 
@@ -233,6 +238,10 @@ async def show(body: OllamaShowRequest, request: Request):
     name = body.model or body.name
     if not name:
         raise APIError(400, "model is required")
+    base = state.models.adapters.get(name)
+    if base is not None:  # a LoRA adapter: its base model's card, with the base as its parent
+        out = await show(OllamaShowRequest(model=base), request)
+        return {**out, "details": {**out["details"], "parent_model": base}}
     entry = state.models.find(name)
     if entry is None:
         served = state.models.served().get(name)  # the command-line model, unloaded for now

@@ -9,7 +9,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import cast
+from typing import Any, cast
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -162,12 +162,20 @@ async def models(request: Request):
     names = {n for e in loaded for n in e.names}
     local = await asyncio.to_thread(local_entries, state.models.served())
     data += [_model_card(state, m["name"]) for m in local if m["name"] not in names]
+    data += [_adapter_card(state, a) for a in state.models.adapters]
     return {"object": "list", "data": data}
+
+
+def _adapter_card(state: ServerState, name: str) -> dict[str, Any]:
+    """A LoRA adapter, as vLLM lists one: its base model as `parent` (and its own name as `root`, not a path)."""
+    return {**_model_card(state, name), "root": name, "parent": state.models.adapters[name]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def model(model_id: str, request: Request):
     state: ServerState = request.app.state.server
+    if model_id in state.models.adapters:
+        return _adapter_card(state, model_id)
     entry = state.models.find(model_id)
     if entry is not None and entry.llm is not None:
         return _model_card(state, model_id, entry.llm.max_model_len)

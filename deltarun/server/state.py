@@ -6,12 +6,12 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fastapi import Request
 from starlette.types import Receive, Scope, Send
 
-from ..client import EngineClient
+from ..client import AdapterClient, EngineClient
 from .errors import APIError
 from .responses_store import ResponseStore
 
@@ -32,7 +32,8 @@ class ServerState:
         """The model `name` for this request, as the one interface routes call (client.py): loaded on
         first use, held until the response is sent."""
         start = time.perf_counter_ns()
-        entry = await self.models.acquire(name, keep_alive)
+        base = self.models.adapters.get(name)  # a LoRA adapter's name: its base model, the adapter per request
+        entry = await self.models.acquire(base or name, keep_alive)
         waiting = entry.llm.stats().requests_waiting
         if self.max_queued is not None and waiting >= self.max_queued:
             self.models.release(entry)
@@ -43,7 +44,7 @@ class ServerState:
             request.scope["deltarun.deadline"] = (asyncio.get_running_loop().time() + self.timeout
                                                   - (time.perf_counter_ns() - start) / 1e9)
         request.scope["deltarun.load_ns"] = time.perf_counter_ns() - start  # Ollama's load_duration
-        return entry.llm
+        return entry.llm if base is None else cast(EngineClient, AdapterClient(entry.llm, name))
 
     def listed_loaded(self) -> list[Any]:
         """The loaded models to list (/api/tags, /v1/models): those whose files are still on disk. A folder
