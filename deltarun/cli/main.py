@@ -1,5 +1,5 @@
 """The `deltarun` command: `deltarun chat | generate | serve | init-random | list | show | pull | rm | ps | quantize |
-merge | bench` (thin: flags → the Python API).
+merge | bench | finetune` (thin: flags → the Python API).
 
 Every user-facing failure ends as one line on stderr and a non-zero exit code, never a traceback.
 """
@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_commands(sub)  # list, show, pull, rm
     from .tools import add_tool_commands
     add_tool_commands(sub)  # quantize, merge, bench
+    from .finetune import add_finetune_command
+    add_finetune_command(sub)
     return parser
 
 
