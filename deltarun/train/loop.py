@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 
+from ..config import ConfigError, ModelConfig
 from ..ops import kernels
 from ..processor.chat_template import ChatTemplate
 from ..processor.tokenizer import Tokenizer
 from ..threads import set_threads
 from ..weights.common import resolve_device
+from ..weights.common import LoadError
 from ..weights.loader import load_model
 from . import checkpoint
 from .data import epoch_rows, load_examples
@@ -139,14 +141,18 @@ def finetune(base: str | Path, data: str | Path, out: str | Path, config: TrainC
     base_path = Path(resolve_model(str(base)))
     out = Path(out).expanduser()
     device = resolve_device(cfg.device)
+    try:
+        config = ModelConfig.from_file(base_path / "config.json")
+    except ConfigError as e:
+        raise LoadError(str(e)) from None
+    tokenizer = Tokenizer.from_folder(base_path)
+    template = ChatTemplate.from_folder(base_path) or ChatTemplate.builtin(
+        thinking_default=config.text.hidden_size >= 2560)
+    examples = load_examples(data, template, tokenizer, config.text.vocab_size)  # bad data fails before the load
+    plan = plan_steps(examples, cfg)
     model = load_model(base_path, dtype=cfg.base_dtype, device=device)
     for p in model.parameters():
         p.requires_grad_(False)
-    tokenizer = Tokenizer.from_folder(base_path)
-    template = ChatTemplate.from_folder(base_path) or ChatTemplate.builtin(
-        thinking_default=model.config.text.hidden_size >= 2560)
-    examples = load_examples(data, template, tokenizer, model.config.text.vocab_size)
-    plan = plan_steps(examples, cfg)
     torch.manual_seed(cfg.seed)
     lora = TrainableLoRA(model, LoRASpec(cfg.rank, cfg.alpha, cfg.use_rslora, cfg.target_modules),
                          text_only=model.config.model_type == "qwen3_5_text", seed=cfg.seed)
