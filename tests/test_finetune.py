@@ -21,8 +21,8 @@ from deltarun.processor.chat_template import ChatTemplate
 from deltarun.processor.tokenizer import Tokenizer
 from deltarun.train.data import DataError, Example, Renderer, encode, labels_of, pack, read_jsonl
 from deltarun.train.forward import Row, TrainForward
-from deltarun.train.lora import LoRASpec, TrainableLoRA
 from deltarun.train.loop import finetune
+from deltarun.train.lora import LoRASpec, TrainableLoRA
 from deltarun.weights.loader import load_model
 
 CONVS = [
@@ -146,20 +146,20 @@ def data_file(tmp_path_factory):
     return path
 
 
-KW = dict(rank=4, alpha=8, steps=4, batch_tokens=512, lr=1e-2, compute="fp32", progress=False)
+KW = dict(rank=4, alpha=8, steps=3, batch_tokens=512, lr=1e-2, compute="fp32", progress=False)
 
 
 @pytest.fixture(scope="module")
 def trained(chat_ckpt, data_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("ft") / "adapter"
     res = finetune(chat_ckpt, data_file, out, **KW)
-    assert res.steps == 4 and res.losses[-1] < res.losses[0]
+    assert res.steps == 3 and res.losses[-1] < res.losses[0]
     return out
 
 
 def test_resume_equals_uninterrupted(chat_ckpt, data_file, trained, tmp_path):
     out = tmp_path / "resumed"
-    assert finetune(chat_ckpt, data_file, out, stop_after=2, **KW).steps == 2
+    assert finetune(chat_ckpt, data_file, out, stop_after=1, **KW).steps == 1
     assert not (out / "adapter_model.safetensors").exists() and (out / "checkpoint").is_dir()
     finetune(chat_ckpt, data_file, out, resume=True, **KW)
     from safetensors.torch import load_file
@@ -199,7 +199,7 @@ def _cli(*args):
                           text=True, timeout=300)
 
 
-def test_cli_end_to_end_and_errors(chat_ckpt, data_file, tmp_path):
+def test_cli_end_to_end_and_errors(chat_ckpt, data_file, tmp_path, capsys):
     r = _cli(chat_ckpt, data_file, tmp_path / "out", "--steps", "1", "--rank", "2", "--target-modules",
              "q_proj,in_proj_qkv,down_proj")
     assert r.returncode == 0, r.stderr
@@ -207,8 +207,13 @@ def test_cli_end_to_end_and_errors(chat_ckpt, data_file, tmp_path):
         "down_proj", "in_proj_qkv", "q_proj"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(CONVS[0]) + "\n\n" + '{"messages": [}\n')
-    for args, msg in (((chat_ckpt, bad, tmp_path / "o"), "bad.jsonl:3: not valid JSON"),
-                      ((chat_ckpt, tmp_path / "none.jsonl", tmp_path / "o"), "does not exist"),
-                      ((chat_ckpt, data_file, tmp_path / "o", "--rank", "0"), "rank must be at least 1")):
-        r = _cli(*args)
-        assert r.returncode == 1 and r.stderr.count("\n") == 1 and msg in r.stderr, r.stderr
+    r = _cli(chat_ckpt, bad, tmp_path / "o")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "bad.jsonl:3: not valid JSON" in r.stderr, r.stderr
+    from deltarun.cli.main import main  # the same error path, in process (each subprocess costs seconds)
+
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    for args, msg in (([bad], "bad.jsonl:1: no assistant message"), ([tmp_path / "none.jsonl"], "does not exist"),
+                      ([data_file, "--rank", "0"], "rank must be at least 1")):
+        assert main(["finetune", str(chat_ckpt), str(args[0]), str(tmp_path / "o"), *args[1:]]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and msg in err, err

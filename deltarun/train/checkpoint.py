@@ -61,6 +61,21 @@ def save(out: Path, lora: TrainableLoRA, opt: torch.optim.Optimizer, step: int, 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check(out: Path, mark: str) -> bool:
+    """Whether OUT/checkpoint exists; ResumeError when it belongs to another run (checked before the model loads)."""
+    path = out / CHECKPOINT / "state.json"
+    if not path.is_file():
+        return False
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ResumeError(f"{path}: cannot read the checkpoint: {e}") from None
+    if state.get("fingerprint") != mark:
+        raise ResumeError(f"{out / CHECKPOINT} was written by a run with other settings, data or base model; use "
+                          "the same ones to resume, or another output folder")
+    return True
+
+
 def load(out: Path, lora: TrainableLoRA, opt: torch.optim.Optimizer, mark: str) -> Saved | None:
     """Restore OUT/checkpoint into `lora` and `opt`; None when there is none."""
     folder = out / CHECKPOINT
@@ -73,8 +88,7 @@ def load(out: Path, lora: TrainableLoRA, opt: torch.optim.Optimizer, mark: str) 
     except (OSError, ValueError, RuntimeError) as e:
         raise ResumeError(f"{folder}: cannot read the checkpoint: {e}") from None
     if state.get("fingerprint") != mark:
-        raise ResumeError(f"{folder} was written by a run with other settings, data or base model; use the same "
-                          "ones to resume, or another output folder")
+        raise ResumeError(f"{folder} was written by a run with other settings, data or base model")
     lora.load_peft_tensors(tensors)
     opt.load_state_dict(extra["optimizer"])
     torch.set_rng_state(extra["rng"])

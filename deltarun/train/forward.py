@@ -22,6 +22,7 @@ the loss are fp32 either way. The loss head runs on the loss positions only, in 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +87,7 @@ class TrainForward:
         self.lm = getattr(model, "model").language_model
 
     # ------------------------------------------------------------------ pieces
-    def _lin(self, mod: nn.Module, x: torch.Tensor, fp32: bool = False) -> torch.Tensor:
+    def _lin(self, mod: Any, x: torch.Tensor, fp32: bool = False) -> torch.Tensor:
         """mod(x) with the base weight cast to the compute dtype (fp32 for `fp32`), plus its LoRA delta."""
         w = getattr(mod, "weight")
         dtype = torch.float32 if fp32 else self.dtype
@@ -94,12 +95,14 @@ class TrainForward:
         d = self.lora.delta(mod, x)
         return y if d is None else (y.float() + d).to(dtype)
 
-    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _norm(self, norm: Any, x: torch.Tensor) -> torch.Tensor:
         """Zero-centred RMSNorm (model/layers.py `RMSNorm`) in fp32, rounded to x's dtype."""
         w = getattr(norm, "weight")
         return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + w.float(), norm.eps).to(x.dtype)
 
-    def _attention(self, at: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+    # the modules below are model/ layers read by attribute (q_proj, A_log, …): typed Any, as nn.Module's
+    # __getattr__ types every attribute as Tensor | Module
+    def _attention(self, at: Any, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                    lay: Layout) -> torch.Tensor:
         """Gated attention (model/attention.py) over x [1, T, H], causal within each example."""
         t, d = x.shape[1], at.d
@@ -111,7 +114,7 @@ class TrainForward:
         q = apply_rotary(self._norm(at.q_norm, q), *rope).transpose(1, 2)
         k = apply_rotary(self._norm(at.k_norm, self._lin(at.k_proj, x).view(1, t, at.nkv, d)), *rope).transpose(1, 2)
         v = self._lin(at.v_proj, x).view(1, t, at.nkv, d).transpose(1, 2)
-        gqa = {"enable_gqa": True} if at.nq != at.nkv else {}
+        gqa: dict[str, Any] = {"enable_gqa": True} if at.nq != at.nkv else {}
         o = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
                                                       scale=at.scale, **gqa) for a, b in lay.bounds], dim=2)
         o = o.transpose(1, 2).reshape(1, t, at.nq * d)
@@ -119,7 +122,7 @@ class TrainForward:
             o = o * torch.sigmoid(gate)
         return self._lin(at.o_proj, o)
 
-    def _deltanet(self, la: nn.Module, x: torch.Tensor, lay: Layout) -> torch.Tensor:
+    def _deltanet(self, la: Any, x: torch.Tensor, lay: Layout) -> torch.Tensor:
         """Gated DeltaNet (model/deltanet.py) over x [1, T, H], each example from a zero state."""
         t = x.shape[1]
         mixed = self._lin(la.in_proj_qkv, x)
@@ -140,7 +143,7 @@ class TrainForward:
         o = rms_norm_gated(o, z, la.norm.weight.to(o.dtype), la.norm.eps).reshape(1, t, la.value_dim)
         return self._lin(la.out_proj, o)
 
-    def _layer(self, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def _layer(self, layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                lay: Layout) -> torch.Tensor:
         h = self._norm(layer.input_layernorm, x)
         if layer.layer_type == "linear_attention":

@@ -22,8 +22,7 @@ from ..ops import kernels
 from ..processor.chat_template import ChatTemplate
 from ..processor.tokenizer import Tokenizer
 from ..threads import set_threads
-from ..weights.common import resolve_device
-from ..weights.common import LoadError
+from ..weights.common import LoadError, resolve_device
 from ..weights.loader import load_model
 from . import checkpoint
 from .data import epoch_rows, load_examples
@@ -142,14 +141,16 @@ def finetune(base: str | Path, data: str | Path, out: str | Path, config: TrainC
     out = Path(out).expanduser()
     device = resolve_device(cfg.device)
     try:
-        config = ModelConfig.from_file(base_path / "config.json")
+        model_cfg = ModelConfig.from_file(base_path / "config.json")
     except ConfigError as e:
         raise LoadError(str(e)) from None
     tokenizer = Tokenizer.from_folder(base_path)
     template = ChatTemplate.from_folder(base_path) or ChatTemplate.builtin(
-        thinking_default=config.text.hidden_size >= 2560)
-    examples = load_examples(data, template, tokenizer, config.text.vocab_size)  # bad data fails before the load
+        thinking_default=model_cfg.text.hidden_size >= 2560)
+    examples = load_examples(data, template, tokenizer, model_cfg.text.vocab_size)  # bad data fails before the load
     plan = plan_steps(examples, cfg)
+    mark = checkpoint.fingerprint(cfg.determines_result(), Path(data), base_path)
+    resuming = cfg.resume and checkpoint.check(out, mark)
     model = load_model(base_path, dtype=cfg.base_dtype, device=device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -158,9 +159,8 @@ def finetune(base: str | Path, data: str | Path, out: str | Path, config: TrainC
                          text_only=model.config.model_type == "qwen3_5_text", seed=cfg.seed)
     fw = TrainForward(model, lora, compute_dtype(cfg.compute, device), cfg.checkpointing)
     opt = torch.optim.AdamW(lora.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    mark = checkpoint.fingerprint(cfg.determines_result(), Path(data), base_path)
     start, losses = 0, []
-    if cfg.resume and (saved := checkpoint.load(out, lora, opt, mark)) is not None:
+    if resuming and (saved := checkpoint.load(out, lora, opt, mark)) is not None:
         start, losses = saved.step, saved.losses
     end = len(plan) if stop_after is None else min(len(plan), stop_after)
     tokens, t0 = 0, time.perf_counter()
@@ -205,8 +205,8 @@ class _Bar:
     def __init__(self, total: int, done: int, show: bool):
         self.progress = None
         if show:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
             from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
             self.progress = Progress(TextColumn("finetune"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
                                      TimeRemainingColumn(), console=Console(stderr=True))
