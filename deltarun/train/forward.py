@@ -93,7 +93,7 @@ class TrainForward:
         dtype = torch.float32 if fp32 else self.dtype
         y = F.linear(x.to(dtype), w.to(dtype), None if mod.bias is None else mod.bias.to(dtype))
         d = self.lora.delta(mod, x)
-        return y if d is None else (y.float() + d).to(dtype)
+        return y if d is None else y + d.to(dtype)  # bf16 compute: the fp32 delta rounded once, as PEFT adds it
 
     def _norm(self, norm: Any, x: torch.Tensor) -> torch.Tensor:
         """Zero-centred RMSNorm (model/layers.py `RMSNorm`) in fp32, rounded to x's dtype."""
@@ -126,7 +126,8 @@ class TrainForward:
         """Gated DeltaNet (model/deltanet.py) over x [1, T, H], each example from a zero state."""
         t = x.shape[1]
         mixed = self._lin(la.in_proj_qkv, x)
-        qkv = causal_conv1d_packed(mixed, la.conv1d.weight.view(la.conv_dim, -1), lay.starts)
+        qkv = causal_conv1d_packed(mixed, la.conv1d.weight.view(la.conv_dim, -1),
+                                   lay.starts if len(lay.bounds) > 1 else None)
         a, b = self._lin(la.in_proj_a, x, fp32=True), self._lin(la.in_proj_b, x, fp32=True)
         beta = b.sigmoid()
         g = -la.A_log.float().exp() * F.softplus(a + la.dt_bias.float())

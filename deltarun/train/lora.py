@@ -60,6 +60,8 @@ class TrainableLoRA(nn.Module):
         self.A = nn.ParameterList()
         self.B = nn.ParameterList()
         self._index: dict[int, int] = {}  # id(module) → position in names / A / B
+        self._x: torch.Tensor | None = None  # the last input `delta` widened to fp32, and its fp32 copy
+        self._xf: torch.Tensor | None = None
         g = torch.Generator().manual_seed(seed)
         for i, n in enumerate(names):
             mod = linears[n]
@@ -84,7 +86,10 @@ class TrainableLoRA(nn.Module):
         i = self._index.get(id(mod))
         if i is None:
             return None
-        return F.linear(F.linear(x.float(), self.A[i]), self.B[i]) * self.spec.scale
+        xf = self._xf
+        if x is not self._x or xf is None:  # projections reading the same input (q/k/v, gate/up, in_proj_*)
+            self._x, self._xf = x, xf = x, x.float()  # widen it once
+        return F.linear(F.linear(xf, self.A[i]), self.B[i]) * self.spec.scale
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         """The weights under PEFT's tensor names (`base_model.model.<module>.lora_A.weight`)."""
