@@ -13,7 +13,8 @@ so a batch mixing adapters (and rows with none) costs two dense matmuls per proj
 slots a batch holds (S·R ≪ in). Which slot each sequence uses is set per forward by the engine
 (`LoRASlots.use`, one slot per sequence: x's leading dimension is the batch's sequences); `default` is the
 slot for forwards run outside the engine (weights/lora.py `apply_lora`). The fused C++ decode layers
-(ops/layer.py) know nothing of adapters: a forward with an active slot runs the modules instead.
+(ops/layer.py `with_adapters`) take A, Bt and the mask beside each linear's kernel tensors and compute the
+same delta with the same ops.
 What an adapter is and how it is read lives in weights/lora.py; which adapter gets which slot, in
 engine/adapters.py.
 """
@@ -82,7 +83,7 @@ class LoRASlots:
 
     @property
     def active(self) -> bool:
-        """Whether the current forward has any row with an adapter (then the fused layers stand aside)."""
+        """Whether the current forward has any row with an adapter (then the fused layers add the deltas)."""
         if self._seq_slots is not None:
             return any(s != NONE for s in self._seq_slots)
         return self.default is not None
