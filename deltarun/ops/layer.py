@@ -180,10 +180,16 @@ def with_adapters(p: Plan, x: torch.Tensor) -> Plan | None:
         mask = h.slots.mask(x, h.A.dtype)  # the mask the modules' hooks would build: cached per forward
         if mask is None:
             continue
+        if not h.kernel_path(x.shape[0]):
+            return None
         args = fields.setdefault(field, list(getattr(p, field)))
-        n = mask.shape[1]
-        args[pos] = [*args[pos], h.A[:n], h.Bt[:n], mask]
-    return replace(p, **{f: tuple(a) for f, a in fields.items()}) if fields else p
+        args[pos] = [*args[pos], h.A, h.B, mask]
+    if not fields:
+        return p
+    q = replace(p)
+    for f, a in fields.items():
+        setattr(q, f, tuple(a))
+    return q
 
 
 def usable(x: torch.Tensor) -> bool:
