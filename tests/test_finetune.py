@@ -217,3 +217,8 @@ def test_cli_end_to_end_and_errors(chat_ckpt, data_file, tmp_path, capsys):
         assert main(["finetune", str(chat_ckpt), str(args[0]), str(tmp_path / "o"), *args[1:]]) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and msg in err, err
+    # conversations cut to --batch-tokens: trained on what fits, and said so
+    assert main(["finetune", str(chat_ckpt), str(data_file), str(tmp_path / "cut"), "--steps", "1", "--rank", "2",
+                 "--batch-tokens", "48", "--target-modules", "q_proj"]) == 0
+    err = capsys.readouterr().err
+    assert f"of {len(CONVS)} conversations are longer than --batch-tokens 48" in err, err

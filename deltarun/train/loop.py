@@ -10,6 +10,7 @@ Progress: a rich bar with the step, loss and tokens/s (tokens of the packed rows
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -148,6 +149,10 @@ def finetune(base: str | Path, data: str | Path, out: str | Path, config: TrainC
     template = ChatTemplate.from_folder(base_path) or ChatTemplate.builtin(
         thinking_default=model_cfg.text.hidden_size >= 2560)
     examples = load_examples(data, template, tokenizer, model_cfg.text.vocab_size)  # bad data fails before the load
+    long = [len(ex.ids) for ex in examples if len(ex.ids) > cfg.batch_tokens]
+    if long:
+        print(f"{len(long)} of {len(examples)} conversations are longer than --batch-tokens {cfg.batch_tokens} "
+              f"(the longest: {max(long)} tokens): their tokens past it are not learned", file=sys.stderr)
     plan = plan_steps(examples, cfg)
     mark = checkpoint.fingerprint(cfg.determines_result(), Path(data), base_path)
     resuming = cfg.resume and checkpoint.check(out, mark)
