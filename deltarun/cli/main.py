@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long a model loaded on request stays after its last request: 5m, 1h, 30s, "
                             "0 = unload at once, -1 = forever (default 5m or $DELTARUN_KEEP_ALIVE; the MODEL "
                             "argument stays loaded)")
+    from .serve_ray import add_ray_flags
+    add_ray_flags(serve)
     serve.add_argument("--max-loaded-models", type=int, default=os.environ.get("DELTARUN_MAX_LOADED_MODELS", "3"),
                        help="models held at once; loading another unloads the least recently used idle one "
                             "(default 3 or $DELTARUN_MAX_LOADED_MODELS)")
@@ -128,6 +130,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if args.request_timeout is not None and not args.request_timeout > 0:  # before any model loads
         raise ValueError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout}")
+    if args.ray:
+        from .serve_ray import cmd_serve_ray
+        return cmd_serve_ray(args)
     import uvicorn
 
     from ..lora_request import LoRARequest

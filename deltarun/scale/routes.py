@@ -1,0 +1,58 @@
+"""Prefix-affinity routing on Ray Serve's own request-router API (`ray.serve.request_router.RequestRouter`).
+
+Requests to the engine deployment carry `blocks=` (affinity.py: chained hashes of the prompt's token blocks,
+computed in the ingress, which has the tokenizer). `choose_replicas` ranks the replicas: first the one that
+holds the longest prefix of the prompt (or the prompt's rendezvous replica when none does), then all the
+others. Serve takes the first rank whose replica is below its `max_ongoing_requests`, and among the others
+the least loaded: a saturated replica spills to the least-loaded one. `on_request_routed` records where each
+prompt went (after any spill), so a conversation's next turn follows its prefix.
+
+A request with `replica=ID` (a stop string found in the ingress: `finish` for that one request) goes to that
+replica only. Requests with neither keyword are left to Serve's choice among all replicas.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from .affinity import PrefixTable
+
+
+def _uid(replica: RunningReplica | ReplicaID) -> str:
+    rid = replica.replica_id if isinstance(replica, RunningReplica) else replica
+    return rid.unique_id
+
+
+class PrefixAffinityRouter(RequestRouter):
+    """Prefix-aware, spill-to-least-loaded routing (see the module docstring)."""
+
+    def initialize_state(self, capacity: int = 100_000, **kwargs: Any) -> None:
+        self.table = PrefixTable(capacity)
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        kwargs = pending_request.kwargs if pending_request is not None else {}
+        pinned = kwargs.get("replica")
+        if pinned is not None:
+            same = [r for r in candidate_replicas if _uid(r) == pinned]
+            # gone: its requests went with it, and a finish for an unknown request is a no-op anywhere
+            return [same] if same else [candidate_replicas]
+        blocks = kwargs.get("blocks")
+        if not blocks:
+            return [candidate_replicas]
+        by_id = {_uid(r): r for r in candidate_replicas}
+        first = self.table.preferred(blocks, list(by_id))
+        rest = [r for r in candidate_replicas if _uid(r) != first]
+        return [[by_id[first]], rest] if first is not None else [candidate_replicas]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        blocks = pending_request.kwargs.get("blocks")
+        if blocks:
+            self.table.record(_uid(replica_id), blocks)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self.table.forget(_uid(replica_id))
