@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_commands(sub)  # list, show, pull, rm
     from .tools import add_tool_commands
     add_tool_commands(sub)  # quantize, merge, bench
+    from .batch import add_batch_command
+    add_batch_command(sub)  # batch (OpenAI Batch files, locally or on Ray)
     return parser
 
 

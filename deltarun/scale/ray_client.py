@@ -142,8 +142,18 @@ class RemoteSteps:
         for rid in list(self.records):
             self._spawn(self._stats(rid))
 
+    async def refresh_now(self, timeout: float = 5.0) -> None:
+        """Ask each known replica for its engine counters and wait for the answers (a gone one is skipped)."""
+        calls = [asyncio.ensure_future(self._stats(rid)) for rid in list(self.records)]
+        if calls:
+            await asyncio.wait(calls, timeout=timeout)
+
     async def _stats(self, rid: str) -> None:
-        info, stats = await self.unary.stats.remote(replica=rid)
+        try:
+            info, stats = await self.unary.stats.remote(replica=rid)
+        except Exception as e:  # a replica gone meanwhile
+            log.info("deltarun: replica %s did not answer for its counters: %r", rid, e)
+            return
         record = self.records.setdefault(info.replica, ReplicaRecord(info))
         record.stats = stats
 

@@ -60,7 +60,7 @@ class Ingress:
         @app.get("/ray/replicas")
         async def replicas() -> dict[str, Any]:
             """Per engine replica: requests routed here, running, failed, prefix-cache hits."""
-            client.steps.refresh(every=0.0)
+            await client.steps.refresh_now()
             return {"model": spec.name, "replicas": client.replicas()}
 
         return app
