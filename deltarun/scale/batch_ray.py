@@ -67,8 +67,8 @@ def run_ray(model_path: str, name: str, src: Path, dst: Path, engine_options: di
     # reading is light: it takes no CPU slot, which the engines (one per CPU they were given) may all hold
     ds = ray.data.read_text(str(src.resolve()), ray_remote_args={"num_cpus": 0})
     ds = ds.map_batches(BatchEngine, fn_constructor_args=(model_path, name, engine_options, ray.put(done)),
-                        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=actor_cpus, num_gpus=actor_gpus,
-                        batch_format="numpy")
+                        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=actor_cpus,
+                        num_gpus=actor_gpus, batch_format="numpy")
     written = set(done)
     with dst.open("a", encoding="utf-8") as out, BatchProgress(left + skipped, skipped, enabled=progress) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
