@@ -24,6 +24,8 @@ def add_ray_flags(serve: argparse.ArgumentParser) -> None:
     g.add_argument("--max-ongoing-requests", type=int, default=None, metavar="N",
                    help="requests one replica takes before the router spills to another (default 2 × "
                         "--max-num-seqs)")
+    g.add_argument("--max-replicas-per-node", type=int, default=None, metavar="N",
+                   help="at most N replicas on one node (1: one engine per machine; default: as Ray places them)")
     g.add_argument("--health-check-period", type=float, default=10.0, metavar="SECONDS",
                    help="how often Serve checks each replica's engine; a dead or wedged one is replaced (default 10)")
 
@@ -76,6 +78,7 @@ def cmd_serve_ray(args: argparse.Namespace) -> int:
         adapters=lora_modules(args.lora_modules), replicas=args.replicas, autoscale=autoscale,
         replica_cpus=float(args.replica_threads), replica_gpus=1.0 if gpu else 0.0,
         max_ongoing_requests=args.max_ongoing_requests or 2 * int(options.get("max_num_seqs", 16)),
+        max_replicas_per_node=args.max_replicas_per_node,
         health_check_period_s=args.health_check_period, health_check_timeout_s=max(5.0, 3 * args.health_check_period),
         drain_timeout=args.drain_timeout,
         app=dict(api_key=api_key, cors_origins=args.cors, default_thinking=args.think, host=args.host,

@@ -30,6 +30,7 @@ class ServeSpec:
     replica_cpus: float = 1.0
     replica_gpus: float = 0.0
     max_ongoing_requests: int = 32  # per replica: past it, the router spills to another
+    max_replicas_per_node: int | None = None  # e.g. 1: one engine per machine
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 30.0
     wedged_after: float = 60.0
@@ -89,6 +90,7 @@ def build_app(spec: ServeSpec) -> Any:
         ray_actor_options={"num_cpus": spec.replica_cpus, "num_gpus": spec.replica_gpus},
         health_check_period_s=spec.health_check_period_s, health_check_timeout_s=spec.health_check_timeout_s,
         graceful_shutdown_wait_loop_s=1.0, graceful_shutdown_timeout_s=spec.drain_timeout,
+        max_replicas_per_node=spec.max_replicas_per_node,
         request_router_config=RequestRouterConfig(
             request_router_class=PrefixAffinityRouter),  # type: ignore[arg-type]  # a class or its import path
         **scaling)(EngineReplica)
