@@ -57,8 +57,9 @@ def test_format_errors_and_resume(chat_ckpt, tmp_path):
     good = [request(f"r{i}", i) for i in range(8)]
     bad = ["{not json", json.dumps(["a list"]), {"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}},
            {"custom_id": "wrong-url", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
-           {"custom_id": "other-model", **{k: v for k, v in request("x", 0, model="gpt-4o").items() if k != "custom_id"}},
-           {"custom_id": "bad-body", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "max_tokens": -1}}]
+           request("other-model", 0, model="gpt-4o"),
+           {"custom_id": "bad-body", "method": "POST", "url": "/v1/completions",
+            "body": {"prompt": "x", "max_tokens": -1}}]
     src = write_input(tmp_path / "in.jsonl", good + bad + [request("r0", 0)])  # r0 twice: answered once
     dst = tmp_path / "out.jsonl"
     bar = run(llm, src, dst, max_in_flight=3)
