@@ -104,6 +104,9 @@ class RemoteSteps:
                     record.running += 1
                     self.where[request_id] = item.replica
                     continue
+                if item.finished:  # the replica's generator ends right after this: let it end rather than cancel
+                    async for _ in gen:  # it (measured: Serve kept a cancelled stream "ongoing" on its replica)
+                        pass
                 yield item
         except (GeneratorExit, asyncio.CancelledError):
             raise

@@ -34,7 +34,12 @@ class PrefixAffinityRouter(RequestRouter):
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
-        kwargs = pending_request.kwargs if pending_request is not None else {}
+        kwargs: dict[str, Any] = {}
+        if pending_request is not None:
+            kwargs = pending_request.kwargs
+            # every call offers all the replicas it would take: when none has room, Serve is to wait (back off)
+            # before asking again, or its routing loop spins (Serve's own routers set this flag the same way)
+            pending_request.routing_context.should_backoff = True
         pinned = kwargs.get("replica")
         if pinned is not None:
             same = [r for r in candidate_replicas if _uid(r) == pinned]
