@@ -8,8 +8,6 @@ runs as a subprocess with 2 replicas, one per node, 4 ongoing requests each, hea
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
-import os
 import signal
 import socket
 import subprocess
@@ -20,13 +18,12 @@ import httpx
 import ollama
 import openai
 import pytest
-from server_helpers import live_server, shared_llm
-from test_ray_batch_local import answer_text, read_output, request, run, write_input
+from server_helpers import live_server
 
 pytest.importorskip("ray", reason="`pip install 'deltarun[ray]'` (CI installs it: these tests do not skip there)")
 
-SYSTEM = ("You are a careful assistant for a shop that sells garden tools, seeds and soil. Answer briefly and "
-          "politely, and never invent prices.")
+SYSTEM = " ".join(["You are a careful assistant for a shop that sells garden tools, seeds and soil. Answer briefly "
+                   "and politely, and never invent prices."] * 8)  # > 128 tokens: the prefix cache keeps 64-token steps
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +140,7 @@ def test_prefix_sticks_and_distinct_prefixes_spread(served):
     got = routed(before, mid)
     assert sorted(got.values()) == [0, 6], got
     sticky = max(got, key=lambda r: got[r])
-    assert mid[sticky]["prefix_cache_hits"] > before.get(sticky, {}).get("prefix_cache_hits", 0)
+    assert mid[sticky]["prefix_cache_hits"] > (before.get(sticky, {}).get("prefix_cache_hits") or 0)
     for i in range(16):  # 16 different openings: rendezvous hashing spreads them (all on one: p = 2^-15)
         served.chat(f"{i * 7919} is the number I start with; tell me about tomatoes and their soil")
     spread = routed(mid, served.replicas())

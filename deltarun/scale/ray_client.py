@@ -9,13 +9,12 @@ prompt's block hashes (affinity.py) so prefixes stay where they are cached.
 A replica that dies mid-request ends that request at once with a 503 `APIError` (a 5xx body, or the error
 event of a stream, in the route's API shape); requests not yet sent are routed by Serve to the live ones.
 `replicas()` is what the ingress saw of each replica (`GET /ray/replicas`): requests routed, running,
-failed, and its engine counters as of its last answer.
+failed, and its engine counters as of its last finished request (ray_replica.EngineReport).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import astuple, dataclass, replace
@@ -36,7 +35,7 @@ from ..request_stream import stream_request
 from ..sampling import SamplingParams
 from ..server.errors import APIError
 from .affinity import block_hashes
-from .ray_replica import EngineDescription, ReplicaInfo
+from .ray_replica import EngineDescription, EngineReport, ReplicaInfo
 
 log = logging.getLogger("deltarun.scale")
 
@@ -49,7 +48,7 @@ class ReplicaRecord:
     routed: int = 0  # requests sent to it
     running: int = 0  # of those, still streaming
     failed: int = 0  # ended by an error on its side (it died, or the engine failed)
-    stats: EngineStats | None = None  # as of its last `stats` answer
+    stats: EngineStats | None = None  # as of its last finished request
 
     def as_json(self) -> dict[str, Any]:
         return {"replica": self.info.replica, "node": self.info.node, "pid": self.info.pid, "routed": self.routed,
@@ -82,12 +81,9 @@ class RemoteSteps:
 
     def __init__(self, handle: Any, records: dict[str, ReplicaRecord]):
         self.handle = handle.options(stream=True)
-        self.unary = handle
         self.records = records
         self.where: dict[str, str] = {}  # running request id → replica id (for `finish`)
         self.streams: dict[str, Any] = {}  # running request id → its response generator (for `abort`)
-        self._tasks: set[asyncio.Task] = set()
-        self._refreshed = 0.0
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        mm: MultiModalInput | None = None, adapter: str | None = None
@@ -105,8 +101,9 @@ class RemoteSteps:
                     self.where[request_id] = item.replica
                     continue
                 if item.finished:  # the replica's generator ends right after this: let it end rather than cancel
-                    async for _ in gen:  # it (measured: Serve kept a cancelled stream "ongoing" on its replica)
-                        pass
+                    async for last in gen:  # it (measured: Serve kept a cancelled stream "ongoing" on its replica)
+                        if isinstance(last, EngineReport) and record is not None:
+                            record.stats = last.stats
                 yield item
         except (GeneratorExit, asyncio.CancelledError):
             raise
@@ -126,49 +123,13 @@ class RemoteSteps:
             gen.cancel()  # a no-op once it has ended; otherwise the replica aborts the request
 
     def finish(self, request_id: str, index: int, reason: str, stop_reason: int | str | None = None) -> None:
-        replica = self.where.get(request_id)
-        if replica is None:
-            return
-        self._spawn(self.unary.finish.remote(request_id, index, reason, stop_reason, replica=replica))
+        """A stop string ended one of several sequences (n > 1): its replica is not told (Serve offers no call to
+        one given replica), so it runs on there until the request ends; its text is cut here all the same."""
 
     def abort(self, request_id: str) -> None:
         gen = self.streams.get(request_id)
         if gen is not None:
             gen.cancel()
-
-    def refresh(self, every: float = 1.0) -> None:
-        """Ask each known replica for its engine counters (in the background, at most once per `every` s)."""
-        now = time.monotonic()
-        if now - self._refreshed < every:
-            return
-        self._refreshed = now
-        for rid in list(self.records):
-            self._spawn(self._stats(rid))
-
-    async def refresh_now(self, timeout: float = 5.0) -> None:
-        """Ask each known replica for its engine counters and wait for the answers (a gone one is skipped)."""
-        calls = [asyncio.ensure_future(self._stats(rid)) for rid in list(self.records)]
-        if calls:
-            await asyncio.wait(calls, timeout=timeout)
-
-    async def _stats(self, rid: str) -> None:
-        try:
-            info, stats = await self.unary.stats.remote(replica=rid)
-        except Exception as e:  # a replica gone meanwhile
-            log.info("deltarun: replica %s did not answer for its counters: %r", rid, e)
-            return
-        record = self.records.setdefault(info.replica, ReplicaRecord(info))
-        record.stats = stats
-
-    def _spawn(self, work: Any) -> None:
-        async def run() -> None:
-            try:
-                await work
-            except Exception as e:  # a replica gone meanwhile: nothing to finish or count there
-                log.debug("deltarun: background call to a replica failed: %r", e)
-        task = asyncio.ensure_future(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
 
 class RemoteClient(Frontend):
@@ -239,7 +200,6 @@ class RemoteClient(Frontend):
     def stats(self) -> EngineStats:
         """All replicas' counters added up (as of their last answers); `requests_waiting` is counted here:
         requests streaming beyond what the replicas decode at once (it decides the 429s)."""
-        self.steps.refresh()
         known = [r.stats for r in self.records.values() if r.stats is not None]
         total = EngineStats(0, 0, 0, 0, 0, 0, 0)
         for s in known:

@@ -2,11 +2,13 @@
 
 It serves the engine half of the `EngineClient` seam (client.py) to the ingress (ray_client.py): prepared
 requests in (token ids, SamplingParams, media, adapter), `StepOutput`s out, streamed through Serve; the
-tokenizer, templates and detokenizing stay in the ingress. Besides `generate` it answers `finish` (a stop
-string the ingress found), `describe` (what the ingress needs to prepare requests as the engine would),
-`stats`, and Serve's `check_health`: an engine thread that died, or that has work but has not stepped for
-`wedged_after` seconds, fails the check and Serve replaces the replica. Per-replica counters go to Ray's
-metrics (`ray.serve.metrics`, tagged with the replica by Serve).
+tokenizer, templates and detokenizing stay in the ingress. Each stream opens with a `ReplicaInfo` (who
+answers) and closes with an `EngineReport` (its engine's counters then): the ingress never calls one given
+replica by itself, which Serve's handles do not offer (a router that pins calls to a replica jammed Serve's
+routing queue when tried). Besides `generate` it answers `describe` (what the ingress needs to prepare
+requests as the engine would) and Serve's `check_health`: an engine thread that died, or that has work but
+has not stepped for `wedged_after` seconds, fails the check and Serve replaces the replica. Per-replica
+counters go to Ray's metrics (`ray.serve.metrics`, tagged with the replica by Serve).
 """
 from __future__ import annotations
 
@@ -30,6 +32,14 @@ class ReplicaInfo:
     replica: str  # Serve's replica id (unique_id), what the router pins `finish` calls to
     node: str
     pid: int
+
+
+@dataclass(frozen=True)
+class EngineReport:
+    """The replica's engine counters, sent last on every stream that ran to its end."""
+
+    info: ReplicaInfo
+    stats: EngineStats
 
 
 @dataclass(frozen=True)
@@ -70,9 +80,11 @@ class EngineReplica:
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        mm: MultiModalInput | None = None, adapter: str | None = None,
-                       blocks: list[int] | None = None) -> AsyncGenerator[ReplicaInfo | StepOutput, None]:
-        """The request's step outputs, after one `ReplicaInfo`. `blocks` is for the router only. Serve
-        cancels this generator when the ingress drops the stream: the engine then aborts the request."""
+                       blocks: list[int] | None = None
+                       ) -> AsyncGenerator[ReplicaInfo | StepOutput | EngineReport, None]:
+        """The request's step outputs, after one `ReplicaInfo` and, when it ran to its end, before one
+        `EngineReport`. `blocks` is for the router only. Serve cancels this generator when the ingress drops
+        the stream: the engine then aborts the request."""
         if mm is not None:
             self.llm.load_vision()
         self.requests.inc()
@@ -81,19 +93,12 @@ class EngineReplica:
             async for step in steps:
                 self.tokens.inc(sum(len(u.new_token_ids) for u in step.updates))
                 yield step
-
-    def finish(self, request_id: str, index: int, reason: str, stop_reason: int | str | None = None,
-               replica: str | None = None) -> None:
-        """End one sequence of a running request (`replica` is for the router: it pins the call here)."""
-        self.llm.async_engine.finish(request_id, index, reason, stop_reason)
+        yield EngineReport(self.info, self.llm.stats())
 
     def describe(self) -> EngineDescription:
         llm = self.llm
         return EngineDescription(llm.config, llm.max_model_len, llm.engine.pool.num_slots, llm.default_max_tokens,
                                  llm.model_info(), llm.list_loras())
-
-    def stats(self, replica: str | None = None) -> tuple[ReplicaInfo, EngineStats]:
-        return self.info, self.llm.stats()
 
     def check_health(self) -> None:
         """Raise (Serve then replaces this replica) when the engine thread is gone or stuck."""

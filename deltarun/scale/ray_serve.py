@@ -61,7 +61,6 @@ class Ingress:
         @app.get("/ray/replicas")
         async def replicas() -> dict[str, Any]:
             """Per engine replica: requests routed here, running, failed, prefix-cache hits."""
-            await client.steps.refresh_now()
             return {"model": spec.name, "replicas": client.replicas()}
 
         return app
@@ -85,15 +84,17 @@ def build_app(spec: ServeSpec) -> Any:
             "upscale_delay_s": 10.0, "downscale_delay_s": 120.0}}
     else:
         scaling = {"num_replicas": spec.replicas}
-    engine = serve.deployment(
+    options: dict[str, Any] = dict(
         name=f"{spec.app_name}-engine", max_ongoing_requests=spec.max_ongoing_requests,
         ray_actor_options={"num_cpus": spec.replica_cpus, "num_gpus": spec.replica_gpus},
         health_check_period_s=spec.health_check_period_s, health_check_timeout_s=spec.health_check_timeout_s,
         graceful_shutdown_wait_loop_s=1.0, graceful_shutdown_timeout_s=spec.drain_timeout,
-        max_replicas_per_node=spec.max_replicas_per_node,
         request_router_config=RequestRouterConfig(
             request_router_class=PrefixAffinityRouter),  # type: ignore[arg-type]  # a class or its import path
-        **scaling)(EngineReplica)
+        **scaling)
+    if spec.max_replicas_per_node:
+        options["max_replicas_per_node"] = spec.max_replicas_per_node
+    engine = serve.deployment(**options)(EngineReplica)
     ingress = serve.deployment(
         name=f"{spec.app_name}-ingress", num_replicas=1, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=10_000,  # the engines bound the work; the app answers 429 past --max-queued-requests

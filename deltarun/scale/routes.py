@@ -7,8 +7,7 @@ others. Serve takes the first rank whose replica is below its `max_ongoing_reque
 the least loaded: a saturated replica spills to the least-loaded one. `on_request_routed` records where each
 prompt went (after any spill), so a conversation's next turn follows its prefix.
 
-A request with `replica=ID` (a stop string found in the ingress: `finish` for that one request) goes to that
-replica only. Requests with neither keyword are left to Serve's choice among all replicas.
+Requests without `blocks` (`describe`) are left to Serve's choice among all replicas.
 """
 from __future__ import annotations
 
@@ -40,11 +39,6 @@ class PrefixAffinityRouter(RequestRouter):
             # every call offers all the replicas it would take: when none has room, Serve is to wait (back off)
             # before asking again, or its routing loop spins (Serve's own routers set this flag the same way)
             pending_request.routing_context.should_backoff = True
-        pinned = kwargs.get("replica")
-        if pinned is not None:
-            same = [r for r in candidate_replicas if _uid(r) == pinned]
-            # gone: its requests went with it, and a finish for an unknown request is a no-op anywhere
-            return [same] if same else [candidate_replicas]
         blocks = kwargs.get("blocks")
         if not blocks:
             return [candidate_replicas]
