@@ -8,6 +8,7 @@ runs as a subprocess with 2 replicas, one per node, 4 ongoing requests each, hea
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import signal
 import socket
 import subprocess
@@ -18,7 +19,8 @@ import httpx
 import ollama
 import openai
 import pytest
-from server_helpers import live_server
+from server_helpers import live_server, shared_llm
+from test_ray_batch_local import answer_text, read_output, request, run, write_input
 
 pytest.importorskip("ray", reason="`pip install 'deltarun[ray]'` (CI installs it: these tests do not skip there)")
 
@@ -182,3 +184,78 @@ def test_every_listener_is_loopback(served):
             if not (ip.is_loopback or (mapped is not None and mapped.is_loopback)):
                 wide.append((p.pid, " ".join(p.cmdline()[:2]), c.laddr))
     assert not wide
+
+
+def test_killed_replica_fails_only_its_requests(served):
+    """kill -9 one replica under load: its streams end within seconds with an error event (the openai client
+    raises it), none hang; the other replica finishes its own and answers new requests; Serve replaces it."""
+    from ray import serve
+
+    def stream(i: int):
+        try:
+            s = served.openai.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": f"{i * 104729} starts a long story about soil"}],
+                max_tokens=300, temperature=0, stream=True)
+            for _ in s:
+                pass
+            return "ok", time.monotonic(), ""
+        except openai.APIError as e:
+            return "error", time.monotonic(), str(e)
+
+    with cf.ThreadPoolExecutor(6) as ex:
+        futures = [ex.submit(stream, i) for i in range(6)]
+        deadline = time.monotonic() + 60
+        while True:
+            busy = [r for r in served.replicas().values() if r["running"] > 0]
+            if busy or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert busy, "no request got running"
+        victim = max(busy, key=lambda r: r["running"])
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed = time.monotonic()
+        outcomes = [f.result(timeout=90) for f in futures]
+    errors = [o for o in outcomes if o[0] == "error"]
+    assert errors, outcomes
+    assert all(when - killed < 15 for _, when, _ in errors), outcomes
+    assert all("replica" in why for *_, why in errors), errors
+    for i in range(4):  # new requests: the live replica answers
+        assert served.chat(f"after the kill {i}").choices[0].finish_reason == "length"
+    deadline = time.monotonic() + 120
+    while True:
+        states = serve.status().applications["deltarun"].deployments["deltarun-engine"].replica_states
+        if states.get("RUNNING") == 2:
+            break
+        assert time.monotonic() < deadline, f"Serve did not replace the replica: {states}"
+        time.sleep(0.5)
+
+
+def test_batch_on_ray_equals_local_and_resumes(cluster, chat_ckpt, tmp_path):
+    """`deltarun batch --ray` over 200 lines (an actor pool of 2 engines) == local mode per custom_id, greedy;
+    killed midway and started again, it finishes without redoing or losing a line."""
+    src = write_input(tmp_path / "in.jsonl", [request(f"b{i}", i) for i in range(200)] + ["{broken"])
+    local = tmp_path / "local.jsonl"
+    run(shared_llm(chat_ckpt), src, local)
+    out = tmp_path / "ray.jsonl"
+    cmd = [sys.executable, "-m", "deltarun", "batch", str(chat_ckpt), str(src), str(out), "--served-model-name",
+           "tiny", "--ray", "--address", cluster.address, "--actors", "2", "--batch-size", "8", "--dtype",
+           "float32", "--device", "cpu", "--max-num-seqs", "4"]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while first.poll() is None and (not out.exists() or out.read_text().count("\n") < 24):
+        assert time.monotonic() < deadline, "the first run wrote nothing"
+        time.sleep(0.02)
+    first.kill()
+    first.wait(30)
+    done_first = len(read_output(out)) if out.read_text().endswith("\n") else out.read_text().count("\n")
+    assert 0 < done_first < 201, "the run was not interrupted midway"
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"{done_first} already done" in second.stderr, second.stderr[-2000:]
+    got, want = read_output(out), read_output(local)  # read_output fails on a custom_id written twice
+    assert set(got) == set(want) and len(got) == 201
+    for cid, line in want.items():
+        if line["error"] is not None:
+            assert got[cid]["error"]["code"] == line["error"]["code"]
+        else:
+            assert answer_text(got[cid]) == answer_text(line), cid
