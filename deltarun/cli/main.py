@@ -134,7 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout}")
     if args.ray:
         from .serve_ray import cmd_serve_ray
-        return cmd_serve_ray(args)
+        return cmd_serve_ray(args, api_key_of(args), lora_modules(args.lora_modules))
     import uvicorn
 
     from ..lora_request import LoRARequest

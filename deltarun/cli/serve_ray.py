@@ -41,7 +41,8 @@ def parse_autoscale(text: str) -> tuple[int, int]:
     return pair
 
 
-def cmd_serve_ray(args: argparse.Namespace) -> int:
+def cmd_serve_ray(args: argparse.Namespace, api_key: str | None, adapters: dict[str, str]) -> int:
+    """`api_key`, `adapters`: what `serve` read from its key flags and --lora-modules (cli/main.py)."""
     import os
 
     from ..scale import require_ray
@@ -56,7 +57,6 @@ def cmd_serve_ray(args: argparse.Namespace) -> int:
     autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
     from ..server.guard import host_name, is_loopback
     from ..server.targets import resolve_target
-    from .main import api_key_of, lora_modules
 
     options = engine_options(args)
     options["quantization"] = args.quantize or options.get("quantization")
@@ -65,7 +65,6 @@ def cmd_serve_ray(args: argparse.Namespace) -> int:
     if target.quantization:
         options["quantization"] = target.quantization
     options = {k: v for k, v in options.items() if v is not None}
-    api_key = api_key_of(args)
     if not api_key and not is_loopback(host_name(args.host)):
         err(f"warning: serving on {args.host} without an API key: anyone who can reach this address can use "
             "your models (set DELTARUN_API_KEY or --api-key-file)")
@@ -75,7 +74,7 @@ def cmd_serve_ray(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model
     spec = ServeSpec(
         model_path=str(target.path.resolve()), name=name, aliases=(args.model,), engine_options=options,
-        adapters=lora_modules(args.lora_modules), replicas=args.replicas, autoscale=autoscale,
+        adapters=adapters, replicas=args.replicas, autoscale=autoscale,
         replica_cpus=float(args.replica_threads), replica_gpus=1.0 if gpu else 0.0,
         max_ongoing_requests=args.max_ongoing_requests or 2 * int(options.get("max_num_seqs", 16)),
         max_replicas_per_node=args.max_replicas_per_node,
