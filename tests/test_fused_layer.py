@@ -89,3 +89,43 @@ def test_fused_decode_is_bit_exact(request, monkeypatch, quantization, slots, ck
         assert torch.equal(g, w)
     for g, w in zip(got_states, want_states):
         assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("quantization", [None, "int8", "int4:32"])
+def test_fused_decode_with_adapters_is_bit_exact(aligned_ckpt, monkeypatch, quantization):
+    """Rows on two LoRA adapters and one row on none, through the fused layers (ops/layer.py `with_adapters`):
+    bit for bit the modules with their delta hooks (ops/lora.py); the fused ops really ran, and the deltas
+    really joined them (the adapter rows differ from the base, the row without stays the base's)."""
+    from deltarun.ops.lora import NONE, slots_of
+    from deltarun.weights.lora import _linears
+
+    model = load_model(aligned_ckpt, dtype="bfloat16", device="cpu", quantization=quantization)
+    lora = slots_of(model, 2, 4)
+    g = torch.Generator().manual_seed(7)
+    for name, mod in _linears(model).items():
+        for s in (0, 1):
+            lora.hook(model, name).set(s, torch.randn(4, mod.in_features, generator=g) * 0.2,
+                                       torch.randn(mod.out_features, 4, generator=g) * 0.2, 0.5)
+    calls: list[int] = []
+    for op in ("gdn_layer", "attn_layer"):
+        real = getattr(fused, op)
+        monkeypatch.setattr(fused, op, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+    slots, rows = [3, 0, 2], [0, NONE, 1]
+    prompt = torch.randint(0, 1000, (3, 30), generator=torch.Generator().manual_seed(2))
+    with lora.use(rows):
+        got, got_states = _decode(model, slots, prompt, steps=4)
+    assert len(calls) == 4 * len(model.model.language_model.layers)  # every decode step, every layer fused
+    with lora.use([NONE] * 3):
+        base, _ = _decode(model, slots, prompt, steps=4)
+    assert torch.equal(got[0][1], base[0][1]) and not torch.equal(got[0][0], base[0][0])
+    assert not torch.equal(got[0][2], base[0][2])
+
+    monkeypatch.setenv("DELTARUN_FUSED_LAYERS", "0")
+    reload_settings()
+    fused.reset(model)
+    with lora.use(rows):
+        want, want_states = _decode(model, slots, prompt, steps=4)
+    for g_, w in zip(got, want):
+        assert torch.equal(g_, w)
+    for g_, w in zip(got_states, want_states):
+        assert torch.equal(g_, w)

@@ -1,6 +1,7 @@
 """Checkpoint loading: the published layouts load, and every kind of broken folder gives a clear error."""
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -140,3 +141,29 @@ def test_bad_dtype_and_device(tiny_ckpt):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             load_model(tiny_ckpt, device="cuda")
+
+
+def _rss_file_mb() -> float:
+    import re
+    return int(re.search(r"RssFile:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RssFile and madvise are Linux's")
+def test_quantize_on_load_gives_back_the_source_pages(tmp_path):
+    """A tensor quantized on load is read through safetensors' file mapping; weights/common.py `drop_pages`
+    returns its pages (they would stay in RSS beside the quantized copy), and only its own: the tensor
+    beside it keeps its values, and the dropped one reads back from the file unchanged."""
+    from deltarun.weights.common import drop_pages
+
+    g = torch.Generator().manual_seed(0)
+    want_a, want_b = torch.randn(4096, 4096, generator=g).to(torch.bfloat16), torch.randn(3, 5, generator=g)
+    save_file({"a": want_a, "b": want_b}, str(tmp_path / "w.safetensors"))  # 32 MB, then a small neighbour
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt", device="cpu") as f:
+        a, b = f.get_tensor("a"), f.get_tensor("b")
+        before = _rss_file_mb()
+        a.float().sum()  # every page of `a` read, as the quantizer reads it
+        touched = _rss_file_mb()
+        drop_pages(a)
+        after = _rss_file_mb()
+        assert touched - before > 24 and after < touched - 24, (before, touched, after)
+        assert torch.equal(b, want_b) and torch.equal(a, want_a)

@@ -53,9 +53,10 @@ class DecoderLayer(nn.Module):
         return parts
 
     def forward(self, x, rope, cache: ModelCache, slots: torch.Tensor):
-        lora = self.__dict__.get("lora_slots")  # adapter rows in this forward: the modules run (ops/lora.py)
-        fusable = fused.usable(x) and (lora is None or not lora.active)
-        plan = fused.plan(self) if fusable else None  # decode on the CPU: C++ ops, the same math
+        plan = fused.plan(self) if fused.usable(x) else None  # decode on the CPU: C++ ops, the same math
+        lora = self.__dict__.get("lora_slots")
+        if plan is not None and lora is not None and lora.active:  # rows with adapters (ops/lora.py)
+            plan = fused.with_adapters(plan, x)
         if plan is not None and plan.gdn is not None and cache.capture is None:
             return fused.gdn_layer(plan, x, cache, self.state_index, slots)
         if plan is not None and plan.attn is not None:

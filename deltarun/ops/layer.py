@@ -5,11 +5,13 @@ they cost as much as the int4 matmuls themselves. Where every linear of a layer 
 kernels, the layer's decode step is one op that calls those same kernels in the same order, so its
 output is bit for bit the modules' (tests/test_fused_layer.py). The tensors each kernel reads are
 gathered once per layer here (`plan`); anything else (prefill, more than MAX_ROWS sequences, a
-speculative verify, weights without a kernel, CUDA) runs the modules as before.
+speculative verify, weights without a kernel, CUDA) runs the modules as before. A forward whose rows run
+LoRA adapters (ops/lora.py) takes the same ops, each adapter-carrying linear's tensors followed by its
+slots' [A, Bt, mask] (`with_adapters`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -17,6 +19,7 @@ from torch import nn
 
 from . import gemv, kernels
 from .linear import Linear
+from .lora import SlotDelta
 from .quant import QuantLinear
 from .settings import settings
 
@@ -85,8 +88,8 @@ class LayerParts:
 
 def linear_args(mod: nn.Module) -> list[torch.Tensor] | None:
     """The tensors of the kernel `mod` runs on a few bf16 rows (csrc/layer.cpp's encoding), or None when
-    it would run something else (its route is not one of our kernels). An adapter's delta does not count: a
-    forward with adapter rows runs the modules (model/qwen3_5.py `DecoderLayer.forward`, ops/lora.py)."""
+    it would run something else (its route is not one of our kernels). An adapter's delta does not count: it
+    joins per forward (`with_adapters`)."""
     if isinstance(mod, Linear):
         w = mod.weight
         if mod.bias is not None or not w.is_contiguous():
@@ -107,6 +110,7 @@ class Plan:
     attn: tuple | None = None  # a full-attention layer's arguments before the rotary tables
     attn_rest: tuple = ()  # … and between the caches' lengths and the tail
     kv_shape: tuple = ()  # [1, Hkv, 1, D]: what a KV cache grows by
+    linears: tuple = ()  # (field, position, module): where each linear's tensors sit, for `with_adapters`
 
 
 class Fusable(Protocol):
@@ -139,6 +143,8 @@ def _build(parts: LayerParts) -> Plan | None:
     if any(a is None for a in lins) or t.post_norm.weight.device.type != "cpu":
         return None
     p = Plan(tail=(t.post_norm.weight, t.post_norm.eps, *lins))
+    at_ = lambda field, first, mods: tuple((field, first + i, m) for i, m in enumerate(mods))  # noqa: E731
+    p.linears = at_("tail", 2, (t.gate, t.up, t.down))
     if (g := parts.gdn) is not None:
         proj = [linear_args(m) for m in (g.qkv, g.z, g.a, g.b)]
         out = linear_args(g.out)
@@ -147,6 +153,7 @@ def _build(parts: LayerParts) -> Plan | None:
         p.gdn = (g.in_norm.weight, g.in_norm.eps, *proj, g.conv_weight.contiguous(), g.A_log.float().contiguous(),
                  g.dt_bias.float().contiguous(), g.norm.weight, g.norm.eps, out)
         p.hk = g.hk
+        p.linears += at_("gdn", 2, (g.qkv, g.z, g.a, g.b)) + at_("gdn", 11, (g.out,))
     elif (at := parts.attn) is not None:
         proj = [linear_args(m) for m in (at.q, at.k, at.v, at.o)]
         if any(a is None for a in proj) or not at.gated:
@@ -155,7 +162,34 @@ def _build(parts: LayerParts) -> Plan | None:
                   at.k_norm.eps)
         p.attn_rest = (at.nq, at.nkv, at.scale, proj[3])
         p.kv_shape = (1, at.nkv, 1, at.head_dim)
+        p.linears += at_("attn", 2, (at.q, at.k, at.v)) + at_("attn_rest", 3, (at.o,))
     return p
+
+
+def with_adapters(p: Plan, x: torch.Tensor) -> Plan | None:
+    """`p` for this forward's rows (x [B, 1, H]) when some run LoRA adapters: each linear carrying a `SlotDelta`
+    gets its [A, Bt, mask] appended, as csrc/layer.cpp `lin` takes them (None: a delta the ops cannot take, so
+    the modules run)."""
+    fields: dict[str, list] = {}
+    for field, pos, mod in p.linears:
+        h = getattr(mod, "delta", None)
+        if h is None:
+            continue
+        if not isinstance(h, SlotDelta):
+            return None
+        mask = h.slots.mask(x, h.A.dtype)  # the mask the modules' hooks would build: cached per forward
+        if mask is None:
+            continue
+        if not h.kernel_path(x.shape[0]):
+            return None
+        args = fields.setdefault(field, list(getattr(p, field)))
+        args[pos] = [*args[pos], h.A, h.B, mask]
+    if not fields:
+        return p
+    q = replace(p)
+    for f, a in fields.items():
+        setattr(q, f, tuple(a))
+    return q
 
 
 def usable(x: torch.Tensor) -> bool:

@@ -3,17 +3,18 @@
 `LoRASlots` (one per model, `model.lora_slots`) holds `num_slots` adapters at once, each in a slot. Every
 projection some loaded adapter targets carries a `SlotDelta` as its `delta` hook (ops/linear.py `Linear`,
 ops/quant.py `QuantLinear`, model/deltanet.py's a/b projections), with the slots' lora_A rows stacked in
-A [S·R, in] and scale·lora_Bᵀ in Bt [S·R, out] (R: the largest rank loaded; a smaller rank's rows and a
+A [S·R, in] and scale·lora_B in B [out, S·R] (R: the largest rank loaded; a smaller rank's rows and a
 slot's untargeted modules are zeros). A forward's rows pick their slot through one 0/1 mask [rows, S·R],
 so a batch mixing adapters (and rows with none) costs two dense matmuls per projection whatever the mix:
 
-    delta(x) = ((x · Aᵀ) ⊙ mask) · Bt      x [rows, in] → [rows, out]
+    delta(x) = ((x · Aᵀ) ⊙ mask) · Bᵀ      x [rows, in] → [rows, out]
 
 — the S-LoRA / Punica computation done with dense GEMMs, which on a CPU beat per-row gathers for the few
 slots a batch holds (S·R ≪ in). Which slot each sequence uses is set per forward by the engine
 (`LoRASlots.use`, one slot per sequence: x's leading dimension is the batch's sequences); `default` is the
 slot for forwards run outside the engine (weights/lora.py `apply_lora`). The fused C++ decode layers
-(ops/layer.py) know nothing of adapters: a forward with an active slot runs the modules instead.
+(ops/layer.py `with_adapters`) take A, Bt and the mask beside each linear's kernel tensors and compute the
+same delta with the same ops.
 What an adapter is and how it is read lives in weights/lora.py; which adapter gets which slot, in
 engine/adapters.py.
 """
@@ -26,36 +27,58 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import gemv, kernels
+
 NONE = -1  # a sequence that runs without an adapter
+
+
+KERNEL_ROWS = 16  # up to this many rows (a decode step) the delta runs on the GEMV kernels (ops/gemv.py)
+F32_GEMV = ("in_proj_a", "in_proj_b")  # fp32, decoded on gemv_f32 (model/deltanet.py): so are their deltas
 
 
 class SlotDelta:
     """A projection's `delta` hook: x [..., in] → the delta of each row's slot [..., out] in x's dtype, or
-    None when no row of the forward has an adapter."""
+    None when no row of the forward has an adapter.
+
+    A decode step's few rows run on the GEMV kernels, which split work only over many outputs: the shrink
+    (S·R outputs) runs on the calling thread and the expand is one parallel op, where torch's GEMMs would
+    open two OpenMP regions per projection, each slow to gather its threads on a busy machine. csrc/layer.cpp
+    `lin` makes the same calls (`kernel_path`), so the fused layers' sums are bit for bit these."""
 
     def __init__(self, slots: LoRASlots, fan_in: int, fan_out: int, dtype: torch.dtype, device: torch.device):
         self.slots, self.fan_in, self.fan_out = slots, fan_in, fan_out
         self.A = torch.zeros(slots.num_slots * slots.rank, fan_in, dtype=dtype, device=device)
-        self.Bt = torch.zeros(slots.num_slots * slots.rank, fan_out, dtype=dtype, device=device)
+        self.B = torch.zeros(fan_out, slots.num_slots * slots.rank, dtype=dtype, device=device)  # scale · lora_B
+        self.f32_gemv = False  # set by LoRASlots.hook for DeltaNet's small fp32 projections
 
     def set(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float) -> None:
         """Slot `slot` ← lora_A [r, in], lora_B [out, r] (None: this adapter leaves the projection alone)."""
         R = self.slots.rank
-        rows = slice(slot * R, (slot + 1) * R)
-        self.A[rows].zero_()
-        self.Bt[rows].zero_()
+        cols = slice(slot * R, (slot + 1) * R)
+        self.A[cols].zero_()
+        self.B[:, cols].zero_()
         if A is not None and B is not None:
             r = A.shape[0]
             self.A[slot * R: slot * R + r] = A.to(self.A.dtype)
-            self.Bt[slot * R: slot * R + r] = (B.float().t() * scale).to(self.Bt.dtype)
+            self.B[:, slot * R: slot * R + r] = (B.float() * scale).to(self.B.dtype)
+
+    def kernel_path(self, rows: int) -> bool:
+        """Whether a forward of `rows` rows takes the GEMV kernels (else torch's GEMMs)."""
+        if rows > KERNEL_ROWS or self.A.device.type != "cpu" or not kernels.available():
+            return False
+        return self.A.dtype == torch.bfloat16 or (self.A.dtype == torch.float32 and self.f32_gemv)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         mask = self.slots.mask(x, self.A.dtype)
         if mask is None:
             return None
-        n = mask.shape[1]
         x2 = x.reshape(-1, self.fan_in).to(self.A.dtype)
-        y = (F.linear(x2, self.A[:n]) * mask) @ self.Bt[:n]
+        if not self.kernel_path(x2.shape[0]):
+            y = F.linear(F.linear(x2, self.A) * mask, self.B)
+        elif self.A.dtype == torch.bfloat16:
+            y = gemv.gemv_bf16(gemv.gemv_bf16(x2, self.A, True) * mask, self.B, True)
+        else:
+            y = gemv.gemv_f32(gemv.gemv_f32(x2, self.A) * mask, self.B)
         return y.to(x.dtype).view(*x.shape[:-1], self.fan_out)
 
 
@@ -82,7 +105,7 @@ class LoRASlots:
 
     @property
     def active(self) -> bool:
-        """Whether the current forward has any row with an adapter (then the fused layers stand aside)."""
+        """Whether the current forward has any row with an adapter (then the fused layers add the deltas)."""
         if self._seq_slots is not None:
             return any(s != NONE for s in self._seq_slots)
         return self.default is not None
@@ -98,7 +121,7 @@ class LoRASlots:
             self._seq_slots, self._masks = prev, prev_masks
 
     def mask(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """The [rows, S·R] 0/1 mask of x's rows (S: slots up to the highest in use), built once per forward."""
+        """The [rows, S·R] 0/1 mask of x's rows, built once per forward."""
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         key = (rows, dtype)
         if key not in self._masks:
@@ -113,8 +136,7 @@ class LoRASlots:
         if rows % len(seqs):
             raise RuntimeError(f"LoRA rows: {rows} rows for {len(seqs)} sequences")
         per_row = torch.tensor(seqs, device=device).repeat_interleave(rows // len(seqs))
-        n = (max(seqs) + 1) * self.rank
-        cols = torch.arange(n, device=device) // self.rank
+        cols = torch.arange(self.num_slots * self.rank, device=device) // self.rank
         return (per_row[:, None] == cols[None, :]).to(dtype)
 
     def hook(self, model: nn.Module, name: str) -> SlotDelta:
@@ -129,6 +151,7 @@ class LoRASlots:
                 dtype, device = getattr(mod, "dtype"), mod._device()  # type: ignore[operator]
             h = self.hooks[name] = SlotDelta(self, int(getattr(mod, "in_features")),
                                              int(getattr(mod, "out_features")), dtype, device)
+            h.f32_gemv = name.rpartition(".")[2] in F32_GEMV
             setattr(mod, "delta", h)
         return h
 

@@ -2,7 +2,10 @@
 adopting checkpoint tensors into a meta-built module. loader.py re-exports these names."""
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -84,6 +87,7 @@ def adopt_tensors(folder: Path, model: torch.nn.Module, params: Mapping[str, tor
                                         f"expected {list(params[name].shape)}")
                     loaded.add(name)
                     if convert is not None and convert(name, tensor):
+                        drop_pages(tensor)
                         continue
                     module_name, _, attr = name.rpartition(".")
                     module = model.get_submodule(module_name)
@@ -100,3 +104,23 @@ def adopt_tensors(folder: Path, model: torch.nn.Module, params: Mapping[str, tor
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise LoadError(f"tensor {prefix}{missing[0]} is missing from the checkpoint in {folder}{more}")
+
+
+_MADV_DONTNEED = 4
+_libc: list = []  # ctypes' handle on the C library, opened on first use
+
+
+def drop_pages(t: torch.Tensor) -> None:
+    """Give back the resident pages of a checkpoint tensor that was consumed (quantized on load). safetensors
+    maps the file, and each page read stays in this process's RSS while the mapping lives — a whole bf16 copy
+    beside the quantized one. Only pages wholly inside `t` are dropped: a file-backed page is read again if
+    ever touched, and no neighbour's page is concerned. Linux only (elsewhere the pages stay)."""
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
+        return
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    a, b = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if b > a:
+        if not _libc:
+            _libc.append(ctypes.CDLL(None))
+        _libc[0].madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED)

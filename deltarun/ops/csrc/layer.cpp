@@ -4,7 +4,8 @@
 // long as a 0.8B layer's int4 matmuls take. Python builds the argument lists once per layer
 // (ops/layer.py); prefill, speculative verifies and anything without a kernel stay on the modules.
 // A linear layer arrives as the tensors its kernel reads: [w bf16] or [w fp32] (gemv_bf16 / gemv_f32),
-// [q int8, scales fp32] (gemv_int8), [packed uint8, sz bf16] (gemv_int4, group = K / sz.size(0)).
+// [q int8, scales fp32] (gemv_int8), [packed uint8, sz bf16] (gemv_int4, group = K / sz.size(0)), each followed
+// by [A, Bt, mask] where some rows run a LoRA adapter (`lin` below).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -15,13 +16,28 @@
 namespace {
 
 // x [M, K] → [M, N]: in x's dtype (cast), fp32 from fp32 weights
-at::Tensor lin(const at::Tensor& x, at::TensorList w) {
-  TORCH_CHECK(!w.empty() && w.size() <= 2, "layer: a linear is 1 or 2 tensors");
+at::Tensor base_lin(const at::Tensor& x, at::TensorList w) {
   const at::Tensor& a = w[0];
   if (w.size() == 1) return a.scalar_type() == at::kFloat ? gemv_f32(x, a) : gemv_bf16(x, a, true);
   if (a.scalar_type() == at::kChar) return gemv_int8(x, a, w[1], true);
   TORCH_CHECK(a.scalar_type() == at::kByte && w[1].dim() == 3, "layer: int4 is [packed uint8, sz [K/g, N, 2]]");
   return gemv_int4(x, a, x.size(1) / w[1].size(0), w[1], true);
+}
+
+// The kernel's tensors, then (4 or 5 tensors in all) the rows' LoRA adapters as ops/lora.py `SlotDelta` holds
+// them: A [S·R, K], B [N, S·R], mask [M, S·R]; their delta ((x · Aᵀ) ⊙ mask) · Bᵀ is made by the same kernel
+// calls as `SlotDelta` makes (bf16, or fp32 for DeltaNet's small a/b projections) and added the same way, so the
+// sum is bit for bit the modules'.
+at::Tensor lin(const at::Tensor& x, at::TensorList w) {
+  const size_t nk = w.size() >= 4 ? w.size() - 3 : w.size();
+  TORCH_CHECK(nk >= 1 && nk <= 2, "layer: a linear is 1 or 2 tensors, then optionally [A, B, mask]");
+  const at::Tensor y = base_lin(x, w.slice(0, nk));
+  if (nk == w.size()) return y;
+  const at::Tensor &A = w[nk], &B = w[nk + 1], &mask = w[nk + 2];
+  const at::Tensor d = A.scalar_type() == at::kBFloat16
+                           ? gemv_bf16(gemv_bf16(x.to(at::kBFloat16), A, true) * mask, B, true)
+                           : gemv_f32(gemv_f32(x, A) * mask, B);
+  return y + d.to(y.scalar_type());
 }
 
 at::Tensor f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
