@@ -154,12 +154,26 @@ def test_saturated_replica_spills(served):
     before = served.replicas()
 
     def one(i):
-        return served.chat(f"spill {i}", system=SYSTEM + " Spill test.", max_tokens=40).choices[0].finish_reason
+        return served.chat(f"spill {i}", system=SYSTEM + " Spill test.", max_tokens=96).choices[0].finish_reason
 
     with cf.ThreadPoolExecutor(12) as ex:
         assert list(ex.map(one, range(12))) == ["length"] * 12
     got = routed(before, served.replicas())
     assert sum(got.values()) == 12 and min(got.values()) > 0 and max(got.values()) >= 4, got
+
+
+def test_same_rules_as_serve_and_no_store_changes(served):
+    """The ingress is `deltarun serve`'s app: its Host rule, other models 404, /metrics; under --ray pull, copy
+    and delete answer 400 (models are placed on the nodes beforehand)."""
+    assert httpx.get(served.url + "/v1/models", headers={"Host": "attacker.example"}).status_code == 403
+    for method, path, body in [("POST", "/api/pull", {"model": "qwen3.5:0.8b"}), ("DELETE", "/api/delete",
+                               {"model": "tiny"}), ("POST", "/api/copy", {"source": "tiny", "destination": "t2"})]:
+        r = httpx.request(method, served.url + path, json=body)
+        assert r.status_code == 400 and "--ray" in r.json()["error"], (path, r.text)
+    with pytest.raises(openai.NotFoundError):
+        served.openai.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}])
+    metrics = httpx.get(served.url + "/metrics").text
+    assert 'deltarun_prefix_cache_hits_total{model="tiny"}' in metrics
 
 
 def test_every_listener_is_loopback(served):
