@@ -62,7 +62,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
         llm = AsyncLLM(target.path, **options)
         try:
-            asyncio.run(run_local(llm, name, src, dst, max_in_flight=in_flight))
+            asyncio.run(run_local(llm, name, src, dst, max_in_flight=in_flight, default_thinking=args.think))
         finally:
             llm.shutdown()
         return 0  # lines that failed are error lines in OUT, as in OpenAI's batches
@@ -75,7 +75,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     try:
         run_ray(str(target.path.resolve()), name, src, dst, options, actors=args.actors,
                 actor_cpus=float(args.replica_threads), actor_gpus=1.0 if options.get("device") == "cuda" else 0.0,
-                batch_size=args.batch_size)
+                batch_size=args.batch_size, default_thinking=args.think)
     finally:
         ray.shutdown()
     return 0

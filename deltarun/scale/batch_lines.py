@@ -109,13 +109,13 @@ def input_lines(path: Path) -> Iterator[str]:
 class LineRunner:
     """Runs batch lines through `deltarun serve`'s app over one loaded model, in this process."""
 
-    def __init__(self, llm: Any, name: str):
+    def __init__(self, llm: Any, name: str, default_thinking: bool | None = None):
         import httpx
 
         from ..server import create_app
 
-        # no Host rule (no socket), no 429s (the caller bounds the lines in flight)
-        self.app = create_app(llm, name, host=None, max_queued_requests=None)
+        # no Host rule (no socket), no 429s (the caller bounds the lines in flight); --think/--no-think as serve's
+        self.app = create_app(llm, name, host=None, max_queued_requests=None, default_thinking=default_thinking)
         self.llm, self.name = llm, name
         self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://deltarun",
                                       timeout=None)

@@ -39,11 +39,11 @@ def write_line(out: TextIO, line: dict[str, Any]) -> None:
 
 
 async def run_local(llm: Any, name: str, src: Path, dst: Path, *, max_in_flight: int = 32,
-                    progress: bool | None = None) -> BatchProgress:
+                    progress: bool | None = None, default_thinking: bool | None = None) -> BatchProgress:
     """Answer every line of `src` not yet in `dst` with `llm` (an AsyncLLM), appending to `dst`."""
     done = done_ids(dst)
     left, skipped = pending_lines(src, name, done)
-    runner = LineRunner(llm, name)
+    runner = LineRunner(llm, name, default_thinking)
     slots = asyncio.Semaphore(max_in_flight)
     tasks: set[asyncio.Task] = set()
     with dst.open("a", encoding="utf-8") as out, BatchProgress(left + skipped, skipped, enabled=progress) as bar:

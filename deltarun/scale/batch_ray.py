@@ -24,7 +24,8 @@ from .progress import BatchProgress
 class BatchEngine:
     """One Ray Data actor: a model and its engine, answering batches of raw lines."""
 
-    def __init__(self, model_path: str, name: str, engine_options: dict[str, Any], done: Any):
+    def __init__(self, model_path: str, name: str, engine_options: dict[str, Any], done: Any,
+                 default_thinking: bool | None = None):
         import ray
 
         from ..async_llm import AsyncLLM
@@ -32,7 +33,7 @@ class BatchEngine:
 
         self.loop = asyncio.new_event_loop()  # one loop for the actor's life: the app's state is bound to it
         self.llm = AsyncLLM(model_path, **engine_options)
-        self.runner = LineRunner(self.llm, name)
+        self.runner = LineRunner(self.llm, name, default_thinking)
         self.name = name
         self.done: set[str] = ray.get(done) if isinstance(done, ray.ObjectRef) else done
 
@@ -55,7 +56,7 @@ class BatchEngine:
 
 def run_ray(model_path: str, name: str, src: Path, dst: Path, engine_options: dict[str, Any], *,
             actors: int = 1, actor_cpus: float = 1.0, actor_gpus: float = 0.0, batch_size: int = 16,
-            progress: bool | None = None) -> BatchProgress:
+            progress: bool | None = None, default_thinking: bool | None = None) -> BatchProgress:
     """Answer every line of `src` not yet in `dst` on the Ray cluster (already joined: loopback.ray_init)."""
     import ray
 
@@ -66,7 +67,8 @@ def run_ray(model_path: str, name: str, src: Path, dst: Path, engine_options: di
     ctx.execution_options.preserve_order = False
     # reading is light: it takes no CPU slot, which the engines (one per CPU they were given) may all hold
     ds = ray.data.read_text(str(src.resolve()), ray_remote_args={"num_cpus": 0})
-    ds = ds.map_batches(BatchEngine, fn_constructor_args=(model_path, name, engine_options, ray.put(done)),
+    args = (model_path, name, engine_options, ray.put(done), default_thinking)
+    ds = ds.map_batches(BatchEngine, fn_constructor_args=args,
                         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=actor_cpus,
                         num_gpus=actor_gpus, batch_format="numpy")
     written = set(done)
