@@ -167,3 +167,24 @@ def test_quantize_on_load_gives_back_the_source_pages(tmp_path):
         after = _rss_file_mb()
         assert touched - before > 24 and after < touched - 24, (before, touched, after)
         assert torch.equal(b, want_b) and torch.equal(a, want_a)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RssAnon is Linux's")
+def test_state_pool_takes_memory_only_for_used_slots():
+    """cache/state.py `untouched_zeros`: a 64-slot pool reads as zeros, costs nothing until a slot is used, then
+    about that slot; its tensors behave as torch.zeros' (written, read, indexed)."""
+    import re
+
+    from deltarun.cache.state import StatePool
+
+    def anon_mb() -> float:
+        return int(re.search(r"RssAnon:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+    before = anon_mb()
+    pool = StatePool([((32, 3), (16, 128, 128))], 64, torch.bfloat16, torch.device("cpu"))  # 1 MB a slot
+    assert anon_mb() - before < 8
+    slot = pool.alloc()
+    pool.recurrent[0][slot] += 1.5
+    assert 0.9 < anon_mb() - before < 12
+    assert pool.recurrent[0].sum() == 1.5 * 16 * 128 * 128 and pool.conv[0].abs().sum() == 0
+    assert torch.equal(pool.recurrent[0][[slot, 5]][1], torch.zeros(16, 128, 128))

@@ -5,7 +5,8 @@ Layout:
     Capacity is reserved for the whole prompt at admission and grows ×1.5 while decoding, so memory
     follows the tokens held (within 50%) and a prompt of any length is never re-copied while prefilling.
   * linear-attention layer → a `StatePool`: conv [S, conv_dim, K-1] (model dtype) and recurrent
-    [S, Hv, Dk, Dv] (fp32 whatever the weights) for S slots; a running sequence owns one slot index.
+    [S, Hv, Dk, Dv] (fp32 whatever the weights) for S slots; a running sequence owns one slot index. On the
+    CPU the pool's pages take memory only once a slot is used (`untouched_zeros`).
     Decode gathers the batch's slots and scatters the new states back. Speculative decoding's verify
     forward records the states after each position in a per-layer scratch (`verify_buffer`), not in slots.
   * MTP head (speculative decoding) → a `DraftState` per sequence: the head's own KV and pending hidden rows.
@@ -14,6 +15,8 @@ forward, the dict the DeltaNet layers record their per-position states in).
 """
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -111,13 +114,24 @@ class KVCache:
         return self.nbytes() // self.capacity if self.capacity else 0
 
 
+def untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.zeros that costs no memory until written, on the CPU: an anonymous mapping reads as zeros and gets
+    a page only when one is touched (torch.zeros writes every page). A pool sized for `max_num_seqs` sequences
+    (~19 MB a slot for the 0.8B shape, ~50 MB for 9B) then holds only the slots sequences have used."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if torch.device(device).type != "cpu" or nbytes == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
+    return torch.frombuffer(pages, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
+
+
 class StatePool:
     """DeltaNet states for `num_slots` sequences, one pair of tensors per linear-attention layer."""
 
     def __init__(self, shapes: list[tuple[tuple[int, ...], tuple[int, ...]]], num_slots: int,
                  dtype: torch.dtype, device: torch.device):
-        self.conv = [torch.zeros(num_slots, *c, dtype=dtype, device=device) for c, _ in shapes]
-        self.recurrent = [torch.zeros(num_slots, *r, dtype=torch.float32, device=device) for _, r in shapes]
+        self.conv = [untouched_zeros((num_slots, *c), dtype, device) for c, _ in shapes]
+        self.recurrent = [untouched_zeros((num_slots, *r), torch.float32, device) for _, r in shapes]
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.num_slots = num_slots
         self._verify: dict[int, torch.Tensor] = {}

@@ -1,5 +1,5 @@
 """The `deltarun` command: `deltarun chat | generate | serve | init-random | list | show | pull | rm | ps | quantize |
-merge | bench` (thin: flags → the Python API).
+merge | bench | finetune | batch` (thin: flags → the Python API).
 
 Every user-facing failure ends as one line on stderr and a non-zero exit code, never a traceback.
 """
@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_tool_commands(sub)  # quantize, merge, bench
     from .batch import add_batch_command
     add_batch_command(sub)  # batch (OpenAI Batch files, locally or on Ray)
+    from .finetune import add_finetune_command
+    add_finetune_command(sub)
     return parser
 
 
