@@ -1,5 +1,5 @@
 """The `deltarun` command: `deltarun chat | generate | serve | init-random | list | show | pull | rm | ps | quantize |
-merge | bench | finetune` (thin: flags → the Python API).
+merge | bench | finetune | batch` (thin: flags → the Python API).
 
 Every user-facing failure ends as one line on stderr and a non-zero exit code, never a traceback.
 """
@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long a model loaded on request stays after its last request: 5m, 1h, 30s, "
                             "0 = unload at once, -1 = forever (default 5m or $DELTARUN_KEEP_ALIVE; the MODEL "
                             "argument stays loaded)")
+    from .serve_ray import add_ray_flags
+    add_ray_flags(serve)
     serve.add_argument("--max-loaded-models", type=int, default=os.environ.get("DELTARUN_MAX_LOADED_MODELS", "3"),
                        help="models held at once; loading another unloads the least recently used idle one "
                             "(default 3 or $DELTARUN_MAX_LOADED_MODELS)")
@@ -89,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_commands(sub)  # list, show, pull, rm
     from .tools import add_tool_commands
     add_tool_commands(sub)  # quantize, merge, bench
+    from .batch import add_batch_command
+    add_batch_command(sub)  # batch (OpenAI Batch files, locally or on Ray)
     from .finetune import add_finetune_command
     add_finetune_command(sub)
     return parser
@@ -130,6 +134,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if args.request_timeout is not None and not args.request_timeout > 0:  # before any model loads
         raise ValueError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout}")
+    if args.ray:
+        from .serve_ray import cmd_serve_ray
+        return cmd_serve_ray(args, api_key_of(args), lora_modules(args.lora_modules))
     import uvicorn
 
     from ..lora_request import LoRARequest

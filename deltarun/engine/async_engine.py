@@ -66,6 +66,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    def alive(self) -> bool:
+        """Whether the engine thread is still running (a replica's health check asks)."""
+        return self._thread.is_alive()
+
     def shutdown(self) -> None:
         self._stopped = True
         self._inbox.put(("stop",))

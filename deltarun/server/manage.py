@@ -98,10 +98,18 @@ def _pull_thread(repo: str, sink: "queue.Queue[dict | None]") -> None:
         sink.put(None)
 
 
+def _refuse_unmanaged(request: Request) -> None:
+    """Under `serve --ray` models are placed on the nodes beforehand: the store is not the server's to change."""
+    if not request.app.state.server.models.store_managed:
+        raise APIError(400, "this server runs on Ray (--ray): models are placed on the nodes beforehand, not "
+                       "pulled, copied or deleted through it (see docs/scale-out.md)")
+
+
 @router.post("/api/pull")
-async def pull_model(body: PullRequest):
+async def pull_model(body: PullRequest, request: Request):
     from ..store.pull import resolve_repo
 
+    _refuse_unmanaged(request)
     name = body.model or body.name
     if not name:
         raise APIError(400, "model is required")
@@ -137,6 +145,7 @@ async def pull_model(body: PullRequest):
 
 @router.delete("/api/delete")
 async def delete_model(body: DeleteRequest, request: Request):
+    _refuse_unmanaged(request)
     name = body.model or body.name
     if not name:
         raise APIError(400, "model is required")
@@ -155,6 +164,7 @@ async def delete_model(body: DeleteRequest, request: Request):
 
 @router.post("/api/copy")
 async def copy_model(body: CopyRequest, request: Request):
+    _refuse_unmanaged(request)
     if names.looks_like_path(body.destination):
         raise APIError(400, f"destination {body.destination!r} must be a name, not a path", param="destination")
     _find(body.source)

@@ -70,6 +70,8 @@ class Loaded:
 
 
 class ModelManager:
+    store_managed = True  # whether pull/delete/copy may change the store under it (False under `serve --ray`)
+
     def __init__(self, engine_options: dict[str, Any] | None = None, *, keep_alive: float | None = 300.0,
                  max_loaded: int = 3, room_timeout: float = 30.0,
                  factory: Callable[[Target, dict[str, Any]], Any] = load_llm,
