@@ -20,6 +20,12 @@ def gemv_bf16(x: torch.Tensor, w: torch.Tensor, cast: bool = False) -> torch.Ten
     return torch.ops.deltarun.gemv_bf16(x, w, cast)
 
 
+def lora_expand(t: torch.Tensor, mask: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    """A LoRA delta's expand for few rows (csrc/lora.cpp): (t ⊙ mask) [M ≤ 16, K] fp32 · bt [K, N] bf16 or fp32
+    → [M, N] in bt's dtype, fp32 sums rounded once; reference `(t * mask) @ bt.float()`."""
+    return torch.ops.deltarun.lora_expand(t, mask, bt)
+
+
 def gemv_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M ≤ 16, K] · (q int8 [N, K] · scales [N]) → [M, N] fp32."""
     return torch.ops.deltarun.gemv_int8(x, q, scales)

@@ -177,13 +177,13 @@ def with_adapters(p: Plan, x: torch.Tensor) -> Plan | None:
             continue
         if not isinstance(h, SlotDelta):
             return None
-        mask = h.slots.mask(x, h.A.dtype)  # the mask the modules' hooks would build: cached per forward
-        if mask is None:
-            continue
         if not h.kernel_path(x.shape[0]):
             return None
+        mask = h.slots.mask(x, torch.float32)  # the mask the modules' hooks build: cached per forward
+        if mask is None:
+            continue
         args = fields.setdefault(field, list(getattr(p, field)))
-        args[pos] = [*args[pos], h.A, h.B, mask]
+        args[pos] = [*args[pos], h.A, h.Bt, mask]
     if not fields:
         return p
     q = replace(p)

@@ -3,11 +3,11 @@
 `LoRASlots` (one per model, `model.lora_slots`) holds `num_slots` adapters at once, each in a slot. Every
 projection some loaded adapter targets carries a `SlotDelta` as its `delta` hook (ops/linear.py `Linear`,
 ops/quant.py `QuantLinear`, model/deltanet.py's a/b projections), with the slots' lora_A rows stacked in
-A [S·R, in] and scale·lora_B in B [out, S·R] (R: the largest rank loaded; a smaller rank's rows and a
+A [S·R, in] and scale·lora_Bᵀ in Bt [S·R, out] (R: the largest rank loaded; a smaller rank's rows and a
 slot's untargeted modules are zeros). A forward's rows pick their slot through one 0/1 mask [rows, S·R],
 so a batch mixing adapters (and rows with none) costs two dense matmuls per projection whatever the mix:
 
-    delta(x) = ((x · Aᵀ) ⊙ mask) · Bᵀ      x [rows, in] → [rows, out]
+    delta(x) = ((x · Aᵀ) ⊙ mask) · Bt      x [rows, in] → [rows, out]
 
 — the S-LoRA / Punica computation done with dense GEMMs, which on a CPU beat per-row gathers for the few
 slots a batch holds (S·R ≪ in). Which slot each sequence uses is set per forward by the engine
@@ -32,7 +32,7 @@ from . import gemv, kernels
 NONE = -1  # a sequence that runs without an adapter
 
 
-KERNEL_ROWS = 16  # up to this many rows (a decode step) the delta runs on the GEMV kernels (ops/gemv.py)
+KERNEL_ROWS = 16  # up to this many rows (a decode step) the delta runs on our kernels (ops/gemv.py)
 F32_GEMV = ("in_proj_a", "in_proj_b")  # fp32, decoded on gemv_f32 (model/deltanet.py): so are their deltas
 
 
@@ -40,45 +40,46 @@ class SlotDelta:
     """A projection's `delta` hook: x [..., in] → the delta of each row's slot [..., out] in x's dtype, or
     None when no row of the forward has an adapter.
 
-    A decode step's few rows run on the GEMV kernels, which split work only over many outputs: the shrink
-    (S·R outputs) runs on the calling thread and the expand is one parallel op, where torch's GEMMs would
-    open two OpenMP regions per projection, each slow to gather its threads on a busy machine. csrc/layer.cpp
-    `lin` makes the same calls (`kernel_path`), so the fused layers' sums are bit for bit these."""
+    A decode step's few rows run on our kernels: the shrink x · Aᵀ on the GEMV kernel (S·R outputs: on the
+    calling thread; fp32 weights on torch's), the expand on csrc/lora.cpp, which skips the slots a row does not use — where torch's
+    GEMMs would open two OpenMP regions per projection, each slow to gather its threads on a busy machine.
+    csrc/layer.cpp `lin` makes the same calls (`kernel_path`), so the fused layers' sums are bit for bit these."""
 
     def __init__(self, slots: LoRASlots, fan_in: int, fan_out: int, dtype: torch.dtype, device: torch.device):
         self.slots, self.fan_in, self.fan_out = slots, fan_in, fan_out
         self.A = torch.zeros(slots.num_slots * slots.rank, fan_in, dtype=dtype, device=device)
-        self.B = torch.zeros(fan_out, slots.num_slots * slots.rank, dtype=dtype, device=device)  # scale · lora_B
+        self.Bt = torch.zeros(slots.num_slots * slots.rank, fan_out, dtype=dtype, device=device)
         self.f32_gemv = False  # set by LoRASlots.hook for DeltaNet's small fp32 projections
 
     def set(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float) -> None:
         """Slot `slot` ← lora_A [r, in], lora_B [out, r] (None: this adapter leaves the projection alone)."""
         R = self.slots.rank
-        cols = slice(slot * R, (slot + 1) * R)
-        self.A[cols].zero_()
-        self.B[:, cols].zero_()
+        rows = slice(slot * R, (slot + 1) * R)
+        self.A[rows].zero_()
+        self.Bt[rows].zero_()
         if A is not None and B is not None:
             r = A.shape[0]
             self.A[slot * R: slot * R + r] = A.to(self.A.dtype)
-            self.B[:, slot * R: slot * R + r] = (B.float() * scale).to(self.B.dtype)
+            self.Bt[slot * R: slot * R + r] = (B.float().t() * scale).to(self.Bt.dtype)
 
     def kernel_path(self, rows: int) -> bool:
-        """Whether a forward of `rows` rows takes the GEMV kernels (else torch's GEMMs)."""
+        """Whether a forward of `rows` rows takes our kernels (else torch's GEMMs)."""
         if rows > KERNEL_ROWS or self.A.device.type != "cpu" or not kernels.available():
             return False
         return self.A.dtype == torch.bfloat16 or (self.A.dtype == torch.float32 and self.f32_gemv)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        mask = self.slots.mask(x, self.A.dtype)
+        x2 = x.reshape(-1, self.fan_in).to(self.A.dtype)
+        fast = self.kernel_path(x2.shape[0])
+        mask = self.slots.mask(x, torch.float32 if fast else self.A.dtype)
         if mask is None:
             return None
-        x2 = x.reshape(-1, self.fan_in).to(self.A.dtype)
-        if not self.kernel_path(x2.shape[0]):
-            y = F.linear(F.linear(x2, self.A) * mask, self.B)
-        elif self.A.dtype == torch.bfloat16:
-            y = gemv.gemv_bf16(gemv.gemv_bf16(x2, self.A, True) * mask, self.B, True)
+        if not fast:
+            y = (F.linear(x2, self.A) * mask) @ self.Bt
         else:
-            y = gemv.gemv_f32(gemv.gemv_f32(x2, self.A) * mask, self.B)
+            # fp32 (DeltaNet's a/b): torch's GEMM; gemv_f32's plain loop is for a handful of outputs, not S·R
+            t = gemv.gemv_bf16(x2, self.A) if self.A.dtype == torch.bfloat16 else F.linear(x2, self.A)
+            y = gemv.lora_expand(t, mask, self.Bt)
         return y.to(x.dtype).view(*x.shape[:-1], self.fan_out)
 
 

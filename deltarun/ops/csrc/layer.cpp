@@ -25,19 +25,18 @@ at::Tensor base_lin(const at::Tensor& x, at::TensorList w) {
 }
 
 // The kernel's tensors, then (4 or 5 tensors in all) the rows' LoRA adapters as ops/lora.py `SlotDelta` holds
-// them: A [S·R, K], B [N, S·R], mask [M, S·R]; their delta ((x · Aᵀ) ⊙ mask) · Bᵀ is made by the same kernel
-// calls as `SlotDelta` makes (bf16, or fp32 for DeltaNet's small a/b projections) and added the same way, so the
-// sum is bit for bit the modules'.
+// them: A [S·R, K], Bt [S·R, N], mask [M, S·R] fp32; their delta ((x · Aᵀ) ⊙ mask) · Bt is made by the same
+// kernel calls as `SlotDelta` makes (shrink on gemv_bf16, or torch's fp32 GEMM for DeltaNet's small a/b
+// projections; expand on lora.cpp) and added the same way, so the sum is bit for bit the modules'.
 at::Tensor lin(const at::Tensor& x, at::TensorList w) {
   const size_t nk = w.size() >= 4 ? w.size() - 3 : w.size();
-  TORCH_CHECK(nk >= 1 && nk <= 2, "layer: a linear is 1 or 2 tensors, then optionally [A, B, mask]");
+  TORCH_CHECK(nk >= 1 && nk <= 2, "layer: a linear is 1 or 2 tensors, then optionally [A, Bt, mask]");
   const at::Tensor y = base_lin(x, w.slice(0, nk));
   if (nk == w.size()) return y;
-  const at::Tensor &A = w[nk], &B = w[nk + 1], &mask = w[nk + 2];
-  const at::Tensor d = A.scalar_type() == at::kBFloat16
-                           ? gemv_bf16(gemv_bf16(x.to(at::kBFloat16), A, true) * mask, B, true)
-                           : gemv_f32(gemv_f32(x, A) * mask, B);
-  return y + d.to(y.scalar_type());
+  const at::Tensor& A = w[nk];
+  const at::Tensor t =
+      A.scalar_type() == at::kBFloat16 ? gemv_bf16(x.to(at::kBFloat16), A, false) : at::linear(x.to(at::kFloat), A);
+  return y + lora_expand(t, w[nk + 2], w[nk + 1]).to(y.scalar_type());
 }
 
 at::Tensor f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
