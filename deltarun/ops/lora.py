@@ -41,8 +41,9 @@ class SlotDelta:
     None when no row of the forward has an adapter.
 
     A decode step's few rows run on our kernels: the shrink x · Aᵀ on the GEMV kernel (S·R outputs: on the
-    calling thread; fp32 weights on torch's), the expand on csrc/lora.cpp, which skips the slots a row does not use — where torch's
-    GEMMs would open two OpenMP regions per projection, each slow to gather its threads on a busy machine.
+    calling thread; fp32 weights on torch's), the expand on csrc/lora.cpp, which skips the slots a row does
+    not use — where torch's GEMMs would open two OpenMP regions per projection, each slow to gather its
+    threads on a busy machine.
     csrc/layer.cpp `lin` makes the same calls (`kernel_path`), so the fused layers' sums are bit for bit these."""
 
     def __init__(self, slots: LoRASlots, fan_in: int, fan_out: int, dtype: torch.dtype, device: torch.device):
