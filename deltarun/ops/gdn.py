@@ -73,6 +73,18 @@ def chunk_gated_delta_rule(
     return chunk_gated_delta_rule_torch(q, k, v, g, beta, state, chunk_size)
 
 
+def _chunks(q, k, v, g, beta, c: int) -> tuple:
+    """The prepared [B, H, T, ·] inputs cut into n chunks of c positions ([B, H, n, c, ·]; T zero-padded), and n."""
+    b, h, t = k.shape[:3]
+    pad = (-t) % c
+    if pad:
+        q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        g, beta = (torch.nn.functional.pad(x, (0, pad)) for x in (g, beta))
+    n = (t + pad) // c
+    q, k, v = (x.reshape(b, h, n, c, -1) for x in (q, k, v))
+    return (q, k, v, g.reshape(b, h, n, c), beta.reshape(b, h, n, c), n)
+
+
 def chunk_gated_delta_rule_torch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     state: torch.Tensor | None = None, chunk_size: int = 64,
@@ -83,13 +95,7 @@ def chunk_gated_delta_rule_torch(
     b, h, t, dk = k.shape
     dv = v.shape[-1]
     c = chunk_size
-    pad = (-t) % c
-    if pad:
-        q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        g, beta = (torch.nn.functional.pad(x, (0, pad)) for x in (g, beta))
-    n = (t + pad) // c
-    q, k, v = (x.reshape(b, h, n, c, -1) for x in (q, k, v))
-    g, beta = g.reshape(b, h, n, c), beta.reshape(b, h, n, c)
+    q, k, v, g, beta, n = _chunks(q, k, v, g, beta, c)
 
     gc = g.cumsum(-1)  # log of the decay from the chunk start to each position
     causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()

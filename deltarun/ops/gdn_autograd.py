@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .gdn import _prepare
+from .gdn import _chunks, _prepare
 
 
 def chunk_gated_delta_rule_autograd(
@@ -27,13 +27,7 @@ def chunk_gated_delta_rule_autograd(
     b, h, t, dk = k.shape
     dv = v.shape[-1]
     c = chunk_size
-    pad = (-t) % c
-    if pad:
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        g, beta = (F.pad(x, (0, pad)) for x in (g, beta))
-    n = (t + pad) // c
-    q, k, v = (x.reshape(b, h, n, c, -1) for x in (q, k, v))
-    g, beta = g.reshape(b, h, n, c), beta.reshape(b, h, n, c)
+    q, k, v, g, beta, n = _chunks(q, k, v, g, beta, c)
 
     gc = g.cumsum(-1)
     causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
