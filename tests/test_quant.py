@@ -235,3 +235,19 @@ def test_int8_kv_cache_accuracy_and_exact_prefix_reuse(chat_ckpt):
     warm = llm.generate(ids, plain)[0].outputs[0].token_ids  # resumed from the prefix cache
     assert llm.engine.prefix.hit_tokens >= 128
     assert warm == first == cold
+
+
+def test_quantizers_release_each_block_once_consumed(monkeypatch):
+    """ops/quant.py `_by_rows`: with `release`, each block of rows is handed back right after it is quantized
+    (quantize-on-load gives its mapped pages back block by block), every row exactly once, results unchanged."""
+    from deltarun.ops import quant as q
+
+    monkeypatch.setattr(q, "ROW_BLOCK", 16)
+    w = torch.randn(50, 64, generator=torch.Generator().manual_seed(3))
+    for fn, args in ((q.quantize_int8, ()), (q.quantize_int4, (32,))):
+        seen: list[tuple[int, int]] = []
+        got = fn(w, *args, release=lambda b: seen.append((b.data_ptr(), b.shape[0])))
+        assert [n for _, n in seen] == [16, 16, 16, 2]
+        assert [p for p, _ in seen] == [w[i:].data_ptr() for i in (0, 16, 32, 48)]
+        for a, b in zip(got, fn(w, *args)):
+            assert torch.equal(a, b)

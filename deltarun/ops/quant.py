@@ -34,11 +34,17 @@ ROW_BLOCK = 8192  # rows quantized at a time: bounds the fp32 temporaries for a 
 
 
 def _by_rows(fn):
-    """Apply a row-wise quantizer in blocks of rows and concatenate its outputs."""
-    def wrapped(w: torch.Tensor, *args):
+    """Apply a row-wise quantizer in blocks of rows and concatenate its outputs; `release(block)` is called on
+    each block of w once it is quantized (weights/common.py `drop_pages`: a mapped checkpoint's pages go back
+    as they are read, not after the whole 248K-row embedding)."""
+    def wrapped(w: torch.Tensor, *args, release=None):
         if w.shape[0] <= ROW_BLOCK:
             return fn(w, *args)
-        parts = [fn(w[i:i + ROW_BLOCK], *args) for i in range(0, w.shape[0], ROW_BLOCK)]
+        parts = []
+        for i in range(0, w.shape[0], ROW_BLOCK):
+            parts.append(fn(w[i:i + ROW_BLOCK], *args))
+            if release is not None:
+                release(w[i:i + ROW_BLOCK])
         return tuple(torch.cat(p) for p in zip(*parts))
     wrapped.__doc__ = fn.__doc__
     return wrapped

@@ -124,3 +124,17 @@ def drop_pages(t: torch.Tensor) -> None:
         if not _libc:
             _libc.append(ctypes.CDLL(None))
         _libc[0].madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED)
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free memory back to the system (glibc's malloc_trim). Quantizing on load frees
+    hundreds of MB of fp32 temporaries that glibc keeps in its arenas (0.46 GB after an int4 0.8B load):
+    resident, counted in RSS, and reused only by allocations that happen to fit. No-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        if not _libc:
+            _libc.append(ctypes.CDLL(None))
+        _libc[0].malloc_trim(0)
+    except (AttributeError, OSError):  # not glibc (musl has no malloc_trim)
+        pass

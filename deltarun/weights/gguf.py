@@ -31,7 +31,7 @@ from ..model.qwen3_5 import Qwen3_5ForCausalLM
 from ..ops import routes
 from ..ops.quant import QuantEmbedding, QuantLinear, pack_int4, quantize_int8
 from . import quantize as quant
-from .common import FP32_PARAMS, LoadError, resolve_device, resolve_dtype
+from .common import FP32_PARAMS, LoadError, resolve_device, resolve_dtype, trim_heap
 from .gguf_file import GGUFTensor, dequantize_blocks, int4_blocks, q8_0_values
 from .gguf_meta import MARKER, gguf_of, open_gguf
 
@@ -260,6 +260,7 @@ def load_gguf(folder: str | Path, dtype=None, device=None, rope_scaling=None, co
     elif tied:
         model.lm_head.weight = embed.weight
     quant.finish(model, tied)  # ties a quantized lm_head, packs every QuantLinear
+    trim_heap()  # the conversions' temporaries
     model.eval().requires_grad_(False)
     routes.assign(model)  # each bf16 linear's route on this machine: decode and prefill kernels (ops/routes.py)
     model.from_gguf = True  # value heads reordered: weights/lora.py refuses adapters on it

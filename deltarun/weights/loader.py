@@ -16,7 +16,16 @@ from ..config import ConfigError, ModelConfig, apply_rope_override
 from ..model.qwen3_5 import Qwen3_5ForCausalLM
 from ..ops import routes
 from . import quantize as quant
-from .common import FP32_PARAMS, LoadError, adopt_tensors, resolve_device, resolve_dtype, weight_files  # noqa: F401
+from .common import (  # noqa: F401
+    FP32_PARAMS,
+    LoadError,
+    adopt_tensors,
+    drop_pages,
+    resolve_device,
+    resolve_dtype,
+    trim_heap,
+    weight_files,
+)
 
 UNUSED_PREFIXES = ("model.visual.", "mtp.")
 def _checkpoint_name(name: str, flat: bool) -> str:
@@ -81,7 +90,7 @@ def load_model(folder: str | Path, dtype: str | torch.dtype | None = "auto",
             return False
         shell = model.get_submodule(name.removesuffix(".weight"))
         assert isinstance(shell, quant.QuantLinear)  # install_shells put one at every name in shells
-        quant.quantize_into(shell, tensor, dev)
+        quant.quantize_into(shell, tensor, dev, release=drop_pages)
         return True
 
     flat = config.model_type == "qwen3_5_text"
@@ -100,6 +109,7 @@ def load_model(folder: str | Path, dtype: str | torch.dtype | None = "auto",
     adopt_tensors(folder, model, params, name_of, dtype_of, dev, convert=quantize_tensor if on_load else None)
     if spec:
         quant.finish(model, tied)
+        trim_heap()
     if tied and isinstance(model.lm_head, torch.nn.Linear):  # not quantized (e.g. K not a multiple of the group)
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
     model.eval().requires_grad_(False)

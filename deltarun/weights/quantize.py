@@ -99,13 +99,14 @@ def install_shells(model: nn.Module, spec: QuantSpec, dtype: torch.dtype) -> dic
     return swapped
 
 
-def quantize_into(module: QuantLinear, weight: torch.Tensor, device: torch.device) -> None:
-    """Fill a shell from a full-precision weight [N, K] (quantized in fp32 on the CPU, then moved)."""
+def quantize_into(module: QuantLinear, weight: torch.Tensor, device: torch.device, release=None) -> None:
+    """Fill a shell from a full-precision weight [N, K] (quantized in fp32 on the CPU, then moved); `release`:
+    called on each block of rows of `weight` once consumed (ops/quant.py `_by_rows`)."""
     if module.bits == 8:
-        q, s = quantize_int8(weight)
+        q, s = quantize_int8(weight, release=release)
         module.set_int8(q.to(device), s.to(device))
     else:
-        q, s, z = quantize_int4(weight, module.group_size)
+        q, s, z = quantize_int4(weight, module.group_size, release=release)
         module.set_int4(pack_int4(q).to(device), s.to(device), z.to(device))
 
 
