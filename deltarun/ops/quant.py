@@ -40,12 +40,16 @@ def _by_rows(fn):
     def wrapped(w: torch.Tensor, *args, release=None):
         if w.shape[0] <= ROW_BLOCK:
             return fn(w, *args)
-        parts = []
+        outs: tuple[torch.Tensor, ...] = ()
         for i in range(0, w.shape[0], ROW_BLOCK):
-            parts.append(fn(w[i:i + ROW_BLOCK], *args))
+            part = fn(w[i:i + ROW_BLOCK], *args)
+            if not outs:  # written block by block: a torch.cat of the parts would hold the result twice
+                outs = tuple(p.new_empty((w.shape[0], *p.shape[1:])) for p in part)
+            for o, p in zip(outs, part):
+                o[i:i + ROW_BLOCK] = p
             if release is not None:
                 release(w[i:i + ROW_BLOCK])
-        return tuple(torch.cat(p) for p in zip(*parts))
+        return outs
     wrapped.__doc__ = fn.__doc__
     return wrapped
 
