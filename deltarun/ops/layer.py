@@ -183,7 +183,8 @@ def with_adapters(p: Plan, x: torch.Tensor) -> Plan | None:
         if mask is None:
             continue
         args = fields.setdefault(field, list(getattr(p, field)))
-        args[pos] = [*args[pos], h.A, h.Bt, mask]
+        n = mask.shape[1]  # slots up to the highest in use, as the hook slices them
+        args[pos] = [*args[pos], h.A[:n], h.Bt[:n], mask]
     if not fields:
         return p
     q = replace(p)

@@ -33,7 +33,9 @@ NONE = -1  # a sequence that runs without an adapter
 
 
 KERNEL_ROWS = 16  # up to this many rows (a decode step) the delta runs on our kernels (ops/gemv.py)
-F32_GEMV = ("in_proj_a", "in_proj_b")  # fp32, decoded on gemv_f32 (model/deltanet.py): so are their deltas
+# fp32 projections whose decode steps run on a kernel (gemv_f32, model/deltanet.py): their deltas take the kernel
+# path too (an fp32 model's other projections decode on torch's GEMM, and so do their deltas)
+F32_GEMV = ("in_proj_a", "in_proj_b")
 
 
 class SlotDelta:
@@ -50,7 +52,7 @@ class SlotDelta:
         self.slots, self.fan_in, self.fan_out = slots, fan_in, fan_out
         self.A = torch.zeros(slots.num_slots * slots.rank, fan_in, dtype=dtype, device=device)
         self.Bt = torch.zeros(slots.num_slots * slots.rank, fan_out, dtype=dtype, device=device)
-        self.f32_gemv = False  # set by LoRASlots.hook for DeltaNet's small fp32 projections
+        self.f32_gemv = False  # set by LoRASlots.hook for the F32_GEMV projections
 
     def set(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float) -> None:
         """Slot `slot` ← lora_A [r, in], lora_B [out, r] (None: this adapter leaves the projection alone)."""
@@ -70,17 +72,18 @@ class SlotDelta:
         return self.A.dtype == torch.bfloat16 or (self.A.dtype == torch.float32 and self.f32_gemv)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        x2 = x.reshape(-1, self.fan_in).to(self.A.dtype)
-        fast = self.kernel_path(x2.shape[0])
+        fast = self.kernel_path(x.numel() // self.fan_in)
         mask = self.slots.mask(x, torch.float32 if fast else self.A.dtype)
         if mask is None:
             return None
+        n = mask.shape[1]  # slots up to the highest in use
+        x2 = x.reshape(-1, self.fan_in).to(self.A.dtype)
         if not fast:
-            y = (F.linear(x2, self.A) * mask) @ self.Bt
+            y = (F.linear(x2, self.A[:n]) * mask) @ self.Bt[:n]
         else:
             # fp32 (DeltaNet's a/b): torch's GEMM; gemv_f32's plain loop is for a handful of outputs, not S·R
-            t = gemv.gemv_bf16(x2, self.A) if self.A.dtype == torch.bfloat16 else F.linear(x2, self.A)
-            y = gemv.lora_expand(t, mask, self.Bt)
+            t = gemv.gemv_bf16(x2, self.A[:n]) if self.A.dtype == torch.bfloat16 else F.linear(x2, self.A[:n])
+            y = gemv.lora_expand(t, mask, self.Bt[:n])
         return y.to(x.dtype).view(*x.shape[:-1], self.fan_out)
 
 
@@ -123,7 +126,7 @@ class LoRASlots:
             self._seq_slots, self._masks = prev, prev_masks
 
     def mask(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """The [rows, S·R] 0/1 mask of x's rows, built once per forward."""
+        """The [rows, S·R] 0/1 mask of x's rows (S: slots up to the highest in use), built once per forward."""
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         key = (rows, dtype)
         if key not in self._masks:
@@ -138,7 +141,7 @@ class LoRASlots:
         if rows % len(seqs):
             raise RuntimeError(f"LoRA rows: {rows} rows for {len(seqs)} sequences")
         per_row = torch.tensor(seqs, device=device).repeat_interleave(rows // len(seqs))
-        cols = torch.arange(self.num_slots * self.rank, device=device) // self.rank
+        cols = torch.arange((max(seqs) + 1) * self.rank, device=device) // self.rank
         return (per_row[:, None] == cols[None, :]).to(dtype)
 
     def hook(self, model: nn.Module, name: str) -> SlotDelta:
