@@ -4,7 +4,11 @@ Workloads as in llama-bench: ppN = one prefill of N prompt tokens (in the engine
 tgN = N greedy decode tokens after a 16-token prompt, straight through the model (no HTTP, no
 scheduler), so the numbers compare machines and precisions. Each variant runs in a fresh process
 (`python -m deltarun.bench --child …`) so its peak RSS is its own; repetitions are interleaved across
-variants so machine drift hits all alike, and the table shows medians.
+variants so machine drift hits all alike, and the table shows medians. Memory is read from the child's
+/proc/self/status: baseline (torch and deltarun imported), after the load, and the peak (VmHWM: this
+process's own high-water mark, which a parent's size cannot leak into as it can into ru_maxrss). Under the
+table, each variant's paths: the kernel level and which route each linear took (ops/routes.py), and how many
+decoder layers ran their decode step as one fused op (ops/layer.py).
 """
 from __future__ import annotations
 
@@ -18,26 +22,52 @@ import time
 
 CHUNK = 512
 TG_PROMPT = 16
-TOKEN_RANGE = 150_000  # prompt ids from the ordinary part of the vocabulary
+TOKEN_RANGE = 150_000  # prompt ids from the ordinary part of the vocabulary (or all of a smaller one)
 
 
-def _prompt(n: int, seed: int):
+def _prompt(n: int, seed: int, vocab: int = TOKEN_RANGE):
     import torch
-    return torch.randint(0, TOKEN_RANGE, (1, n), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, min(TOKEN_RANGE, vocab), (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def memory_gb() -> dict[str, float]:
+    """This process's resident and peak resident memory (GB, 2**30) from /proc/self/status; ru_maxrss elsewhere."""
+    try:
+        fields = dict(ln.split(":", 1) for ln in open("/proc/self/status") if ln.startswith(("VmRSS", "VmHWM")))
+        return {k: int(fields[k].split()[0]) / 2**20 for k in ("VmRSS", "VmHWM")}
+    except (OSError, KeyError, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        return {"VmRSS": peak, "VmHWM": peak}
+
+
+def paths(model) -> dict[str, object]:
+    """What ran: the kernel level, each (phase, route) with its count of linears, fused decoder layers."""
+    from .ops import kernels, layer, routes
+
+    built = kernels.available()
+    level = (kernels.cpu_level() or "native") if built else "none (torch's ops)"
+    fused = sum(1 for m in model.modules() if m.__dict__.get("_decode_plan") not in (None, layer._NO))
+    decoder = sum(1 for m in model.modules() if hasattr(m, "fused_parts"))
+    return {"kernels": level, "native_bf16": kernels.native_bf16_matmul(),
+            "routes": {f"{ph}:{r}": n for (ph, r), n in sorted(routes.describe(model).items())},
+            "fused_layers": f"{fused}/{decoder}"}
 
 
 def measure(folder: str, dtype: str, quantization: str | None, prompt_lens: list[int], gen_len: int,
             threads: int | None = None) -> dict:
-    """Run the workloads in this process: {"load_s", "pp<N>" tok/s…, "tg<N>" tok/s, "rss_gb", "threads"}."""
+    """Run the workloads in this process: {"load_s", "pp<N>" tok/s…, "tg<N>" tok/s (gen_len > 0), "base_gb",
+    "load_gb", "rss_gb" (peak), "threads", "paths"}."""
     import torch
 
     from .threads import set_threads
     from .weights.loader import load_model
 
     set_threads(threads)
+    base = memory_gb()["VmRSS"]
     t0 = time.perf_counter()
     model = load_model(folder, dtype=dtype, device="cpu", quantization=quantization)
-    res: dict = {"load_s": time.perf_counter() - t0}
+    res: dict = {"load_s": time.perf_counter() - t0, "base_gb": base, "load_gb": memory_gb()["VmRSS"]}
+    vocab = model.config.text.vocab_size
 
     def prefill(ids):
         cache = model.new_cache(batch=1)
@@ -46,20 +76,22 @@ def measure(folder: str, dtype: str, quantization: str | None, prompt_lens: list
         return model.logits(hidden[:, -1]).argmax(-1, keepdim=True), cache
 
     with torch.inference_mode():
-        tok, cache = prefill(_prompt(8, seed=99))  # warm-up: first-call allocations, kernel selection
+        tok, cache = prefill(_prompt(8, seed=99, vocab=vocab))  # warm-up: first-call allocations, kernel selection
         for _ in range(2):
             tok = model.logits(model(tok, cache)[:, -1]).argmax(-1, keepdim=True)
         for n in prompt_lens:
             t0 = time.perf_counter()
-            prefill(_prompt(n, seed=n))
+            prefill(_prompt(n, seed=n, vocab=vocab))
             res[f"pp{n}"] = n / (time.perf_counter() - t0)
-        tok, cache = prefill(_prompt(TG_PROMPT, seed=1))
-        t0 = time.perf_counter()
-        for _ in range(gen_len):
-            tok = model.logits(model(tok, cache)[:, -1]).argmax(-1, keepdim=True)
-        res[f"tg{gen_len}"] = gen_len / (time.perf_counter() - t0)
-    res["rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        if gen_len:
+            tok, cache = prefill(_prompt(TG_PROMPT, seed=1, vocab=vocab))
+            t0 = time.perf_counter()
+            for _ in range(gen_len):
+                tok = model.logits(model(tok, cache)[:, -1]).argmax(-1, keepdim=True)
+            res[f"tg{gen_len}"] = gen_len / (time.perf_counter() - t0)
+    res["rss_gb"] = memory_gb()["VmHWM"]
     res["threads"] = torch.get_num_threads()
+    res["paths"] = paths(model)
     return res
 
 
@@ -98,8 +130,8 @@ def bench(folder: str, variants: list[str], prompt_lens: list[int], gen_len: int
 
 
 def table(results: dict[str, list[dict]], prompt_lens: list[int], gen_len: int) -> str:
-    cols = [f"pp{n}" for n in prompt_lens] + [f"tg{gen_len}"]
-    head = ["variant"] + [f"{c} tok/s" for c in cols] + ["peak RSS GB", "load s"]
+    cols = [f"pp{n}" for n in prompt_lens] + ([f"tg{gen_len}"] if gen_len else [])
+    head = ["variant"] + [f"{c} tok/s" for c in cols] + ["base / loaded / peak RSS GB", "load s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v, runs in results.items():
         ok = [r for r in runs if "error" not in r]
@@ -109,8 +141,22 @@ def table(results: dict[str, list[dict]], prompt_lens: list[int], gen_len: int) 
 
         def med(key: str, digits: int = 1) -> str:
             return f"{statistics.median(r[key] for r in ok):.{digits}f}"
-        lines.append("| " + " | ".join([v] + [med(c) for c in cols] + [med("rss_gb", 2), med("load_s")]) + " |")
+        rss = " / ".join(med(k, 2) for k in ("base_gb", "load_gb", "rss_gb"))
+        lines.append("| " + " | ".join([v] + [med(c) for c in cols] + [rss, med("load_s")]) + " |")
     return "\n".join(lines)
+
+
+def describe_paths(results: dict[str, list[dict]]) -> str:
+    """One line per variant: the kernel level, the routes its linears took and the fused decoder layers."""
+    out = []
+    for v, runs in results.items():
+        p = next((r["paths"] for r in runs if "paths" in r), None)
+        if p is None:
+            continue
+        routes = ", ".join(f"{k} ×{n}" for k, n in p["routes"].items())
+        out.append(f"{v}: kernels {p['kernels']}{' (hardware bf16)' if p['native_bf16'] else ''}; "
+                   f"fused decode layers {p['fused_layers']}; routes {routes or 'none'}")
+    return "\n".join(out)
 
 
 def _child(spec_json: str) -> None:

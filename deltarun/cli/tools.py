@@ -84,4 +84,5 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results = bench.bench(folder, variants, lens, args.gen_len, args.reps, args.threads,
                           log=lambda s: print(s, file=sys.stderr))
     print(bench.table(results, lens, args.gen_len))
+    print("\npaths that ran:\n" + bench.describe_paths(results))
     return 0 if all("error" not in r for runs in results.values() for r in runs) else 1
