@@ -31,6 +31,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from deltarun import bench
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = Path("~/.cache/deltarun/bench-0.8b-tok").expanduser()
 DELTARUN = {"deltarun-bf16": "bf16", "deltarun-int8": "int8", "deltarun-int4": "int4", "deltarun-int4g32": "int4:32"}
@@ -106,21 +108,22 @@ def launch(cmd: list[str], env: dict | None = None) -> tuple[dict, str, str]:
     return json.loads(lines[-1][7:]), proc.stdout, "\n".join(lines[:-1])
 
 
-def run_llama(llama: Path, gguf: Path, a, prompt_lens: list[int], gen_len: int) -> dict:
-    """One llama-bench run (pp and tg, one repetition) and its own peak RSS."""
+def run_llama(llama: Path, gguf: Path, a, prompt_lens: list[int], gen_len: int, depth: int = 0) -> dict:
+    """One llama-bench run (pp and tg, one repetition) and its own peak RSS. With `depth`, the prompt's
+    tokens come after that many in the context: reported as pp<depth + N>_deep (deltarun.bench's key)."""
     cmd = [str(llama / "build/bin/llama-bench"), "-m", str(gguf), "-p", ",".join(map(str, prompt_lens)),
-           "-n", str(gen_len), "-t", str(a.threads), "-r", "1", "-o", "json"]
+           "-n", str(gen_len), "-t", str(a.threads), "-r", "1", "-o", "json", *(["-d", str(depth)] if depth else [])]
     info, out, err = launch(cmd)
     if info["rc"] != 0:
         return {"error": (err.strip().splitlines() or ["llama-bench failed"])[-1]}
     res = {"rss_gb": info["rss_gb"]}
     for row in json.loads(out):
-        res[f"pp{row['n_prompt']}" if row.get("n_prompt") else f"tg{row['n_gen']}"] = row["avg_ts"]
+        n = row.get("n_prompt")
+        res[(f"pp{depth + n}_deep" if depth else f"pp{n}") if n else f"tg{row['n_gen']}"] = row["avg_ts"]
     return res
 
 
 def run_deltarun(model: Path, variant: str, a, prompt_lens: list[int], gen_len: int) -> dict:
-    from deltarun import bench
     return bench.run_variant(str(model), variant, prompt_lens, gen_len, a.threads)
 
 
@@ -212,7 +215,7 @@ def main(argv=None) -> None:
             ensure_gguf(model, a.llama_cpp, {**LLAMA, **COLD_GGUF}[s])
         if s in SAVED:
             ensure_saved(model, SAVED[s])
-    pp, tg, long = f"pp{a.prompt_len}", f"tg{a.gen_len}", f"pp{a.long}"
+    pp, tg, long, deep = f"pp{a.prompt_len}", f"tg{a.gen_len}", f"pp{a.long}", f"pp{a.long}_deep"
     results: dict[str, list[dict]] = {s: [] for s in systems}
     bw: list[float] = []
 
@@ -236,9 +239,12 @@ def main(argv=None) -> None:
     for rep in range(a.long_reps if a.long else 0):
         for s in speed:
             r = one(s, [a.long], 0)
-            if long in r:
-                results[s].append({long: r[long]})
-            print(f"  {long} rep {rep + 1} {s}: {r.get(long, r.get('error'))}", file=sys.stderr, flush=True)
+            if s in LLAMA and a.long >= 2 * bench.DEEP:  # its deepest tokens: llama-bench's own depth option
+                gguf = ensure_gguf(model, a.llama_cpp, LLAMA[s])
+                r.update(run_llama(a.llama_cpp, gguf, a, [bench.DEEP], 0, depth=a.long - bench.DEEP))
+            results[s].append({k: r[k] for k in (long, deep) if k in r})
+            print(f"  {long} rep {rep + 1} {s}: {r.get(long, r.get('error'))} (deepest {bench.DEEP}: {r.get(deep)})",
+                  file=sys.stderr, flush=True)
     for rep in range(a.cold_reps if a.cold else 0):
         for s in systems:
             cmd = cold_command(s, model, a)
@@ -251,8 +257,9 @@ def main(argv=None) -> None:
     gbs = statistics.median(bw) if bw else None
     if gbs:
         print(f"read bandwidth: x.sum() over 1 GiB, {a.threads} threads, median of {len(bw)}: {gbs:.1f} GB/s\n")
-    cols = [pp, *([long] if a.long else []), tg]
-    print(f"| system ({a.threads} threads) | " + " | ".join(f"{c} tok/s" for c in cols)
+    cols = [pp, *([long, deep] if a.long else []), tg]
+    names = [c.replace("_deep", f" last {bench.DEEP}") for c in cols]
+    print(f"| system ({a.threads} threads) | " + " | ".join(f"{c} tok/s" for c in names)
           + " | of bandwidth limit | base / loaded / peak RSS GB | cold start s (its peak RSS GB) |")
     print("|---|" + "---|" * (len(cols) + 3))
     meds = {s: {k: med(results[s], k) for k in [*cols, "rss_gb", "base_gb", "load_gb", "cold_s", "cold_rss_gb"]}
@@ -282,7 +289,6 @@ def main(argv=None) -> None:
             if x in meds and y in meds and meds[x]["cold_s"] and meds[y]["cold_s"]:
                 print(f"| {x} / {y} | {meds[x]['cold_s']:.2f} s / {meds[y]['cold_s']:.2f} s | "
                       f"{meds[x]['cold_s'] / meds[y]['cold_s']:.2f}× |")
-    from deltarun import bench
     if lines := bench.describe_paths({s: results[s] for s in speed}):
         print("\npaths that ran:\n" + lines)
 

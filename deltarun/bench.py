@@ -21,6 +21,7 @@ import sys
 import time
 
 CHUNK = 512
+DEEP = 2048  # a long prompt's last tokens, timed apart (`pp<N>_deep`)
 TG_PROMPT = 16
 TOKEN_RANGE = 150_000  # prompt ids from the ordinary part of the vocabulary (or all of a smaller one)
 
@@ -55,7 +56,8 @@ def paths(model) -> dict[str, object]:
 
 def measure(folder: str, dtype: str, quantization: str | None, prompt_lens: list[int], gen_len: int,
             threads: int | None = None) -> dict:
-    """Run the workloads in this process: {"load_s", "pp<N>" tok/s…, "tg<N>" tok/s (gen_len > 0), "base_gb",
+    """Run the workloads in this process: {"load_s", "pp<N>" tok/s…, "pp<N>_deep" (the last DEEP tokens' rate, for
+    N ≥ 2·DEEP), "tg<N>" tok/s (gen_len > 0), "base_gb",
     "load_gb", "rss_gb" (peak), "threads", "paths"}."""
     import torch
 
@@ -69,10 +71,13 @@ def measure(folder: str, dtype: str, quantization: str | None, prompt_lens: list
     res: dict = {"load_s": time.perf_counter() - t0, "base_gb": base, "load_gb": memory_gb()["VmRSS"]}
     vocab = model.config.text.vocab_size
 
-    def prefill(ids):
+    def prefill(ids, times: list[float] | None = None):
         cache = model.new_cache(batch=1)
         for s in range(0, ids.shape[1], CHUNK):
+            t = time.perf_counter()
             hidden = model(ids[:, s:s + CHUNK], cache)
+            if times is not None:
+                times.append(time.perf_counter() - t)
         return model.logits(hidden[:, -1]).argmax(-1, keepdim=True), cache
 
     with torch.inference_mode():
@@ -80,9 +85,12 @@ def measure(folder: str, dtype: str, quantization: str | None, prompt_lens: list
         for _ in range(2):
             tok = model.logits(model(tok, cache)[:, -1]).argmax(-1, keepdim=True)
         for n in prompt_lens:
+            times: list[float] = []
             t0 = time.perf_counter()
-            prefill(_prompt(n, seed=n, vocab=vocab))
+            prefill(_prompt(n, seed=n, vocab=vocab), times)
             res[f"pp{n}"] = n / (time.perf_counter() - t0)
+            if n >= 2 * DEEP:  # the rate of the prompt's deepest DEEP tokens (attention over the most keys)
+                res[f"pp{n}_deep"] = DEEP / sum(times[-(DEEP // CHUNK):])
         if gen_len:
             tok, cache = prefill(_prompt(TG_PROMPT, seed=1, vocab=vocab))
             t0 = time.perf_counter()
@@ -130,8 +138,10 @@ def bench(folder: str, variants: list[str], prompt_lens: list[int], gen_len: int
 
 
 def table(results: dict[str, list[dict]], prompt_lens: list[int], gen_len: int) -> str:
-    cols = [f"pp{n}" for n in prompt_lens] + ([f"tg{gen_len}"] if gen_len else [])
-    head = ["variant"] + [f"{c} tok/s" for c in cols] + ["base / loaded / peak RSS GB", "load s"]
+    deep = [f"pp{n}_deep" for n in prompt_lens if any(f"pp{n}_deep" in r for runs in results.values() for r in runs)]
+    cols = [f"pp{n}" for n in prompt_lens] + deep + ([f"tg{gen_len}"] if gen_len else [])
+    names = [c.replace("_deep", f" last {DEEP}") for c in cols]
+    head = ["variant"] + [f"{c} tok/s" for c in names] + ["base / loaded / peak RSS GB", "load s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v, runs in results.items():
         ok = [r for r in runs if "error" not in r]

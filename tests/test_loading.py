@@ -169,6 +169,38 @@ def test_quantize_on_load_gives_back_the_source_pages(tmp_path):
         assert torch.equal(b, want_b) and torch.equal(a, want_a)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")
+def test_drop_pages_leaves_memory_that_is_not_a_file_alone():
+    """DONTNEED zeroes anonymous pages: `drop_pages` must refuse a converted copy or any heap tensor."""
+    from deltarun.weights.common import drop_pages
+
+    x = torch.arange(4 * 2**20, dtype=torch.float32)  # 16 MB of anonymous pages
+    drop_pages(x)
+    assert torch.equal(x, torch.arange(4 * 2**20, dtype=torch.float32))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RssFile is Linux's")
+def test_saved_int4_folder_keeps_no_mapped_copy(tmp_path):
+    """A `deltarun quantize`d int4 folder is repacked for the kernel while loading; the stored pages read then
+    go back (RssFile), and the model gives the same logits as the same folder quantized on load."""
+    from deltarun.weights.quantize import QuantSpec, save_quantized
+    from tests.tiny import make_checkpoint, tiny_config
+
+    src = make_checkpoint(tmp_path / "src", tiny_config(hidden_size=512, intermediate_size=1024, vocab_size=32768),
+                          dtype=torch.bfloat16)
+    save_quantized(src, tmp_path / "q4", QuantSpec.parse("int4"))
+    stored = sum(f.stat().st_size for f in (tmp_path / "q4").glob("*.safetensors")) / 2**20
+    want = load_model(src, dtype="bfloat16", device="cpu", quantization="int4")  # kernels loaded before measuring
+    before = _rss_file_mb()
+    saved = load_model(tmp_path / "q4", dtype="bfloat16", device="cpu")
+    held = _rss_file_mb() - before
+    assert held < stored / 4, (held, stored)
+    ids = torch.tensor([[1, 5, 900, 4000, 17]])
+    with torch.inference_mode():
+        got, ref = saved.logits(saved(ids, saved.new_cache(1))), want.logits(want(ids, want.new_cache(1)))
+    assert torch.equal(got, ref)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RssAnon is Linux's")
 def test_state_pool_takes_memory_only_for_used_slots():
     """cache/state.py `untouched_zeros`: a 64-slot pool reads as zeros, costs nothing until a slot is used, then

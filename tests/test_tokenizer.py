@@ -90,7 +90,7 @@ def folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def hf_tok(folder) -> Tokenizer:
-    tok = Tokenizer.from_folder(folder)
+    tok = Tokenizer.from_tokenizer_json(folder / "tokenizer.json")
     assert tok.backend == "tokenizers"
     return tok
 
@@ -139,6 +139,67 @@ def test_merge_derivation():
     ranks = load_ranks()
     assert len(unreachable) == 201 and "俱乐部".encode() in unreachable
     assert all(a + b in ranks for a, b in merges[:1000])
+
+
+def test_shipped_derivations_match(monkeypatch):
+    """deltarun/data's unreachable tokens and merge digest (read at start instead of a 2 s derivation) are exactly
+    what `derive_merges` finds for the installed ranks; without the file they are derived."""
+    from deltarun.processor import tokenizer_files as tf
+
+    merges, unreachable = derive_merges()
+    want = tf.merges_digest([(tf.bytes_to_token_str(a), tf.bytes_to_token_str(b)) for a, b in merges])
+    assert tf.derived() == {"unreachable": unreachable, "merges": want}
+    assert len(unreachable) == 201
+    monkeypatch.setattr(tf, "DERIVED_FILE", "no-such-file.json")
+    tf.derived.cache_clear()
+    try:
+        assert tf.derived() == {"unreachable": unreachable, "merges": want}
+    finally:
+        tf.derived.cache_clear()
+
+
+def test_folder_with_the_builtin_tokenizer_json_uses_the_builtin_backend(folder, tmp_path, monkeypatch, hf_tok):
+    """A tokenizer.json that describes exactly the built-in tokenizer is served by tiktoken (the backends agree on
+    every token: the tests around this one); any difference in vocabulary, merges, added tokens or pipeline keeps
+    the tokenizers library. The verdict is remembered per file content in the cache folder."""
+    from deltarun.processor.tokenizer_files import describes_builtin
+
+    monkeypatch.setenv("DELTARUN_HOME", str(tmp_path / "home"))
+    tok = Tokenizer.from_folder(folder)
+    assert tok.backend == "tiktoken" and tok.encode("héllo <|im_start|>") == hf_tok.encode("héllo <|im_start|>")
+    assert [p.read_text() for p in (tmp_path / "home" / "tokenizers").iterdir()] == ["yes"]
+    assert Tokenizer.from_folder(folder).backend == "tiktoken"  # from the mark
+
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    assert describes_builtin(data)
+
+    def changed(edit) -> dict:
+        d = json.loads(json.dumps(data))
+        edit(d)
+        return d
+
+    def swap_merges(d):
+        d["model"]["merges"][10], d["model"]["merges"][11] = d["model"]["merges"][11], d["model"]["merges"][10]
+
+    def rename_token(d):
+        v = d["model"]["vocab"]
+        v["zzzz-not-a-token"] = v.pop(next(iter(v)))
+
+    edits = [swap_merges, rename_token,
+             lambda d: d["added_tokens"][2].update(rstrip=True),
+             lambda d: d["added_tokens"][2].update(id=5),
+             lambda d: d.update(normalizer={"type": "NFKC"}),
+             lambda d: d["model"].update(ignore_merges=True),
+             lambda d: d["model"].update(continuing_subword_prefix="##"),
+             lambda d: d["model"].update(continuing_subword_prefix=None, end_of_word_suffix=None),  # = ""
+             lambda d: d["model"].update(merges=[" ".join(m) for m in d["model"]["merges"]])]  # old spelling: same
+    verdicts = [describes_builtin(changed(e)) for e in edits]
+    assert verdicts == [False] * 7 + [True, True]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "tokenizer.json").write_text(json.dumps(changed(swap_merges)), encoding="utf-8")
+    assert Tokenizer.from_folder(other).backend == "tokenizers"
 
 
 def test_vocab_and_special_ids(hf_tok, tt_tok):

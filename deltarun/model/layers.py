@@ -18,6 +18,14 @@ from ..ops.gemv import add_rms_norm_zc, fused_norm, rms_norm_zc
 from ..ops.linear import Linear
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding [num, dim]. Built on the meta device (every loader does) it skips nn.Embedding's normal_
+    init: the first normal_ on meta costs ~1 s of lazy imports, and a loaded checkpoint overwrites it anyway."""
+    if torch.get_default_device().type == "meta":
+        return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+    return nn.Embedding(num, dim)
+
+
 class RMSNorm(nn.Module):
     """Zero-centred RMSNorm: `x * rsqrt(mean(x²) + eps) * (1 + weight)`, computed in fp32."""
 

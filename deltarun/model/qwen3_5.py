@@ -19,7 +19,7 @@ from ..ops import layer as fused
 from ..ops.linear import Linear
 from .attention import GatedAttention
 from .deltanet import GatedDeltaNet
-from .layers import MLP, RMSNorm, RotaryEmbedding, residual_norm
+from .layers import MLP, RMSNorm, RotaryEmbedding, embedding, residual_norm
 
 
 class DecoderLayer(nn.Module):
@@ -78,7 +78,7 @@ class TextModel(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         kinds = cfg.layer_types
         self.layers = nn.ModuleList(DecoderLayer(cfg, lt, kinds[:i].count(lt)) for i, lt in enumerate(kinds))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

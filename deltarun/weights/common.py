@@ -111,19 +111,35 @@ _libc: list = []  # ctypes' handle on the C library, opened on first use
 
 
 def drop_pages(t: torch.Tensor) -> None:
-    """Give back the resident pages of a checkpoint tensor that was consumed (quantized on load). safetensors
-    maps the file, and each page read stays in this process's RSS while the mapping lives — a whole bf16 copy
-    beside the quantized one. Only pages wholly inside `t` are dropped: a file-backed page is read again if
-    ever touched, and no neighbour's page is concerned. Linux only (elsewhere the pages stay)."""
+    """Give back the resident pages of a checkpoint tensor that was consumed (quantized on load, or repacked
+    for a kernel). safetensors maps the file, and each page read stays in this process's RSS while the
+    mapping lives — a whole second copy beside the one in use. Only pages wholly inside `t`, and only where
+    they lie in a mapping of a file: such a page is read again from the file if ever touched, so for a tensor
+    nobody wrote to (checkpoint tensors are never written in place) no value changes. Anonymous memory (a
+    converted copy, the heap), where DONTNEED would zero the pages, is left alone. Linux only."""
     if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
         return
     start = t.data_ptr()
     end = start + t.numel() * t.element_size()
     a, b = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
-    if b > a:
+    if b > a and _file_mapping(a, b):
         if not _libc:
             _libc.append(ctypes.CDLL(None))
         _libc[0].madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED)
+
+
+def _file_mapping(a: int, b: int) -> bool:
+    """Whether [a, b) lies in one mapping of a file (/proc/self/maps: an inode and a path)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                span, _, _, _, inode, *path = line.split()
+                lo, hi = (int(x, 16) for x in span.split("-"))
+                if lo <= a < hi:
+                    return b <= hi and inode != "0" and bool(path) and not path[0].startswith("[")
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def trim_heap() -> None:

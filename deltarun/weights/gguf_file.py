@@ -37,6 +37,14 @@ class GGUFTensor:
     data: np.ndarray  # float [*shape], or uint8 [rows, bytes per row] for block-quantized types
 
 
+@dataclass
+class _Strings:
+    """A string array not decoded yet: where its first length sits, and how many strings."""
+
+    start: int
+    n: int
+
+
 class GGUFFile:
     """`fields` (metadata key → value; arrays as lists) and `tensors` (in file order) of a GGUF file."""
 
@@ -71,8 +79,14 @@ class GGUFFile:
             return self._string()
         if vtype == ARRAY:
             sub, n = self._read("<I"), self._read("<Q")
-            if sub == STRING:
-                return [self._string() for _ in range(n)]
+            if sub == STRING:  # walked over now, decoded when asked for (`value`): 0.8 s for a 248K vocabulary
+                start, pos, size, unpack = self._pos, self._pos, len(self._mm), struct.unpack_from
+                for _ in range(n):
+                    pos += 8 + unpack("<Q", self._mm, pos)[0]
+                    if pos > size:
+                        raise ValueError("a string array runs past the end of the file")
+                self._pos = pos
+                return _Strings(start, n)
             if sub not in _NUMPY:
                 raise ValueError(f"unsupported array element type {sub}")
             dt = np.dtype(_NUMPY[sub])
@@ -82,6 +96,17 @@ class GGUFFile:
         if vtype not in _SCALAR:
             raise ValueError(f"unknown metadata value type {vtype}")
         return self._read(_SCALAR[vtype])
+
+    def value(self, key: str) -> Any:
+        """fields[key], with a string array decoded (a list of str)."""
+        v = self.fields[key]
+        if isinstance(v, _Strings):
+            self._pos = v.start
+            try:
+                v = self.fields[key] = [self._string() for _ in range(v.n)]
+            except UnicodeDecodeError as e:
+                raise LoadError(f"{self.path} is not a valid GGUF file: metadata {key}: {e}") from None
+        return v
 
     def _parse(self) -> None:
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType

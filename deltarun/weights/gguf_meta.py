@@ -43,7 +43,7 @@ def field(reader: GGUFFile, key: str, default: Any = _MISSING) -> Any:
         if default is _MISSING:
             raise LoadError(f"{reader.path}: GGUF metadata lacks {key}")
         return default
-    return reader.fields[key]
+    return reader.value(key)
 
 
 # ------------------------------------------------------------------------------------------- config
