@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from deltarun.ops import kernels
-from deltarun.ops.quant import PREFILL_ROWS, QuantLinear
+from deltarun.ops.quant import KERNEL_BLOCK_ROWS, PREFILL_ROWS, QuantLinear
 from deltarun.ops.settings import reload as reload_settings
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
@@ -48,6 +48,14 @@ def _dequantized_route_bound(x: torch.Tensor, w: torch.Tensor, want: torch.Tenso
     return BF16_U * want.abs() * (1 + BF16_U) + (BF16_U + gamma) * mag * (1 + BF16_U) + 1e-30
 
 
+def _int4_kernel_blocks(mod: QuantLinear, x: torch.Tensor) -> None:
+    """Without the int4 GEMM, 16…KERNEL_BLOCK_ROWS rows run the decode kernel 16 rows at a time: each row's output
+    is the one it gets alone (a batched decode step equals single-sequence steps)."""
+    assert PREFILL_ROWS <= x.shape[0] <= KERNEL_BLOCK_ROWS
+    got = mod(x)
+    assert torch.equal(got, torch.cat([mod(x[i:i + 1]) for i in range(x.shape[0])]))
+
+
 def _int4_prefill_fallback(mod: QuantLinear, x: torch.Tensor) -> None:
     """Without the int4 GEMM (AVX-512: torch's 64-row layout), many-row calls dequantize for torch's GEMM."""
     assert mod._gemm is None
@@ -69,8 +77,11 @@ def _int4_prefill_fallback(mod: QuantLinear, x: torch.Tensor) -> None:
 def test_int4_gemm_is_exact_for_the_quantized_activations(m, k, n, group):
     mod = _linear(k, n, 4, group, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k + m)).bfloat16()
-    if not kernels.has_qgemm_int4():  # AVX-512: prefill-sized calls (≥ PREFILL_ROWS rows) dequantize
-        return _int4_prefill_fallback(mod, torch.cat([x] * (PREFILL_ROWS // m + 1))[:max(m, PREFILL_ROWS)])
+    if not kernels.has_qgemm_int4():  # AVX-512: from KERNEL_BLOCK_ROWS + 1 rows, calls dequantize
+        if mod._kernel is not None and mod._kernel.name == "gemv_int4":
+            _int4_kernel_blocks(mod, torch.cat([x] * (PREFILL_ROWS // m + 2))[:max(m, PREFILL_ROWS + 3)])
+        rows = KERNEL_BLOCK_ROWS + 1
+        return _int4_prefill_fallback(mod, torch.cat([x] * (rows // m + 1))[:max(m, rows)])
     packed, sz, pairs = mod._cpu4
     assert pairs
     got = torch.ops.deltarun.qgemm_int4(x, packed, group, sz)
@@ -98,12 +109,13 @@ def test_int8_gemm_is_the_decode_kernel_bit_for_bit(m, k, n):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_prefill_rows_take_the_gemm(bits):
     """A QuantLinear's many-row (prefill) calls run the integer GEMM, rounded like the decode path's bf16
-    output (int4 on AVX-512: the dequantized route instead); fp32 activations keep the exact dequantized
-    product."""
+    output (int4 on AVX-512: the kernel in blocks of 16 rows up to KERNEL_BLOCK_ROWS, the dequantized route
+    beyond); fp32 activations keep the exact dequantized product."""
     mod = _linear(512, 128, bits)
     x = torch.randn(2, PREFILL_ROWS + 3, 512, generator=torch.Generator().manual_seed(5)).bfloat16()
     if bits == 4 and not kernels.has_qgemm_int4():
-        return _int4_prefill_fallback(mod, x.view(-1, 512))
+        _int4_kernel_blocks(mod, x.view(-1, 512))
+        return _int4_prefill_fallback(mod, torch.cat([x.view(-1, 512)] * 4))
     assert mod._gemm is not None
     got = mod(x)
     assert got.dtype == torch.bfloat16 and got.shape == (2, PREFILL_ROWS + 3, 128)

@@ -251,3 +251,14 @@ def test_quantizers_release_each_block_once_consumed(monkeypatch):
         assert [p for p, _ in seen] == [w[i:].data_ptr() for i in (0, 16, 32, 48)]
         for a, b in zip(got, fn(w, *args)):
             assert torch.equal(a, b)
+
+
+def test_int4_quantized_packed_block_by_block_equals_packing_after():
+    """Quantize-on-load packs each row block as it goes (no [N, K] byte copy of a 248K-row embedding): the same
+    bytes, scales and zeros as quantizing the whole weight and packing it afterwards."""
+    from deltarun.ops.quant import ROW_BLOCK, pack_int4, quantize_int4, quantize_int4_packed
+
+    w = torch.randn(ROW_BLOCK * 2 + 64, 64, generator=torch.Generator().manual_seed(3))
+    q, s, z = quantize_int4(w, 32)
+    p2, s2, z2 = quantize_int4_packed(w, 32)
+    assert torch.equal(p2, pack_int4(q)) and torch.equal(s2, s) and torch.equal(z2, z)

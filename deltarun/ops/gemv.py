@@ -13,6 +13,7 @@ import torch
 from . import kernels
 
 MAX_ROWS = 4  # measured: up to 4 rows the bf16 kernel wins (1.8× at one row); from 8, F.linear's GEMM is as fast
+MAX_KERNEL_ROWS = 16  # what the int8 / int4 kernels take in one call (csrc/gemv.cpp MAX_M)
 
 
 def gemv_bf16(x: torch.Tensor, w: torch.Tensor, cast: bool = False) -> torch.Tensor:

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..atomic import publish_dir, sweep, temp_path
-from ..ops.quant import BITS, DEFAULT_GROUP, QuantEmbedding, QuantLinear, pack_int4, quantize_int4, quantize_int8
+from ..ops.quant import BITS, DEFAULT_GROUP, QuantEmbedding, QuantLinear, quantize_int4_packed, quantize_int8
 
 KEEP_FULL = ("in_proj_a", "in_proj_b")  # [num_v_heads, H]: a few KB, and they gate every decay
 QUANT_METHOD = "deltarun"
@@ -106,8 +106,8 @@ def quantize_into(module: QuantLinear, weight: torch.Tensor, device: torch.devic
         q, s = quantize_int8(weight, release=release)
         module.set_int8(q.to(device), s.to(device))
     else:
-        q, s, z = quantize_int4(weight, module.group_size, release=release)
-        module.set_int4(pack_int4(q).to(device), s.to(device), z.to(device))
+        packed, s, z = quantize_int4_packed(weight, module.group_size, release=release)
+        module.set_int4(packed.to(device), s.to(device), z.to(device))
 
 
 def finish(model: nn.Module, tied: bool) -> None:
