@@ -109,12 +109,9 @@ def load_model(folder: str | Path, dtype: str | torch.dtype | None = "auto",
     adopt_tensors(folder, model, params, name_of, dtype_of, dev, convert=quantize_tensor if on_load else None)
     if spec:
         # a saved folder's int4 weights are read through the file mapping and repacked for the kernel, which
-        # then holds the only copy: the pages read go back (int8 kernels read the stored tensor itself)
-        stored = [(m, m.qweight) for m in model.modules() if isinstance(m, quant.QuantLinear) and m.qweight is not None]
-        quant.finish(model, tied)
-        for m, t in stored if saved else ():
-            if m.qweight is None:
-                drop_pages(t)
+        # then holds the only copy: each one's pages go back once it is packed (int8 kernels read the stored
+        # tensor itself)
+        quant.finish(model, tied, release=drop_pages if saved else None)
         trim_heap()
     if tied and isinstance(model.lm_head, torch.nn.Linear):  # not quantized (e.g. K not a multiple of the group)
         model.lm_head.weight = model.model.language_model.embed_tokens.weight

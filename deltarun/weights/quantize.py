@@ -110,8 +110,9 @@ def quantize_into(module: QuantLinear, weight: torch.Tensor, device: torch.devic
         module.set_int4(packed.to(device), s.to(device), z.to(device))
 
 
-def finish(model: nn.Module, tied: bool) -> None:
-    """After loading: share the tied embedding's rows with lm_head, then pack every Linear for its kernel."""
+def finish(model: nn.Module, tied: bool, release=None) -> None:
+    """After loading: share the tied embedding's rows with lm_head, then pack every Linear for its kernel;
+    `release(q)`: called on each stored weight the packed copy replaced (weights/common.py `drop_pages`)."""
     embed, head = model.get_submodule("model.language_model.embed_tokens"), model.get_submodule("lm_head")
     shared = (embed, head) if tied and isinstance(embed, QuantEmbedding) and isinstance(head, QuantLinear) else None
     if shared:
@@ -124,7 +125,10 @@ def finish(model: nn.Module, tied: bool) -> None:
             h.set_int4(e.qweight, e.scales, e.zeros)
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
+            stored = mod.qweight
             mod.pack()
+            if release is not None and stored is not None and mod.qweight is None:
+                release(stored)
     if shared:
         e, h = shared
         e.share(h)
