@@ -51,7 +51,7 @@ LAUNCHER = ("import json, os, sys, time\n"
             "t = time.perf_counter(); pid = os.fork()\n"
             "if pid == 0:\n    os.execvp(sys.argv[1], sys.argv[1:])\n"
             "_, st, ru = os.wait4(pid, 0)\n"
-            "print('LAUNCH ' + json.dumps({'rc': os.waitstatus_to_exitcode(st), 'rss_gb': ru.ru_maxrss / 2**20,"
+            "print('\\nLAUNCH ' + json.dumps({'rc': os.waitstatus_to_exitcode(st), 'rss_gb': ru.ru_maxrss / 2**20,"
             " 'wall_s': time.perf_counter() - t}), file=sys.stderr)\n")
 PAIRS = [("deltarun-bf16", "llama.cpp-BF16"), ("deltarun-int8", "llama.cpp-Q8_0"),
          ("deltarun-int4", "llama.cpp-Q4_0"), ("deltarun-int4", "llama.cpp-Q4_K_M"),
@@ -103,8 +103,8 @@ def launch(cmd: list[str], env: dict | None = None) -> tuple[dict, str, str]:
     """Run `cmd` under LAUNCHER: ({"rc", "rss_gb", "wall_s"}, stdout, stderr)."""
     proc = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *cmd], capture_output=True, text=True, env=env)
     lines = proc.stderr.rstrip().splitlines()
-    if not lines or not lines[-1].startswith("LAUNCH "):
-        return {"rc": proc.returncode, "rss_gb": 0.0, "wall_s": 0.0}, proc.stdout, proc.stderr
+    if not lines or not lines[-1].startswith("LAUNCH "):  # the launcher itself failed: never a 0 s success
+        return {"rc": proc.returncode or 1, "rss_gb": 0.0, "wall_s": 0.0}, proc.stdout, proc.stderr
     return json.loads(lines[-1][7:]), proc.stdout, "\n".join(lines[:-1])
 
 
@@ -245,12 +245,19 @@ def main(argv=None) -> None:
             results[s].append({k: r[k] for k in (long, deep) if k in r})
             print(f"  {long} rep {rep + 1} {s}: {r.get(long, r.get('error'))} (deepest {bench.DEEP}: {r.get(deep)})",
                   file=sys.stderr, flush=True)
+    # as an installed package runs: compiled bytecode kept (a dev shell's PYTHONDONTWRITEBYTECODE would make every
+    # start compile deltarun's sources again), and one untimed start first (byte code, page cache)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    for s in systems if a.cold else ():
+        if cmd := cold_command(s, model, a):
+            launch(cmd, env)
     for rep in range(a.cold_reps if a.cold else 0):
         for s in systems:
             cmd = cold_command(s, model, a)
             if cmd is None:
                 continue
-            info, _, err = launch(cmd, {**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            info, _, err = launch(cmd, env)
             results[s].append({"cold_s": info["wall_s"], "cold_rss_gb": info["rss_gb"]} if info["rc"] == 0 else
                               {"error": (err.strip().splitlines() or ["failed"])[-1]})
             print(f"  cold rep {rep + 1} {s}: {results[s][-1]}", file=sys.stderr, flush=True)

@@ -71,13 +71,13 @@ def measure(folder: str, dtype: str, quantization: str | None, prompt_lens: list
     res: dict = {"load_s": time.perf_counter() - t0, "base_gb": base, "load_gb": memory_gb()["VmRSS"]}
     vocab = model.config.text.vocab_size
 
-    def prefill(ids, times: list[float] | None = None):
+    def prefill(ids, times: list[tuple[int, float]] | None = None):
         cache = model.new_cache(batch=1)
         for s in range(0, ids.shape[1], CHUNK):
             t = time.perf_counter()
             hidden = model(ids[:, s:s + CHUNK], cache)
             if times is not None:
-                times.append(time.perf_counter() - t)
+                times.append((min(CHUNK, ids.shape[1] - s), time.perf_counter() - t))
         return model.logits(hidden[:, -1]).argmax(-1, keepdim=True), cache
 
     with torch.inference_mode():
@@ -85,12 +85,17 @@ def measure(folder: str, dtype: str, quantization: str | None, prompt_lens: list
         for _ in range(2):
             tok = model.logits(model(tok, cache)[:, -1]).argmax(-1, keepdim=True)
         for n in prompt_lens:
-            times: list[float] = []
+            times: list[tuple[int, float]] = []
             t0 = time.perf_counter()
             prefill(_prompt(n, seed=n, vocab=vocab), times)
             res[f"pp{n}"] = n / (time.perf_counter() - t0)
-            if n >= 2 * DEEP:  # the rate of the prompt's deepest DEEP tokens (attention over the most keys)
-                res[f"pp{n}_deep"] = DEEP / sum(times[-(DEEP // CHUNK):])
+            if n >= 2 * DEEP:  # the rate of the prompt's deepest chunks, ≥ DEEP tokens (attention over most keys)
+                tokens = seconds = 0.0
+                for size, dt in reversed(times):
+                    if tokens >= DEEP:
+                        break
+                    tokens, seconds = tokens + size, seconds + dt
+                res[f"pp{n}_deep"] = tokens / seconds
         if gen_len:
             tok, cache = prefill(_prompt(TG_PROMPT, seed=1, vocab=vocab))
             t0 = time.perf_counter()

@@ -277,3 +277,26 @@ def test_sidecar_is_reused_and_refuses_a_changed_file(tiny_ckpt, tmp_path):
     with pytest.raises(LoadError, match="changed"):
         load_model(side, device="cpu")
     assert sidecar_for(tmp_path / "m.gguf") != side  # a new key: rebuilt for the new content
+
+
+def test_string_arrays_are_decoded_when_asked_and_bad_utf8_is_a_clear_error(tmp_path):
+    """A GGUF's string arrays (the 248K-token vocabulary) are walked at parse time and decoded only when read
+    (gguf_file.py `value`): the right strings, and invalid UTF-8 is a LoadError naming the key, not a traceback."""
+    import gguf
+    import numpy as np
+
+    from deltarun.weights.gguf_file import GGUFFile
+
+    path = tmp_path / "s.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen35")
+    w.add_array("tokenizer.ggml.tokens", ["ab", "QQQQ", "ü"])
+    w.add_uint32("qwen35.block_count", 3)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    f = GGUFFile(path)
+    assert f.value("qwen35.block_count") == 3 and f.value("tokenizer.ggml.tokens") == ["ab", "QQQQ", "ü"]
+    assert [t.name for t in f.tensors] == ["token_embd.weight"]
+    path.write_bytes(path.read_bytes().replace(b"QQQQ", b"\xff\xfeQQ"))
+    bad = GGUFFile(path)
+    with pytest.raises(LoadError, match="tokenizer.ggml.tokens"):
+        bad.value("tokenizer.ggml.tokens")

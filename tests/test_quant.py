@@ -262,3 +262,22 @@ def test_int4_quantized_packed_block_by_block_equals_packing_after():
     q, s, z = quantize_int4(w, 32)
     p2, s2, z2 = quantize_int4_packed(w, 32)
     assert torch.equal(p2, pack_int4(q)) and torch.equal(s2, s) and torch.equal(z2, z)
+
+
+@pytest.mark.parametrize("block", [32, 64])
+def test_repack_from_portable_bytes_matches_the_cpu_layout(block):
+    """int4_layout.cpu_layout_from_portable (nibble arithmetic on the stored bytes) gives torch's CPU int4 layout
+    exactly as `cpu_layout` builds it from the unpacked values (checked against torch's own packing op where this
+    CPU's torch uses that block size: ops/int4_layout.py `cpu_int4_block`)."""
+    from deltarun.ops.int4_layout import cpu_int4_block, cpu_layout, cpu_layout_from_portable
+    from deltarun.ops.quant import pack_int4, unpack_int4
+
+    q = torch.randint(0, 16, (block * 3, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(block))
+    packed = pack_int4(q)
+    assert torch.equal(unpack_int4(packed), q)
+    got = cpu_layout_from_portable(packed, block)
+    assert got.shape == packed.shape
+    assert torch.equal(got.flatten(), cpu_layout(q.to(torch.int32), block).flatten())
+    if cpu_int4_block() == block:
+        want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        assert torch.equal(got.flatten(), want.flatten())

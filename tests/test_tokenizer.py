@@ -167,8 +167,17 @@ def test_folder_with_the_builtin_tokenizer_json_uses_the_builtin_backend(folder,
     monkeypatch.setenv("DELTARUN_HOME", str(tmp_path / "home"))
     tok = Tokenizer.from_folder(folder)
     assert tok.backend == "tiktoken" and tok.encode("héllo <|im_start|>") == hf_tok.encode("héllo <|im_start|>")
-    assert [p.read_text() for p in (tmp_path / "home" / "tokenizers").iterdir()] == ["yes"]
+    marks = list((tmp_path / "home" / "tokenizers").iterdir())
+    assert [p.read_text() for p in marks] == ["yes"]
     assert Tokenizer.from_folder(folder).backend == "tiktoken"  # from the mark
+    marks[0].write_bytes(b"\xff garbage")  # a damaged mark is decided again, and rewritten
+    assert Tokenizer.from_folder(folder).backend == "tiktoken" and marks[0].read_text() == "yes"
+    for text in ("[]", "null", '{"model": 5}', '{"model": {"vocab": {}, "merges": [5]}, "added_tokens": [null]}'):
+        odd = tmp_path / f"odd{len(text)}"
+        odd.mkdir()
+        (odd / "tokenizer.json").write_text(text)
+        with pytest.raises(ValueError, match="tokenizer file"):  # the tokenizers library's one-line refusal
+            Tokenizer.from_folder(odd)
 
     data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     assert describes_builtin(data)

@@ -184,38 +184,49 @@ class Tokenizer:
         return f"Tokenizer(backend={self.backend!r}, vocab_size={self.vocab_size})"
 
 
-@functools.cache
+VERDICT_VERSION = 1  # bump when `describes_builtin` changes what it accepts: earlier verdicts are then ignored
+
+
 def _is_builtin_file(file: Path) -> bool:
     """Whether `file` describes the built-in tokenizer (tokenizer_files.describes_builtin: 0.8 s), decided once per
-    file content and remembered in the cache folder (a hash of the file's bytes: 15 ms)."""
+    file content and remembered in the cache folder under a hash of the file's bytes (15 ms), the installed ranks,
+    the shipped merge digest and VERDICT_VERSION, so a new vocabulary or rule never reuses an old verdict. Anything
+    unexpected is "no": the tokenizers library then reads the file (and reports what is wrong with it)."""
     import hashlib
     import json
 
+    from ..atomic import write_text
     from ..paths import cache_dir
+    from .tokenizer_files import _ranks_file, derived
 
     try:
         data = file.read_bytes()
     except OSError:
         return False
-    mark = cache_dir() / "tokenizers" / (hashlib.blake2b(data, digest_size=16).hexdigest() + ".builtin")
+    key = hashlib.blake2b(data, digest_size=16)
+    key.update(f"|{hashlib.blake2b(_ranks_file(), digest_size=16).hexdigest()}|{derived()['merges']}|"
+               f"{VERDICT_VERSION}".encode())
+    mark = cache_dir() / "tokenizers" / (key.hexdigest() + ".builtin")
     try:
-        return mark.read_text() == "yes"
-    except OSError:
+        verdict = mark.read_text()
+        if verdict in ("yes", "no"):
+            return verdict == "yes"
+    except (OSError, ValueError):  # absent, unreadable or not text: decided again
         pass
     try:
-        same = describes_builtin(json.loads(data))
-    except ValueError:  # not JSON: the tokenizers library says what is wrong with it
+        parsed = json.loads(data)
+        same = isinstance(parsed, dict) and describes_builtin(parsed)
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError):
         return False
     try:
         mark.parent.mkdir(parents=True, exist_ok=True)
-        tmp = mark.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text("yes" if same else "no")
-        os.replace(tmp, mark)
+        write_text(mark, "yes" if same else "no")
     except OSError:  # a read-only cache: decided again next time
         pass
     return same
 
 
+@functools.cache
 def _builtin() -> Tokenizer:
     import tiktoken
 

@@ -137,6 +137,8 @@ def _file_mapping(a: int, b: int) -> bool:
                 lo, hi = (int(x, 16) for x in span.split("-"))
                 if lo <= a < hi:
                     return b <= hi and inode != "0" and bool(path) and not path[0].startswith("[")
+                if lo > a:  # the lines are sorted by address
+                    break
     except (OSError, ValueError):
         pass
     return False
