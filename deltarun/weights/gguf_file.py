@@ -46,7 +46,10 @@ class _Strings:
 
 
 class GGUFFile:
-    """`fields` (metadata key → value; arrays as lists) and `tensors` (in file order) of a GGUF file."""
+    """`fields` (metadata key → value; arrays as lists, string arrays decoded by `value`) and `tensors` (in file
+    order) of a GGUF file."""
+
+    _pos: int = 0  # the parser's read position
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
