@@ -50,7 +50,9 @@ def test_fuzz(chat_ckpt, tmp_path, capsys):
     assert all(sum(c.values()) >= 1 for c in report.cases.values())
     assert not report.failures, "\n".join(f"{r}: {p}\n  {q[:500]}" for r, p, q in report.failures[:10])
     assert not tracebacks, tracebacks[0]
-    assert not any((tmp_path / "deltarun_home").iterdir())  # nothing was pulled or copied into the store
+    # nothing was pulled or copied into the store (the one thing there: the start-up's tokenizer verdict cache)
+    assert {p.name for p in (tmp_path / "deltarun_home").iterdir()} <= {"tokenizers"}
+    assert all(p.suffix == ".builtin" for p in (tmp_path / "deltarun_home").glob("tokenizers/*"))
 
 
 @pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
