@@ -271,6 +271,8 @@ class QuantLinear(nn.Module):
         if gemm is not None and _probe_ok(gemm, probe, want, idx, tol):
             self._gemm = gemm
             self.routes["prefill"] = f"qgemm_int{self.bits}"
+        elif kernel.name == "gemv_int4":  # what `forward` does without an integer GEMM
+            self.routes["prefill"] = f"gemv_int4 to {KERNEL_BLOCK_ROWS} rows, then dequant"
         if self.bits == 4 and dev.type == "cpu" and cpu_int4_block() and n % cpu_int4_block() == 0:
             assert kernel.sz is not None  # an int4 kernel's last argument
             self._cpu4 = kernel.packed, kernel.sz, kernel.pairs
