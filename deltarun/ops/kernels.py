@@ -94,17 +94,16 @@ def available() -> bool:
         build = settings().kernels_dir / _cpu_tag()
         build.mkdir(parents=True, exist_ok=True)
         wait_for_build_lock(build / "lock")
-        if _load_built(build / "deltarun_gemv.so"):
-            _state["ok"] = _self_check()
-            return bool(_state["ok"])
-        from torch.utils import cpp_extension
+        if not _load_built(build / "deltarun_gemv.so"):
+            from torch.utils import cpp_extension
 
-        if not (build / "deltarun_gemv.so").exists():
-            print("deltarun: building the CPU kernels for this machine (once, ~30 s) …", file=sys.stderr, flush=True)
-        cpp_extension.load(name="deltarun_gemv", sources=[str(SOURCE.with_name(f)) for f in SOURCES],
-                           build_directory=str(build),
-                           extra_cflags=["-O3", *_march(), "-fopenmp"], extra_ldflags=["-fopenmp"],
-                           is_python_module=False, verbose=False)
+            if not (build / "deltarun_gemv.so").exists():
+                print("deltarun: building the CPU kernels for this machine (once, ~30 s) …", file=sys.stderr,
+                      flush=True)
+            cpp_extension.load(name="deltarun_gemv", sources=[str(SOURCE.with_name(f)) for f in SOURCES],
+                               build_directory=str(build),
+                               extra_cflags=["-O3", *_march(), "-fopenmp"], extra_ldflags=["-fopenmp"],
+                               is_python_module=False, verbose=False)
         _state["ok"] = _self_check()
     except Exception as e:  # a missing ninja, a compiler error, …: the torch path still works
         _state["error"] = str(e)

@@ -19,9 +19,10 @@ from pathlib import Path
 from deltarun.processor.tokenizer_files import (
     ADDED_TOKENS,
     PRETOKENIZE_REGEX,
+    builtin_fingerprint,
     describes_builtin,
     load_ranks,
-    unicode_to_byte,
+    token_str_to_bytes,
     unreachable_tokens,
 )
 
@@ -79,21 +80,12 @@ class Tokenizer:
         if not isinstance(hf.decoder, decoders.ByteLevel):
             raise ValueError(f"unsupported tokenizer file {file}: decoder {hf.decoder!r}, expected ByteLevel")
 
-        # byte-level spelling → bytes: each character maps to one byte (str.translate, then latin-1, in C: a
-        # per-character loop here took 0.5 s of a 248K vocabulary's load); a character outside the map keeps
-        # its UTF-8 bytes, as the tokenizers library decodes it
-        to_byte: dict[int, int | str] = {ord(ch): b for ch, b in unicode_to_byte().items()}
-        to_byte.update({o: "\u0100" for o in range(256) if o not in to_byte})  # not latin-1 once translated
         size = hf.get_vocab_size(with_added_tokens=True)
         token_bytes: list[bytes] = [b""] * size
         added_decoder = hf.get_added_tokens_decoder()
         for token, idx in hf.get_vocab(with_added_tokens=False).items():
             if idx < size:
-                raw = token.translate(to_byte)
-                try:
-                    token_bytes[idx] = raw.encode("latin-1")
-                except UnicodeEncodeError:
-                    token_bytes[idx] = token.encode("utf-8")
+                token_bytes[idx] = token_str_to_bytes(token)
         added: dict[str, int] = {}
         special: set[int] = set()
         for idx, tok in added_decoder.items():
@@ -197,15 +189,12 @@ def _is_builtin_file(file: Path) -> bool:
 
     from ..atomic import write_text
     from ..paths import cache_dir
-    from .tokenizer_files import _ranks_file, derived
-
     try:
         data = file.read_bytes()
     except OSError:
         return False
     key = hashlib.blake2b(data, digest_size=16)
-    key.update(f"|{hashlib.blake2b(_ranks_file(), digest_size=16).hexdigest()}|{derived()['merges']}|"
-               f"{VERDICT_VERSION}".encode())
+    key.update(f"|{builtin_fingerprint()}|{VERDICT_VERSION}".encode())
     mark = cache_dir() / "tokenizers" / (key.hexdigest() + ".builtin")
     try:
         verdict = mark.read_text()

