@@ -53,7 +53,7 @@ def aligned_ckpt(tmp_path_factory):
 
 
 @pytest.mark.parametrize("quantization", [None, "int8", "int4:32"])
-@pytest.mark.parametrize("slots", [[0], [0, 1, 2], [3, 0, 2]])
+@pytest.mark.parametrize("slots", [[0], [0, 1, 2], [3, 0, 2], [8, 0, 2, 5, 1, 7, 3, 6, 4]])
 @pytest.mark.parametrize("ckpt", ["aligned", "hybrid"])
 def test_fused_decode_is_bit_exact(request, monkeypatch, quantization, slots, ckpt):
     path = request.getfixturevalue("aligned_ckpt" if ckpt == "aligned" else "tiny_ckpt")

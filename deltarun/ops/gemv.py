@@ -12,8 +12,21 @@ import torch
 
 from . import kernels
 
-MAX_ROWS = 4  # measured: up to 4 rows the bf16 kernel wins (1.8× at one row); from 8, F.linear's GEMM is as fast
+MAX_ROWS = 4  # without AVX512-BF16: up to 4 rows the bf16 kernel wins (1.8× at one row); from 8, F.linear's is as fast
+TILED_MAX_ROWS = 16  # with it, the tile kernel beats F.linear to 16 rows (weights streaming from memory)
 MAX_KERNEL_ROWS = 16  # what the int8 / int4 kernels take in one call (csrc/gemv.cpp MAX_M)
+
+
+def max_rows() -> int:
+    """Rows up to which a bf16 decode step takes gemv_bf16 and the fused layers (ops/layer.py): 16 where the
+    kernel multiplies by AVX512-BF16 tiles, else MAX_ROWS (F.linear or the prefill routes beyond)."""
+    if "rows" not in _rows:
+        _rows["rows"] = (TILED_MAX_ROWS if kernels.available() and torch.ops.deltarun.gemv_bf16_tiled()
+                         else MAX_ROWS)
+    return _rows["rows"]
+
+
+_rows: dict[str, int] = {}
 
 
 def gemv_bf16(x: torch.Tensor, w: torch.Tensor, cast: bool = False) -> torch.Tensor:

@@ -195,7 +195,7 @@ def with_adapters(p: Plan, x: torch.Tensor) -> Plan | None:
 
 def usable(x: torch.Tensor) -> bool:
     """Whether x [B, T, H] is a decode step the fused ops take: one bf16 token per row, few rows, no grad."""
-    return (x.shape[1] == 1 and x.shape[0] <= gemv.MAX_ROWS and x.dtype == torch.bfloat16
+    return (x.shape[1] == 1 and x.shape[0] <= gemv.max_rows() and x.dtype == torch.bfloat16
             and x.device.type == "cpu" and not torch.is_grad_enabled())
 
 

@@ -38,7 +38,7 @@ class Linear(nn.Linear):
         if r is None or x.dtype != torch.bfloat16 or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        route = r["decode"] if 0 < rows <= gemv.MAX_ROWS else r["prefill"]
+        route = r["decode"] if 0 < rows <= gemv.max_rows() else r["prefill"]
         if route == "gemv_bf16":
             y = gemv.gemv_bf16(x.reshape(rows, -1), self.weight, True)
             if self.bias is not None:

@@ -67,9 +67,9 @@ at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& w, bool cast) {
   const auto* W = reinterpret_cast<const uint16_t*>(w.data_ptr());
   float* O = out.data_ptr<float>();
 #if defined(__AVX512BF16__)
-  if (K % 64 == 0) {
+  if (K % 32 == 0) {
     at::parallel_for(0, N, GRAIN, [&](int64_t a, int64_t b) {
-      for (int64_t n = a; n < b; n += ROWS) bf16_block(X, M, K, W, n, std::min(ROWS, b - n), O, N);
+      for (int64_t n = a; n < b; n += BF16_ROWS) bf16_block(X, M, K, W, n, std::min(BF16_ROWS, b - n), O, N);
     });
     return finish(out, x, cast);
   }
@@ -256,12 +256,22 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, c
   return finish(out, x, cast);
 }
 
+// Whether gemv_bf16 runs the AVX512-BF16 tile kernel (compute-bound to 16 rows) rather than a widening loop.
+bool gemv_bf16_tiled() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 TORCH_LIBRARY(deltarun, m) {
   m.def("gemv_bf16(Tensor x, Tensor w, bool cast=False) -> Tensor");
   m.def("gemv_f32(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor w, Tensor scales, bool cast=False) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor packed, int group, Tensor sz, bool cast=False) -> Tensor");
   m.def("int4_layout_rows() -> int", &int4_layout_rows);  // no tensors: not dispatched by device
+  m.def("gemv_bf16_tiled() -> bool", &gemv_bf16_tiled);
 }
 
 TORCH_LIBRARY_IMPL(deltarun, CPU, m) {

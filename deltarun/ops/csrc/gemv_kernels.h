@@ -12,6 +12,7 @@ namespace {
 
 constexpr int64_t ROWS = 4;      // weight rows per inner step (x loads shared across them)
 constexpr int64_t MAX_M = 16;    // activation rows per call (the Python side routes more to F.linear)
+constexpr int64_t BF16_ROWS = 8;  // weight rows per bf16 tile
 
 inline float bf16_to_f32(uint16_t v) {
   uint32_t u = static_cast<uint32_t>(v) << 16;
@@ -22,36 +23,87 @@ inline float bf16_to_f32(uint16_t v) {
 
 // ---------------------------------------------------------------- bf16 weights
 #if defined(__AVX512BF16__)
-// One weight row against MC activation rows (K a multiple of 64): the row streams through once, two
-// partial sums per activation row keep the dot products independent.
-template <int MC>
-inline void bf16_row(const uint16_t* x, int64_t K, const uint16_t* wr, float* out, int64_t N) {
-  __m512 acc[MC][2];
-  for (int m = 0; m < MC; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 64) {
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k), w1 = (__m512bh)_mm512_loadu_si512(wr + k + 32);
-    for (int m = 0; m < MC; ++m) {
-      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_loadu_si512(x + m * K + k), w0);
-      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], (__m512bh)_mm512_loadu_si512(x + m * K + k + 32), w1);
-    }
-  }
-  for (int m = 0; m < MC; ++m) out[m * N] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+// [Σa, Σb, Σc, Σd] of four 16-lane vectors, by one fixed tree (a lane's sum does not depend on its neighbours).
+inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  auto half = [](__m512 v) {
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  };
+  return _mm_hadd_ps(_mm_hadd_ps(half(a), half(b)), _mm_hadd_ps(half(c), half(d)));
 }
 
+// NR weight rows against MR activation rows (K a multiple of 32): MR·NR independent dot products, each
+// weight and activation load shared by a row of the tile, so up to 16 rows stay compute-bound rather than
+// load-bound. Every (m, n) sum runs in the same order whatever the tile, so a result does not depend on M.
+template <int MR, int NR>
+inline void bf16_tile(const uint16_t* x, int64_t K, const uint16_t* w, float* out, int64_t N, const char* pf,
+                      int pf_lines) {
+  __m512 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512bh wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
+    for (int i = 0; i < pf_lines; ++i) _mm_prefetch(pf + (k / 32 * pf_lines + i) * 64, _MM_HINT_T0);
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
+    }
+  }
+  const __m512 z = _mm512_setzero_ps();
+  auto at = [&](int m, int r) { return r < NR ? acc[m][r < NR ? r : 0] : z; };
+  for (int m = 0; m < MR; ++m) {
+    _mm_mask_storeu_ps(out + m * N, static_cast<__mmask8>((1 << (NR < 4 ? NR : 4)) - 1),
+                       sum4(at(m, 0), at(m, 1), at(m, 2), at(m, 3)));
+    if (NR > 4)
+      _mm_mask_storeu_ps(out + m * N + 4, static_cast<__mmask8>((1 << (NR > 4 ? NR - 4 : 0)) - 1),
+                         sum4(at(m, 4), at(m, 5), at(m, 6), at(m, 7)));
+  }
+}
+
+#ifndef PF_ROWS
+#define PF_ROWS 16
+#endif
+#ifndef BF16_MR
+#define BF16_MR 2
+#endif
+template <int NR>
+inline void bf16_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* wr, float* out, int64_t N) {
+  // The passes over these rows share out the prefetches of a later tile's (PF_ROWS rows on), a few cache
+  // lines per step: the weights stream from memory while the tile computes from L1.
+  const int64_t passes = (M + BF16_MR - 1) / BF16_MR, lines = BF16_ROWS * K * 2 / 64;
+  const int64_t per_pass = (lines + passes - 1) / passes, steps = K / 32;
+  const int pf_lines = static_cast<int>((per_pass + steps - 1) / steps);
+  for (int64_t m = 0; m < M; m += BF16_MR) {
+    const uint16_t* xm = x + m * K;
+    float* o = out + m * N;
+    const char* pf = reinterpret_cast<const char*>(wr + PF_ROWS * K) + m / BF16_MR * per_pass * 64;
+    switch (M - m < BF16_MR ? M - m : BF16_MR) {
+      case 1: bf16_tile<1, NR>(xm, K, wr, o, N, pf, pf_lines); break;
+#if BF16_MR > 2
+      case 2: bf16_tile<2, NR>(xm, K, wr, o, N, pf, pf_lines); break;
+      default: bf16_tile<3, NR>(xm, K, wr, o, N, pf, pf_lines); break;
+#else
+      default: bf16_tile<2, NR>(xm, K, wr, o, N, pf, pf_lines); break;
+#endif
+    }
+  }
+}
+
+// Weight rows n0 … n0 + nr (nr ≤ 4) against all M activation rows.
 inline void bf16_block(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int64_t nr,
                        float* out, int64_t N) {
-  for (int64_t n = n0; n < n0 + nr; ++n) {
-    const uint16_t* wr = w + n * K;
-    for (int64_t m = 0; m < M; m += 4) {
-      const uint16_t* xm = x + m * K;
-      float* o = out + m * N + n;
-      switch (M - m < 4 ? M - m : 4) {
-        case 1: bf16_row<1>(xm, K, wr, o, N); break;
-        case 2: bf16_row<2>(xm, K, wr, o, N); break;
-        case 3: bf16_row<3>(xm, K, wr, o, N); break;
-        default: bf16_row<4>(xm, K, wr, o, N); break;
-      }
-    }
+  const uint16_t* wr = w + n0 * K;
+  float* o = out + n0;
+  switch (nr) {
+    case 1: bf16_rows<1>(x, M, K, wr, o, N); break;
+    case 2: bf16_rows<2>(x, M, K, wr, o, N); break;
+    case 3: bf16_rows<3>(x, M, K, wr, o, N); break;
+    case 4: bf16_rows<4>(x, M, K, wr, o, N); break;
+    case 5: bf16_rows<5>(x, M, K, wr, o, N); break;
+    case 6: bf16_rows<6>(x, M, K, wr, o, N); break;
+    case 7: bf16_rows<7>(x, M, K, wr, o, N); break;
+    default: bf16_rows<8>(x, M, K, wr, o, N); break;
   }
 }
 #endif
