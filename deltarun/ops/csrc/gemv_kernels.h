@@ -69,6 +69,13 @@ inline void bf16_tile(const uint16_t* x, int64_t K, const uint16_t* w, float* ou
 #endif
 template <int NR>
 inline void bf16_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* wr, float* out, int64_t N) {
+  if (M <= 2) {  // bandwidth-bound: one weight row after another is one sequential stream, best for the prefetcher
+    for (int r = 0; r < NR; ++r) {
+      if (M == 1) bf16_tile<1, 1>(x, K, wr + r * K, out + r, N, nullptr, 0);
+      else bf16_tile<2, 1>(x, K, wr + r * K, out + r, N, nullptr, 0);
+    }
+    return;
+  }
   // The passes over these rows share out the prefetches of a later tile's (PF_ROWS rows on), a few cache
   // lines per step: the weights stream from memory while the tile computes from L1.
   const int64_t passes = (M + BF16_MR - 1) / BF16_MR, lines = BF16_ROWS * K * 2 / 64;
