@@ -4,6 +4,10 @@ Shapes of the 0.8B model (the tied lm_head, in_proj_qkv, MLP up/down); `x.sum()`
 host's streaming reference (it swings between runs on shared machines: compare within one run).
 
     python benchmarks/bench_kernels.py [--threads 2] [--reps 10]
+    python benchmarks/bench_kernels.py --rows 1,4,8,16    # also bf16 at several rows (batched decode)
+
+`--rows`: the bf16 kernel against F.linear for M activation rows, each call on the next of enough weight copies
+(≥ 256 MB) that the weights stream from memory as in a real step rather than sit in the caches.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--rows", default="", help="comma-separated row counts for the bf16 many-rows table")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if not kernels.available():
@@ -61,6 +66,27 @@ def main() -> None:
             print(f"| {name} | {n}×{k} | {nbytes / seconds(ours, a.reps) / 1e9:.1f} | "
                   f"{nbytes / seconds(theirs, a.reps) / 1e9:.1f} |", flush=True)
         w = q = p = ours4 = rows = None  # free this shape's tensors before the next ones
+    if a.rows:
+        many_rows([int(r) for r in a.rows.split(",")], a.reps)
+
+
+def many_rows(counts: list[int], reps: int) -> None:
+    """bf16 weights at M rows, streaming from memory: ms per call and GFLOP/s, kernel vs F.linear."""
+    print(f"\nbf16, weights streaming; kernel takes up to {gemv.max_rows()} rows here\n"
+          "| N×K | rows | kernel ms | GFLOP/s | F.linear ms | GFLOP/s |\n|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(1)
+    for n, k in SHAPES[1:]:
+        ws = [torch.randn(n, k, generator=g).bfloat16() for _ in range(max(2, (256 << 20) // (n * k * 2)))]
+        for m in counts:
+            if m > 16:
+                continue
+            x = torch.randn(m, k, generator=g).bfloat16()
+            cells = []
+            for fn in (lambda w: gemv.gemv_bf16(x, w, True), lambda w: F.linear(x, w)):
+                t = seconds(lambda: [fn(w) for w in ws], reps) / len(ws)
+                cells += [f"{t * 1e3:.3f}", f"{2 * m * n * k / t / 1e9:.0f}"]
+            print(f"| {n}×{k} | {m} | " + " | ".join(cells) + " |", flush=True)
+        ws = []
 
 
 if __name__ == "__main__":

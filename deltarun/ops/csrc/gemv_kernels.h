@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -61,15 +62,13 @@ inline void bf16_tile(const uint16_t* x, int64_t K, const uint16_t* w, float* ou
   }
 }
 
-#ifndef PF_ROWS
-#define PF_ROWS 16
-#endif
-#ifndef BF16_MR
-#define BF16_MR 2
-#endif
+constexpr int64_t PF_ROWS = 16;   // prefetch distance: two tiles on
+constexpr int64_t ROW_BY_ROW = 2;  // up to this many rows, weight rows go one by one
+constexpr int64_t BF16_MR = 2;     // activation rows per tile pass (8 × 2 accumulators)
+
 template <int NR>
 inline void bf16_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* wr, float* out, int64_t N) {
-  if (M <= 2) {  // bandwidth-bound: one weight row after another is one sequential stream, best for the prefetcher
+  if (M <= ROW_BY_ROW) {  // bandwidth-bound: one weight row after another is one sequential stream
     for (int r = 0; r < NR; ++r) {
       if (M == 1) bf16_tile<1, 1>(x, K, wr + r * K, out + r, N, nullptr, 0);
       else bf16_tile<2, 1>(x, K, wr + r * K, out + r, N, nullptr, 0);
@@ -80,24 +79,19 @@ inline void bf16_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w
   // lines per step: the weights stream from memory while the tile computes from L1.
   const int64_t passes = (M + BF16_MR - 1) / BF16_MR, lines = BF16_ROWS * K * 2 / 64;
   const int64_t per_pass = (lines + passes - 1) / passes, steps = K / 32;
-  const int pf_lines = static_cast<int>((per_pass + steps - 1) / steps);
+  const int pf_lines = static_cast<int>(std::min<int64_t>((per_pass + steps - 1) / steps, 2));
   for (int64_t m = 0; m < M; m += BF16_MR) {
     const uint16_t* xm = x + m * K;
     float* o = out + m * N;
     const char* pf = reinterpret_cast<const char*>(wr + PF_ROWS * K) + m / BF16_MR * per_pass * 64;
     switch (M - m < BF16_MR ? M - m : BF16_MR) {
       case 1: bf16_tile<1, NR>(xm, K, wr, o, N, pf, pf_lines); break;
-#if BF16_MR > 2
-      case 2: bf16_tile<2, NR>(xm, K, wr, o, N, pf, pf_lines); break;
-      default: bf16_tile<3, NR>(xm, K, wr, o, N, pf, pf_lines); break;
-#else
       default: bf16_tile<2, NR>(xm, K, wr, o, N, pf, pf_lines); break;
-#endif
     }
   }
 }
 
-// Weight rows n0 … n0 + nr (nr ≤ 4) against all M activation rows.
+// Weight rows n0 … n0 + nr (nr ≤ BF16_ROWS) against all M activation rows.
 inline void bf16_block(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int64_t nr,
                        float* out, int64_t N) {
   const uint16_t* wr = w + n0 * K;
