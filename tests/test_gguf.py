@@ -300,3 +300,32 @@ def test_string_arrays_are_decoded_when_asked_and_bad_utf8_is_a_clear_error(tmp_
     bad = GGUFFile(path)
     with pytest.raises(LoadError, match="tokenizer.ggml.tokens"):
         bad.value("tokenizer.ggml.tokens")
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+@pytest.mark.parametrize("qtype", ["Q6_K", "Q8_0"])
+def test_fused_int8_requantization_is_bit_exact(qtype):
+    """csrc/gguf_int8.cpp: Q6_K / Q8_0 blocks → per-row int8 in one pass, bit for bit what the reference path
+    makes of them (gguf-py's numpy dequantize, or q8_0_values, then quantize_int8): random blocks with finite
+    f16 scales of every magnitude, plus an all-zero row and a row whose scale is the f16 maximum."""
+    import numpy as np
+
+    from deltarun.weights.gguf_file import dequantize_blocks, q8_0_values
+
+    qk, size, K = (256, 210, 512) if qtype == "Q6_K" else (32, 34, 96)
+    rng = np.random.default_rng(5)
+    rows = rng.integers(0, 256, (40, K // qk, size), dtype=np.uint8)
+    d_at = size - 2 if qtype == "Q6_K" else 0
+    d = (rng.standard_normal((40, K // qk)) * 10.0 ** rng.integers(-6, 3, (40, K // qk))).astype(np.float16)
+    d[1] = np.float16(65504.0)
+    rows[..., d_at:d_at + 2] = d.view(np.uint8).reshape(40, K // qk, 2)
+    rows[0] = 0
+    data = rows.reshape(40, -1)
+    q, s = torch.ops.deltarun.gguf_to_int8(torch.from_numpy(data.copy()), qtype, K)
+    w = q8_0_values(data) if qtype == "Q8_0" else torch.from_numpy(dequantize_blocks(data, qtype).reshape(40, K))
+    want_q, want_s = quantize_int8(w)
+    assert torch.equal(s, want_s) and torch.equal(q, want_q)
+    with pytest.raises(RuntimeError, match="Q6_K or Q8_0"):
+        torch.ops.deltarun.gguf_to_int8(torch.from_numpy(data.copy()), "Q5_K", K)
+    with pytest.raises(RuntimeError, match="rows of"):
+        torch.ops.deltarun.gguf_to_int8(torch.from_numpy(data.copy()), qtype, K + qk)

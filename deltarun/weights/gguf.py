@@ -28,7 +28,7 @@ from torch import nn
 
 from ..config import ConfigError, ModelConfig, apply_rope_override
 from ..model.qwen3_5 import Qwen3_5ForCausalLM
-from ..ops import routes
+from ..ops import kernels, routes
 from ..ops.quant import QuantEmbedding, QuantLinear, pack_int4, quantize_int8
 from . import quantize as quant
 from .common import FP32_PARAMS, LoadError, resolve_device, resolve_dtype, trim_heap
@@ -52,6 +52,7 @@ BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
 IGNORED = ("v.", "mm.", "mtp.")  # vision tower and MTP head that Ollama's files carry: not loaded here
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 INT8_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K")  # requantized per row
+FUSED_INT8 = ("Q8_0", "Q6_K")  # … by one kernel pass where the CPU kernels are built
 FLOAT_TYPES = ("F32", "F16", "BF16")
 GROUP = 32  # the int4 group: a Q4_0/Q4_1 block, a Q4_K sub-block
 CHUNK_ROWS = 8192  # decode big tensors (the 248K-row embedding) a slice at a time
@@ -125,8 +126,15 @@ class Weight:
     def int8(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q int8 [N, K], scales [N]) requantized per row from the dequantized (or float) values."""
         qs, ss = [], []
+        fused = self.type in FUSED_INT8 and self.cols is None and kernels.available()
         for i in range(0, self.shape[0], CHUNK_ROWS):
             part = self.rows(slice(i, i + CHUNK_ROWS))
+            if fused:  # the same numbers as below, in one pass over the blocks (csrc/gguf_int8.cpp)
+                q, s = torch.ops.deltarun.gguf_to_int8(torch.from_numpy(np.array(part.data)), self.type,
+                                                       self.shape[1])
+                qs.append(q)
+                ss.append(s)
+                continue
             w = q8_0_values(part.data) if self.type == "Q8_0" else part.values(torch.float32)
             if self.type == "Q8_0" and self.cols is not None:
                 w = w[:, torch.from_numpy(self.cols)]
