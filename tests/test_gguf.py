@@ -305,7 +305,7 @@ def test_string_arrays_are_decoded_when_asked_and_bad_utf8_is_a_clear_error(tmp_
 @pytest.mark.usefixtures("cpu_kernels")
 @pytest.mark.parametrize("qtype", ["Q6_K", "Q8_0"])
 def test_fused_int8_requantization_is_bit_exact(qtype):
-    """csrc/gguf_int8.cpp: Q6_K / Q8_0 blocks → per-row int8 in one pass, bit for bit what the reference path
+    """csrc/gguf_blocks.cpp: Q6_K / Q8_0 blocks → per-row int8 in one pass, bit for bit what the reference path
     makes of them (gguf-py's numpy dequantize, or q8_0_values, then quantize_int8): random blocks with finite
     f16 scales of every magnitude, plus an all-zero row and a row whose scale is the f16 maximum."""
     import numpy as np
@@ -329,3 +329,23 @@ def test_fused_int8_requantization_is_bit_exact(qtype):
         torch.ops.deltarun.gguf_to_int8(torch.from_numpy(data.copy()), "Q5_K", K)
     with pytest.raises(RuntimeError, match="rows of"):
         torch.ops.deltarun.gguf_to_int8(torch.from_numpy(data.copy()), qtype, K + qk)
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+def test_fused_q4_0_rows_are_the_reference_bytes():
+    """csrc/gguf_blocks.cpp's Q4_0 → portable int4: the bytes and scales of int4_blocks + pack_int4, exactly."""
+    import numpy as np
+
+    from deltarun.ops.quant import pack_int4
+    from deltarun.weights.gguf_file import int4_blocks
+
+    rng = np.random.default_rng(9)
+    rows = rng.integers(0, 256, (24, 4, 18), dtype=np.uint8)
+    rows[..., :2] = rng.standard_normal((24, 4)).astype(np.float16).view(np.uint8).reshape(24, 4, 2)
+    data = rows.reshape(24, -1)
+    packed, scales = torch.ops.deltarun.gguf_q4_0_rows(torch.from_numpy(data.copy()), 128)
+    q, s, z = int4_blocks(data, "Q4_0")
+    assert torch.equal(packed, pack_int4(torch.from_numpy(q.reshape(24, -1))))
+    assert torch.equal(scales, torch.from_numpy(s.reshape(24, -1))) and not z.any()
+    with pytest.raises(RuntimeError, match="Q4_0|uint8"):
+        torch.ops.deltarun.gguf_q4_0_rows(torch.from_numpy(data.copy()), 96)

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
 # one extension: matmuls, the DeltaNet step, norms, dequantization, whole decode layers
 SOURCES = ("gemv.cpp", "gdn.cpp", "norm.cpp", "dequant.cpp", "layer.cpp", "qgemm.cpp", "conv.cpp", "gdn_chunk.cpp",
-           "fgemm.cpp", "lora.cpp", "gguf_int8.cpp")
+           "fgemm.cpp", "lora.cpp", "gguf_blocks.cpp")
 STALE_LOCK_S = 300  # a first build takes ~30 s
 _state: dict[str, object] = {}
 # `DELTARUN_CPU_LEVEL`: build for, and route as, a lower x86 level than this CPU's, so the kernels and

@@ -111,7 +111,15 @@ class Weight:
     def int4(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(packed [N, K/2], scales [N, K/32], zeros [N, K/32]) fp32, exactly the file's values."""
         packed, scales, zeros = [], [], []
+        fused = self.type == "Q4_0" and self.cols is None and kernels.available()
         for i in range(0, self.shape[0], CHUNK_ROWS):  # packed a slice at a time: no [N, K] byte copy
+            if fused:  # the same bytes as below, in one pass (csrc/gguf_blocks.cpp)
+                p, s = torch.ops.deltarun.gguf_q4_0_rows(torch.from_numpy(np.array(self.data[i:i + CHUNK_ROWS])),
+                                                         self.shape[1])
+                packed.append(p)
+                scales.append(s)
+                zeros.append(torch.zeros_like(s))
+                continue
             q, s, z = int4_blocks(self.data[i:i + CHUNK_ROWS], self.type)
             rows = min(CHUNK_ROWS, self.shape[0] - i)
             q, s, z = q.reshape(rows, -1), s.reshape(rows, -1), z.reshape(rows, -1)
@@ -119,9 +127,9 @@ class Weight:
                 q, groups = q[:, self.cols], self.cols[::GROUP] // GROUP
                 s, z = s[:, groups], z[:, groups]
             packed.append(pack_int4(torch.from_numpy(q)))
-            scales.append(s)
-            zeros.append(z)
-        return torch.cat(packed), torch.from_numpy(np.concatenate(scales)), torch.from_numpy(np.concatenate(zeros))
+            scales.append(torch.from_numpy(s))
+            zeros.append(torch.from_numpy(z))
+        return torch.cat(packed), torch.cat(scales), torch.cat(zeros)
 
     def int8(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q int8 [N, K], scales [N]) requantized per row from the dequantized (or float) values."""
@@ -129,7 +137,7 @@ class Weight:
         fused = self.type in FUSED_INT8 and self.cols is None and kernels.available()
         for i in range(0, self.shape[0], CHUNK_ROWS):
             part = self.rows(slice(i, i + CHUNK_ROWS))
-            if fused:  # the same numbers as below, in one pass over the blocks (csrc/gguf_int8.cpp)
+            if fused:  # the same numbers as below, in one pass over the blocks (csrc/gguf_blocks.cpp)
                 q, s = torch.ops.deltarun.gguf_to_int8(torch.from_numpy(np.array(part.data)), self.type,
                                                        self.shape[1])
                 qs.append(q)

@@ -1,8 +1,11 @@
-// GGUF blocks to our int8 rows on the CPU, in one pass: a Q6_K or Q8_0 row is dequantized into a row buffer,
-// then requantized per row (ops/quant.py `quantize_int8`: scale = bf16(max(max|w| / 127, 1e-12)), q = round
+// GGUF blocks to our quantized rows on the CPU, in one pass each.
+// int8: a Q6_K or Q8_0 row is dequantized into a row buffer, then requantized per row (ops/quant.py `quantize_int8`: scale = bf16(max(max|w| / 127, 1e-12)), q = round
 // half to even of w / scale, clamped to ±127). The reference is weights/gguf.py's path, gguf-py's numpy
 // dequantize (Q6_K) or `q8_0_values`, then quantize_int8: the same fp32 operations in the same order, so
 // tests/test_gguf.py compares bit for bit. For a 248K-row Q6_K embedding that path took ~3.9 s of a cold start.
+// int4: Q4_0 blocks are already our int4 (one scale per 32 values, zero 0): only the nibbles move, into the
+// portable order of ops/quant.py `pack_int4` (even columns low), the reference being weights/gguf_file.py
+// `int4_blocks` + pack_int4 (~1 s of numpy for the 0.8B model).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -80,8 +83,38 @@ std::tuple<at::Tensor, at::Tensor> gguf_to_int8(const at::Tensor& blocks, const 
   return {q, scales};
 }
 
-TORCH_LIBRARY_FRAGMENT(deltarun, m) {
-  m.def("gguf_to_int8(Tensor blocks, str type, int K) -> (Tensor, Tensor)");
+// blocks uint8 [N, K/32·18] Q4_0 → (packed uint8 [N, K/2], value j of a group in the low nibble of byte j/2
+// when j is even; scales fp32 [N, K/32], the blocks' f16 d). Value j of a block: qs[j] & 15 for j < 16, else
+// qs[j − 16] >> 4.
+std::tuple<at::Tensor, at::Tensor> gguf_q4_0_rows(const at::Tensor& blocks, int64_t K) {
+  TORCH_CHECK(blocks.device().is_cpu() && blocks.scalar_type() == at::kByte && blocks.dim() == 2 &&
+              blocks.is_contiguous() && K > 0 && K % 32 == 0 && blocks.size(1) == K / 32 * 18,
+              "gguf_q4_0_rows: blocks uint8 [N, K/32·18]");
+  const int64_t N = blocks.size(0), G = K / 32;
+  at::Tensor packed = at::empty({N, K / 2}, blocks.options());
+  at::Tensor scales = at::empty({N, G}, blocks.options().dtype(at::kFloat));
+  const uint8_t* B = blocks.data_ptr<uint8_t>();
+  uint8_t* P = packed.data_ptr<uint8_t>();
+  float* S = scales.data_ptr<float>();
+  at::parallel_for(0, N * G, 4096, [&](int64_t a, int64_t e) {
+    for (int64_t i = a; i < e; ++i) {
+      const uint8_t* b = B + i * 18;
+      S[i] = f16_at(b);
+      const uint8_t* qs = b + 2;
+      auto value = [&](int j) { return j < 16 ? qs[j] & 15 : qs[j - 16] >> 4; };
+      uint8_t* p = P + i * 16;
+      for (int j = 0; j < 16; ++j) p[j] = static_cast<uint8_t>(value(2 * j) | (value(2 * j + 1) << 4));
+    }
+  });
+  return {packed, scales};
 }
 
-TORCH_LIBRARY_IMPL(deltarun, CPU, m) { m.impl("gguf_to_int8", &gguf_to_int8); }
+TORCH_LIBRARY_FRAGMENT(deltarun, m) {
+  m.def("gguf_to_int8(Tensor blocks, str type, int K) -> (Tensor, Tensor)");
+  m.def("gguf_q4_0_rows(Tensor blocks, int K) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(deltarun, CPU, m) {
+  m.impl("gguf_to_int8", &gguf_to_int8);
+  m.impl("gguf_q4_0_rows", &gguf_q4_0_rows);
+}
