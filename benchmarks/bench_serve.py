@@ -85,8 +85,9 @@ async def load(url: str, clients: int, warmup: float, seconds: float, tokens: in
     lo, hi = t0 + warmup, stop
     counted = sum(n * max(0.0, min(e, hi) - max(s, lo)) / (e - s) for s, e, n in spans if e > s)
     lat = [e - s for s, e, _ in spans if s >= lo]
+    q = statistics.quantiles(lat, n=10) if len(lat) > 1 else [float("nan")] * 9
     return {"tok_s": counted / (hi - lo), "p50_s": statistics.median(lat) if lat else float("nan"),
-            "requests": len(spans)}
+            "p90_s": q[8], "max_s": max(lat, default=float("nan")), "requests": len(spans)}
 
 
 def main(argv=None) -> None:
@@ -124,14 +125,15 @@ def main(argv=None) -> None:
                         proc.kill()
                 res.setdefault((s, n), []).append(r)
                 print(f"  rep {rep + 1} {s} × {n} clients: {r}", file=sys.stderr, flush=True)
-    print(f"| system ({a.threads} threads) | clients | total tok/s | request p50 s |\n|---|---|---|---|")
+    print(f"| system ({a.threads} threads) | clients | total tok/s | request p50 s | p90 s | max s |\n"
+          "|---|---|---|---|---|---|")
     for (s, n), runs in res.items():
         ok = [r for r in runs if "error" not in r]
         if not ok:
-            print(f"| {s} | {n} | {runs[0]['error']} | |")
+            print(f"| {s} | {n} | {runs[0]['error']} | | | |")
             continue
         print(f"| {s} | {n} | {statistics.median(r['tok_s'] for r in ok):.1f} | "
-              f"{statistics.median(r['p50_s'] for r in ok):.1f} |")
+              + " | ".join(f"{statistics.median(r[k] for r in ok):.1f}" for k in ("p50_s", "p90_s", "max_s")) + " |")
     print("\n| ratio | clients | total tok/s |\n|---|---|---|")
     for n in counts:
         for x, y in (("deltarun-bf16", "llama.cpp-BF16"), ("deltarun-int8", "llama.cpp-Q8_0"),
