@@ -44,6 +44,7 @@ def start(system: str, model: Path, a, port: int, clients: int) -> subprocess.Po
                "--served-model-name", "m", "--max-num-seqs", str(max(clients, 1))]
         if DELTARUN[system]:
             cmd += ["--quantize", DELTARUN[system]]
+        cmd += a.deltarun_args.split()
     else:
         gguf = ensure_gguf(model, a.llama_cpp, LLAMA[system])
         cmd = [str(a.llama_cpp / "build/bin/llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port",
@@ -102,6 +103,7 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--port", type=int, default=18630)
+    p.add_argument("--deltarun-args", default="", help="more `deltarun serve` options, e.g. '--mtp off'")
     a = p.parse_args(argv)
     model = ensure_model(a.model.expanduser())
     systems = [s for s in a.systems.split(",") if s and (s in DELTARUN or a.llama_cpp)]
