@@ -98,7 +98,7 @@ class Speculator:
         budgets = [self._budget(s) for s in seqs]
         drafts, qs = self._draft(seqs, budgets)
         emitted = self._verify(seqs, drafts, qs, outputs)
-        self.policy.record(True, time.perf_counter() - t0, emitted)
+        self.policy.record(True, time.perf_counter() - t0, emitted, len(seqs))
 
     def _budget(self, seq: Sequence) -> int:
         """Drafts worth making for `seq`: never more than it may still emit minus the bonus token."""
