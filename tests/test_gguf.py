@@ -325,6 +325,10 @@ def test_fused_int8_requantization_is_bit_exact(qtype):
     w = q8_0_values(data) if qtype == "Q8_0" else torch.from_numpy(dequantize_blocks(data, qtype).reshape(40, K))
     want_q, want_s = quantize_int8(w)
     assert torch.equal(s, want_s) and torch.equal(q, want_q)
+    damaged = rows[:1].copy()  # NaN scales (a damaged file): defined zeros, not an undefined conversion
+    damaged[..., d_at:d_at + 2] = np.array([np.nan], dtype=np.float16).view(np.uint8)
+    q, _ = torch.ops.deltarun.gguf_to_int8(torch.from_numpy(damaged.reshape(1, -1)), qtype, K)
+    assert not q.any()
     with pytest.raises(RuntimeError, match="Q6_K or Q8_0"):
         torch.ops.deltarun.gguf_to_int8(torch.from_numpy(data.copy()), "Q5_K", K)
     with pytest.raises(RuntimeError, match="rows of"):

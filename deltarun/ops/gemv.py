@@ -8,6 +8,8 @@ with AVX-512 (BF16/VNNI where present) or AVX2+FMA inner loops. Building and che
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import kernels
@@ -17,16 +19,11 @@ TILED_MAX_ROWS = 16  # with it, the tile kernel beats F.linear to 16 rows (weigh
 MAX_KERNEL_ROWS = 16  # what the int8 / int4 kernels take in one call (csrc/gemv.cpp MAX_M)
 
 
+@functools.cache
 def max_rows() -> int:
     """Rows up to which a bf16 decode step takes gemv_bf16 and the fused layers (ops/layer.py): 16 where the
     kernel multiplies by AVX512-BF16 tiles, else MAX_ROWS (F.linear or the prefill routes beyond)."""
-    if "rows" not in _rows:
-        _rows["rows"] = (TILED_MAX_ROWS if kernels.available() and torch.ops.deltarun.gemv_bf16_tiled()
-                         else MAX_ROWS)
-    return _rows["rows"]
-
-
-_rows: dict[str, int] = {}
+    return TILED_MAX_ROWS if kernels.available() and torch.ops.deltarun.gemv_bf16_tiled() else MAX_ROWS
 
 
 def gemv_bf16(x: torch.Tensor, w: torch.Tensor, cast: bool = False) -> torch.Tensor:

@@ -4,7 +4,7 @@ A 0.8B decode step makes ~700 Python-level calls (modules, views, small ops, ker
 they cost as much as the int4 matmuls themselves. Where every linear of a layer runs on one of our
 kernels, the layer's decode step is one op that calls those same kernels in the same order, so its
 output is bit for bit the modules' (tests/test_fused_layer.py). The tensors each kernel reads are
-gathered once per layer here (`plan`); anything else (prefill, more than MAX_ROWS sequences, a
+gathered once per layer here (`plan`); anything else (prefill, more than gemv.max_rows() sequences, a
 speculative verify, weights without a kernel, CUDA) runs the modules as before. A forward whose rows run
 LoRA adapters (ops/lora.py) takes the same ops, each adapter-carrying linear's tensors followed by its
 slots' [A, Bt, mask] (`with_adapters`).

@@ -2,7 +2,7 @@
 
 | precision | phase | routes in preference order (the first whose condition holds here) |
 |---|---|---|
-| bf16 | decode (≤ gemv.MAX_ROWS rows) | gemv_bf16 (kernels built) · torch |
+| bf16 | decode (≤ gemv.max_rows(): 16 with AVX512-BF16, else 4) | gemv_bf16 (kernels built) · torch |
 | bf16 | prefill | torch (bf16 matmul in hardware, or not the CPU) · gemm_bf16w (fgemm.cpp) · fp32_widened |
 | int8 | decode (< quant.PREFILL_ROWS rows) | gemv_int8 (CPU, kernels built) · int8pack (torch) · dequant |
 | int8 | prefill | qgemm_int8 (decode on gemv_int8, K % 32 = 0, `DELTARUN_PREFILL_GEMM`) · dequant |

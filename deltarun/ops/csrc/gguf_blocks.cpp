@@ -1,8 +1,10 @@
 // GGUF blocks to our quantized rows on the CPU, in one pass each.
-// int8: a Q6_K or Q8_0 row is dequantized into a row buffer, then requantized per row (ops/quant.py `quantize_int8`: scale = bf16(max(max|w| / 127, 1e-12)), q = round
-// half to even of w / scale, clamped to ±127). The reference is weights/gguf.py's path, gguf-py's numpy
-// dequantize (Q6_K) or `q8_0_values`, then quantize_int8: the same fp32 operations in the same order, so
-// tests/test_gguf.py compares bit for bit. For a 248K-row Q6_K embedding that path took ~3.9 s of a cold start.
+// int8: a Q6_K or Q8_0 row is dequantized into a row buffer, then requantized per row (ops/quant.py
+// `quantize_int8`: scale = bf16(max(max|w| / 127, 1e-12)), q = round half to even of w / scale, clamped to
+// ±127; a damaged file's NaN values become 0 rather than an undefined conversion). The reference is
+// weights/gguf.py's path, gguf-py's numpy dequantize (Q6_K) or `q8_0_values`, then quantize_int8: the same
+// fp32 operations in the same order, so tests/test_gguf.py compares bit for bit. For a 248K-row Q6_K
+// embedding that path took ~3.9 s of a cold start.
 // int4: Q4_0 blocks are already our int4 (one scale per 32 values, zero 0): only the nibbles move, into the
 // portable order of ops/quant.py `pack_int4` (even columns low), the reference being weights/gguf_file.py
 // `int4_blocks` + pack_int4 (~1 s of numpy for the 0.8B model).
@@ -76,8 +78,10 @@ std::tuple<at::Tensor, at::Tensor> gguf_to_int8(const at::Tensor& blocks, const 
       const float s = static_cast<float>(c10::BFloat16(std::max(amax / 127.f, 1e-12f)));
       S[n] = s;
       int8_t* qr = Q + n * K;
-      for (int64_t k = 0; k < K; ++k)
-        qr[k] = static_cast<int8_t>(std::clamp(std::nearbyint(w[k] / s), -127.f, 127.f));
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = std::nearbyint(w[k] / s);
+        qr[k] = std::isnan(v) ? 0 : static_cast<int8_t>(std::clamp(v, -127.f, 127.f));
+      }
     }
   });
   return {q, scales};
