@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator
 
 from ..inputs import MultiModalInput, StepOutput
 from ..sampling import SamplingParams
+from ..threads import release_pool
 from .engine import Engine, StepFailed
 
 
@@ -26,6 +27,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
         self._stopped = False
+        release_pool()  # the steps run on the engine thread: one pool of spinning workers, not two
         self._thread = threading.Thread(target=self._run, name="deltarun-engine", daemon=True)
         self._thread.start()
 

@@ -15,6 +15,7 @@ from ..inputs import MultiModalInput
 from ..processor.multimodal import MediaRef, extract_media
 from ..processor.reasoning import CLOSE, OPEN, ThinkingBudget, opens_think, skip_reasoning
 from ..sampling import SamplingParams
+from ..threads import release_pool
 from .errors import APIError
 from .structured import StructuredOutputError, make_structured
 from .tool_grammar import forced_tool_processors
@@ -138,9 +139,12 @@ _VISION_LOAD = threading.Lock()  # concurrent first image requests load the towe
 
 def _prepare_media(llm: EngineClient, ids: list[int], media: list[MediaRef]
                    ) -> tuple[list[int], MultiModalInput | None]:
-    with _VISION_LOAD:
-        llm.load_vision()
-    return llm.prepare_media(ids, media)
+    try:
+        with _VISION_LOAD:
+            llm.load_vision()
+        return llm.prepare_media(ids, media)
+    finally:
+        release_pool()  # this worker thread's torch work is done: its OpenMP pool would slow the engine's
 
 
 def _client_media(llm: EngineClient, ref: MediaRef) -> MediaRef:
