@@ -148,3 +148,29 @@ def test_admission_stays_in_arrival_order(tiny_ckpt):
         if not eng.has_unfinished():
             break
     assert finished == ["a", "b", "c"]
+
+
+def test_waiting_prompts_prefill_together(tiny_ckpt):
+    """Short prompts that arrive together share one forward per step (up to max_prefill_tokens), and each
+    gives what it gives alone."""
+    llm = _llm(tiny_ckpt, max_prefill_tokens=64)
+    eng = llm.engine
+    prompts = [_ids(n, seed=100 + n) for n in (20, 9, 30, 15)]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True).with_defaults({})
+    for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}", p, params)
+    first = eng.step()  # 20 + 9 + 30 tokens whole, then 5 of the last prompt: one forward
+    assert eng.stats["forwards"] == 1 and eng.stats["prompt_tokens"] == 64
+    assert sorted(o.request_id for o in first) == ["r0", "r1", "r2"]
+    tokens: dict[str, list[int]] = {}
+    outs = first
+    while True:
+        for o in outs:
+            for u in o.updates:
+                tokens.setdefault(o.request_id, []).extend(u.new_token_ids)
+        if not eng.has_unfinished():
+            break
+        outs = eng.step()
+    for i, p in enumerate(prompts):
+        assert tokens[f"r{i}"] == _alone(tiny_ckpt, p, params)[0][0]
+    assert _free(llm)

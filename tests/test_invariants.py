@@ -1,7 +1,8 @@
 """Invariants of the model and engine: ways of running the same tokens must agree.
 
 chunked prefill == one-shot prefill == token-by-token decode; prefill then decode == full forward;
-n samples forked from one prefill == separate requests; bf16 close to fp32.
+several sequences' chunks packed into one forward == each on its own; n samples forked from one prefill ==
+separate requests; bf16 close to fp32.
 """
 import pytest
 import torch
@@ -44,6 +45,32 @@ def test_prefill_then_decode_equals_full_forward(model):
     dec = torch.cat([model.logits(model(ids[:, i:i + 1], cache)) for i in range(80, 90)], 1)
     full = model.logits(model(ids, model.new_cache()))[:, 80:]
     torch.testing.assert_close(dec, full, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_packed_prefill_equals_each_sequence_alone(model):
+    """Chunks of three sequences in one packed forward (one mid-prompt, one a single token, one fresh; pool
+    slots out of order) give each one's hidden states and leave each one's state as forwards of its own."""
+    from deltarun.cache.state import KVCache, ModelCache, SeqState
+
+    a, b, c = _ids(120, seed=3), _ids(1, seed=4), _ids(45, seed=5)
+    pool = model.new_pool(4)
+    slots = [pool.alloc() for _ in range(4)][::-1][:3]  # 3, 2, 1: not a consecutive slice
+    seqs = [SeqState(s, [KVCache() for _ in range(model.num_kv_layers)]) for s in slots]
+    model(a[:, :50], ModelCache(pool, [seqs[0]]))  # sequence a is mid-prompt
+    chunks = [a[:, 50:120], b, c]
+    packed = model(torch.cat(chunks, 1), ModelCache(pool, seqs, seq_lens=[70, 1, 45]))
+    alone_cache = [model.new_cache() for _ in range(3)]
+    model(a[:, :50], alone_cache[0])
+    alone = [model(x, cache) for x, cache in zip(chunks, alone_cache)]
+    torch.testing.assert_close(packed, torch.cat(alone, 1), atol=1e-5, rtol=1e-5)
+    assert [s.length for s in seqs] == [120, 1, 45]
+    nxt = _ids(3, seed=6)  # the states they were left in: a decode step of all three
+    dec = model.logits(model(nxt.view(3, 1), ModelCache(pool, seqs)))
+    ref = torch.cat([model.logits(model(nxt[:, i:i + 1], cache)) for i, cache in enumerate(alone_cache)])
+    torch.testing.assert_close(dec, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="packed forward"):
+        model(torch.cat(chunks, 1), ModelCache(pool, seqs, seq_lens=[70, 1, 44]))
 
 
 def test_engine_prefill_chunk_size_does_not_matter(tiny_ckpt):

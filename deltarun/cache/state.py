@@ -206,7 +206,8 @@ class SeqState:
 
 @dataclass
 class ModelCache:
-    """What one forward runs on: the pool and the batch's sequences (all advancing by the same T)."""
+    """What one forward runs on: the pool and the batch's sequences (all advancing by the same T, or packed:
+    `seq_lens`)."""
 
     pool: StatePool
     seqs: list[SeqState]
@@ -215,6 +216,9 @@ class ModelCache:
     # (after the last position the state is the pool's own; the recorded ones live in `verify_buffer`).
     capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     slot_ids: tuple[tuple[int, int], torch.Tensor] | None = None  # the fused layers' slot-index tensor, per forward
+    # A packed forward (several prompts' chunks in one: their matmuls share one pass over the weights): the
+    # batch is one row holding seqs[0]'s seq_lens[0] inputs, then seqs[1]'s seq_lens[1], …
+    seq_lens: list[int] | None = None
 
     @property
     def length(self) -> int:  # single-sequence convenience (tests, benchmarks)

@@ -2,8 +2,9 @@
 
 Each step (1) decodes one token for every running sequence in ONE batched forward, after the scheduler
 made sure their KV can grow within the memory budget (preempting the newest request when not: it is
-recomputed later, never corrupted), and (2) prefills the next chunk (≤ `max_prefill_tokens`) of one
-waiting sequence, the waiting prompts taking turns, so a long prompt never freezes the others. A new prompt
+recomputed later, never corrupted), and (2) prefills the next chunks of the waiting sequences
+(≤ `max_prefill_tokens` in all, one packed forward), the waiting prompts taking turns, so a long prompt
+never freezes the others. A new prompt
 first resumes from the deepest cached prefix (cache/prefix.py). A request with `n > 1` prefills once and forks.
 The scheduler (scheduler.py, pure Python) decides what runs; the runner (runner.py) does the tensor work;
 with the checkpoint's MTP head (`mtp` on/auto) the runner's decode may draft and verify several tokens per
@@ -176,7 +177,7 @@ class Engine:
     # -- the loop ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        """One decode batch and one prefill chunk. If a phase raises, only that phase's requests fail:
+        """One decode batch and one prefill forward. If a phase raises, only that phase's requests fail:
         they are aborted (their slots freed) and `StepFailed` carries the error and the other requests'
         outputs; requests outside the phase (waiting ones, the decode batch when the prefill fails) go on."""
         outputs: dict[str, StepOutput] = {}
@@ -188,16 +189,17 @@ class Engine:
             except Exception as e:
                 self._fail_phase({s.request.request_id for s in decode}, outputs, e)
             self.scheduler.reap()
-        chunk = self.scheduler.schedule_prefill()
-        if chunk is not None:
+        chunks = self.scheduler.schedule_prefill()
+        if chunks:
             try:
-                hidden = self.runner.prefill(chunk.seq, chunk.start, chunk.end, chunk.target)
-                if chunk.last:
-                    self.scheduler.prefilled(chunk.seq)
-                    if not chunk.seq.token_ids:  # a fresh prompt (not a resumed sequence): its first tokens
-                        self._first_tokens(chunk, hidden, outputs)
+                hidden = self.runner.prefill(chunks)
+                done = [(c, h) for c, h in zip(chunks, hidden) if c.last]
+                for c, _ in done:
+                    self.scheduler.prefilled(c.seq)
+                # fresh prompts (not resumed sequences): their first tokens
+                self._first_tokens([(c, h) for c, h in done if not c.seq.token_ids], outputs)
             except Exception as e:
-                self._fail_phase({chunk.seq.request.request_id}, outputs, e)
+                self._fail_phase({c.seq.request.request_id for c in chunks}, outputs, e)
             self.scheduler.reap()
         return self._collect(outputs)
 
@@ -217,18 +219,28 @@ class Engine:
         self.scheduler.reap()  # sequences of the other requests that finished before the phase raised
         raise StepFailed(sorted(request_ids), self._collect(outputs), error) from error
 
-    def _first_tokens(self, chunk: Chunk, hidden: torch.Tensor, outputs: dict[str, StepOutput]) -> None:
-        """A prompt just finished prefilling: fork its n − 1 siblings, then sample each one's first token."""
-        seq, req = chunk.seq, chunk.seq.request
-        out = outputs.setdefault(req.request_id, StepOutput(req.request_id, []))
-        out.prompt_logprobs, out.prompt_top_logprobs = req.prompt_logprobs or None, req.prompt_top_logprobs or None
-        out.cached_tokens = req.cached_tokens
-        for i in range(1, req.params.n):
-            self.scheduler.add_running(self.runner.fork(seq, i))
-        if req.params.max_tokens == 0:
-            for s in req.seqs:
-                s.finish_reason = "length"
-                out.updates.append(SeqUpdate(s.index, [], [], [], "length"))
-            return
-        last = self.model.logits(hidden[-1:])
-        self.runner.sample(last.expand(len(req.seqs), -1), req.seqs, outputs)
+    def _first_tokens(self, done: list[tuple[Chunk, torch.Tensor]], outputs: dict[str, StepOutput]) -> None:
+        """Prompts that just finished prefilling (each with its hidden states): fork each one's n − 1
+        siblings, then sample every sequence's first token (one lm_head pass for all of them)."""
+        rows: list[torch.Tensor] = []  # one per request: its n sequences sample from the same logits
+        seqs: list[Sequence] = []
+        which: list[int] = []
+        for chunk, hidden in done:
+            seq, req = chunk.seq, chunk.seq.request
+            out = outputs.setdefault(req.request_id, StepOutput(req.request_id, []))
+            out.prompt_logprobs, out.prompt_top_logprobs = (req.prompt_logprobs or None,
+                                                            req.prompt_top_logprobs or None)
+            out.cached_tokens = req.cached_tokens
+            for i in range(1, req.params.n):
+                self.scheduler.add_running(self.runner.fork(seq, i))
+            if req.params.max_tokens == 0:
+                for s in req.seqs:
+                    s.finish_reason = "length"
+                    out.updates.append(SeqUpdate(s.index, [], [], [], "length"))
+                continue
+            which += [len(rows)] * len(req.seqs)
+            rows.append(hidden[-1])
+            seqs += req.seqs
+        if seqs:
+            logits = self.model.logits(torch.stack(rows))
+            self.runner.sample(logits if len(which) == len(rows) else logits[which], seqs, outputs)

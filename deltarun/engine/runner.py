@@ -25,6 +25,7 @@ from .sequence import Request, Sequence
 
 if TYPE_CHECKING:
     from .adapters import AdapterSet
+    from .scheduler import Chunk
     from .speculative import Speculator
 
 LOGITS_CHUNK = 256  # prompt positions per logits block: bounds the [T, vocab] fp32 buffer
@@ -100,8 +101,23 @@ class ModelRunner:
             s.num_computed += 1
         self.sample(self.model.logits(hidden[:, -1]), seqs, outputs)
 
-    def prefill(self, seq: Sequence, start: int, end: int, target: int) -> torch.Tensor:
-        """Compute inputs start … end−1 of `seq` into its state; returns their hidden states [T, H]."""
+    def prefill(self, chunks: list[Chunk]) -> list[torch.Tensor]:
+        """Compute each chunk's inputs start … end−1 into its sequence's state, all in one forward (packed:
+        their matmuls share one pass over the weights); returns their hidden states, [T_i, H] each.
+        Chunks of several sequences must be text only, with one adapter (the scheduler batches them so)."""
+        if len(chunks) == 1:
+            c = chunks[0]
+            return [self._prefill_one(c.seq, c.start, c.end, c.target)]
+        seqs = [c.seq for c in chunks]
+        ids = torch.tensor([[t for c in chunks for t in c.seq.inputs[c.start:c.end]]], device=self.model.device)
+        lens = [c.end - c.start for c in chunks]
+        hidden = self.run_model(seqs, ids, ModelCache(self.pool, [s.held_state for s in seqs], seq_lens=lens))[0]
+        parts = list(hidden.split(lens))
+        for c, h in zip(chunks, parts):
+            self._prefilled(c.seq, h, c.start, c.end, c.target)
+        return parts
+
+    def _prefill_one(self, seq: Sequence, start: int, end: int, target: int) -> torch.Tensor:
         req = seq.request
         ids = torch.tensor([seq.inputs[start:end]], device=self.model.device)
         cache = ModelCache(self.pool, [seq.held_state])
@@ -111,6 +127,12 @@ class ModelRunner:
             positions = req.mm.positions_for(start, end)[:, None].to(self.model.device)
             hidden = self.run_model([seq], None, cache, positions=positions,
                                     inputs_embeds=self._embed(req, ids, start, end))[0]
+        self._prefilled(seq, hidden, start, end, target)
+        return hidden
+
+    def _prefilled(self, seq: Sequence, hidden: torch.Tensor, start: int, end: int, target: int) -> None:
+        """After a chunk's forward: its counters, the MTP context, a prefix snapshot, prompt log-probs."""
+        req = seq.request
         seq.num_computed = end
         self.stats["prompt_tokens"] += end - start
         if self.spec is not None:
@@ -125,12 +147,14 @@ class ModelRunner:
             req.vision_embeds = None  # every vision token is in the state now
         if not seq.token_ids and req.params.prompt_logprobs is not None:
             self._prompt_logprobs(req, hidden, start, end == target)
-        return hidden
 
     def run_model(self, seqs: list[Sequence], ids: torch.Tensor | None, cache: ModelCache, **kw) -> torch.Tensor:
         """The model over `seqs` (row i of ids is seqs[i]'s), each row with its request's adapter."""
         self.stats["forwards"] += 1
         names = [s.request.adapter for s in seqs]
+        if cache.seq_lens is not None:  # packed: one row, and its sequences share one adapter (scheduler.py)
+            assert len(set(names)) == 1
+            names = names[:1]
         slots = self.model.__dict__.get("lora_slots")
         if self.adapters is None or (slots is None and all(n is None for n in names)):
             return self.model(ids, cache, **kw)

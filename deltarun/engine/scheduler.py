@@ -3,8 +3,9 @@
 The scheduler owns the requests, the waiting queue (sequences needing prefill, oldest first; preempted ones
 go back to the front) and the running set (sequences holding a state slot). Per step the engine asks it for
 the decode batch (`schedule_decode`: every running sequence with one pending input, after preempting the
-newest request while the batch's KV growth would exceed the memory budget) and then for one prefill chunk
-(`schedule_prefill`: admission by free slots and memory, chunk bounds on prefix-cache block boundaries).
+newest request while the batch's KV growth would exceed the memory budget) and then for the prefill chunks
+(`schedule_prefill`: admission by free slots and memory, chunk bounds on prefix-cache block boundaries,
+up to `max_prefill_tokens` in all, run as one packed forward).
 After each phase `reap` frees the sequences that finished. Stops (`check_stop`) are decided here too.
 It touches no tensor: the state pool is used only for its slot bookkeeping, and a newly admitted
 sequence's state is made by the runner through the `start` callback.
@@ -13,13 +14,17 @@ Which waiting sequence gets the next chunk is one function, `pick_prefill`: wait
 one chunk each (a sequence that got a chunk goes to the back of the queue), so a short prompt's first token
 waits for at most one chunk of every prompt ahead of it, never for a long prompt's whole prefill. New
 sequences are admitted in arrival order only (a large prompt waiting for room is not overtaken by later
-admissions), while sequences that already hold state keep taking turns.
+admissions), while sequences that already hold state keep taking turns. A step's prefill takes chunks in
+that order until the token budget is spent: many short prompts arriving together (a server's clients)
+prefill in one forward, not one per step. Chunks of images/videos prompts run alone, and one forward
+holds one adapter.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -61,7 +66,7 @@ class Chunk:
         return self.end == self.target
 
 
-def pick_prefill(waiting: deque[Sequence], admit: Callable[[Sequence], bool],
+def pick_prefill(waiting: Iterable[Sequence], admit: Callable[[Sequence], bool],
                  eligible: Callable[[Sequence], bool] = lambda seq: True) -> Sequence | None:
     """The scheduling policy: the first waiting sequence that holds state, or that `admit` lets in; only the
     oldest `eligible` sequence without state is offered to `admit` (admission stays in arrival order; one
@@ -75,6 +80,11 @@ def pick_prefill(waiting: deque[Sequence], admit: Callable[[Sequence], bool],
             if admit(seq):
                 return seq
     return None
+
+
+def packs_with(first: Sequence, seq: Sequence) -> bool:
+    """Whether `seq`'s chunk may join `first`'s in one packed forward: text only, the same adapter."""
+    return first.request.mm is None and seq.request.mm is None and seq.request.adapter == first.request.adapter
 
 
 def chunk_end(start: int, target: int, max_tokens: int, block: int) -> int:
@@ -169,20 +179,37 @@ class Scheduler:
             self.drop(seq)
 
     # -- prefill ----------------------------------------------------------------------------------
-    def schedule_prefill(self) -> Chunk | None:
-        """The next prefill chunk, admitting its sequence first (None: nothing waits, or it waits for room)."""
-        seq = pick_prefill(self.waiting, self._admit, self._fits)
-        if seq is None:
-            return None
-        target, start = seq.prefill_target, seq.num_computed
-        if start >= target:  # a resumed sequence restored whole from the prefix cache
-            self.waiting.remove(seq)
-            return None
-        chunk = Chunk(seq, start, chunk_end(start, target, self.max_prefill_tokens, self.block), target)
-        if not chunk.last:  # its turn is over: the others go first
-            self.waiting.remove(seq)
-            self.waiting.append(seq)
-        return chunk
+    def schedule_prefill(self) -> list[Chunk]:
+        """This step's prefill chunks, ≤ max_prefill_tokens in all, admitting their sequences first (empty:
+        nothing waits, or it waits for room). The first is `pick_prefill`'s; the others are the next ones
+        the policy would pick that can share its forward (`packs_with`)."""
+        chunks: list[Chunk] = []
+        budget, taken = self.max_prefill_tokens, set()
+        while budget > 0:
+            if not chunks:
+                seq = pick_prefill(self.waiting, self._admit, self._fits)
+            else:
+                first = chunks[0].seq
+                if first.request.mm is not None:
+                    break
+                joins = functools.partial(packs_with, first)
+                candidates = [s for s in self.waiting if id(s) not in taken and (s.state is None or joins(s))]
+                seq = pick_prefill(candidates, self._admit, functools.partial(self._fits_beside, first))
+            if seq is None:
+                break
+            taken.add(id(seq))
+            target, start = seq.prefill_target, seq.num_computed
+            if start >= target:  # a resumed sequence restored whole from the prefix cache
+                self.waiting.remove(seq)
+                continue
+            chunk = Chunk(seq, start, chunk_end(start, target, budget, self.block), target)
+            chunks.append(chunk)
+            budget -= chunk.end - chunk.start
+        for chunk in chunks:
+            if not chunk.last:  # its turn is over: the others go first
+                self.waiting.remove(chunk.seq)
+                self.waiting.append(chunk.seq)
+        return chunks
 
     def prefilled(self, seq: Sequence) -> None:
         """`seq`'s prompt is in its state: it leaves the queue (and decodes from the next step)."""
@@ -196,6 +223,9 @@ class Scheduler:
     # -- memory -----------------------------------------------------------------------------------
     def usage(self) -> int:
         return sum(s.held_state.kv_nbytes() for s in self.running) + len(self.running) * self.pool.slot_nbytes()
+
+    def _fits_beside(self, first: Sequence, seq: Sequence) -> bool:
+        return self._fits(seq) and packs_with(first, seq)
 
     def _fits(self, seq: Sequence) -> bool:
         return self.admissible(seq.request.adapter, {s.request.adapter for s in self.running})

@@ -6,6 +6,8 @@ Attribute names are the checkpoint's (`model.language_model.layers.N.linear_attn
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,25 +44,38 @@ class GatedDeltaNet(nn.Module):
         """Per-sequence (conv state, recurrent state) shapes."""
         return (self.conv_dim, self.kernel - 1), (self.hv, self.dk, self.dv)
 
-    def forward(self, x: torch.Tensor, pool: StatePool, index: int, slots: torch.Tensor,
-                capture: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pool: StatePool, index: int, slots: torch.Tensor | slice,
+                capture: dict | None = None, seq_lens: list[int] | None = None) -> torch.Tensor:
         """x [B, T, hidden] → [B, T, hidden]; reads and advances the states of `slots` [B] in the pool
         (`index` = which linear-attention layer this is). `capture` (a speculative verify): record the
-        state after every position in it (ModelCache.capture)."""
+        state after every position in it (ModelCache.capture). Packed (`seq_lens`, B = 1): the row's
+        segments advance the states of `slots` in turn."""
         b, t, _ = x.shape
         if capture is not None:
             return self._verify_steps(x, pool, index, slots, capture)
         if t == 1:
             return self._decode_step(x, pool, index, slots)
-        qkv, conv = causal_conv1d(self.in_proj_qkv(x), self.conv1d.weight.squeeze(1), pool.conv[index][slots])
-        pool.conv[index][slots] = conv
-        q, k, v = torch.split(qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = q.reshape(b, t, self.hk, self.dk)
-        k = k.reshape(b, t, self.hk, self.dk)
-        v = v.reshape(b, t, self.hv, self.dv)
+        mixed, w = self.in_proj_qkv(x), self.conv1d.weight.squeeze(1)
         beta, g = self._gates(x)
-        o, state = chunk_gated_delta_rule(q, k, v, g, beta, pool.recurrent[index][slots])
-        pool.recurrent[index][slots] = state
+        if seq_lens is None:
+            segments = [(slice(None), slots)]
+        else:  # one (segment, slot) per sequence: each runs its conv and delta rule from its own state
+            ids = range(slots.start, slots.stop) if isinstance(slots, slice) else slots.tolist()
+            bounds = [0, *itertools.accumulate(seq_lens)]
+            segments = [(slice(a, e), slice(i, i + 1)) for (a, e), i in zip(itertools.pairwise(bounds), ids)]
+        outs = []
+        for seg, sl in segments:
+            qkv, conv = causal_conv1d(mixed[:, seg], w, pool.conv[index][sl])
+            pool.conv[index][sl] = conv
+            n = qkv.shape[1]
+            q, k, v = torch.split(qkv, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
+            q = q.reshape(b, n, self.hk, self.dk)
+            k = k.reshape(b, n, self.hk, self.dk)
+            v = v.reshape(b, n, self.hv, self.dv)
+            o, state = chunk_gated_delta_rule(q, k, v, g[:, seg], beta[:, seg], pool.recurrent[index][sl])
+            pool.recurrent[index][sl] = state
+            outs.append(o)
+        o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
         z = self.in_proj_z(x).reshape(b, t, self.hv, self.dv)
         o = self.norm(o, z).reshape(b, t, self.value_dim)
         return self.out_proj(o)

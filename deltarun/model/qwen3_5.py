@@ -65,9 +65,9 @@ class DecoderLayer(nn.Module):
                 return y
         h = self.input_layernorm(x)
         if self.layer_type == "linear_attention":
-            h = self.linear_attn(h, cache.pool, self.state_index, slots, cache.capture)
+            h = self.linear_attn(h, cache.pool, self.state_index, slots, cache.capture, cache.seq_lens)
         else:
-            h = self.self_attn(h, rope, [s.kv[self.state_index] for s in cache.seqs])
+            h = self.self_attn(h, rope, [s.kv[self.state_index] for s in cache.seqs], cache.seq_lens)
         if plan is not None:
             return fused.tail(plan, x, h)
         x, h = residual_norm(x, h, self.post_attention_layernorm)
@@ -137,23 +137,32 @@ class Qwen3_5ForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids [B, T] (or inputs_embeds [B, T, H]) → final-normed hidden states [B, T, H].
 
-        Row b continues sequence cache.seqs[b]. positions [3, B, T] are M-RoPE (temporal, height,
-        width) indices; for text they default to each sequence's length + 0 … T-1 on all three axes.
-        Advances every sequence by T tokens.
+        Row b continues sequence cache.seqs[b]; packed (`cache.seq_lens`, B = 1), the row's consecutive
+        segments continue the sequences in turn. positions [3, B, T] are M-RoPE (temporal, height, width)
+        indices; for text they default to each sequence's length + 0 … T-1 on all three axes.
+        Advances every sequence by its T tokens.
         """
         lm = self.model.language_model
         x = lm.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = x.shape[:2]
+        lens = cache.seq_lens or [t] * len(cache.seqs)
+        if cache.seq_lens is not None and (b != 1 or sum(lens) != t or len(lens) != len(cache.seqs)):
+            raise ValueError(f"a packed forward takes one row of sum(seq_lens) = {sum(lens)} inputs for "
+                             f"{len(cache.seqs)} sequences, not {b} × {t}")
         if positions is None:
-            start = torch.tensor([s.length for s in cache.seqs], device=x.device)
-            pos = start[:, None] + torch.arange(t, device=x.device)
+            if cache.seq_lens is None:
+                start = torch.tensor([s.length for s in cache.seqs], device=x.device)
+                pos = start[:, None] + torch.arange(t, device=x.device)
+            else:
+                pos = torch.cat([torch.arange(s.length, s.length + n, device=x.device)
+                                 for s, n in zip(cache.seqs, lens)])[None]
             positions = pos.unsqueeze(0).expand(3, b, t)
         rope = lm.rotary_emb(positions, x.dtype)
         slots = cache.slots(x.device)
         for layer in lm.layers:
             x = layer(x, rope, cache, slots)
-        for s in cache.seqs:
-            s.length += t
+        for s, n in zip(cache.seqs, lens):
+            s.length += n
         return lm.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
