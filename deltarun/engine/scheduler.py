@@ -192,9 +192,10 @@ class Scheduler:
                 first = chunks[0].seq
                 if first.request.mm is not None:
                     break
+                # the oldest sequence to admit must share the pack, or no later one is admitted (arrival order)
                 joins = functools.partial(packs_with, first)
                 candidates = [s for s in self.waiting if id(s) not in taken and (s.state is None or joins(s))]
-                seq = pick_prefill(candidates, self._admit, functools.partial(self._fits_beside, first))
+                seq = pick_prefill(candidates, functools.partial(self._admit_beside, first), self._fits)
             if seq is None:
                 break
             taken.add(id(seq))
@@ -224,8 +225,8 @@ class Scheduler:
     def usage(self) -> int:
         return sum(s.held_state.kv_nbytes() for s in self.running) + len(self.running) * self.pool.slot_nbytes()
 
-    def _fits_beside(self, first: Sequence, seq: Sequence) -> bool:
-        return self._fits(seq) and packs_with(first, seq)
+    def _admit_beside(self, first: Sequence, seq: Sequence) -> bool:
+        return packs_with(first, seq) and self._admit(seq)
 
     def _fits(self, seq: Sequence) -> bool:
         return self.admissible(seq.request.adapter, {s.request.adapter for s in self.running})
