@@ -14,13 +14,18 @@ values), bf16 on CPU by default:
      the first and last chunk times (a chunk costs a + b·depth: attention is linear in the depth).
      Validated against whole prefills at lengths both can run (see docs/benchmarks.md).
   5. time to first token of a 64-token request arriving while a 32K-token prompt prefills.
+  6. closed-loop clients (what a server sees, without HTTP): C clients, each with one 80-token request of 64
+     tokens at a time, a finished one replaced at once; generated tok/s over `--seconds` after a warm-up,
+     stepping the engine directly and through the async engine's thread (what `deltarun serve` runs).
 
     .venv/bin/python benchmarks/bench_engine.py                  # all, prefill lengths 8K and 32K
     .venv/bin/python benchmarks/bench_engine.py --parts 4 --lengths 32768,131072,262144 --tail
+    .venv/bin/python benchmarks/bench_engine.py --parts 6 --clients 4,16 --seconds 25
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import resource
 import subprocess
@@ -207,12 +212,73 @@ def part_long(args) -> list[str]:
     return rows
 
 
+def _closed_loop(eng, clients: int, warmup: float, seconds: float) -> float:
+    """Generated tok/s of `clients` closed-loop clients stepping `eng` on this thread."""
+    n = 0
+
+    def add() -> None:
+        nonlocal n
+        eng.add_request(f"q{n}", _ids(80, seed=10_000 + n), _params(64))
+        n += 1
+    for _ in range(clients):
+        add()
+    t0, toks = time.perf_counter(), 0
+    while (now := time.perf_counter()) < t0 + warmup + seconds:
+        outs = eng.step()
+        if now > t0 + warmup:
+            toks += sum(len(u.new_token_ids) for o in outs for u in o.updates)
+        for _ in range(sum(o.finished for o in outs)):
+            add()
+    for rid in list(eng.requests):
+        eng.abort(rid)
+    return toks / seconds
+
+
+def _closed_loop_async(llm, clients: int, warmup: float, seconds: float) -> float:
+    """The same through the async engine: the engine steps on its own thread, clients are asyncio tasks."""
+    from deltarun.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine(llm.engine)
+    got, n = 0, 0
+
+    async def run() -> None:
+        t0 = time.monotonic()
+
+        async def client() -> None:
+            nonlocal got, n
+            while time.monotonic() < t0 + warmup + seconds:
+                n += 1
+                async for out in engine.generate(f"a{n}", _ids(80, seed=20_000 + n), _params(64)):
+                    if t0 + warmup < time.monotonic() < t0 + warmup + seconds:
+                        got += sum(len(u.new_token_ids) for u in out.updates)
+        await asyncio.gather(*(client() for _ in range(clients)))
+    try:
+        asyncio.run(run())
+    finally:
+        engine.shutdown()
+    return got / seconds
+
+
+def part_clients(args) -> list[str]:
+    rows = ["| clients | engine stepped here, tok/s | through the async engine, tok/s |", "|---|---|---|"]
+    for c in args.clients:
+        llm = _llm(args, prefix_cache_memory=0, max_num_seqs=max(c, 1))
+        here = _closed_loop(llm.engine, c, args.warmup, args.seconds)
+        via = _closed_loop_async(llm, c, args.warmup, args.seconds)
+        rows.append(f"| {c} | {here:.1f} | {via:.1f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--parts", default="1,2,3,4,5", help="which parts to run (1-5)")
+    p.add_argument("--parts", default="1,2,3,4,5", help="which parts to run (1-6)")
+    p.add_argument("--clients", default="4,16", help="closed-loop client counts (part 6)")
+    p.add_argument("--warmup", type=float, default=10)
+    p.add_argument("--seconds", type=float, default=25, help="measured window of part 6")
     p.add_argument("--concurrency", default="1,2,4,8,16")
     p.add_argument("--gen-len", type=int, default=32, help="timed decode steps per concurrency level")
     p.add_argument("--lengths", default="8192,32768", help="prompt lengths for the memory part")
@@ -232,10 +298,12 @@ def main() -> None:
         return prefill_child(args)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.lengths = [int(n) for n in args.lengths.split(",")]
+    args.clients = [int(c) for c in args.clients.split(",")]
     load = open("/proc/loadavg").read().split()[0]
     print(f"command: {' '.join(sys.argv)}\nmodel: {args.model} ({args.dtype}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, load average {load}\n", flush=True)
-    parts = {"1": part_concurrency, "2": part_ttft, "3": part_prefix, "4": part_long, "5": part_fair}
+    parts = {"1": part_concurrency, "2": part_ttft, "3": part_prefix, "4": part_long, "5": part_fair,
+             "6": part_clients}
     tables = [parts[k](args) for k in args.parts.split(",")]
     print()
     for t in tables:
