@@ -4,8 +4,8 @@ Each step (1) decodes one token for every running sequence in ONE batched forwar
 made sure their KV can grow within the memory budget (preempting the newest request when not: it is
 recomputed later, never corrupted), and (2) prefills the next chunks of the waiting sequences
 (≤ `max_prefill_tokens` in all, one packed forward), the waiting prompts taking turns, so a long prompt
-never freezes the others. A new prompt
-first resumes from the deepest cached prefix (cache/prefix.py). A request with `n > 1` prefills once and forks.
+never freezes the others. A new prompt first resumes from the deepest cached prefix (cache/prefix.py).
+A request with `n > 1` prefills once and forks.
 The scheduler (scheduler.py, pure Python) decides what runs; the runner (runner.py) does the tensor work;
 with the checkpoint's MTP head (`mtp` on/auto) the runner's decode may draft and verify several tokens per
 sequence (speculative.py). Text-level work (detokenizing, stop strings) is the caller's; it ends a
