@@ -15,9 +15,10 @@ forward, the dict the DeltaNet layers record their per-position states in).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import mmap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -219,6 +220,11 @@ class ModelCache:
     # A packed forward (several prompts' chunks in one: their matmuls share one pass over the weights): the
     # batch is one row holding seqs[0]'s seq_lens[0] inputs, then seqs[1]'s seq_lens[1], …
     seq_lens: list[int] | None = None
+    spans: list[slice] | None = field(init=False)  # packed: each sequence's positions in the row
+
+    def __post_init__(self) -> None:
+        ends = list(itertools.accumulate(self.seq_lens or []))
+        self.spans = None if self.seq_lens is None else [slice(e - n, e) for e, n in zip(ends, self.seq_lens)]
 
     @property
     def length(self) -> int:  # single-sequence convenience (tests, benchmarks)

@@ -5,8 +5,6 @@ partial rotary; GQA over the KV cache; the output is multiplied by sigmoid(gate)
 """
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch import nn
 
@@ -32,10 +30,10 @@ class GatedAttention(nn.Module):
         self.scale = self.d**-0.5
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], caches: list[KVCache],
-                seq_lens: list[int] | None = None) -> torch.Tensor:
+                spans: list[slice] | None = None) -> torch.Tensor:
         """x [B, T, hidden], rope cos/sin [B, T, rotary_dim] → [B, T, hidden]; row b appends its keys
-        and values to caches[b] and attends over that sequence's own history. Packed (`seq_lens`, B = 1):
-        the row's segments are the sequences of `caches`, in turn."""
+        and values to caches[b] and attends over that sequence's own history. Packed (B = 1): the
+        row's `spans` of positions are the sequences of `caches`, in turn."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.nq, -1)
         if self.gated:
@@ -45,16 +43,15 @@ class GatedAttention(nn.Module):
         k = apply_rotary(self.k_norm(self.k_proj(x).view(b, t, self.nkv, self.d)), *rope)
         v = self.v_proj(x).view(b, t, self.nkv, self.d)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if seq_lens is not None:  # packed: segments of the one row, [1, H, T_i, D] each
-            bounds = [0, *itertools.accumulate(seq_lens)]
-            parts = [(slice(0, 1), slice(a, e)) for a, e in itertools.pairwise(bounds)]
+        if spans is not None:  # packed: segments of the one row, [1, H, T_i, D] each
+            parts = [(slice(0, 1), s) for s in spans]
         else:
             parts = [(slice(i, i + 1), slice(None)) for i in range(b)]
         rows = []
         for (r, s), cache in zip(parts, caches):  # sequences differ in length: attention runs per sequence
             k_all, v_all = cache.append(k[r, :, s], v[r, :, s])
             rows.append(attention(q[r, :, s], k_all, v_all, self.scale))
-        o = (torch.cat(rows, dim=0 if seq_lens is None else 2)) if len(rows) > 1 else rows[0]
+        o = torch.cat(rows, dim=0 if spans is None else 2) if len(rows) > 1 else rows[0]
         o = o.transpose(1, 2).reshape(b, t, self.nq * self.d)
         if self.gated:
             o = o * torch.sigmoid(gate)

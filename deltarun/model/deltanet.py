@@ -6,8 +6,6 @@ Attribute names are the checkpoint's (`model.language_model.layers.N.linear_attn
 """
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,11 +43,11 @@ class GatedDeltaNet(nn.Module):
         return (self.conv_dim, self.kernel - 1), (self.hv, self.dk, self.dv)
 
     def forward(self, x: torch.Tensor, pool: StatePool, index: int, slots: torch.Tensor | slice,
-                capture: dict | None = None, seq_lens: list[int] | None = None) -> torch.Tensor:
+                capture: dict | None = None, spans: list[slice] | None = None) -> torch.Tensor:
         """x [B, T, hidden] → [B, T, hidden]; reads and advances the states of `slots` [B] in the pool
         (`index` = which linear-attention layer this is). `capture` (a speculative verify): record the
-        state after every position in it (ModelCache.capture). Packed (`seq_lens`, B = 1): the row's
-        segments advance the states of `slots` in turn."""
+        state after every position in it (ModelCache.capture). Packed (B = 1): the row's `spans` of
+        positions advance the states of `slots` in turn."""
         b, t, _ = x.shape
         if capture is not None:
             return self._verify_steps(x, pool, index, slots, capture)
@@ -57,12 +55,11 @@ class GatedDeltaNet(nn.Module):
             return self._decode_step(x, pool, index, slots)
         mixed, w = self.in_proj_qkv(x), self.conv1d.weight.squeeze(1)
         beta, g = self._gates(x)
-        if seq_lens is None:
+        if spans is None:
             segments = [(slice(None), slots)]
-        else:  # one (segment, slot) per sequence: each runs its conv and delta rule from its own state
+        else:  # one (span, slot) per sequence: each runs its conv and delta rule from its own state
             ids = range(slots.start, slots.stop) if isinstance(slots, slice) else slots.tolist()
-            bounds = [0, *itertools.accumulate(seq_lens)]
-            segments = [(slice(a, e), slice(i, i + 1)) for (a, e), i in zip(itertools.pairwise(bounds), ids)]
+            segments = [(span, slice(i, i + 1)) for span, i in zip(spans, ids)]
         outs = []
         for seg, sl in segments:
             qkv, conv = causal_conv1d(mixed[:, seg], w, pool.conv[index][sl])

@@ -65,9 +65,9 @@ class DecoderLayer(nn.Module):
                 return y
         h = self.input_layernorm(x)
         if self.layer_type == "linear_attention":
-            h = self.linear_attn(h, cache.pool, self.state_index, slots, cache.capture, cache.seq_lens)
+            h = self.linear_attn(h, cache.pool, self.state_index, slots, cache.capture, cache.spans)
         else:
-            h = self.self_attn(h, rope, [s.kv[self.state_index] for s in cache.seqs], cache.seq_lens)
+            h = self.self_attn(h, rope, [s.kv[self.state_index] for s in cache.seqs], cache.spans)
         if plan is not None:
             return fused.tail(plan, x, h)
         x, h = residual_norm(x, h, self.post_attention_layernorm)
