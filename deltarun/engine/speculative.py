@@ -315,7 +315,10 @@ def _draft_head(lm_head: Linear | QuantLinear, n: int) -> torch.nn.Module | None
     all 248K (a third of the 0.8B's weights). Drafts outside them are simply never proposed."""
     if not 0 < n < lm_head.out_features:
         return None
-    if isinstance(lm_head, QuantLinear):  # re-quantized from its own values: drafts need not be bit-exact
+    if isinstance(lm_head, QuantLinear):
+        if (rows := lm_head.first_rows(n)) is not None:  # the packed rows themselves: no copy, no re-quantizing
+            return rows
+        # elsewhere re-quantized from its own values: drafts need not be bit-exact
         w = lm_head.row_block(0, n).to(lm_head.dtype)
         quant = QuantLinear.from_float(w, lm_head.bits, lm_head.group_size, lm_head.dtype).to(w.device)
         quant.pack()

@@ -105,6 +105,12 @@ def dequant_int8_rows(q: torch.Tensor, scales: torch.Tensor, start: int, end: in
     return torch.ops.deltarun.dequant_int8_rows(q, scales, start, end)
 
 
+def repack_int4(portable: torch.Tensor, block: int, pairs: bool) -> torch.Tensor:
+    """Portable int4 bytes [N, K/2] → torch's CPU layout for row blocks of `block` (in the AVX2 kernel's column-pair
+    order if `pairs`), shaped [N, K/2]; one pass (csrc/dequant.cpp). Reference: ops/int4_layout.py."""
+    return torch.ops.deltarun.repack_int4(portable, block, pairs)
+
+
 def dequant_int4_rows(packed: torch.Tensor, sz: torch.Tensor, group: int, block: int, start: int, end: int,
                       pairs: bool) -> torch.Tensor:
     """Rows start … end−1 of a CPU-packed int4 weight, dequantized to fp32 (csrc/dequant.cpp)."""

@@ -250,7 +250,38 @@ class QuantLinear(nn.Module):
     def pack(self) -> None:
         """Lay the weights out for this device's kernel; keep the reference path if the kernel is
         unavailable or disagrees with it on a probe input (checked on a sample of output rows, so
-        that a 248K-row lm_head is never dequantized whole)."""
+        that a 248K-row lm_head is never dequantized whole). The probe runs for the first weight of each
+        shape and kernel in a process (`_VERDICTS`): ~2 ms of small torch ops per weight, which for all 151
+        weights of the 0.8B model was a third of a saved int4 folder's load."""
+        dev = self._device()
+        n = self.out_features
+        try:
+            kernel = _int8_kernel(self) if self.bits == 8 else _int4_kernel(self)
+        except (RuntimeError, NotImplementedError):
+            return
+        gemm = _gemm(self, kernel)
+        cpu4 = self.bits == 4 and dev.type == "cpu" and bool(cpu_int4_block()) and n % cpu_int4_block() == 0
+        key = (self.bits, self.in_features, n, self.group_size, self.dtype, str(dev), kernel.name, kernel.pairs,
+               cpu_int4_block(), gemm is not None, cpu4)
+        if key not in _VERDICTS:
+            _VERDICTS[key] = self._probe(kernel, gemm, cpu4)
+        kernel_ok, gemm_ok, layout_ok = _VERDICTS[key]
+        if not kernel_ok:
+            return
+        self._kernel = kernel
+        self.routes = {"decode": kernel.name, "prefill": "dequant"}
+        if gemm is not None and gemm_ok:
+            self._gemm = gemm
+            self.routes["prefill"] = f"qgemm_int{self.bits}"
+        elif kernel.name == "gemv_int4":  # what `forward` does without an integer GEMM
+            self.routes["prefill"] = f"gemv_int4 to {KERNEL_BLOCK_ROWS} rows, then dequant"
+        if cpu4 and layout_ok:
+            assert kernel.sz is not None  # an int4 kernel's last argument
+            self._cpu4 = kernel.packed, kernel.sz, kernel.pairs
+            self.qweight = self.scales = self.zeros = None  # the kernel's copy is the only one
+
+    def _probe(self, kernel: _Kernel, gemm, cpu4: bool) -> tuple[bool, bool, bool]:
+        """(kernel agrees, integer GEMM agrees, our reading of the CPU int4 layout holds) on this weight."""
         dev = self._device()
         probe = torch.randn(3, self.in_features, generator=torch.Generator().manual_seed(0)).to(dev, self.dtype)
         n = self.out_features
@@ -258,28 +289,40 @@ class QuantLinear(nn.Module):
                                       torch.randint(0, n, (64,), generator=torch.Generator().manual_seed(1))])).to(dev)
         portable = self.rows(idx)
         want = F.linear(probe.float(), portable)
-        try:
-            kernel = _int8_kernel(self) if self.bits == 8 else _int4_kernel(self)
-        except (RuntimeError, NotImplementedError):
-            return
         tol = 2e-2 if self.dtype != torch.float32 else 1e-3
-        if not _probe_ok(kernel, probe, want, idx, tol):
-            return
-        self._kernel = kernel
-        self.routes = {"decode": kernel.name, "prefill": "dequant"}
-        gemm = _gemm(self, kernel)
-        if gemm is not None and _probe_ok(gemm, probe, want, idx, tol):
-            self._gemm = gemm
-            self.routes["prefill"] = f"qgemm_int{self.bits}"
-        elif kernel.name == "gemv_int4":  # what `forward` does without an integer GEMM
-            self.routes["prefill"] = f"gemv_int4 to {KERNEL_BLOCK_ROWS} rows, then dequant"
-        if self.bits == 4 and dev.type == "cpu" and cpu_int4_block() and n % cpu_int4_block() == 0:
-            assert kernel.sz is not None  # an int4 kernel's last argument
+        kernel_ok = _probe_ok(kernel, probe, want, idx, tol)
+        gemm_ok = kernel_ok and gemm is not None and _probe_ok(gemm, probe, want, idx, tol)
+        layout_ok = False
+        if kernel_ok and cpu4:
+            assert kernel.sz is not None
             self._cpu4 = kernel.packed, kernel.sz, kernel.pairs
-            if torch.equal(self.rows(idx), portable):  # our reading of the CPU layout holds
-                self.qweight = self.scales = self.zeros = None  # the kernel's copy is the only one
-            else:
-                self._cpu4 = None
+            layout_ok = torch.equal(self.rows(idx), portable)
+            self._cpu4 = None
+        return kernel_ok, gemm_ok, layout_ok
+
+    def first_rows(self, n: int) -> "QuantLinear | None":
+        """Rows 0 … n−1 as a QuantLinear of their own that reads this one's packed tensors (views: nothing copied
+        but int4's scale/zero pairs, 2 MB for 32K rows of K = 1024), bit for bit the same weights; None where this
+        weight is not packed for a kernel whose layout keeps rows apart (then re-quantize its rows instead)."""
+        k = self._kernel
+        if k is None or not 0 < n < self.out_features or self.delta is not None:
+            return None
+        mod = QuantLinear(self.in_features, n, self.bits, self.group_size, self.dtype, device="meta")
+        if self.bits == 8 and k.name in ("gemv_int8", "int8pack") and self.scales is not None:
+            mod._kernel = _Kernel(k.name, k.op, k.packed[:n], *(a[:n] for a in k.args))
+            mod.qweight, mod.scales, mod.zeros = k.packed[:n], self.scales[:n], None
+        elif self.bits == 4 and self._cpu4 is not None and n % cpu_int4_block() == 0 and k.sz is not None:
+            packed = k.packed.view(-1)[: n * self.in_features // 2].view(n, -1)  # whole row blocks: a prefix
+            sz = k.sz[:, :n].contiguous()
+            mod._kernel = _Kernel(k.name, k.op, packed, self.group_size, sz)
+            mod._kernel.pairs = k.pairs
+            mod._cpu4 = packed, sz, k.pairs
+            mod.qweight = mod.scales = mod.zeros = None
+        else:
+            return None
+        mod._gemm = _gemm(mod, mod._kernel) if self._gemm is not None else None
+        mod.routes = dict(self.routes)
+        return mod
 
     def decode_tensors(self) -> list[torch.Tensor] | None:
         """The tensors its decode kernel reads, in csrc/layer.cpp's encoding ([q, fp32 scales] for int8,
@@ -317,6 +360,10 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{g}"
+
+
+# QuantLinear.pack's probe verdicts by weight shape and kernel: (kernel, integer GEMM, CPU int4 layout) agree
+_VERDICTS: dict[tuple, tuple[bool, bool, bool]] = {}
 
 
 class _Kernel:
@@ -376,7 +423,9 @@ def _int4_kernel(mod: QuantLinear) -> _Kernel:
         ours = first("int4", "decode", {"gemv_int4": gemv.int4_usable(sz)}) == "gemv_int4"
         pairs = ours and cpu_int4_block() == 32  # our AVX2 kernel reads the column pairs in its own order
         blk = cpu_int4_block()
-        if blk and n % blk == 0:  # our own repack of the portable bytes, into one buffer (no cat of blocks)
+        if blk and n % blk == 0 and kernels.available():  # one pass in C++
+            packed = gemv.repack_int4(qw.contiguous(), blk, pairs)
+        elif blk and n % blk == 0:  # our own repack of the portable bytes, into one buffer (no cat of blocks)
             packed = torch.empty_like(qw)
             for i in range(0, n, ROW_BLOCK):
                 block = cpu_layout_from_portable(qw[i:i + ROW_BLOCK], blk)

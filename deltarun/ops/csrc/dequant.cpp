@@ -1,4 +1,5 @@
 // Prefill-side dequantization on the CPU: a range of rows of an int8 or int4 weight to fp32 in one pass,
+// and the load-time repack of stored int4 bytes into the layout the int4 kernels read.
 // for the fp32 (or bf16) GEMM that multiplies a prefill chunk by them. The torch expression it replaces
 // (ops/quant.py `QuantLinear.row_block`'s reference path) takes 6–8 passes over fp32 temporaries: with a
 // 512-token chunk that was ~15% of an int4 prefill. Same arithmetic, element for element: int8 float(q)·s,
@@ -7,7 +8,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -40,7 +46,105 @@ void int4_rows(const uint8_t* P, const T* SZ, int64_t g, int64_t block, int64_t 
   });
 }
 
+// Stored bytes c of rows j (low nibble) and h + j (high nibble) of a row block, written to torch's CPU layout
+// (bytes of columns 2c and 2c + 1); `pairs`: the AVX2 kernel's order. The plain version of `repack_tile`.
+inline void repack_scalar(const uint8_t* P, uint8_t* ob, int64_t half, int64_t h, int64_t c_from, bool pairs) {
+  for (int64_t j = 0; j < h; ++j) {
+    const uint8_t* lo = P + j * half;
+    const uint8_t* hi = P + (h + j) * half;
+    for (int64_t c = c_from; c < half; ++c) {
+      ob[byte_at(2 * c, j, h, pairs)] = static_cast<uint8_t>((lo[c] & 15) | (hi[c] << 4));
+      ob[byte_at(2 * c + 1, j, h, pairs)] = static_cast<uint8_t>((lo[c] >> 4) | (hi[c] & 0xF0));
+    }
+  }
+}
+
+#if defined(__SSE2__)
+// 16×16 bytes: r[i] holds row i on entry and column i on return (unpacks of 8, 16, 32 and 64 bits).
+inline void transpose16(__m128i* r) {
+  __m128i a[16], b[16], c[16];
+  for (int i = 0; i < 8; ++i) {  // a[8h + i]: rows 2i, 2i + 1; 16-bit unit u = column 8h + u
+    a[i] = _mm_unpacklo_epi8(r[2 * i], r[2 * i + 1]);
+    a[i + 8] = _mm_unpackhi_epi8(r[2 * i], r[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h)  // b[4q + i]: rows 4i … 4i + 3; 32-bit unit u = column 4q + u
+    for (int i = 0; i < 4; ++i) {
+      b[h * 8 + i] = _mm_unpacklo_epi16(a[h * 8 + 2 * i], a[h * 8 + 2 * i + 1]);
+      b[h * 8 + 4 + i] = _mm_unpackhi_epi16(a[h * 8 + 2 * i], a[h * 8 + 2 * i + 1]);
+    }
+  for (int q = 0; q < 4; ++q)  // c[4q + 2i + s]: rows 8i … 8i + 7; 64-bit unit u = column 4q + 2s + u
+    for (int i = 0; i < 2; ++i) {
+      c[q * 4 + 2 * i] = _mm_unpacklo_epi32(b[q * 4 + 2 * i], b[q * 4 + 2 * i + 1]);
+      c[q * 4 + 2 * i + 1] = _mm_unpackhi_epi32(b[q * 4 + 2 * i], b[q * 4 + 2 * i + 1]);
+    }
+  for (int q = 0; q < 4; ++q)
+    for (int s = 0; s < 2; ++s) {
+      r[q * 4 + 2 * s] = _mm_unpacklo_epi64(c[q * 4 + s], c[q * 4 + 2 + s]);
+      r[q * 4 + 2 * s + 1] = _mm_unpackhi_epi64(c[q * 4 + s], c[q * 4 + 2 + s]);
+    }
+}
+
+// `repack_scalar` for stored bytes c0 … c0 + 15 (columns 2c0 … 2c0 + 31) of a row block with h = 16 or 32:
+// the nibbles are regrouped per row, then 16×16 transposes turn rows into the layout's columns.
+inline void repack_tile(const uint8_t* P, uint8_t* ob, int64_t half, int64_t h, int64_t c0, bool pairs) {
+  const __m128i low = _mm_set1_epi8(0x0F), high = _mm_set1_epi8(static_cast<char>(0xF0));
+  __m128i cols[2][32];  // [columns 0–15 | 16–31 of the tile][row j]
+  for (int64_t j = 0; j < h; ++j) {
+    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(P + j * half + c0));
+    const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(P + (h + j) * half + c0));
+    const __m128i even = _mm_or_si128(_mm_and_si128(lo, low), _mm_and_si128(_mm_slli_epi16(hi, 4), high));
+    const __m128i odd = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(lo, 4), low), _mm_and_si128(hi, high));
+    cols[0][j] = _mm_unpacklo_epi8(even, odd);  // byte k: column 2c0 + k
+    cols[1][j] = _mm_unpackhi_epi8(even, odd);  // column 2c0 + 16 + k
+  }
+  for (int half16 = 0; half16 < 2; ++half16)
+    for (int64_t j0 = 0; j0 < h; j0 += 16) {
+      __m128i* r = cols[half16] + j0;
+      transpose16(r);  // r[k]: rows j0 … j0 + 15 of column 2c0 + 16·half16 + k
+      uint8_t* dst = ob + (2 * c0 + 16 * half16) * h + j0;
+      for (int k = 0; k < 16; k += 2) {
+        if (pairs) {  // h = 16: a column pair's 32 bytes hold rows j < 8 interleaved, then rows j ≥ 8
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k * h), _mm_unpacklo_epi8(r[k], r[k + 1]));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k * h + 16), _mm_unpackhi_epi8(r[k], r[k + 1]));
+        } else {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k * h), r[k]);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (k + 1) * h), r[k + 1]);
+        }
+      }
+    }
+}
+#endif
+
 }  // namespace
+
+// portable int4 bytes [N, K/2] (ops/quant.py `pack_int4`: column 2c in the low nibble of byte c) → torch's CPU
+// layout [N/B, K, B/2] (returned as [N, K/2], as torch's packing op does), with each column pair in the AVX2
+// kernel's order if `pairs`. The reference is ops/int4_layout.py `cpu_layout_from_portable` (+ `int4_pairs`):
+// ~8 torch ops over the weight, ~0.15 s for a 248K-row lm_head on a 2-core Zen 4, most of a saved int4
+// folder's load. Here one read and one write, 16×16 byte transposes in SSE2 registers.
+at::Tensor repack_int4(const at::Tensor& portable, int64_t block, bool pairs) {
+  TORCH_CHECK(portable.device().is_cpu() && portable.scalar_type() == at::kByte && portable.dim() == 2 &&
+              portable.is_contiguous(), "repack_int4: portable uint8 [N, K/2]");
+  const int64_t N = portable.size(0), half = portable.size(1), K = half * 2, h = block / 2;
+  TORCH_CHECK(block > 0 && block % 2 == 0 && N % block == 0, "repack_int4: N must be a multiple of the block");
+  TORCH_CHECK(!pairs || block == 32, "repack_int4: column pairs are a 32-row layout");
+  at::Tensor out = at::empty({N, half}, portable.options());
+  const uint8_t* P = portable.data_ptr<uint8_t>();
+  uint8_t* O = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N / block, 1, [&](int64_t a, int64_t b) {
+    for (int64_t bb = a; bb < b; ++bb) {
+      const uint8_t* pb = P + bb * block * half;
+      uint8_t* ob = O + bb * K * h;
+      int64_t c0 = 0;
+#if defined(__SSE2__)
+      if (h == 16 || h == 32)
+        for (; c0 + 16 <= half; c0 += 16) repack_tile(pb, ob, half, h, c0, pairs);
+#endif
+      repack_scalar(pb, ob, half, h, c0, pairs);
+    }
+  });
+  return out;
+}
 
 // q [N, K] int8, scales [N] (any float dtype) → rows start … end−1 as fp32 [end−start, K]
 at::Tensor dequant_int8_rows(const at::Tensor& q, const at::Tensor& scales, int64_t start, int64_t end) {
@@ -89,9 +193,11 @@ at::Tensor dequant_int4_rows(const at::Tensor& packed, const at::Tensor& sz, int
 TORCH_LIBRARY_FRAGMENT(deltarun, m) {
   m.def("dequant_int8_rows(Tensor q, Tensor scales, int start, int end) -> Tensor");
   m.def("dequant_int4_rows(Tensor packed, Tensor sz, int group, int block, int start, int end, bool pairs=False) -> Tensor");
+  m.def("repack_int4(Tensor portable, int block, bool pairs=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(deltarun, CPU, m) {
   m.impl("dequant_int8_rows", &dequant_int8_rows);
   m.impl("dequant_int4_rows", &dequant_int4_rows);
+  m.impl("repack_int4", &repack_int4);
 }
