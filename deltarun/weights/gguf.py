@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -110,16 +111,12 @@ class Weight:
 
     def int4(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(packed [N, K/2], scales [N, K/32], zeros [N, K/32]) fp32, exactly the file's values."""
+        if self.type == "Q4_0" and self.cols is None and kernels.available():
+            # the same bytes as below, in one pass over the mapped blocks (csrc/gguf_blocks.cpp): no copy
+            p, s = torch.ops.deltarun.gguf_q4_0_rows(_mapped(self.data), self.shape[1])
+            return p, s, torch.zeros_like(s)
         packed, scales, zeros = [], [], []
-        fused = self.type == "Q4_0" and self.cols is None and kernels.available()
         for i in range(0, self.shape[0], CHUNK_ROWS):  # packed a slice at a time: no [N, K] byte copy
-            if fused:  # the same bytes as below, in one pass (csrc/gguf_blocks.cpp)
-                p, s = torch.ops.deltarun.gguf_q4_0_rows(torch.from_numpy(np.array(self.data[i:i + CHUNK_ROWS])),
-                                                         self.shape[1])
-                packed.append(p)
-                scales.append(s)
-                zeros.append(torch.zeros_like(s))
-                continue
             q, s, z = int4_blocks(self.data[i:i + CHUNK_ROWS], self.type)
             rows = min(CHUNK_ROWS, self.shape[0] - i)
             q, s, z = q.reshape(rows, -1), s.reshape(rows, -1), z.reshape(rows, -1)
@@ -133,16 +130,12 @@ class Weight:
 
     def int8(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q int8 [N, K], scales [N]) requantized per row from the dequantized (or float) values."""
+        if self.type in FUSED_INT8 and self.cols is None and kernels.available():
+            # the same numbers as below, in one pass over the mapped blocks (csrc/gguf_blocks.cpp): no copy
+            return torch.ops.deltarun.gguf_to_int8(_mapped(self.data), self.type, self.shape[1])
         qs, ss = [], []
-        fused = self.type in FUSED_INT8 and self.cols is None and kernels.available()
         for i in range(0, self.shape[0], CHUNK_ROWS):
             part = self.rows(slice(i, i + CHUNK_ROWS))
-            if fused:  # the same numbers as below, in one pass over the blocks (csrc/gguf_blocks.cpp)
-                q, s = torch.ops.deltarun.gguf_to_int8(torch.from_numpy(np.array(part.data)), self.type,
-                                                       self.shape[1])
-                qs.append(q)
-                ss.append(s)
-                continue
             w = q8_0_values(part.data) if self.type == "Q8_0" else part.values(torch.float32)
             if self.type == "Q8_0" and self.cols is not None:
                 w = w[:, torch.from_numpy(self.cols)]
@@ -150,6 +143,15 @@ class Weight:
             qs.append(q)
             ss.append(s)
         return torch.cat(qs), torch.cat(ss)
+
+
+def _mapped(data: np.ndarray) -> torch.Tensor:
+    """A uint8 block array as a tensor without a copy, for the kernels that only read it: the file's mapping is
+    read-only, which torch warns about for any tensor (it cannot mark one read-only)."""
+    data = np.ascontiguousarray(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(data)
 
 
 # ---------------------------------------------------------------------------------- name + transforms
