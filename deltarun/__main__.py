@@ -1,6 +1,4 @@
 """`python -m deltarun`: the command line."""
-import sys
+from .cli.exit import run
 
-from .cli.main import main
-
-sys.exit(main())
+run()

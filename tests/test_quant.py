@@ -316,7 +316,7 @@ def test_a_kernel_that_disagrees_is_not_used(monkeypatch):
 
         require_cpu_kernels()
     monkeypatch.setattr(q, "_VERDICTS", {})
-    monkeypatch.setattr(gemv, "int4_mm", lambda x, packed, group, sz: torch.zeros(x.shape[0], sz.shape[1], dtype=x.dtype))
+    monkeypatch.setattr(gemv, "int4_mm", lambda x, packed, g, sz: torch.zeros(x.shape[0], sz.shape[1], dtype=x.dtype))
     x = torch.randn(2, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     for seed in (1, 2):  # the second weight of the shape takes the first one's verdict
         w = _weight(64, 128, seed)

@@ -1,6 +1,4 @@
 """`python -m deltarun.cli`."""
-import sys
+from .exit import run
 
-from .main import main
-
-sys.exit(main())
+run()

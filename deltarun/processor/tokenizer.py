@@ -20,10 +20,9 @@ from deltarun.processor.tokenizer_files import (
     ADDED_TOKENS,
     PRETOKENIZE_REGEX,
     builtin_fingerprint,
+    builtin_tables,
     describes_builtin,
-    load_ranks,
     token_str_to_bytes,
-    unreachable_tokens,
 )
 
 EOS_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|endoftext|>")
@@ -219,20 +218,12 @@ def _is_builtin_file(file: Path) -> bool:
 def _builtin() -> Tokenizer:
     import tiktoken
 
-    ranks = load_ranks()
-    unreachable = unreachable_tokens()
+    tokens, mergeable = builtin_tables()
     # Tiktoken looks whole pre-tokens up before merging; leaving out the tokens no merge reaches makes it agree
     # with the BPE of tokenizer.json, which never produces them.
-    enc = tiktoken.Encoding(
-        "qwen3_5",
-        pat_str=PRETOKENIZE_REGEX,
-        mergeable_ranks={b: r for b, r in ranks.items() if b not in unreachable},
-        special_tokens={},
-    )
-    size = max(max(ranks.values()), max(t.id for t in ADDED_TOKENS)) + 1
-    token_bytes: list[bytes] = [b""] * size
-    for b, r in ranks.items():
-        token_bytes[r] = b
+    enc = tiktoken.Encoding("qwen3_5", pat_str=PRETOKENIZE_REGEX, mergeable_ranks=mergeable, special_tokens={})
+    size = max(len(tokens), max(t.id for t in ADDED_TOKENS) + 1)
+    token_bytes: list[bytes] = tokens + [b""] * (size - len(tokens))
     for t in ADDED_TOKENS:
         token_bytes[t.id] = t.content.encode("utf-8")
 
