@@ -172,7 +172,7 @@ def test_folder_with_the_builtin_tokenizer_json_uses_the_builtin_backend(folder,
     monkeypatch.setenv("DELTARUN_HOME", str(tmp_path / "home"))
     tok = Tokenizer.from_folder(folder)
     assert tok.backend == "tiktoken" and tok.encode("héllo <|im_start|>") == hf_tok.encode("héllo <|im_start|>")
-    marks = list((tmp_path / "home" / "tokenizers").iterdir())
+    marks = list((tmp_path / "home" / "tokenizers").glob("*.builtin"))  # beside the cached tables
     assert [p.read_text() for p in marks] == ["yes"]
     assert Tokenizer.from_folder(folder).backend == "tiktoken"  # from the mark
     marks[0].write_bytes(b"\xff garbage")  # a damaged mark is decided again, and rewritten
@@ -305,3 +305,25 @@ def test_corrupt_tokenizer_json(tmp_path):
 def test_folder_without_tokenizer_json_uses_builtin(tmp_path, tt_tok):
     tok = Tokenizer.from_folder(tmp_path)
     assert tok.backend == "tiktoken" and tok.encode("hello world") == tt_tok.encode("hello world")
+
+
+def test_cached_tables_are_the_ranks_and_a_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
+    """tokenizer_files.builtin_tables: the marshal file in the cache folder holds exactly what the ranks give (token
+    bytes by id; the ranks minus the unreachable tokens), and a damaged file is rebuilt, not trusted."""
+    from deltarun.processor import tokenizer_files as tf
+
+    monkeypatch.setenv("DELTARUN_HOME", str(tmp_path / "home"))
+    ranks, unreachable = tf.load_ranks(), tf.unreachable_tokens()
+    want_tokens = sorted(ranks, key=ranks.__getitem__)
+    want_merge = {t: r for t, r in ranks.items() if t not in unreachable}
+    for damage in (None, b"not marshal", b"\x00" * 10):
+        tf.builtin_tables.cache_clear()
+        if damage is not None:
+            (file,) = (tmp_path / "home" / "tokenizers").glob("*.tables")
+            file.write_bytes(damage)
+        tokens, mergeable = tf.builtin_tables()
+        assert tokens == want_tokens and mergeable == want_merge
+    (file,) = (tmp_path / "home" / "tokenizers").glob("*.tables")
+    tf.builtin_tables.cache_clear()
+    assert tf.builtin_tables() == (want_tokens, want_merge)  # read back from the rebuilt file
+    tf.builtin_tables.cache_clear()
