@@ -1,4 +1,4 @@
 """`python -m deltarun`: the command line."""
-from .cli.exit import run
+from .cli.process import run
 
 run()

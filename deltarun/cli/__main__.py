@@ -1,4 +1,4 @@
 """`python -m deltarun.cli`."""
-from .exit import run
+from .process import run
 
 run()

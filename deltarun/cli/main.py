@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .options import engine_options, err, load_llm, media_part, model_flags, sampling_flags, sampling_params
+from .process import loaded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..store.names import ModelNotFound
     from ..weights.loader import LoadError
 
+    if args.command not in ("generate", "chat"):  # these resume it once their model is loaded (load_llm)
+        loaded()
     try:
         if args.command == "chat":
             from .chat import run_chat

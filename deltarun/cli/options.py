@@ -75,7 +75,11 @@ def load_llm(args: argparse.Namespace):
     path = resolve_model(args.model)
     if is_demo(path) and args.model != "demo":
         err("note: this is the demo checkpoint with RANDOM WEIGHTS")
-    return LLM(path, lora=getattr(args, "lora", None), **engine_options(args))
+    llm = LLM(path, lora=getattr(args, "lora", None), **engine_options(args))
+    from .process import loaded
+
+    loaded()  # the collector runs again (cli/process.py)
+    return llm
 
 
 def engine_options(args: argparse.Namespace) -> dict:
