@@ -353,3 +353,38 @@ def test_fused_q4_0_rows_are_the_reference_bytes():
     assert torch.equal(scales, torch.from_numpy(s.reshape(24, -1))) and not z.any()
     with pytest.raises(RuntimeError, match="Q4_0|uint8"):
         torch.ops.deltarun.gguf_q4_0_rows(torch.from_numpy(data.copy()), 96)
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+def test_fused_q4_k_rows_are_the_reference_bytes():
+    """csrc/gguf_blocks.cpp's Q4_K → portable int4: the bytes, scales and zeros of int4_blocks + pack_int4, bit for
+    bit (random bytes: every 6-bit scale/min pattern; f16 d and dmin of many magnitudes)."""
+    import numpy as np
+
+    from deltarun.ops.quant import pack_int4
+    from deltarun.weights.gguf_file import int4_blocks
+
+    rng = np.random.default_rng(11)
+    n, per_row = 24, 2  # K = 512
+    rows = rng.integers(0, 256, (n, per_row, 144), dtype=np.uint8)
+    dd = (rng.standard_normal((n, per_row, 2)) * 10.0 ** rng.integers(-5, 2, (n, per_row, 2))).astype(np.float16)
+    rows[..., :4] = dd.view(np.uint8).reshape(n, per_row, 4)
+    data = rows.reshape(n, -1)
+    packed, scales, zeros = torch.ops.deltarun.gguf_q4_k_rows(torch.from_numpy(data.copy()), 512)
+    q, s, z = int4_blocks(data, "Q4_K")
+    assert torch.equal(packed, pack_int4(torch.from_numpy(q.reshape(n, -1))))
+    assert torch.equal(scales, torch.from_numpy(s.reshape(n, -1)))
+    assert torch.equal(zeros, torch.from_numpy(z.reshape(n, -1)))
+    with pytest.raises(RuntimeError, match="Q4_K|uint8"):
+        torch.ops.deltarun.gguf_q4_k_rows(torch.from_numpy(data.copy()), 256)
+
+
+def test_the_type_table_is_gguf_pys():
+    """gguf_file._TYPES (read without importing gguf-py) names and sizes each type as gguf-py does."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from deltarun.weights.gguf_file import _TYPES
+
+    for type_id, (name, block, size) in _TYPES.items():
+        assert GGMLQuantizationType(type_id).name == name and GGML_QUANT_SIZES[GGMLQuantizationType(type_id)] == (
+            block, size)

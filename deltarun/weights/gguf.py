@@ -115,6 +115,8 @@ class Weight:
             # the same bytes as below, in one pass over the mapped blocks (csrc/gguf_blocks.cpp): no copy
             p, s = torch.ops.deltarun.gguf_q4_0_rows(_mapped(self.data), self.shape[1])
             return p, s, torch.zeros_like(s)
+        if self.type == "Q4_K" and self.cols is None and kernels.available():  # likewise
+            return torch.ops.deltarun.gguf_q4_k_rows(_mapped(self.data), self.shape[1])
         packed, scales, zeros = [], [], []
         for i in range(0, self.shape[0], CHUNK_ROWS):  # packed a slice at a time: no [N, K] byte copy
             q, s, z = int4_blocks(self.data[i:i + CHUNK_ROWS], self.type)

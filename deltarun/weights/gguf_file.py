@@ -26,6 +26,12 @@ _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?
 _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
           7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 STRING, ARRAY = 8, 9
+# GGML type id → (name, values per block, bytes per block) for the types weights/gguf.py loads, as gguf-py's
+# GGMLQuantizationType / GGML_QUANT_SIZES give them (tests/test_gguf.py checks): importing gguf-py (and the YAML
+# parser it pulls in) cost ~0.1 s of every GGUF start. Other ids are looked up in gguf-py.
+_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+          6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 12: ("Q4_K", 256, 144),
+          13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210)}
 _FLOAT_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16: raw bits
 
 
@@ -112,8 +118,6 @@ class GGUFFile:
         return v
 
     def _parse(self) -> None:
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
         self._pos = 0
         if self._mm[:4] != MAGIC:
             raise ValueError("no GGUF magic at the start of the file")
@@ -135,26 +139,35 @@ class GGUFFile:
         start = -(-self._pos // align) * align
         self.tensors: list[GGUFTensor] = []
         for name, dims, type_id, offset in infos:
-            try:
-                qtype = GGMLQuantizationType(type_id)
-            except ValueError:
-                raise LoadError(f"{self.path}: tensor {name} has unknown GGML type id {type_id}") from None
+            type_name, block, size = _type(type_id, name, self.path)
             shape = tuple(int(d) for d in reversed(dims))
             n = int(np.prod(shape))
-            block, size = GGML_QUANT_SIZES[qtype]
             nbytes = n // block * size
             if start + offset + nbytes > len(self._mm):
                 raise LoadError(f"{self.path}: data of tensor {name} runs past the end of the file "
                                 f"(truncated download?)")
-            if qtype.name in _FLOAT_NP:
-                data = np.frombuffer(self._mm, _FLOAT_NP[qtype.name], n, start + offset).reshape(shape)
+            if type_name in _FLOAT_NP:
+                data = np.frombuffer(self._mm, _FLOAT_NP[type_name], n, start + offset).reshape(shape)
             else:
                 if shape[-1] % block:
-                    raise LoadError(f"{self.path}: tensor {name} rows of {shape[-1]} are not whole {qtype.name} "
+                    raise LoadError(f"{self.path}: tensor {name} rows of {shape[-1]} are not whole {type_name} "
                                     f"blocks of {block}")
                 data = np.frombuffer(self._mm, np.uint8, nbytes, start + offset).reshape(
                     -1, shape[-1] // block * size)
-            self.tensors.append(GGUFTensor(name, qtype.name, shape, data))
+            self.tensors.append(GGUFTensor(name, type_name, shape, data))
+
+
+def _type(type_id: int, name: str, path: Path) -> tuple[str, int, int]:
+    """(type name, values per block, bytes per block) of a GGML type id."""
+    if type_id in _TYPES:
+        return _TYPES[type_id]
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        qtype = GGMLQuantizationType(type_id)
+    except ValueError:
+        raise LoadError(f"{path}: tensor {name} has unknown GGML type id {type_id}") from None
+    return (qtype.name, *GGML_QUANT_SIZES[qtype])
 
 
 # ------------------------------------------------------------------------------- block decoding
