@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .options import engine_options, err, load_llm, media_part, model_flags, sampling_flags, sampling_params
-from .process import loaded
+from .startup import loaded
 
 
 def build_parser() -> argparse.ArgumentParser:

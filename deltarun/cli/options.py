@@ -76,7 +76,7 @@ def load_llm(args: argparse.Namespace):
     if is_demo(path) and args.model != "demo":
         err("note: this is the demo checkpoint with RANDOM WEIGHTS")
     llm = LLM(path, lora=getattr(args, "lora", None), **engine_options(args))
-    from .process import loaded
+    from .startup import loaded
 
     loaded()  # the collector runs again (cli/process.py)
     return llm

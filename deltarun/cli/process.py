@@ -1,9 +1,6 @@
 """The `deltarun` process around a command: `run` is the console command (and `python -m deltarun`).
 
-Start: Python's cyclic garbage collector is paused while torch imports and the model loads (`loaded` resumes it),
-then every object made so far is frozen out of its reach. Those steps allocate millions of objects that all live
-to the end, and each full collection walked all of them again: 0.2–0.3 s of a 2.3 s `deltarun generate`
-(2-core Zen 4). Commands that load no model through `load_llm` resume it before they start.
+Start: the cyclic GC is paused while torch imports and the model loads (cli/startup.py).
 
 Exit: after a command returns, the interpreter would tear itself down — every module, tensor, the tokenizer's 248K
 tables and tiktoken's encoder freed one object at a time: 0.7–1.3 s of a 3 s `deltarun generate` (strace: no
@@ -15,18 +12,15 @@ running, the normal exit (which waits for it) is kept. `main` itself (tests, emb
 from __future__ import annotations
 
 import atexit
-import gc
 import os
 import sys
 import threading
 
-_paused: list[bool] = []  # [True] while `run` holds the collector paused
+from .startup import loaded, pause
 
 
 def run(argv: list[str] | None = None) -> None:
-    if gc.isenabled():
-        gc.disable()
-        _paused.append(True)
+    pause()
     from .main import main
 
     try:
@@ -43,11 +37,3 @@ def run(argv: list[str] | None = None) -> None:
             pass
     os._exit(code)
 
-
-def loaded() -> None:
-    """Startup is over (the model is loaded, or the command loads none): the collector runs again, over what is
-    made from now on only. Does nothing unless `run` paused it."""
-    if _paused:
-        _paused.clear()
-        gc.freeze()
-        gc.enable()
