@@ -32,6 +32,7 @@ STRING, ARRAY = 8, 9
 _TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
           6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 12: ("Q4_K", 256, 144),
           13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210)}
+_U64 = struct.Struct("<Q")
 _FLOAT_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16: raw bits
 
 
@@ -89,11 +90,11 @@ class GGUFFile:
         if vtype == ARRAY:
             sub, n = self._read("<I"), self._read("<Q")
             if sub == STRING:  # walked over now, decoded when asked for (`value`): 0.8 s for a 248K vocabulary
-                start, pos, size, unpack = self._pos, self._pos, len(self._mm), struct.unpack_from
-                for _ in range(n):
-                    pos += 8 + unpack("<Q", self._mm, pos)[0]
-                    if pos > size:
-                        raise ValueError("a string array runs past the end of the file")
+                start, pos, unpack, mm = self._pos, self._pos, _U64.unpack_from, self._mm
+                for _ in range(n):  # a length past the end fails the next unpack (struct.error), or the check below
+                    pos += 8 + unpack(mm, pos)[0]
+                if pos > len(mm):
+                    raise ValueError("a string array runs past the end of the file")
                 self._pos = pos
                 return _Strings(start, n)
             if sub not in _NUMPY:
