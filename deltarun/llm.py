@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, cast
 
@@ -63,10 +65,15 @@ class Frontend:
             quantization = quant_tag(str(model))
         self.path = resolve_model(model)
         self.default_max_tokens = DEMO_MAX_TOKENS if is_demo(self.path) else DEFAULT_MAX_TOKENS
-        self.model = load_model(self.path, dtype=dtype, device=device, rope_scaling=rope_scaling,
-                                context_length=engine_options.get("max_model_len"), quantization=quantization)
+        # Where loading converts the weights (a GGUF file, or quantizing while loading) it runs mostly in torch ops
+        # that release the GIL, so the tokenizer is built beside it: Q4_0 GGUF cold start 2.72 → 2.44 s (medians of
+        # 8 interleaved runs, 2-core Zen 4). A plain folder loads in ~0.05 s: there a thread only cost (2.06 → 2.27 s).
+        with ThreadPoolExecutor(1) if quantization or (self.path / "gguf.json").is_file() else nullcontext() as pool:
+            tok = pool.submit(Tokenizer.from_folder, self.path) if pool else None
+            self.model = load_model(self.path, dtype=dtype, device=device, rope_scaling=rope_scaling,
+                                    context_length=engine_options.get("max_model_len"), quantization=quantization)
+            self.tokenizer = tok.result() if tok else Tokenizer.from_folder(self.path)
         self.config = self.model.config
-        self.tokenizer = Tokenizer.from_folder(self.path)
         self.template = ChatTemplate.from_folder(self.path) or ChatTemplate.builtin(
             thinking_default=self.config.text.hidden_size >= 2560)
         engine_config = EngineConfig(**engine_options)
