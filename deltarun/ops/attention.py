@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-MASK_ENTRIES = 1 << 24  # above this many query × key pairs a chunk is split by queries
+MASK_ENTRIES = 1 << 24  # above this many query × key pairs a masked chunk is split by queries
 QUERY_BLOCK = 256
 
 
@@ -26,6 +26,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     gqa: dict[str, Any] = {"enable_gqa": True} if groups > 1 else {}  # never materialises repeated K/V
     if t == s:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
+    if _flash_lse(q):
+        return _prefix_and_diagonal(q, k, v, scale)
     if t * s <= MASK_ENTRIES:
         return _masked(q, k, v, scale, gqa)
     # A long prompt's chunk deep into it: by blocks of queries, each over only the keys it can see, so
@@ -43,3 +45,30 @@ def _masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, gqa
     t, s = q.shape[2], k.shape[2]
     mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
+
+
+def _flash_lse(q: torch.Tensor) -> bool:
+    """Whether torch's CPU flash attention, which also returns each query's log-sum-exp, takes these queries."""
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and hasattr(
+        torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _prefix_and_diagonal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """`_masked` in two unmasked parts merged by their log-sum-exp: the S - T keys every query sees (with each KV
+    head's query group folded into the query axis, so its keys are read once), and the causal T × T diagonal. A
+    256-query block at depth 32K (bf16, 8 query / 2 KV heads, 2-core Zen 4): 496–514 ms masked with enable_gqa,
+    377–400 ms here; no [T, S] mask at any depth."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    b, hq, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g, p = hq // hkv, s - t
+    o1, lse1 = flash(q.reshape(b, hkv, g * t, d), k[:, :, :p], v[:, :, :p], scale=scale)[:2]
+    kd, vd = k[:, :, p:], v[:, :, p:]
+    if g > 1:  # T keys: repeating them per query head is cheap
+        kd, vd = kd.repeat_interleave(g, 1), vd.repeat_interleave(g, 1)
+    o2, lse2 = flash(q, kd, vd, is_causal=True, scale=scale)[:2]
+    lse1 = lse1.reshape(b, hq, t)
+    top = torch.maximum(lse1, lse2)
+    w1, w2 = (lse1 - top).exp_().unsqueeze(-1), (lse2 - top).exp_().unsqueeze(-1)
+    o = o1.reshape(b, hq, t, d).float() * w1 + o2.float() * w2
+    return o.div_(w1 + w2).to(q.dtype)
