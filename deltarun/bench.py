@@ -42,7 +42,8 @@ def memory_gb() -> dict[str, float]:
 
 
 def paths(model) -> dict[str, object]:
-    """What ran: the kernel level, each (phase, route) with its count of linears, fused decoder layers."""
+    """What ran: the kernel level, each (phase, route) with its count of linears, fused decoder layers, and the
+    attention of bf16 prompt chunks (ops/attention.py: fp32 models always take torch's)."""
     from .ops import kernels, layer, routes
 
     built = kernels.available()
@@ -51,7 +52,8 @@ def paths(model) -> dict[str, object]:
     decoder = sum(1 for m in model.modules() if hasattr(m, "fused_parts"))
     return {"kernels": level, "native_bf16": kernels.native_bf16_matmul(),
             "routes": {f"{ph}:{r}": n for (ph, r), n in sorted(routes.describe(model).items())},
-            "fused_layers": f"{fused}/{decoder}"}
+            "fused_layers": f"{fused}/{decoder}",
+            "prefill_attention": "attn_causal_bf16 (bf16)" if kernels.has_attn() else "torch flash"}
 
 
 def measure(folder: str, dtype: str, quantization: str | None, prompt_lens: list[int], gen_len: int,
@@ -170,7 +172,8 @@ def describe_paths(results: dict[str, list[dict]]) -> str:
             continue
         routes = ", ".join(f"{k} ×{n}" for k, n in p["routes"].items())
         out.append(f"{v}: kernels {p['kernels']}{' (hardware bf16)' if p['native_bf16'] else ''}; "
-                   f"fused decode layers {p['fused_layers']}; routes {routes or 'none'}")
+                   f"fused decode layers {p['fused_layers']}; prefill attention {p.get('prefill_attention', '?')}; "
+                   f"routes {routes or 'none'}")
     return "\n".join(out)
 
 

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
 # one extension: matmuls, the DeltaNet step, norms, dequantization, whole decode layers
 SOURCES = ("gemv.cpp", "gdn.cpp", "norm.cpp", "dequant.cpp", "layer.cpp", "qgemm.cpp", "conv.cpp", "gdn_chunk.cpp",
-           "fgemm.cpp", "lora.cpp", "gguf_blocks.cpp")
+           "fgemm.cpp", "lora.cpp", "gguf_blocks.cpp", "attn.cpp")
 STALE_LOCK_S = 300  # a first build takes ~30 s
 _state: dict[str, object] = {}
 # `DELTARUN_CPU_LEVEL`: build for, and route as, a lower x86 level than this CPU's, so the kernels and
@@ -183,6 +183,7 @@ def _self_check() -> bool:
             return False
     _state["int4"] = _int4_check(g)
     _state["bf16w"] = _bf16w_check(g)
+    _state["attn"] = _attn_check(g)
     return True
 
 
@@ -195,6 +196,21 @@ def _bf16w_check(g: torch.Generator) -> bool:
     ref = F.linear(x.float(), w.float())
     if not torch.allclose(torch.ops.deltarun.gemm_bf16w(x, w), ref, rtol=1e-5, atol=1e-4):
         log.warning("CPU bf16-weight prefill GEMM disagrees with F.linear: not used")
+        return False
+    return True
+
+
+def _attn_check(g: torch.Generator) -> bool:
+    """The bf16 prefill attention against an explicit fp32 softmax: GQA, a chunk deep into its keys, every tile
+    remainder (rows of a micro-tile, a partial key block, a head size not a multiple of 48)."""
+    if not torch.ops.deltarun.attn_bf16_available():
+        return False
+    q, k, v = (torch.randn(1, h, n, 32, generator=g).bfloat16() for h, n in ((4, 13), (2, 300), (2, 300)))
+    scores = (q.float() @ k.float().repeat_interleave(2, 1).transpose(-1, -2) / 8).masked_fill(
+        ~torch.ones(13, 300, dtype=torch.bool).tril(287), float("-inf"))
+    ref = scores.softmax(-1) @ v.float().repeat_interleave(2, 1)
+    if not torch.allclose(torch.ops.deltarun.attn_causal_bf16(q, k, v, 0.125).float(), ref, atol=2e-2):
+        log.warning("CPU bf16 attention kernel disagrees with softmax attention: not used")
         return False
     return True
 
@@ -230,6 +246,11 @@ def has_int4() -> bool:
 def has_bf16w() -> bool:
     """Whether the bf16-weight prefill GEMM is built here (and agreed with F.linear)."""
     return available() and bool(_state.get("bf16w"))
+
+
+def has_attn() -> bool:
+    """Whether the bf16 prefill attention kernel is built here (AVX512-BF16) and agreed with softmax attention."""
+    return available() and bool(_state.get("attn"))
 
 
 def has_qgemm_int4() -> bool:
