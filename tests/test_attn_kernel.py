@@ -89,8 +89,8 @@ def test_rejects_what_it_cannot_run():
 
 
 def test_attention_routes_bf16_chunks_to_the_kernel(monkeypatch):
-    """ops/attention.py sends bf16 chunks of ≥ KERNEL_ROWS queries here; one query, fp32, head sizes that are not a
-    multiple of 16 and tensors that need a gradient go to torch."""
+    """ops/attention.py sends bf16 chunks of ≥ KERNEL_ROWS queries here (≥ KERNEL_ROWS_SHALLOW over few keys); one
+    query, fp32, head sizes that are not a multiple of 16 and tensors that need a gradient go to torch."""
     assert kernels.has_attn()
     calls = []
     real = torch.ops.deltarun.attn_causal_bf16
@@ -109,7 +109,12 @@ def test_attention_routes_bf16_chunks_to_the_kernel(monkeypatch):
     att.attention(q[:, :, :1], k, v, 0.3)  # decode
     att.attention(q.float(), k.float(), v.float(), 0.3)
     att.attention(q[..., :24].contiguous(), k[..., :24].contiguous(), v[..., :24].contiguous(), 0.3)
-    att.attention(q[:, :, : att.KERNEL_ROWS - 1], k, v, 0.3)
+    att.attention(q[:, :, : att.KERNEL_ROWS_SHALLOW - 1], k, v, 0.3)
     with torch.enable_grad():
         att.attention(q.detach().requires_grad_(), k, v, 0.3)
     assert len(calls) == 1
+    att.attention(q[:, :, : att.KERNEL_ROWS_SHALLOW], k, v, 0.3)  # few queries over few keys
+    assert len(calls) == 2
+    monkeypatch.setattr(att, "SHALLOW_KEYS", 39)
+    att.attention(q[:, :, : att.KERNEL_ROWS_SHALLOW], k, v, 0.3)  # … over more keys: torch
+    assert len(calls) == 2

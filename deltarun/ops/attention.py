@@ -3,10 +3,11 @@
 `attention(q [B, Hq, T, D], k [B, Hkv, S, D], v [B, Hkv, S, D], scale) -> [B, Hq, T, D]` where the T
 queries are the last T of the S positions (S - T earlier positions come from the cache).
 
-Which path runs: one query (decode) → SDPA with the query group folded in; bf16 chunks of ≥ KERNEL_ROWS queries on
-a CPU with AVX512-BF16 → our kernel (csrc/attn.cpp: bf16 dot products in hardware, where torch's flash attention
-widens to fp32 SGEMM; 2.8× at 2,048 × 2,048, 1.7× for 2,048 queries at depth 32K); otherwise torch's flash
-attention (whole prompt: causal SDPA; deeper chunks: `_prefix_and_diagonal`, or masked SDPA where torch lacks it).
+Which path runs: one query (decode) → SDPA with the query group folded in; bf16 chunks of ≥ KERNEL_ROWS
+queries (fewer near the start) on a CPU with AVX512-BF16 → our kernel (csrc/attn.cpp: bf16 dot products in
+hardware, where torch's flash attention widens to fp32 SGEMM; 2,048 × 2,048 causal 137 → 46 ms, 2,048 queries at
+depth 32K 2.94 → 1.36 s); otherwise torch's flash attention (whole prompt: causal SDPA; deeper chunks:
+`_prefix_and_diagonal`, or masked SDPA where torch lacks it).
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import torch.nn.functional as F
 
 from . import kernels
 
-KERNEL_ROWS = 8  # from here up the kernel wins (16 queries over 4,000 keys: 2.7×; 3 queries: level)
+# The kernel packs every key per call (~0.5 ms per 1,000 keys of the 0.8B shape): from 16 queries it wins at any
+# depth (16 over 40K keys: 39 → 30 ms), from 8 up to 16K keys (8 over 4,000: 2.0 → 1.1 ms; over 40K: 20 → 24 ms)
+KERNEL_ROWS, KERNEL_ROWS_SHALLOW, SHALLOW_KEYS = 16, 8, 16384
 MASK_ENTRIES = 1 << 24  # above this many query × key pairs a masked chunk is split by queries
 QUERY_BLOCK = 256
 
@@ -31,7 +34,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
         # so keys are read once per KV head (≈10× faster than enable_gqa on CPU at long context).
         o = F.scaled_dot_product_attention(q.view(b, hkv, groups, d), k, v, scale=scale)
         return o.view(b, hq, 1, d)
-    if t >= KERNEL_ROWS and _kernel_takes(q, k, v):
+    if (t >= KERNEL_ROWS or (t >= KERNEL_ROWS_SHALLOW and s <= SHALLOW_KEYS)) and _kernel_takes(q, k, v):
         return torch.ops.deltarun.attn_causal_bf16(q, k, v, scale)
     gqa: dict[str, Any] = {"enable_gqa": True} if groups > 1 else {}  # never materialises repeated K/V
     if t == s:

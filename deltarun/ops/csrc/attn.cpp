@@ -1,12 +1,13 @@
 // Causal attention of a bf16 prompt chunk on CPUs with AVX512-BF16: o = softmax(q·kᵀ·scale, causal) · v, where the
 // T queries are the last T of the S key positions. torch's CPU flash attention multiplies these blocks with MKL's
 // bf16 → fp32 GEMM, which on AMD CPUs widens to fp32 SGEMM (~180 GFLOP/s on 2 Zen 4 cores); here both products
-// are bf16 dot products in hardware (vdpbf16ps, fp32 sums) inside one online-softmax loop:
+// are bf16 dot products in hardware (vdpbf16ps, fp32 sums) inside one online-softmax loop: 385 GFLOP/s for 2,048
+// queries at depth 32K, ~93% of what 2 such cores do in a loop of nothing but vdpbf16ps (405–430).
 //  - per KV head, K is packed once into 16-key tiles of dimension pairs [S/16][D/2][16] and V into key pairs
 //    [S/2][D] (32-bit lanes of two bf16), so a broadcast query pair (or probability pair) times one load is 16
 //    dot-product steps; every query head of the group reads the same packed copy;
-//  - a task is MQ = 64 queries of one head: per block of KB = 256 keys, scores (8 rows × 48 keys per
-//    micro-tile, 24 accumulators), the running max and sum (exp2 by polynomial, as torch rounds p to bf16 before
+//  - a task is MQ = 128 queries of one head: per block of KB = 256 keys (the next one prefetched), scores
+//    (8 rows × 48 keys per micro-tile, 24 accumulators), the running max and sum (exp2 by polynomial, as torch rounds p to bf16 before
 //    the second product), then p·v into the fp32 output rows (8 rows × 48 dims per micro-tile);
 //  - keys past a query's position are masked to p = 0; blocks past every query of a task are skipped.
 // Reference: an explicit fp32 softmax (tests/test_attention_op.py); the error is no larger than torch's flash
@@ -20,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -34,23 +36,51 @@ namespace {
 constexpr int QK_R = 8, QK_N = 3;  // q·kᵀ micro-tile: query rows × 16-key vectors (24 accumulators)
 constexpr int PV_R = 8, PV_N = 3;  // p·v micro-tile: query rows × 16-dim vectors (4×6, 4×4, 6×4 measured level)
 constexpr int64_t MR = std::lcm(QK_R, PV_R);  // a task's rows are padded to this
-constexpr int64_t MQ = 64;                    // query rows per task
+constexpr int64_t MQ = 128;  // query rows per task: each streams its keys once (64: 330, 128: 360 GFLOP/s at 32K)
 constexpr int64_t KB = 256;  // keys per online-softmax block
 
+inline __mmask16 first(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << std::max<int64_t>(n, 0)) - 1); }
+
+// c[0 … 16) = the columns of the 16 × 16 uint32 matrix whose rows are r[0 … 16).
+inline void transpose16(const __m512i* r, __m512i* c) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i + m], 128-bit lane L: column 4L + m of rows 4i … 4i + 3
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int m = 0; m < 4; ++m) {
+    const __m512i x0 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x44), x1 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xEE);
+    const __m512i y0 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x44), y1 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xEE);
+    c[m] = _mm512_shuffle_i32x4(x0, y0, 0x88);
+    c[4 + m] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
+    c[8 + m] = _mm512_shuffle_i32x4(x1, y1, 0x88);
+    c[12 + m] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
+  }
+}
+
 // Rows of k [S, D] (row stride ks) → kp [ceil(S/16)][D/2][16] uint32 for 16-key tiles t0 … t1; keys ≥ S are zero.
+// 16 × 16 transposes in registers (a scalar transpose ran at ~2 GB/s, gathers slower still).
 void pack_k(const uint16_t* k, int64_t ks, int64_t S, int64_t D, uint32_t* kp, int64_t t0, int64_t t1) {
   const int64_t dp = D / 2;
   for (int64_t t = t0; t < t1; ++t) {
     uint32_t* dst = kp + t * dp * 16;
-    for (int64_t j = 0; j < 16; ++j) {
-      const int64_t key = t * 16 + j;
-      if (key >= S) {
-        for (int64_t d = 0; d < dp; ++d) dst[d * 16 + j] = 0u;
-        continue;
-      }
-      const auto* src = reinterpret_cast<const uint32_t*>(k + key * ks);
-      for (int64_t d = 0; d < dp; ++d) dst[d * 16 + j] = src[d];
+    const int64_t keys = std::min<int64_t>(16, S - t * 16);
+    const auto src = [&](int64_t j) { return reinterpret_cast<const uint32_t*>(k + (t * 16 + j) * ks); };
+    int64_t d = 0;
+    for (; d + 16 <= dp; d += 16) {
+      __m512i r[16], c[16];
+      for (int64_t j = 0; j < 16; ++j) r[j] = j < keys ? _mm512_loadu_si512(src(j) + d) : _mm512_setzero_si512();
+      transpose16(r, c);
+      for (int64_t i = 0; i < 16; ++i) _mm512_storeu_si512(dst + (d + i) * 16, c[i]);
     }
+    for (; d < dp; ++d)
+      for (int64_t j = 0; j < 16; ++j) dst[d * 16 + j] = j < keys ? src(j)[d] : 0u;
   }
 }
 
@@ -120,7 +150,6 @@ inline __m512 exp2v(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-inline __mmask16 first(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << std::max<int64_t>(n, 0)) - 1); }
 
 // One key block's online softmax for row r: scores s (kb of them, `vis` visible) → p as bf16 pairs into pr, the
 // running max m (log2 units) and sum l updated, the output row o rescaled.
@@ -176,6 +205,15 @@ void task(const uint16_t* q, int64_t qs, int64_t i0, int64_t nq, int64_t T, int6
   const int64_t kend = lim[nq - 1];
   for (int64_t k0 = 0; k0 < kend; k0 += KB) {
     const int64_t kb = std::min(KB, (kend - k0 + 31) / 32 * 32);
+    if (k0 + KB < kend) {  // the next block's keys and values into L2 (at depth 32K: 290 → 330 GFLOP/s at MQ 64)
+      const int64_t nb = std::min(KB, (kend - k0 - KB + 31) / 32 * 32);
+      const char* kn = reinterpret_cast<const char*>(kp + (k0 + KB) / 16 * dp * 16);
+      const char* vn = reinterpret_cast<const char*>(vp + (k0 + KB) / 2 * D);
+      for (int64_t b = 0; b < nb * D * 2; b += 64) {
+        _mm_prefetch(kn + b, _MM_HINT_T1);
+        _mm_prefetch(vn + b, _MM_HINT_T1);
+      }
+    }
     for (int64_t r = 0; r < rows; r += QK_R)
       by_vectors<QK_N>(kb / 16, [&](auto n, int64_t v) {
         qk_tile<QK_R, decltype(n)::value>(q32 + r * dp, dp, kp + (k0 / 16 + v) * dp * 16, sc.data() + r * KB + v * 16);
@@ -194,6 +232,22 @@ void task(const uint16_t* q, int64_t qs, int64_t i0, int64_t nq, int64_t T, int6
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (i0 + r) * D + d),
                           (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(o.data() + r * D + d), inv)));
   }
+}
+#endif
+
+#ifdef DELTARUN_ATTN
+// The packed K and V of one KV head, kept between calls (per calling thread): a fresh 2 × 20 MB at 40K keys cost
+// ~30 ms of page faults per call, more than a short chunk's whole attention. Shrunk when a call needs under a
+// quarter of it, so a long prompt's buffer does not outlive it by much.
+uint32_t* packed(int64_t n) {
+  thread_local std::unique_ptr<uint32_t[]> buf;
+  thread_local int64_t size = 0;
+  if (n > size || 4 * n < size) {
+    buf.reset();
+    buf.reset(new uint32_t[n]);  // not zeroed: every packed word is written
+    size = n;
+  }
+  return buf.get();
 }
 #endif
 
@@ -222,7 +276,8 @@ at::Tensor attn_causal_bf16(const at::Tensor& q, const at::Tensor& k, const at::
   if (T == 0) return out;
   const int64_t G = Hq / Hkv, tiles = (T + MQ - 1) / MQ, spad = (S + 31) / 32 * 32;
   const float c = static_cast<float>(scale) * 1.4426950408889634f;  // scores in log2 units
-  std::vector<uint32_t> kp(spad * D / 2), vp(spad / 2 * D);
+  uint32_t* kp = packed(spad * D);
+  uint32_t* vp = kp + spad * D / 2;
   const auto* Q = reinterpret_cast<const uint16_t*>(q.data_ptr());
   const auto* K = reinterpret_cast<const uint16_t*>(k.data_ptr());
   const auto* V = reinterpret_cast<const uint16_t*>(v.data_ptr());
@@ -232,8 +287,8 @@ at::Tensor attn_causal_bf16(const at::Tensor& q, const at::Tensor& k, const at::
       const uint16_t* kh = K + b * k.stride(0) + h * k.stride(1);
       const uint16_t* vh = V + b * v.stride(0) + h * v.stride(1);
       at::parallel_for(0, spad / 16, 16, [&](int64_t a, int64_t e) {
-        pack_k(kh, k.stride(2), S, D, kp.data(), a, e);
-        pack_v(vh, v.stride(2), S, D, vp.data(), a * 8, e * 8);
+        pack_k(kh, k.stride(2), S, D, kp, a, e);
+        pack_v(vh, v.stride(2), S, D, vp, a * 8, e * 8);
       });
       // tiles of one head ordered short, long, short, long …: a thread's contiguous share costs about the same
       at::parallel_for(0, G * tiles, 1, [&](int64_t a, int64_t e) {
@@ -242,8 +297,8 @@ at::Tensor attn_causal_bf16(const at::Tensor& q, const at::Tensor& k, const at::
         for (int64_t t = a; t < e; ++t) {
           const int64_t g = t / tiles, j = t % tiles, tile = j % 2 ? tiles - 1 - j / 2 : j / 2;
           const int64_t hq = h * G + g, i0 = tile * MQ;
-          task(Q + b * q.stride(0) + hq * q.stride(1), q.stride(2), i0, std::min(MQ, T - i0), T, S, D, c, kp.data(),
-               vp.data(), O + (b * Hq + hq) * T * D, qt, sc, pb, o);
+          task(Q + b * q.stride(0) + hq * q.stride(1), q.stride(2), i0, std::min(MQ, T - i0), T, S, D, c, kp,
+               vp, O + (b * Hq + hq) * T * D, qt, sc, pb, o);
         }
       });
     }
