@@ -61,6 +61,8 @@ def _chat(model: str, tokens: int, stream: bool = False) -> dict:
 
 
 def _engine(srv, name: str = "tiny"):
+    if srv.models.find(name) is None:  # models load on first use: a test run alone loads it here
+        assert httpx.post(srv.url + "/v1/chat/completions", json=_chat(name, 1), timeout=60).status_code == 200
     entry = srv.models.find(name)
     assert entry is not None
     return entry.llm.engine

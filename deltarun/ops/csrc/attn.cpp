@@ -236,18 +236,33 @@ void task(const uint16_t* q, int64_t qs, int64_t i0, int64_t nq, int64_t T, int6
 #endif
 
 #ifdef DELTARUN_ATTN
-// The packed K and V of one KV head, kept between calls (per calling thread): a fresh 2 × 20 MB at 40K keys cost
-// ~30 ms of page faults per call, more than a short chunk's whole attention. Shrunk when a call needs under a
-// quarter of it, so a long prompt's buffer does not outlive it by much.
-uint32_t* packed(int64_t n) {
+// The packed K and V of one KV head. Up to KEEP_WORDS they are kept between calls (per calling thread): a fresh
+// 2 × 20 MB at 40K keys cost ~30 ms of page faults per call, more than a short chunk's whole attention. The kept
+// buffer shrinks when a call needs under a quarter of it; larger ones (past ~64K keys of head size 256, where a
+// chunk's arithmetic dwarfs the faults) are the call's own, so a long prompt leaves nothing behind for its decode.
+constexpr int64_t KEEP_WORDS = int64_t{16} << 20;  // 64 MB
+
+struct Packed {
+  std::unique_ptr<uint32_t[]> own;  // set when the buffer is this call's alone
+  uint32_t* words;
+};
+
+Packed packed(int64_t n) {
   thread_local std::unique_ptr<uint32_t[]> buf;
   thread_local int64_t size = 0;
+  if (n > KEEP_WORDS) {
+    buf.reset();
+    size = 0;
+    std::unique_ptr<uint32_t[]> own(new uint32_t[n]);  // not zeroed: every packed word is written
+    uint32_t* w = own.get();
+    return {std::move(own), w};
+  }
   if (n > size || 4 * n < size) {
     buf.reset();
-    buf.reset(new uint32_t[n]);  // not zeroed: every packed word is written
+    buf.reset(new uint32_t[n]);
     size = n;
   }
-  return buf.get();
+  return {nullptr, buf.get()};
 }
 #endif
 
@@ -276,7 +291,8 @@ at::Tensor attn_causal_bf16(const at::Tensor& q, const at::Tensor& k, const at::
   if (T == 0) return out;
   const int64_t G = Hq / Hkv, tiles = (T + MQ - 1) / MQ, spad = (S + 31) / 32 * 32;
   const float c = static_cast<float>(scale) * 1.4426950408889634f;  // scores in log2 units
-  uint32_t* kp = packed(spad * D);
+  const Packed buf = packed(spad * D);
+  uint32_t* kp = buf.words;
   uint32_t* vp = kp + spad * D / 2;
   const auto* Q = reinterpret_cast<const uint16_t*>(q.data_ptr());
   const auto* K = reinterpret_cast<const uint16_t*>(k.data_ptr());
