@@ -53,7 +53,7 @@ def paths(model) -> dict[str, object]:
     return {"kernels": level, "native_bf16": kernels.native_bf16_matmul(),
             "routes": {f"{ph}:{r}": n for (ph, r), n in sorted(routes.describe(model).items())},
             "fused_layers": f"{fused}/{decoder}",
-            "prefill_attention": "attn_causal_bf16 (bf16)" if kernels.has_attn() else "torch flash"}
+            "prefill_attention": "attn_bf16 (bf16)" if kernels.has_attn() else "torch flash"}
 
 
 def measure(folder: str, dtype: str, quantization: str | None, prompt_lens: list[int], gen_len: int,

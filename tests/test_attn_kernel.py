@@ -20,13 +20,13 @@ def attn_built(cpu_kernels):
         pytest.skip("this CPU has no AVX512-BF16: bf16 prompt attention stays on torch's flash attention")
 
 
-def reference(q, k, v, scale):
-    """Causal softmax attention in fp64; the T queries are the last T of the S positions."""
+def reference(q, k, v, scale, causal=True):
+    """Softmax attention in fp64; causal: the T queries are the last T of the S positions."""
     hq, t, s = q.shape[1], q.shape[2], k.shape[2]
     k = k.double().repeat_interleave(hq // k.shape[1], dim=1)
     v = v.double().repeat_interleave(hq // v.shape[1], dim=1)
     scores = (q.double() @ k.transpose(-1, -2)) * scale
-    allowed = torch.ones(t, s, dtype=torch.bool).tril(diagonal=s - t)
+    allowed = torch.ones(t, s, dtype=torch.bool).tril(diagonal=s - t) if causal else torch.ones(t, s, dtype=torch.bool)
     return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
 
 
@@ -58,7 +58,7 @@ def test_matches_fp64_softmax_as_closely_as_torch(b, hq, hkv, t, s, d):
     q, k, v = _inputs(b, hq, hkv, t, s, d, seed=t + s)
     scale = d ** -0.5
     want = reference(q, k, v, scale)
-    got = torch.ops.deltarun.attn_causal_bf16(q, k, v, scale)
+    got = torch.ops.deltarun.attn_bf16(q, k, v, scale)
     assert got.dtype == torch.bfloat16 and got.shape == (b, hq, t, d) and got.is_contiguous()
     ours = (got.double() - want).abs().max().item()
     theirs = (torch_sdpa(q, k, v, scale).double() - want).abs().max().item()
@@ -66,26 +66,61 @@ def test_matches_fp64_softmax_as_closely_as_torch(b, hq, hkv, t, s, d):
     assert ours <= 1.5 * theirs + 2 ** -9 * want.abs().max().item(), (ours, theirs)
 
 
+@pytest.mark.parametrize("b,h,t,s,d", [
+    (3, 12, 300, 300, 64),   # vision frames: 12 heads of 64, batched frames, a partial key block
+    (1, 2, 5, 700, 32),      # fewer queries than keys
+    (1, 2, 90, 20, 16),      # more queries than keys (only without the causal mask)
+])
+def test_bidirectional_matches_fp64_softmax(b, h, t, s, d):
+    q, k, v = _inputs(b, h, h, t, s, d, seed=t * 7 + s)
+    want = reference(q, k, v, d ** -0.5, causal=False)
+    got = torch.ops.deltarun.attn_bf16(q, k, v, d ** -0.5, False)
+    g = q.shape[1] // k.shape[1]
+    theirs = (F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)).double()
+              - want).abs().max().item()
+    assert (got.double() - want).abs().max().item() <= 1.5 * theirs + 2 ** -9 * want.abs().max().item()
+
+
+def test_full_attention_takes_the_kernel_for_bf16_frames(monkeypatch):
+    calls = []
+    real = torch.ops.deltarun.attn_bf16
+
+    class Ops:
+        @staticmethod
+        def attn_bf16(*a):
+            calls.append(a[4])
+            return real(*a)
+
+    monkeypatch.setattr(att.torch.ops, "deltarun", Ops)
+    q, k, v = _inputs(2, 4, 4, 40, 40, 32, seed=9)
+    torch.testing.assert_close(att.full_attention(q, k, v).double(), reference(q, k, v, 32 ** -0.5, causal=False),
+                               atol=2e-2, rtol=0)
+    assert calls == [False]
+    att.full_attention(q.float(), k.float(), v.float())  # fp32 (the parity tests' towers): torch
+    att.full_attention(q[:, :, :4], k[:, :, :4], v[:, :, :4])  # tiny frames: torch
+    assert calls == [False]
+
+
 def test_each_query_sees_only_its_own_past():
     """Changing a key/value at position p changes exactly the outputs of queries at p and after."""
     q, k, v = _inputs(1, 2, 1, 70, 90, 32, seed=4)
-    base = torch.ops.deltarun.attn_causal_bf16(q, k, v, 0.2)
+    base = torch.ops.deltarun.attn_bf16(q, k, v, 0.2)
     p = 50  # the query at index p - (S - T) = 30 is the first to see it
     k2, v2 = k.clone(), v.clone()
     k2[:, :, p] += 3
     v2[:, :, p] -= 5
-    moved = (torch.ops.deltarun.attn_causal_bf16(q, k2, v2, 0.2) != base).any(-1).any(1)[0]
+    moved = (torch.ops.deltarun.attn_bf16(q, k2, v2, 0.2) != base).any(-1).any(1)[0]
     assert not moved[:30].any() and moved[30:].all()
 
 
 def test_rejects_what_it_cannot_run():
     q, k, v = _inputs(1, 2, 1, 4, 8, 16)
     with pytest.raises(RuntimeError, match="bf16"):
-        torch.ops.deltarun.attn_causal_bf16(q.float(), k, v, 0.25)
+        torch.ops.deltarun.attn_bf16(q.float(), k, v, 0.25)
     with pytest.raises(RuntimeError, match="shapes"):
-        torch.ops.deltarun.attn_causal_bf16(q, k[..., :8], v, 0.25)
+        torch.ops.deltarun.attn_bf16(q, k[..., :8], v, 0.25)
     with pytest.raises(RuntimeError, match="shapes"):  # more queries than keys
-        torch.ops.deltarun.attn_causal_bf16(torch.zeros(1, 2, 9, 16, dtype=torch.bfloat16), k, v, 0.25)
+        torch.ops.deltarun.attn_bf16(torch.zeros(1, 2, 9, 16, dtype=torch.bfloat16), k, v, 0.25)
 
 
 def test_attention_routes_bf16_chunks_to_the_kernel(monkeypatch):
@@ -93,11 +128,11 @@ def test_attention_routes_bf16_chunks_to_the_kernel(monkeypatch):
     query, fp32, head sizes that are not a multiple of 16 and tensors that need a gradient go to torch."""
     assert kernels.has_attn()
     calls = []
-    real = torch.ops.deltarun.attn_causal_bf16
+    real = torch.ops.deltarun.attn_bf16
 
     class Ops:
         @staticmethod
-        def attn_causal_bf16(*a):
+        def attn_bf16(*a):
             calls.append(a[0].shape)
             return real(*a)
 

@@ -45,7 +45,7 @@ def test_bench_cli_reports_the_routes_and_fused_layers_that_ran(tiny_ckpt):
         for (phase, route), n in routes.describe(model).items():
             assert f"{phase}:{route} ×{n}" in lines[variant], (variant, lines[variant])
         assert re.search(rf"fused decode layers \d+/{n_layers};", lines[variant]), lines[variant]
-        attn = "attn_causal_bf16 (bf16)" if kernels.has_attn() else "torch flash"
+        attn = "attn_bf16 (bf16)" if kernels.has_attn() else "torch flash"
         assert f"; prefill attention {attn};" in lines[variant], lines[variant]
     off = _bench_cli(tiny_ckpt, "bf16", DELTARUN_FUSED_LAYERS="0")
     assert off.returncode == 0, off.stderr

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.attention import full_attention
 from .layers import embedding
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ class VisionAttention(nn.Module):
         k = (k.float() * c + _rotate_half(k.float()) * s).to(v.dtype)
         # [frames, H, L, D]: one attention per frame, batched, no padding (frames share a length)
         q, k, v = (t.view(frames, n // frames, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(q, k, v)
+        o = full_attention(q, k, v)
         return self.proj(o.transpose(1, 2).reshape(n, -1))
 
 

@@ -1,7 +1,8 @@
 """Causal grouped-query attention over a sequence's cached keys/values.
 
 `attention(q [B, Hq, T, D], k [B, Hkv, S, D], v [B, Hkv, S, D], scale) -> [B, Hq, T, D]` where the T
-queries are the last T of the S positions (S - T earlier positions come from the cache).
+queries are the last T of the S positions (S - T earlier positions come from the cache); `full_attention`, the
+same without the causal mask (the vision tower).
 
 Which path runs: one query (decode) → SDPA with the query group folded in; bf16 chunks of ≥ KERNEL_ROWS
 queries (fewer near the start) on a CPU with AVX512-BF16 → our kernel (csrc/attn.cpp: bf16 dot products in
@@ -35,7 +36,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
         o = F.scaled_dot_product_attention(q.view(b, hkv, groups, d), k, v, scale=scale)
         return o.view(b, hq, 1, d)
     if (t >= KERNEL_ROWS or (t >= KERNEL_ROWS_SHALLOW and s <= SHALLOW_KEYS)) and _kernel_takes(q, k, v):
-        return torch.ops.deltarun.attn_causal_bf16(q, k, v, scale)
+        return torch.ops.deltarun.attn_bf16(q, k, v, scale, True)
     gqa: dict[str, Any] = {"enable_gqa": True} if groups > 1 else {}  # never materialises repeated K/V
     if t == s:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
@@ -51,6 +52,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
         end = s - t + e  # the block's last query sits at end - 1
         outs.append(_masked(q[:, :, a:e], k[:, :, :end], v[:, :, :end], scale, gqa))
     return torch.cat(outs, dim=2)
+
+
+def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bidirectional attention, every query over every key (the vision tower's frames): q, k, v [B, H, L, D] →
+    [B, H, L, D], scale D^-0.5. bf16 frames of ≥ KERNEL_ROWS patches run on the kernel where `attention`'s would."""
+    if q.shape[2] >= KERNEL_ROWS and k.shape[1] == q.shape[1] and _kernel_takes(q, k, v):
+        return torch.ops.deltarun.attn_bf16(q, k, v, q.shape[-1] ** -0.5, False)
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 def _kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -209,7 +209,7 @@ def _attn_check(g: torch.Generator) -> bool:
     scores = (q.float() @ k.float().repeat_interleave(2, 1).transpose(-1, -2) / 8).masked_fill(
         ~torch.ones(13, 300, dtype=torch.bool).tril(287), float("-inf"))
     ref = scores.softmax(-1) @ v.float().repeat_interleave(2, 1)
-    if not torch.allclose(torch.ops.deltarun.attn_causal_bf16(q, k, v, 0.125).float(), ref, atol=2e-2):
+    if not torch.allclose(torch.ops.deltarun.attn_bf16(q, k, v, 0.125).float(), ref, atol=2e-2):
         log.warning("CPU bf16 attention kernel disagrees with softmax attention: not used")
         return False
     return True

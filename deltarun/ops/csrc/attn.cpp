@@ -1,5 +1,5 @@
-// Causal attention of a bf16 prompt chunk on CPUs with AVX512-BF16: o = softmax(q·kᵀ·scale, causal) · v, where the
-// T queries are the last T of the S key positions. torch's CPU flash attention multiplies these blocks with MKL's
+// Attention of a bf16 prompt chunk on CPUs with AVX512-BF16: o = softmax(q·kᵀ·scale) · v, causal (the T queries are
+// the last T of the S key positions) or not (the vision tower's frames). torch's CPU flash attention multiplies these blocks with MKL's
 // bf16 → fp32 GEMM, which on AMD CPUs widens to fp32 SGEMM (~180 GFLOP/s on 2 Zen 4 cores); here both products
 // are bf16 dot products in hardware (vdpbf16ps, fp32 sums) inside one online-softmax loop: 385 GFLOP/s for 2,048
 // queries at depth 32K, ~93% of what 2 such cores do in a loop of nothing but vdpbf16ps (405–430).
@@ -9,7 +9,7 @@
 //  - a task is MQ = 128 queries of one head: per block of KB = 256 keys (the next one prefetched), scores
 //    (8 rows × 48 keys per micro-tile, 24 accumulators), the running max and sum (exp2 by polynomial, as torch rounds p to bf16 before
 //    the second product), then p·v into the fp32 output rows (8 rows × 48 dims per micro-tile);
-//  - keys past a query's position are masked to p = 0; blocks past every query of a task are skipped.
+//  - causal: keys past a query's position are masked to p = 0; blocks past every query of a task are skipped.
 // Reference: an explicit fp32 softmax (tests/test_attention_op.py); the error is no larger than torch's flash
 // attention's. Not here: fp32 inputs, decode (one query: memory-bound, ops/attention.py), other CPU levels (torch's
 // flash runs fp32 SGEMM there at the FMA peak a kernel of ours would also have).
@@ -186,7 +186,7 @@ inline void by_vectors(int64_t n, Tile&& tile) {  // n 16-wide vectors in micro-
 }
 
 // Queries i0 … i0 + nq of one head (q rows with stride qs, out rows contiguous) over the packed keys of its KV head.
-void task(const uint16_t* q, int64_t qs, int64_t i0, int64_t nq, int64_t T, int64_t S, int64_t D, float c,
+void task(const uint16_t* q, int64_t qs, int64_t i0, int64_t nq, int64_t T, int64_t S, int64_t D, float c, bool causal,
           const uint32_t* kp, const uint32_t* vp, uint16_t* out, std::vector<uint16_t>& qt, std::vector<float>& sc,
           std::vector<uint16_t>& pb, std::vector<float>& o) {
   const int64_t dp = D / 2, rows = (nq + MR - 1) / MR * MR;
@@ -198,7 +198,7 @@ void task(const uint16_t* q, int64_t qs, int64_t i0, int64_t nq, int64_t T, int6
   for (int64_t r = 0; r < rows; ++r) {
     m[r] = -std::numeric_limits<float>::infinity();
     l[r] = 0.f;
-    lim[r] = S - T + i0 + std::min(r, nq - 1) + 1;
+    lim[r] = causal ? S - T + i0 + std::min(r, nq - 1) + 1 : S;
   }
   const auto* q32 = reinterpret_cast<const uint32_t*>(qt.data());
   const auto* p32 = reinterpret_cast<const uint32_t*>(pb.data());
@@ -275,17 +275,18 @@ bool attn_bf16_available() {
 }
 
 // q [B, Hq, T, D], k and v [B, Hkv, S, D] (bf16, last dimension contiguous, Hq a multiple of Hkv, D a multiple of
-// 16, T ≤ S): the T queries are positions S - T … S - 1 and see keys 0 … their own. Returns [B, Hq, T, D] bf16.
-at::Tensor attn_causal_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
-  TORCH_CHECK(attn_bf16_available(), "attn_causal_bf16: built without AVX512-BF16");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attn_causal_bf16: 4-d q, k, v");
+// 16). Causal (T ≤ S): the T queries are positions S - T … S - 1 and see keys 0 … their own; otherwise every query
+// sees every key. Returns [B, Hq, T, D] bf16.
+at::Tensor attn_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, bool causal) {
+  TORCH_CHECK(attn_bf16_available(), "attn_bf16: built without AVX512-BF16");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attn_bf16: 4-d q, k, v");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
-              "attn_causal_bf16: bf16 tensors");
+              "attn_bf16: bf16 tensors");
   const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
   TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == S && k.size(3) == D &&
-                  v.size(3) == D && Hkv > 0 && Hq % Hkv == 0 && D % 16 == 0 && T <= S,
-              "attn_causal_bf16: shapes");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "attn_causal_bf16: contiguous last dim");
+                  v.size(3) == D && Hkv > 0 && Hq % Hkv == 0 && D % 16 == 0 && (T <= S || !causal) && (S > 0 || T == 0),
+              "attn_bf16: shapes");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "attn_bf16: contiguous last dim");
   at::Tensor out = at::empty({B, Hq, T, D}, q.options());
 #ifdef DELTARUN_ATTN
   if (T == 0) return out;
@@ -313,7 +314,7 @@ at::Tensor attn_causal_bf16(const at::Tensor& q, const at::Tensor& k, const at::
         for (int64_t t = a; t < e; ++t) {
           const int64_t g = t / tiles, j = t % tiles, tile = j % 2 ? tiles - 1 - j / 2 : j / 2;
           const int64_t hq = h * G + g, i0 = tile * MQ;
-          task(Q + b * q.stride(0) + hq * q.stride(1), q.stride(2), i0, std::min(MQ, T - i0), T, S, D, c, kp,
+          task(Q + b * q.stride(0) + hq * q.stride(1), q.stride(2), i0, std::min(MQ, T - i0), T, S, D, c, causal, kp,
                vp, O + (b * Hq + hq) * T * D, qt, sc, pb, o);
         }
       });
@@ -325,8 +326,8 @@ at::Tensor attn_causal_bf16(const at::Tensor& q, const at::Tensor& k, const at::
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(deltarun, m) {
-  m.def("attn_causal_bf16(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("attn_bf16(Tensor q, Tensor k, Tensor v, float scale, bool causal=True) -> Tensor");
   m.def("attn_bf16_available() -> bool", &attn_bf16_available);
 }
 
-TORCH_LIBRARY_IMPL(deltarun, CPU, m) { m.impl("attn_causal_bf16", &attn_causal_bf16); }
+TORCH_LIBRARY_IMPL(deltarun, CPU, m) { m.impl("attn_bf16", &attn_bf16); }
