@@ -13,6 +13,8 @@ import pytest
 from deltarun.processor.tokenizer import Tokenizer
 from deltarun.processor.tokenizer_files import (
     ADDED_TOKENS,
+    PRETOKENIZE_REGEX,
+    builtin_tables,
     derive_merges,
     load_ranks,
     write_tokenizer_files,
@@ -327,3 +329,47 @@ def test_cached_tables_are_the_ranks_and_a_damaged_cache_is_rebuilt(tmp_path, mo
     tf.builtin_tables.cache_clear()
     assert tf.builtin_tables() == (want_tokens, want_merge)  # read back from the rebuilt file
     tf.builtin_tables.cache_clear()
+
+
+def test_short_texts_encode_in_python_exactly_as_tiktoken():
+    """The built-in backend's Python BPE for short texts against tiktoken over the same ranks: the corpus, random
+    mixes of scripts, runs that merge far (repeated letters, digits, spaces)."""
+    import tiktoken
+
+    from deltarun.processor import tokenizer as tokmod
+
+    _, ranks = builtin_tables()
+    ref = tiktoken.Encoding("reference", pat_str=PRETOKENIZE_REGEX, mergeable_ranks=ranks, special_tokens={})
+    texts = CORPUS + _random_corpus(600, seed=7) + [
+        "a" * 300, "ab" * 200, " " * 50 + "x", "1234567890" * 20, "\n\n\r\n \t", "x\u0301" * 40, "zzqxj" * 60]
+    for text in texts:
+        text = unicodedata.normalize("NFC", text)
+        assert tokmod._bpe_short(text, ranks) == ref.encode_ordinary(text), text
+
+
+def test_tiktoken_is_built_only_for_a_long_text(monkeypatch):
+    import tiktoken
+
+    from deltarun.processor import tokenizer as tokmod
+
+    built = []
+    real = tiktoken.Encoding
+
+    def counting(*a, **k):
+        built.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(tiktoken, "Encoding", counting)
+    tokmod._builtin.cache_clear()
+    try:
+        tok = Tokenizer.builtin()
+        short, long = "Hello, world! 你好 " * 20, "Hello, world! 你好 " * 40
+        assert len(short) <= tokmod.SHORT_TEXT < len(long)
+        first = tok.encode(short)
+        assert built == []
+        _, ranks = builtin_tables()
+        ref = real("reference", pat_str=PRETOKENIZE_REGEX, mergeable_ranks=ranks, special_tokens={})
+        assert tok.encode(long) == ref.encode_ordinary(long) and built == [1]
+        assert tok.encode(short) == first and built == [1]  # from now on tiktoken, same ids
+    finally:
+        tokmod._builtin.cache_clear()

@@ -214,21 +214,62 @@ def _is_builtin_file(file: Path) -> bool:
     return same
 
 
+# Up to this many characters the built-in backend encodes in Python (below), so a short prompt never waits for
+# tiktoken to build its 248K-entry table (0.2 s of every `deltarun generate`); longer texts build it once.
+SHORT_TEXT = 512
+
+
+@functools.cache
+def _pretokenizer():  # the `regex` module: \p{L} classes, as tiktoken's own pure-Python reference uses
+    import regex
+
+    return regex.compile(PRETOKENIZE_REGEX)
+
+
+def _bpe_short(text: str, ranks: dict[bytes, int]) -> list[int]:
+    """tiktoken's byte-pair encoding in Python (same ids, tests/test_tokenizer.py): each pre-token found whole in the
+    ranks is that token; otherwise its bytes merge, lowest-ranked adjacent pair first (leftmost on a tie)."""
+    ids: list[int] = []
+    for piece in _pretokenizer().findall(text):
+        b = piece.encode("utf-8")
+        if (whole := ranks.get(b)) is not None:
+            ids.append(whole)
+            continue
+        parts = [b[i : i + 1] for i in range(len(b))]
+        while len(parts) > 1:
+            best, at = None, -1
+            for i in range(len(parts) - 1):
+                r = ranks.get(parts[i] + parts[i + 1])
+                if r is not None and (best is None or r < best):
+                    best, at = r, i
+            if best is None:
+                break
+            parts[at : at + 2] = [parts[at] + parts[at + 1]]
+        ids.extend(ranks[p] for p in parts)
+    return ids
+
+
 @functools.cache
 def _builtin() -> Tokenizer:
-    import tiktoken
-
     tokens, mergeable = builtin_tables()
-    # Tiktoken looks whole pre-tokens up before merging; leaving out the tokens no merge reaches makes it agree
-    # with the BPE of tokenizer.json, which never produces them.
-    enc = tiktoken.Encoding("qwen3_5", pat_str=PRETOKENIZE_REGEX, mergeable_ranks=mergeable, special_tokens={})
     size = max(len(tokens), max(t.id for t in ADDED_TOKENS) + 1)
     token_bytes: list[bytes] = tokens + [b""] * (size - len(tokens))
     for t in ADDED_TOKENS:
         token_bytes[t.id] = t.content.encode("utf-8")
+    built: list = []  # tiktoken's Encoding, once a long text needs it
 
     def encode_plain(text: str) -> list[int]:
-        return enc.encode_ordinary(unicodedata.normalize("NFC", text))
+        text = unicodedata.normalize("NFC", text)
+        if not built:
+            if len(text) <= SHORT_TEXT:
+                return _bpe_short(text, mergeable)
+            import tiktoken
+
+            # Tiktoken looks whole pre-tokens up before merging; leaving out the tokens no merge reaches makes it
+            # agree with the BPE of tokenizer.json, which never produces them.
+            built.append(tiktoken.Encoding("qwen3_5", pat_str=PRETOKENIZE_REGEX, mergeable_ranks=mergeable,
+                                           special_tokens={}))
+        return built[0].encode_ordinary(text)
 
     return Tokenizer(
         token_bytes=token_bytes,
