@@ -86,10 +86,12 @@ class EngineClient(Protocol):
     path: Path  # the checkpoint folder (or GGUF file)
     config: ModelConfig
     tokenizer: Tokenizer
-    template: ChatTemplate
     vision_tokens: VisionTokens
     image_config: ImageProcessorConfig
     video_config: VideoProcessorConfig
+
+    @property
+    def template(self) -> ChatTemplate: ...
 
     def render(self, messages: list[dict[str, Any]], enable_thinking: bool | None = None,
                tools: list[dict] | None = None, **kwargs: Any) -> tuple[str, list[int], bool]:

@@ -140,7 +140,7 @@ class RemoteClient(Frontend):
         self.path = Path(path)
         self.config = desc.config
         self.tokenizer = Tokenizer.from_folder(self.path)
-        self.template = ChatTemplate.from_folder(self.path) or ChatTemplate.builtin(
+        self._template = ChatTemplate.from_folder(self.path) or ChatTemplate.builtin(
             thinking_default=self.config.text.hidden_size >= 2560)
         self.output = OutputProcessor(self.tokenizer)
         self.default_max_tokens = desc.default_max_tokens

@@ -157,7 +157,9 @@ def load_llm(target: Target, options: dict[str, Any]) -> EngineClient:
 
     kwargs = llm_kwargs(options, target.quantization)
     try:
-        return AsyncLLM(target.path, **kwargs)
+        llm = AsyncLLM(target.path, **kwargs)
+        llm.template  # noqa: B018 - built now, so a broken chat template fails the load, not a request
+        return llm
     except TypeError as e:  # a build whose LLM takes no `quantization` yet
         if "quantization" not in str(e):
             raise
