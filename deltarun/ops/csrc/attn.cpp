@@ -1,18 +1,18 @@
 // Attention of a bf16 prompt chunk on CPUs with AVX512-BF16: o = softmax(q·kᵀ·scale) · v, causal (the T queries are
-// the last T of the S key positions) or not (the vision tower's frames). torch's CPU flash attention multiplies these blocks with MKL's
-// bf16 → fp32 GEMM, which on AMD CPUs widens to fp32 SGEMM (~180 GFLOP/s on 2 Zen 4 cores); here both products
-// are bf16 dot products in hardware (vdpbf16ps, fp32 sums) inside one online-softmax loop: 385 GFLOP/s for 2,048
-// queries at depth 32K, ~93% of what 2 such cores do in a loop of nothing but vdpbf16ps (405–430).
+// the last T of the S key positions) or not (the vision tower's frames). torch's CPU flash attention multiplies its
+// blocks with MKL's bf16 → fp32 GEMM, which on AMD CPUs widens to fp32 SGEMM (~180 GFLOP/s on 2 Zen 4 cores); here
+// both products are bf16 dot products in hardware (vdpbf16ps, fp32 sums) inside one online-softmax loop: 385 GFLOP/s
+// for 2,048 queries at depth 32K, ~93% of what 2 such cores do in a loop of nothing but vdpbf16ps (405–430).
 //  - per KV head, K is packed once into 16-key tiles of dimension pairs [S/16][D/2][16] and V into key pairs
 //    [S/2][D] (32-bit lanes of two bf16), so a broadcast query pair (or probability pair) times one load is 16
 //    dot-product steps; every query head of the group reads the same packed copy;
-//  - a task is MQ = 128 queries of one head: per block of KB = 256 keys (the next one prefetched), scores
-//    (8 rows × 48 keys per micro-tile, 24 accumulators), the running max and sum (exp2 by polynomial, as torch rounds p to bf16 before
-//    the second product), then p·v into the fp32 output rows (8 rows × 48 dims per micro-tile);
+//  - a task is MQ = 128 queries of one head: per block of KB = 256 keys (the next one prefetched), the scores
+//    (8 rows × 48 keys per micro-tile, 24 accumulators), the running max and sum (exp2 by polynomial; p rounded to
+//    bf16 before the second product, as torch does), then p·v into fp32 output rows (8 rows × 48 dims per tile);
 //  - causal: keys past a query's position are masked to p = 0; blocks past every query of a task are skipped.
-// Reference: an explicit fp32 softmax (tests/test_attention_op.py); the error is no larger than torch's flash
-// attention's. Not here: fp32 inputs, decode (one query: memory-bound, ops/attention.py), other CPU levels (torch's
-// flash runs fp32 SGEMM there at the FMA peak a kernel of ours would also have).
+// Reference: an explicit fp64 softmax (tests/test_attn_kernel.py): no further from it than torch's bf16 attention.
+// Not here: fp32 inputs, decode (one query: memory-bound, ops/attention.py), other CPU levels (torch's flash runs
+// fp32 FMA GEMMs there, the arithmetic a kernel of ours would have too).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -39,7 +39,9 @@ constexpr int64_t MR = std::lcm(QK_R, PV_R);  // a task's rows are padded to thi
 constexpr int64_t MQ = 128;  // query rows per task: each streams its keys once (64: 330, 128: 360 GFLOP/s at 32K)
 constexpr int64_t KB = 256;  // keys per online-softmax block
 
-inline __mmask16 first(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << std::max<int64_t>(n, 0)) - 1); }
+inline __mmask16 first(int64_t n) {  // the lowest min(n, 16) lanes
+  return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << std::max<int64_t>(n, 0)) - 1);
+}
 
 // c[0 … 16) = the columns of the 16 × 16 uint32 matrix whose rows are r[0 … 16).
 inline void transpose16(const __m512i* r, __m512i* c) {
@@ -56,7 +58,8 @@ inline void transpose16(const __m512i* r, __m512i* c) {
   }
   for (int m = 0; m < 4; ++m) {
     const __m512i x0 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x44), x1 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xEE);
-    const __m512i y0 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x44), y1 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xEE);
+    const __m512i y0 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x44);
+    const __m512i y1 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xEE);
     c[m] = _mm512_shuffle_i32x4(x0, y0, 0x88);
     c[4 + m] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
     c[8 + m] = _mm512_shuffle_i32x4(x1, y1, 0x88);
@@ -223,7 +226,8 @@ void task(const uint16_t* q, int64_t qs, int64_t i0, int64_t nq, int64_t T, int6
                   pb.data() + r * KB, o.data() + r * D, D);
     for (int64_t r = 0; r < rows; r += PV_R)
       by_vectors<PV_N>(D / 16, [&](auto n, int64_t v) {
-        pv_tile<PV_R, decltype(n)::value>(p32 + r * (KB / 2), kb / 2, vp + (k0 / 2) * D + v * 16, D, o.data() + r * D + v * 16);
+        pv_tile<PV_R, decltype(n)::value>(p32 + r * (KB / 2), kb / 2, vp + (k0 / 2) * D + v * 16, D,
+                                          o.data() + r * D + v * 16);
       });
   }
   for (int64_t r = 0; r < nq; ++r) {
