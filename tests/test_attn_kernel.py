@@ -101,6 +101,20 @@ def test_full_attention_takes_the_kernel_for_bf16_frames(monkeypatch):
     assert calls == [False]
 
 
+def test_cpus_with_amx_keep_torchs_attention(monkeypatch):
+    """With AMX, torch's flash attention runs on oneDNN's AMX kernels: the route leaves the work there."""
+    assert kernels.has_attn()
+    monkeypatch.setitem(kernels._state, "amx", True)
+    assert not kernels.has_attn()
+    monkeypatch.delitem(kernels._state, "amx")
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: {"avx512_bf16", "amx_bf16", "amx_tile"})
+    assert not kernels.has_attn()
+    monkeypatch.delitem(kernels._state, "amx")
+    monkeypatch.setattr(kernels, "cpu_level", lambda: "avx512_bf16")  # a chosen level: ours, as on that class
+    assert kernels.has_attn()
+    monkeypatch.delitem(kernels._state, "amx")
+
+
 def test_each_query_sees_only_its_own_past():
     """Changing a key/value at position p changes exactly the outputs of queries at p and after."""
     q, k, v = _inputs(1, 2, 1, 70, 90, 32, seed=4)

@@ -249,8 +249,16 @@ def has_bf16w() -> bool:
 
 
 def has_attn() -> bool:
-    """Whether the bf16 prefill attention kernel is built here (AVX512-BF16) and agreed with softmax attention."""
-    return available() and bool(_state.get("attn"))
+    """Whether the bf16 prefill attention kernel runs here: built (AVX512-BF16), agreed with softmax attention, and
+    the CPU has no AMX, where torch's flash attention multiplies on oneDNN's AMX kernels (`cpublas::could_pack`)
+    instead of the SGEMM it falls back to elsewhere (AMX: routed, not measured; `DELTARUN_CPU_LEVEL` keeps ours)."""
+    if "amx" not in _state:
+        try:
+            level = cpu_level()
+        except ValueError:
+            level = None  # reported by `available()`
+        _state["amx"] = level is None and "amx_bf16" in (_cpu_flags() or set())
+    return available() and bool(_state.get("attn")) and not _state["amx"]
 
 
 def has_qgemm_int4() -> bool:
