@@ -69,7 +69,8 @@ class Frontend:
         self.default_max_tokens = DEMO_MAX_TOKENS if is_demo(self.path) else DEFAULT_MAX_TOKENS
         # Where loading converts the weights (a GGUF file, or quantizing while loading) it runs mostly in torch ops
         # that release the GIL, so the tokenizer is built beside it: Q4_0 GGUF cold start 2.72 → 2.44 s (medians of
-        # 8 interleaved runs, 2-core Zen 4). A plain folder loads in ~0.05 s: there a thread only cost (2.06 → 2.27 s).
+        # 8 interleaved runs, 2-core Zen 4; 2.36 → 2.29 s of 7 since tiktoken's table is built only for long texts).
+        # A plain folder loads in ~0.05 s: there a thread only cost (2.06 → 2.27 s).
         with ThreadPoolExecutor(1) if quantization or (self.path / "gguf.json").is_file() else nullcontext() as pool:
             tok = pool.submit(Tokenizer.from_folder, self.path) if pool else None
             self.model = load_model(self.path, dtype=dtype, device=device, rope_scaling=rope_scaling,

@@ -81,7 +81,7 @@ def test_bidirectional_matches_fp64_softmax(b, h, t, s, d):
     assert (got.double() - want).abs().max().item() <= 1.5 * theirs + 2 ** -9 * want.abs().max().item()
 
 
-def test_full_attention_takes_the_kernel_for_bf16_frames(monkeypatch):
+def test_full_attention_takes_the_kernel_for_bf16_frames(monkeypatch, no_amx):
     calls = []
     real = torch.ops.deltarun.attn_bf16
 
@@ -103,6 +103,7 @@ def test_full_attention_takes_the_kernel_for_bf16_frames(monkeypatch):
 
 def test_cpus_with_amx_keep_torchs_attention(monkeypatch):
     """With AMX, torch's flash attention runs on oneDNN's AMX kernels: the route leaves the work there."""
+    monkeypatch.setitem(kernels._state, "amx", False)
     assert kernels.has_attn()
     monkeypatch.setitem(kernels._state, "amx", True)
     assert not kernels.has_attn()
@@ -137,10 +138,16 @@ def test_rejects_what_it_cannot_run():
         torch.ops.deltarun.attn_bf16(torch.zeros(1, 2, 9, 16, dtype=torch.bfloat16), k, v, 0.25)
 
 
-def test_attention_routes_bf16_chunks_to_the_kernel(monkeypatch):
+@pytest.fixture
+def no_amx(monkeypatch):
+    """Route as on a CPU without AMX (where the kernel runs), whatever this one has."""
+    monkeypatch.setitem(kernels._state, "amx", False)
+    assert kernels.has_attn()
+
+
+def test_attention_routes_bf16_chunks_to_the_kernel(monkeypatch, no_amx):
     """ops/attention.py sends bf16 chunks of ≥ KERNEL_ROWS queries here (≥ KERNEL_ROWS_SHALLOW over few keys); one
     query, fp32, head sizes that are not a multiple of 16 and tensors that need a gradient go to torch."""
-    assert kernels.has_attn()
     calls = []
     real = torch.ops.deltarun.attn_bf16
 

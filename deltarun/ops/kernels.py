@@ -65,6 +65,14 @@ def cpu_level() -> str | None:
     return level
 
 
+def _level_or_none() -> str | None:
+    """`cpu_level()` for routing decisions: a bad `DELTARUN_CPU_LEVEL` counts as none (`available()` reports it)."""
+    try:
+        return cpu_level()
+    except ValueError:
+        return None
+
+
 def _march() -> list[str]:
     level = cpu_level()
     return ["-march=native"] if level is None else LEVELS[level][0]
@@ -253,11 +261,7 @@ def has_attn() -> bool:
     the CPU has no AMX, where torch's flash attention multiplies on oneDNN's AMX kernels (`cpublas::could_pack`)
     instead of the SGEMM it falls back to elsewhere (AMX: routed, not measured; `DELTARUN_CPU_LEVEL` keeps ours)."""
     if "amx" not in _state:
-        try:
-            level = cpu_level()
-        except ValueError:
-            level = None  # reported by `available()`
-        _state["amx"] = level is None and "amx_bf16" in (_cpu_flags() or set())
+        _state["amx"] = _level_or_none() is None and "amx_bf16" in (_cpu_flags() or set())
     return available() and bool(_state.get("attn")) and not _state["amx"]
 
 
@@ -271,10 +275,7 @@ def native_bf16_matmul() -> bool:
     it torch's bf16 GEMM is emulated: 18 GFLOP/s against 103 for the same product widened to fp32 first
     (2-core AVX2 EPYC, [512, 1024]·[1024, 3584]), so prefill-sized matmuls widen (ops/linear.py)."""
     if "native_bf16" not in _state:
-        try:
-            level = cpu_level()
-        except ValueError:
-            level = None  # reported by `available()`
+        level = _level_or_none()
         flags = _cpu_flags()
         _state["native_bf16"] = (LEVELS[level][2] if level else
                                  flags is None or bool({"avx512_bf16", "amx_bf16", "bf16"} & flags))
