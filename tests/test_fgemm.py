@@ -1,5 +1,5 @@
 """The bf16-weight prefill GEMM (ops/csrc/fgemm.cpp) against F.linear in fp32 and fp64: every remainder of
-its tiling (6-row tiles, 16-column panels, 64-column blocks, 256-column K blocks), the bf16 rounding of its
+its tiling (6-row × 16-column tiles on AVX2, 8 × 32 on AVX-512, 64-column blocks, 256-column K blocks), the bf16 rounding of its
 output, and the route from DecodeLinear on CPUs without hardware bf16 matmul."""
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def _data(m: int, k: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Te
     return torch.randn(m, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16()
 
 
-@pytest.mark.parametrize("m", [1, 5, 6, 7, 13, 50, 97])
-@pytest.mark.parametrize("k,n", [(8, 16), (37, 3), (256, 64), (300, 70), (520, 129), (1024, 200)])
+@pytest.mark.parametrize("m", [1, 5, 6, 7, 8, 9, 13, 17, 50, 97])
+@pytest.mark.parametrize("k,n", [(8, 16), (37, 3), (256, 64), (300, 70), (64, 33), (520, 129), (1024, 200)])
 def test_matches_fp64_reference(m, k, n):
     x, w = _data(m, k, n)
     ref = x.double() @ w.double().T

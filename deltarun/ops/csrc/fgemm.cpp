@@ -1,11 +1,12 @@
 // Prefill matmul with bf16 weights on CPUs without hardware bf16: y[M, N] = x[M, K] · W[N, K]ᵀ in fp32 (the same
 // products and fp32 sums as a bf16 GEMM), for many rows M (a prompt's tokens). torch's bf16 GEMM is emulated on
 // such CPUs (~18 GFLOP/s on a 2-core AVX2 EPYC); widening the whole weight for an fp32 GEMM costs a copy per
-// call. Here the weight is widened while it is packed, a panel at a time, for a BLIS-style AVX2 kernel:
+// call. Here the weight is widened while it is packed, a panel at a time, for a BLIS-style kernel:
 //  - W is cut into blocks of NC rows × KC columns; each block is packed (bf16 → fp32, transposed in 8×8 tiles)
-//    into [NC/16][KC][16] — 64 KB, L2 — once per call, by the thread that owns those output columns;
-//  - the micro-kernel multiplies 6 activation rows (broadcast straight from x, which stays in L1 for the
-//    block) by 16 packed columns: 12 accumulators, 2 loads + 6 broadcasts per 12 FMAs;
+//    into [NC/NR][KC][NR] — 64 KB, L2 — once per call, by the thread that owns those output columns;
+//  - the micro-kernel multiplies MR activation rows (broadcast straight from x, which stays in L1 for the
+//    block) by NR packed columns: AVX2 6 × 16 (12 ymm accumulators, 2 loads + 6 broadcasts per 12 FMAs),
+//    AVX-512 8 × 32 (16 zmm accumulators, 2 loads + 8 broadcasts per 16 FMAs);
 //  - bf16 outputs are accumulated in a per-thread fp32 tile and rounded once (to nearest even, as torch's
 //    .to(bfloat16)), so the caller never makes an fp32 [M, N] copy.
 // Threads split the output columns (and the rows, when there are few column blocks). Reference: F.linear in
@@ -30,15 +31,22 @@
 namespace {
 
 #ifdef DELTARUN_FGEMM
+#if defined(__AVX512F__)
+// zmm: 32 columns (two registers) × 8 rows = 16 accumulators. Intel's server cores run two 512-bit FMAs a cycle,
+// twice what a ymm kernel can issue; Zen 4 splits each into 256-bit halves, and there it is level (or up to 5%
+// ahead) with the ymm kernel. 12 rows (24 accumulators) and 64 columns × 6 rows measured slower on Zen 4.
+constexpr int64_t NR = 32, MR = 8;
+#else
 constexpr int64_t NR = 16, MR = 6;
+#endif
 constexpr int64_t KC = 256, NC = 64;  // measured on [512, 1024]·[1024, 6144] and [512, 3584]·[3584, 1024]
 
-// Rows n0 … n0 + nr (nr ≤ 16) of w [., K] bf16, columns k0 … k0 + kc → dst [kc][16] fp32, rows past nr zero.
+// Rows n0 … n0 + nr (nr ≤ NR) of w [., K] bf16, columns k0 … k0 + kc → dst [kc][NR] fp32, rows past nr zero.
 void pack_panel(const uint16_t* w, int64_t K, int64_t n0, int64_t nr, int64_t k0, int64_t kc, float* dst) {
   int64_t k = 0;
   if (nr == NR)
     for (; k + 8 <= kc; k += 8)
-      for (int64_t h = 0; h < 2; ++h) {  // two 8×8 transposes
+      for (int64_t h = 0; h < NR / 8; ++h) {  // 8×8 transposes
         __m256 r[8];
         for (int i = 0; i < 8; ++i) r[i] = bf16x8(w + (n0 + 8 * h + i) * K + k0 + k);
         const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
@@ -62,7 +70,28 @@ void pack_panel(const uint16_t* w, int64_t K, int64_t n0, int64_t nr, int64_t k0
     }
 }
 
-// c[R, 16] (+)= a[R, kc] (row stride lda) · b [kc][16]
+#if defined(__AVX512F__)
+template <int R>
+inline void micro(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc, bool acc) {
+  constexpr int V = NR / 16;
+  __m512 cv[R][V];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < V; ++v) cv[i][v] = acc ? _mm512_loadu_ps(c + i * ldc + 16 * v) : _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < kc; ++k) {
+    __m512 bv[V];
+    for (int v = 0; v < V; ++v) bv[v] = _mm512_loadu_ps(b + k * NR + 16 * v);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m512 ai = _mm512_set1_ps(a[i * lda + k]);
+      for (int v = 0; v < V; ++v) cv[i][v] = _mm512_fmadd_ps(ai, bv[v], cv[i][v]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(c + i * ldc + 16 * v, cv[i][v]);
+}
+#else
+// c[R, NR] (+)= a[R, kc] (row stride lda) · b [kc][16]
 template <int R>
 inline void micro(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc, bool acc) {
   __m256 c0[R], c1[R];
@@ -83,7 +112,9 @@ inline void micro(int64_t kc, const float* a, int64_t lda, const float* b, float
   for (int i = 0; i < R; ++i) _mm256_storeu_ps(c + i * ldc, c0[i]), _mm256_storeu_ps(c + i * ldc + 8, c1[i]);
 }
 
-// The micro-kernel for R ≤ 6 rows and nr ≤ 16 columns (a narrower tile goes through a 16-wide scratch).
+#endif
+
+// The micro-kernel for R ≤ MR rows and nr ≤ NR columns (a narrower tile goes through an NR-wide scratch).
 template <int R>
 void tile(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc, bool acc, int64_t nr) {
   if (nr == NR) return micro<R>(kc, a, lda, b, c, ldc, acc);
@@ -95,16 +126,12 @@ void tile(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int
     for (int64_t j = 0; j < nr; ++j) c[i * ldc + j] = t[i * NR + j];
 }
 
+template <int R = MR>
 void rows_tile(int64_t rows, int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc, bool acc,
                int64_t nr) {
-  switch (rows) {
-    case 6: return tile<6>(kc, a, lda, b, c, ldc, acc, nr);
-    case 5: return tile<5>(kc, a, lda, b, c, ldc, acc, nr);
-    case 4: return tile<4>(kc, a, lda, b, c, ldc, acc, nr);
-    case 3: return tile<3>(kc, a, lda, b, c, ldc, acc, nr);
-    case 2: return tile<2>(kc, a, lda, b, c, ldc, acc, nr);
-    default: return tile<1>(kc, a, lda, b, c, ldc, acc, nr);
-  }
+  if constexpr (R > 1)
+    if (rows < R) return rows_tile<R - 1>(rows, kc, a, lda, b, c, ldc, acc, nr);
+  tile<R>(kc, a, lda, b, c, ldc, acc, nr);
 }
 
 // n fp32 → bf16, rounded to nearest even (NaN stays NaN), as torch's conversion.
