@@ -242,7 +242,7 @@ def test_quantizers_release_each_block_once_consumed(monkeypatch):
     (quantize-on-load gives its mapped pages back block by block), every row exactly once, results unchanged."""
     from deltarun.ops import quant as q
 
-    monkeypatch.setattr(q, "ROW_BLOCK", 16)
+    monkeypatch.setattr(q, "QUANT_ROW_BLOCK", 16)
     w = torch.randn(50, 64, generator=torch.Generator().manual_seed(3))
     for fn, args in ((q.quantize_int8, ()), (q.quantize_int4, (32,))):
         seen: list[tuple[int, int]] = []
@@ -256,9 +256,9 @@ def test_quantizers_release_each_block_once_consumed(monkeypatch):
 def test_int4_quantized_packed_block_by_block_equals_packing_after():
     """Quantize-on-load packs each row block as it goes (no [N, K] byte copy of a 248K-row embedding): the same
     bytes, scales and zeros as quantizing the whole weight and packing it afterwards."""
-    from deltarun.ops.quant import ROW_BLOCK, pack_int4, quantize_int4, quantize_int4_packed
+    from deltarun.ops.quant import QUANT_ROW_BLOCK, pack_int4, quantize_int4, quantize_int4_packed
 
-    w = torch.randn(ROW_BLOCK * 2 + 64, 64, generator=torch.Generator().manual_seed(3))
+    w = torch.randn(QUANT_ROW_BLOCK * 2 + 64, 64, generator=torch.Generator().manual_seed(3))
     q, s, z = quantize_int4(w, 32)
     p2, s2, z2 = quantize_int4_packed(w, 32)
     assert torch.equal(p2, pack_int4(q)) and torch.equal(s2, s) and torch.equal(z2, z)
