@@ -162,7 +162,8 @@ def test_a_killed_build_does_not_block_the_next_load(tmp_path):
 @pytest.mark.parametrize("m", [1, 2, 4, 7, 16])
 @pytest.mark.parametrize("n,k,group", [(64, 64, 32), (192, 256, 64), (128, 512, 128)])
 def test_int4_kernel_matches_torch_int4_and_dequantized(m, n, k, group):
-    """Same packed weights (torch's CPU int4 layout, column pairs reordered for the AVX2 kernel): kernel ==
+    """Same packed weights (torch's CPU int4 layout, row blocks in the build's byte order: AVX2's column pairs,
+    AVX-512 VNNI's quads): kernel ==
     dequantized fp32 reference; and the QuantLinear that routes decode rows through it stays within bf16
     output rounding."""
     g = torch.Generator().manual_seed(m + n + k)
@@ -170,16 +171,17 @@ def test_int4_kernel_matches_torch_int4_and_dequantized(m, n, k, group):
     mod = QuantLinear.from_float(w, 4, group, dtype=torch.bfloat16)
     mod.pack()
     assert mod._cpu4 is not None
-    packed, sz, pairs = mod._cpu4
-    assert pairs == (torch.ops.deltarun.int4_layout_rows() == 32)
+    packed, sz, order = mod._cpu4
+    assert order == torch.ops.deltarun.int4_order() and (order == 1) == (torch.ops.deltarun.int4_layout_rows() == 32)
     x = torch.randn(m, k, generator=g).bfloat16()
     want = F.linear(x.float(), mod.dequantize())
-    # on AVX2 bf16 activations enter as int8 per group (x̃ = xs·round(x/xs), xs = max|x|/127), as llama.cpp
-    # quantizes them: the products are then exact for x̃; with AVX-512 they are exact for x itself
+    # on AVX2 and AVX-512 VNNI without BF16 bf16 activations enter as int8 per group (x̃ = xs·round(x/xs),
+    # xs = max|x|/127), as llama.cpp quantizes them: the products are then exact for x̃; with AVX-512 BF16 (or
+    # AVX-512 without VNNI) they are exact for x itself
     xg = x.float().view(m, -1, group)
     xs = (xg.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-30)
-    avx2 = torch.ops.deltarun.int4_layout_rows() == 32
-    x_t = ((xg / xs).round().clamp(-127, 127) * xs).view(m, k) if avx2 else x.float()
+    int8_acts = order != 0
+    x_t = ((xg / xs).round().clamp(-127, 127) * xs).view(m, k) if int8_acts else x.float()
     want_t = F.linear(x_t, mod.dequantize())
     torch.testing.assert_close(torch.ops.deltarun.gemv_int4(x, packed, group, sz), want_t, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.ops.deltarun.gemv_int4(x.float(), packed, group, sz), want,

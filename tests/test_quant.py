@@ -284,12 +284,12 @@ def test_repack_from_portable_bytes_matches_the_cpu_layout(block):
 
 
 @pytest.mark.parametrize("k", [192, 200])  # 200: stored rows of 100 bytes, 6 tiles of 16 and a scalar tail
-@pytest.mark.parametrize("block,pairs", [(32, False), (32, True), (64, False), (8, False)])
-def test_repack_kernel_matches_the_torch_reference(block, pairs, k):
+@pytest.mark.parametrize("block,order", [(32, 0), (32, 1), (64, 0), (64, 2), (8, 0)])
+def test_repack_kernel_matches_the_torch_reference(block, order, k):
     """csrc/dequant.cpp `repack_int4` lays the stored bytes out exactly as int4_layout.py's torch expression
-    (`cpu_layout_from_portable`, then `int4_pairs` for the AVX2 kernel's order), for every CPU layout."""
+    (`cpu_layout_from_portable`, then `int4_reorder` for our kernels' byte orders), for every CPU layout."""
     from deltarun.ops import gemv, kernels
-    from deltarun.ops.int4_layout import cpu_layout_from_portable, int4_pairs
+    from deltarun.ops.int4_layout import cpu_layout_from_portable, int4_reorder
 
     if not kernels.available():
         from cpu_kernels import require_cpu_kernels
@@ -297,12 +297,36 @@ def test_repack_kernel_matches_the_torch_reference(block, pairs, k):
         require_cpu_kernels()  # skips only without a compiler; a failed build fails
     q = torch.randint(0, 16, (block * 5, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
     packed = pack_int4(q)
-    want = cpu_layout_from_portable(packed, block)
-    want = int4_pairs(want) if pairs else want
-    got = gemv.repack_int4(packed, block, pairs)
+    want = int4_reorder(cpu_layout_from_portable(packed, block), order)
+    got = gemv.repack_int4(packed, block, order)
     assert got.shape == packed.shape and torch.equal(got, want)
     with pytest.raises(RuntimeError, match="multiple of the block"):
-        gemv.repack_int4(packed[:block + 2], block, pairs)
+        gemv.repack_int4(packed[:block + 2], block, order)
+
+
+@pytest.mark.parametrize("block,order", [(32, 1), (64, 2), (64, 0)])
+def test_every_byte_order_reads_back_the_weights(block, order, monkeypatch):
+    """Whatever order this machine's kernels read, each of them is read back right: `QuantLinear.rows` (embedding
+    lookups), `row_block_reference` and csrc/dequant.cpp's `dequant_int4_rows` give the portable weights exactly."""
+    from deltarun.ops import gemv, kernels
+    from deltarun.ops import quant as ops_quant
+    from deltarun.ops.int4_layout import cpu_layout, int4_reorder
+
+    if not kernels.available():
+        from cpu_kernels import require_cpu_kernels
+
+        require_cpu_kernels()
+    w = torch.randn(block * 3, 96, generator=torch.Generator().manual_seed(order))
+    mod = QuantLinear.from_float(w, 4, 32, dtype=torch.bfloat16)
+    want = ops_quant.dequantize_int4(mod.qweight, mod.scales, mod.zeros)
+    packed = int4_reorder(cpu_layout(ops_quant.unpack_int4(mod.qweight), block), order).view(block * 3, -1)
+    sz = torch.stack((mod.scales, mod.zeros), dim=-1).transpose(0, 1).contiguous()
+    idx = torch.tensor([0, 5, block // 2 - 1, block // 2, block - 1, block + 17, 3 * block - 1])
+    monkeypatch.setattr(ops_quant, "cpu_int4_block", lambda: block)
+    mod._cpu4 = packed, sz, order
+    assert torch.equal(mod.rows(idx), want[idx])
+    assert torch.equal(mod.row_block_reference(block, 3 * block), want[block:])
+    assert torch.equal(gemv.dequant_int4_rows(packed, sz, 32, block, 0, 3 * block, order), want)
 
 
 def test_a_kernel_that_disagrees_is_not_used(monkeypatch):

@@ -49,8 +49,8 @@ def int4_usable(sz: torch.Tensor) -> bool:
 
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, sz: torch.Tensor) -> torch.Tensor:
     """Weight-only int4 matmul by the kernel, x [M ≤ 16, K] → [M, N] in x's dtype. packed: torch's CPU layout
-    [N/B, K, B/2], with each column pair in the kernel's order where B = 32 (AVX2, ops/int4_layout.py `int4_pairs`);
-    sz [K/g, N, 2] bf16."""
+    [N/B, K, B/2], with each row block's bytes in the build's order (`kernels.int4_order()`: AVX2's column pairs,
+    AVX-512 VNNI's quads; ops/int4_layout.py `int4_reorder`); sz [K/g, N, 2] bf16."""
     return torch.ops.deltarun.gemv_int4(x, packed, group, sz, True)
 
 
@@ -79,7 +79,8 @@ def qgemm_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.
 
 
 def qgemm_int4(x: torch.Tensor, packed: torch.Tensor, group: int, sz: torch.Tensor) -> torch.Tensor:
-    """Prefill: x [M, K] · int4 (AVX2 pairs layout, sz [K/g, N, 2]) → [M, N] in x's dtype (csrc/qgemm.cpp)."""
+    """Prefill: x [M, K] · int4 (AVX2 pairs or AVX-512 VNNI quads layout, sz [K/g, N, 2]) → [M, N] in x's dtype
+    (csrc/qgemm.cpp)."""
     return torch.ops.deltarun.qgemm_int4(x, packed, group, sz, True)
 
 
@@ -105,13 +106,14 @@ def dequant_int8_rows(q: torch.Tensor, scales: torch.Tensor, start: int, end: in
     return torch.ops.deltarun.dequant_int8_rows(q, scales, start, end)
 
 
-def repack_int4(portable: torch.Tensor, block: int, pairs: bool) -> torch.Tensor:
+def repack_int4(portable: torch.Tensor, block: int, order: int) -> torch.Tensor:
     """Portable int4 bytes [N, K/2] → torch's CPU layout for row blocks of `block` (in the AVX2 kernel's column-pair
-    order if `pairs`), shaped [N, K/2]; one pass (csrc/dequant.cpp). Reference: ops/int4_layout.py."""
-    return torch.ops.deltarun.repack_int4(portable, block, pairs)
+    byte order `order`: int4_layout.int4_reorder), shaped [N, K/2]; one pass (csrc/dequant.cpp). Reference:
+    ops/int4_layout.py."""
+    return torch.ops.deltarun.repack_int4(portable, block, order)
 
 
 def dequant_int4_rows(packed: torch.Tensor, sz: torch.Tensor, group: int, block: int, start: int, end: int,
-                      pairs: bool) -> torch.Tensor:
+                      order: int) -> torch.Tensor:
     """Rows start … end−1 of a CPU-packed int4 weight, dequantized to fp32 (csrc/dequant.cpp)."""
-    return torch.ops.deltarun.dequant_int4_rows(packed, sz, group, block, start, end, pairs)
+    return torch.ops.deltarun.dequant_int4_rows(packed, sz, group, block, start, end, order)

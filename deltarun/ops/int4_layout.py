@@ -1,5 +1,6 @@
-"""torch's CPU int4 layout and the AVX2 kernel's column-pair order of it: what both the kernels (gemv.py's
-self-check) and the quantized modules (quant.py) need to read packed int4 weights."""
+"""torch's CPU int4 layout and our kernels' byte orders within its row blocks (the AVX2 column pairs, the AVX-512
+VNNI quads): what both the kernels (gemv.py's self-check) and the quantized modules (quant.py) need to read packed
+int4 weights. The order a build reads is `torch.ops.deltarun.int4_order()`: 0 torch's, 1 pairs, 2 quads."""
 from __future__ import annotations
 
 import torch
@@ -24,10 +25,26 @@ PAIRS = torch.tensor([(p % 2) * 16 + (p // 16) * 8 + (p % 16) // 2 for p in rang
 UNPAIRS = torch.argsort(PAIRS)
 
 
+# The AVX-512 VNNI kernel's order of each 4 columns' 128 bytes in the 64-row layout (csrc/gemv_kernels.h): position p
+# holds torch's byte (k, j) = (p mod 4, 16·(p div 64) + (p mod 64) div 4), i.e. 32-bit lanes of one row's 4 columns.
+QUADS = torch.tensor([(p % 4) * 32 + (p // 64) * 16 + (p % 64) // 4 for p in range(128)])
+UNQUADS = torch.argsort(QUADS)
+
+
 def int4_pairs(packed: torch.Tensor) -> torch.Tensor:
     """torch's 32-row CPU int4 bytes ([N/32, K, 16] in memory, K even) → the AVX2 kernel's column-pair
     order, same shape."""
     return packed.reshape(-1, 32)[:, PAIRS].view(packed.shape)
+
+
+def int4_reorder(packed: torch.Tensor, order: int) -> torch.Tensor:
+    """torch's CPU int4 bytes → byte order `order` within each row block (0: as they are; 1: `int4_pairs`, 32-row
+    blocks; 2: quads, 64-row blocks, K a multiple of 4), same shape."""
+    if order == 1:
+        return int4_pairs(packed)
+    if order == 2:
+        return packed.reshape(-1, 128)[:, QUADS].view(packed.shape)
+    return packed
 
 
 def cpu_layout(q: torch.Tensor, block: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .int4_layout import cpu_int4_block, int4_pairs
+from .int4_layout import cpu_int4_block, int4_reorder
 from .settings import settings
 
 log = logging.getLogger(__name__)
@@ -231,11 +231,12 @@ def _int4_check(g: torch.Generator) -> bool:
         return False
     q4 = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=g)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4, 1)
-    ours = int4_pairs(packed) if cpu_int4_block() == 32 else packed
+    ours = int4_reorder(packed, torch.ops.deltarun.int4_order())
     sz = (torch.rand(2, 128, 2, generator=g) / 10).bfloat16()  # group 32
     x = torch.randn(3, 64, generator=g).bfloat16()
     ref4 = torch.ops.aten._weight_int4pack_mm_for_cpu(x.float(), packed, 32, sz.float())
-    # fp32 activations: exact products; bf16 ones may enter as int8 per group (AVX2): within 3% of the scale
+    # fp32 activations: exact products; bf16 ones may enter as int8 per group (AVX2, AVX-512 VNNI without BF16):
+    # within 3% of the scale
     if not (torch.allclose(torch.ops.deltarun.gemv_int4(x.float(), ours, 32, sz), ref4, rtol=1e-3, atol=1e-3)
             and torch.allclose(torch.ops.deltarun.gemv_int4(x, ours, 32, sz), ref4, rtol=0,
                                atol=0.03 * ref4.abs().max().item())):
@@ -244,6 +245,12 @@ def _int4_check(g: torch.Generator) -> bool:
     return True
 
 
+
+
+def int4_order() -> int:
+    """The byte order within int4 row blocks that this build's kernels read: 0 torch's, 1 the AVX2 column pairs,
+    2 the AVX-512 VNNI quads (ops/int4_layout.py `int4_reorder`); 0 where no kernels run."""
+    return int(torch.ops.deltarun.int4_order()) if available() else 0
 
 
 def has_int4() -> bool:
@@ -266,7 +273,8 @@ def has_attn() -> bool:
 
 
 def has_qgemm_int4() -> bool:
-    """Whether the integer int4 prefill matmul is built here (AVX2 without AVX-512: the 32-row pairs layout)."""
+    """Whether the integer int4 prefill matmul is built here (AVX2 without AVX-512: the 32-row pairs layout;
+    AVX-512 VNNI without BF16: the 64-row quads layout)."""
     return available() and bool(torch.ops.deltarun.qgemm_int4_available())
 
 

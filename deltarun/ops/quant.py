@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import gemv, kernels
-from .int4_layout import UNPAIRS, cpu_int4_block, cpu_layout_from_portable, int4_pairs
+from .int4_layout import UNPAIRS, UNQUADS, cpu_int4_block, cpu_layout_from_portable, int4_reorder
 from .routes import first
 from .settings import settings
 
@@ -158,7 +158,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", torch.empty(n, k // self.group_size, dtype=dtype, device=device))
             self.register_buffer("zeros", torch.empty(n, k // self.group_size, dtype=dtype, device=device))
         self._kernel: _Kernel | None = None  # set by pack(): a callable x2d → y2d, or None for the reference path
-        # (CPU-packed int4, sz [K/g, N, 2], whether its column pairs are in the AVX2 kernel's order)
+        # (CPU-packed int4, sz [K/g, N, 2], the byte order within its row blocks: int4_layout.int4_reorder)
         self._cpu4: tuple[torch.Tensor, torch.Tensor, bool] | None = None
         # set by pack(): the integer prefill matmul (csrc/qgemm.cpp), x2d → y2d, or None
         self._gemm: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -191,16 +191,20 @@ class QuantLinear(nn.Module):
         if self._cpu4 is None:
             assert self.qweight is not None and self.scales is not None and self.zeros is not None
             return dequantize_int4(self.qweight[idx], self.scales[idx], self.zeros[idx])
-        packed, sz, pairs = self._cpu4
+        packed, sz, order = self._cpu4
         k, blk = self.in_features, cpu_int4_block()
         within = idx % blk
-        if pairs:  # where torch's bytes (column k, block row j) and (k + 1, j) sit among a pair's 32
-            j = (within % (blk // 2)).cpu()
+        j = (within % (blk // 2)).cpu()
+        if order == 1:  # where torch's bytes (column k, block row j) and (k + 1, j) sit among a pair's 32
             at = torch.stack((UNPAIRS[j], UNPAIRS[16 + j]), dim=-1).to(idx.device)  # [R, 2]
             sel = packed.view(-1, k // 2, 32)[(idx // blk)[:, None], :, at]  # [R, 2, K/2]
             sel = sel.transpose(1, 2).reshape(len(idx), k)  # [R, K]
+        elif order == 2:  # torch's bytes (k … k + 3, j) among 4 columns' 128
+            at = UNQUADS[(torch.arange(4) * 32)[None, :] + j[:, None]].to(idx.device)  # [R, 4]
+            sel = packed.view(-1, k // 4, 128)[(idx // blk)[:, None], :, at]  # [R, 4, K/4]
+            sel = sel.transpose(1, 2).reshape(len(idx), k)
         else:
-            sel = packed.view(-1, k, blk // 2)[idx // blk, :, within % (blk // 2)]  # [R, K]
+            sel = packed.view(-1, k, blk // 2)[idx // blk, :, j.to(idx.device)]  # [R, K]
         q = torch.where((within < blk // 2)[:, None], sel & 15, sel >> 4).float()
         g = self.group_size
         scale, zero = sz[:, idx, 0].t().float(), sz[:, idx, 1].t().float()  # [R, K/g]
@@ -216,8 +220,8 @@ class QuantLinear(nn.Module):
                 assert self.qweight is not None and self.scales is not None
                 return gemv.dequant_int8_rows(self.qweight, self.scales, start, end)
             if self._cpu4 is not None and not (start % blk or end % blk):
-                packed, sz, pairs = self._cpu4
-                return gemv.dequant_int4_rows(packed, sz, self.group_size, blk, start, end, pairs)
+                packed, sz, order = self._cpu4
+                return gemv.dequant_int4_rows(packed, sz, self.group_size, blk, start, end, order)
         return self.row_block_reference(start, end)
 
     def row_block_reference(self, start: int, end: int) -> torch.Tensor:
@@ -225,10 +229,12 @@ class QuantLinear(nn.Module):
         blk = cpu_int4_block()
         if self._cpu4 is None or start % blk or end % blk:
             return self.rows(torch.arange(start, end, device=self._device()))
-        packed, sz, pairs = self._cpu4
+        packed, sz, order = self._cpu4
         k = self.in_features
-        if pairs:
+        if order == 1:
             p = packed.view(-1, k // 2, 32)[start // blk: end // blk][..., UNPAIRS].reshape(-1, k, blk // 2)
+        elif order == 2:
+            p = packed.view(-1, k // 4, 128)[start // blk: end // blk][..., UNQUADS].reshape(-1, k, blk // 2)
         else:
             p = packed.view(-1, k, blk // 2)[start // blk: end // blk]  # [nb, K, B/2]
         q = torch.cat((p & 15, p >> 4), dim=-1).transpose(1, 2).reshape(end - start, k)  # rows n%B < B/2 low
@@ -265,7 +271,7 @@ class QuantLinear(nn.Module):
             return
         gemm = _gemm(self, kernel)
         cpu4 = self.bits == 4 and dev.type == "cpu" and bool(cpu_int4_block()) and n % cpu_int4_block() == 0
-        key = (self.bits, self.in_features, n, self.group_size, self.dtype, str(dev), kernel.name, kernel.pairs,
+        key = (self.bits, self.in_features, n, self.group_size, self.dtype, str(dev), kernel.name, kernel.order,
                cpu_int4_block(), gemm is not None, cpu4)
         if key not in _VERDICTS:
             _VERDICTS[key] = self._probe(kernel, gemm, cpu4)
@@ -281,7 +287,7 @@ class QuantLinear(nn.Module):
             self.routes["prefill"] = f"gemv_int4 to {KERNEL_BLOCK_ROWS} rows, then dequant"
         if cpu4 and layout_ok:
             assert kernel.sz is not None  # an int4 kernel's last argument
-            self._cpu4 = kernel.packed, kernel.sz, kernel.pairs
+            self._cpu4 = kernel.packed, kernel.sz, kernel.order
             self.qweight = self.scales = self.zeros = None  # the kernel's copy is the only one
 
     def _probe(self, kernel: _Kernel, gemm, cpu4: bool) -> tuple[bool, bool, bool]:
@@ -299,7 +305,7 @@ class QuantLinear(nn.Module):
         layout_ok = False
         if kernel_ok and cpu4:
             assert kernel.sz is not None
-            self._cpu4 = kernel.packed, kernel.sz, kernel.pairs
+            self._cpu4 = kernel.packed, kernel.sz, kernel.order
             layout_ok = torch.equal(self.rows(idx), portable)
             self._cpu4 = None
         return kernel_ok, gemm_ok, layout_ok
@@ -319,8 +325,8 @@ class QuantLinear(nn.Module):
             packed = k.packed.view(-1)[: n * self.in_features // 2].view(n, -1)  # whole row blocks: a prefix
             sz = k.sz[:, :n].contiguous()
             mod._kernel = _Kernel(k.name, k.op, packed, self.group_size, sz)
-            mod._kernel.pairs = k.pairs
-            mod._cpu4 = packed, sz, k.pairs
+            mod._kernel.order = k.order
+            mod._cpu4 = packed, sz, k.order
             mod.qweight = mod.scales = mod.zeros = None
         else:
             return None
@@ -376,7 +382,7 @@ class _Kernel:
     def __init__(self, name: str, op, packed: torch.Tensor, *args):
         self.name, self.op, self.packed, self.args = name, op, packed, args  # name: ops/routes.py
         self.sz: torch.Tensor | None = args[-1] if args else None  # int4: scales and zeros [K/g, N, 2]
-        self.pairs = False  # int4: column pairs in the AVX2 kernel's order (`int4_pairs`)
+        self.order = 0  # int4: the byte order within row blocks (int4_layout.int4_reorder: 1 pairs, 2 quads)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x, self.packed, *self.args)
@@ -384,8 +390,8 @@ class _Kernel:
 
 def _gemm(mod: QuantLinear, kernel: _Kernel):
     """The integer prefill matmul for a CPU weight packed for our decode kernel (csrc/qgemm.cpp: int8 weights
-    with the decode kernel's 16-bit activations, int4 in the AVX2 pairs layout with int8 activations per
-    group), or None where it does not apply (then prefill dequantizes for torch's GEMM);
+    with the decode kernel's 16-bit activations, int4 in the AVX2 pairs or AVX-512 VNNI quads layout with int8
+    activations per group), or None where it does not apply (then prefill dequantizes for torch's GEMM);
     `DELTARUN_PREFILL_GEMM=0` turns it off. The conditions of ops/routes.py's prefill rows."""
     on = settings().prefill_gemm and kernel.packed.device.type == "cpu"
     if mod.bits == 8:
@@ -395,7 +401,7 @@ def _gemm(mod: QuantLinear, kernel: _Kernel):
             else None
     packed, g, sz = kernel.packed, mod.group_size, kernel.sz
     assert sz is not None
-    ok = on and kernel.name == "gemv_int4" and kernel.pairs and g % 32 == 0 and kernels.has_qgemm_int4()
+    ok = on and kernel.name == "gemv_int4" and kernel.order != 0 and g % 32 == 0 and kernels.has_qgemm_int4()
     return (lambda x: gemv.qgemm_int4(x, packed, g, sz)) if first("int4", "prefill", {"qgemm_int4": ok}) != "dequant" \
         else None
 
@@ -425,20 +431,20 @@ def _int4_kernel(mod: QuantLinear) -> _Kernel:
     g, n = mod.group_size, mod.out_features
     if qw.device.type == "cpu":  # a row block at a time: an int32 copy of a 248K-row matrix is 1 GB
         ours = first("int4", "decode", {"gemv_int4": gemv.int4_usable(sz)}) == "gemv_int4"
-        pairs = ours and cpu_int4_block() == 32  # our AVX2 kernel reads the column pairs in its own order
+        order = kernels.int4_order() if ours else 0  # our kernels read row blocks in their own byte order
         blk = cpu_int4_block()
         if blk and n % blk == 0 and kernels.available():  # one pass in C++
-            packed = gemv.repack_int4(qw.contiguous(), blk, pairs)
+            packed = gemv.repack_int4(qw.contiguous(), blk, order)
         elif blk and n % blk == 0:  # our own repack of the portable bytes, into one buffer (no cat of blocks)
             packed = torch.empty_like(qw)
             for i in range(0, n, ROW_BLOCK):
                 block = cpu_layout_from_portable(qw[i:i + ROW_BLOCK], blk)
-                packed[i:i + ROW_BLOCK] = int4_pairs(block) if pairs else block
+                packed[i:i + ROW_BLOCK] = int4_reorder(block, order)
         else:
-            packed = _cpu_pack(unpack_int4(qw), pairs)
+            packed = _cpu_pack(unpack_int4(qw), order)
         kernel = (_Kernel("gemv_int4", gemv.int4_mm, packed, g, sz) if ours else
                   _Kernel("int4pack", torch.ops.aten._weight_int4pack_mm_for_cpu, packed, g, sz))
-        kernel.pairs = pairs
+        kernel.order = order
         return kernel
     # CUDA (tinygemm): nibbles high-first, inner_k_tiles = 8
     q = unpack_int4(qw)
@@ -446,9 +452,9 @@ def _int4_kernel(mod: QuantLinear) -> _Kernel:
     return _Kernel("int4pack", torch.ops.aten._weight_int4pack_mm, packed, g, sz)
 
 
-def _cpu_pack(q: torch.Tensor, pairs: bool) -> torch.Tensor:
+def _cpu_pack(q: torch.Tensor, order: int) -> torch.Tensor:
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-    return int4_pairs(packed) if pairs else packed
+    return int4_reorder(packed, order)
 
 
 class QuantEmbedding(QuantLinear):

@@ -189,6 +189,51 @@ void int4_all(const T* X, const float* XS, int64_t M, int64_t K, int64_t g, cons
   });
 }
 
+#if defined(DELTARUN_INT4_QUADS)
+// fp32 activations on the quads layout (exact products, as the other builds' fp32 paths): a block's rows are
+// dequantized as dequant.cpp does ((q − 8)·scale, then + zero) into a per-task tile, then dotted with x. Only
+// the self-check and fp32 activations come here; bf16 ones take int4_quads_block.
+void int4_quads_exact(const float* X, int64_t M, int64_t K, int64_t g, const uint8_t* P, const uint32_t* SZ,
+                      int64_t N, float* O) {
+  at::parallel_for(0, N / 64, 1, [&](int64_t a, int64_t e) {
+    std::vector<float> w(64 * K);
+    for (int64_t b = a; b < e; ++b) {
+      const uint8_t* pb = P + b * K * 32;
+      for (int64_t r = 0; r < 64; ++r) {
+        const int64_t j = r % 32, shift = r < 32 ? 0 : 4;
+        for (int64_t k = 0; k < K; ++k) {
+          const uint32_t pair = SZ[(k / g) * N + b * 64 + r];
+          float scale, zero;
+          const uint32_t su = pair << 16, zu = pair & 0xFFFF0000u;
+          std::memcpy(&scale, &su, 4), std::memcpy(&zero, &zu, 4);
+          const int q = (pb[(k / 4) * 128 + (j / 16) * 64 + (j % 16) * 4 + k % 4] >> shift) & 15;
+          const float t = static_cast<float>(q - 8) * scale;
+          w[r * K + k] = t + zero;
+        }
+      }
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t r = 0; r < 64; ++r) {
+          float acc = 0.f;
+          for (int64_t k = 0; k < K; ++k) acc += X[m * K + k] * w[r * K + k];
+          O[m * N + b * 64 + r] = acc;
+        }
+    }
+  });
+}
+#endif
+
+// The byte order within this build's int4 row blocks: 0 torch's own, 1 the AVX2 column pairs (gemv_avx2.h),
+// 2 the AVX-512 VNNI quads (gemv_kernels.h); ops/int4_layout.py applies the same permutations.
+int64_t int4_order() {
+#if defined(DELTARUN_INT4_QUADS)
+  return 2;
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 // Which of torch's int4 layouts this build reads (the row-block size of `_convert_weight_to_int4pack_for_cpu`,
 // which follows torch's own CPU capability: 64 for AVX-512, 32 for AVX2), 0 for none.
 int64_t int4_layout_rows() {
@@ -232,7 +277,23 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, c
     return finish(out, x, cast);
   }
 #endif
-#if defined(__AVX512F__)
+#if defined(DELTARUN_INT4_QUADS)
+  TORCH_CHECK(K % 4 == 0, "gemv_int4: the quads layout needs K a multiple of 4");
+  if (x.scalar_type() != at::kFloat && g % 4 == 0) {  // bf16/fp16 activations: int8 per group, as AVX2's path
+    std::vector<int8_t> xq(M * K);
+    std::vector<float> xs(M * G), xqs(M * G);
+    quantize_q8_groups(X, M * G, g, xq.data(), xs.data(), xqs.data());
+    at::parallel_for(0, N / 64, 4, [&](int64_t a, int64_t e) {
+      for (int64_t b = a; b < e; ++b)
+        by_rows<4>(M, [&](auto mc, int64_t m) {
+          int4_quads_block<mc.value>(xq.data() + m * K, xs.data() + m * G, xqs.data() + m * G, K, g, P + b * K * 32,
+                                     SZ, N, b, O + m * N + b * 64, N);
+        });
+    });
+    return finish(out, x, cast);
+  }
+  int4_quads_exact(X, M, K, g, P, SZ, N, O);
+#elif defined(__AVX512F__)
   int4_all<Int4F32>(X, XS, M, K, g, P, SZ, N, O);
 #elif defined(__AVX2__) && defined(__FMA__)
   if (x.scalar_type() != at::kFloat && g % 16 == 0) {  // bf16/fp16 activations: integer products, as int8's path
@@ -270,7 +331,8 @@ TORCH_LIBRARY(deltarun, m) {
   m.def("gemv_f32(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor w, Tensor scales, bool cast=False) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor packed, int group, Tensor sz, bool cast=False) -> Tensor");
-  m.def("int4_layout_rows() -> int", &int4_layout_rows);  // no tensors: not dispatched by device
+  m.def("int4_layout_rows() -> int", &int4_layout_rows);
+  m.def("int4_order() -> int", &int4_order);  // no tensors: not dispatched by device
   m.def("gemv_bf16_tiled() -> bool", &gemv_bf16_tiled);
 }
 

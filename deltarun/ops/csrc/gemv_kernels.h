@@ -317,6 +317,56 @@ struct Int4Bf16 {
 };
 #endif
 
+// ---------------------------------------------------------------- int4 for AVX-512 VNNI without BF16: the quads layout
+// Without bf16 dot products, the 64-row kernels above widen every nibble to fp32 (four conversions per 64 weights):
+// compute-bound at ~40% of the memory bandwidth. Here the activations are int8 per group (as AVX2's path and
+// llama.cpp's) and vpdpbusd multiplies 64 nibbles by them at once. For that each 128 bytes of a 64-row block
+// (columns 4t … 4t + 3) hold torch's bytes (k, j) at 64·(j / 16) + 4·(j mod 16) + (k mod 4) (ops/int4_layout.py
+// `QUADS`): a 32-bit lane is one row's four columns, low nibbles rows j, high nibbles rows 32 + j.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(__AVX512BF16__)
+#define DELTARUN_INT4_QUADS 1
+// One 64-row block (pb: K/4 quads of 128 bytes) against MC activation rows xq [MC, K] int8 (stride K), with xs
+// (scale) and xqs (Σxq) per (row, group) [MC, G]; adds into (gi > 0) or writes out[m·ldo + 0 … 63]. The int32
+// sums of a group stay exact: g·15·127 < 2³¹.
+template <int MC>
+inline void int4_quads_block(const int8_t* xq, const float* xs, const float* xqs, int64_t K, int64_t g,
+                             const uint8_t* pb, const uint32_t* sz, int64_t N, int64_t b, float* out, int64_t ldo) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const int64_t G = K / g;
+  for (int64_t gi = 0; gi < G; ++gi) {
+    __m512i acc[MC][4];  // rows 0-15, 16-31, 32-47, 48-63
+    for (int m = 0; m < MC; ++m)
+      for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_setzero_si512();
+    for (int64_t k = gi * g; k < (gi + 1) * g; k += 4) {
+      const __m512i v0 = _mm512_loadu_si512(pb + k * 32), v1 = _mm512_loadu_si512(pb + k * 32 + 64);
+      const __m512i t[4] = {_mm512_and_si512(v0, low4), _mm512_and_si512(v1, low4),
+                            _mm512_and_si512(_mm512_srli_epi16(v0, 4), low4),
+                            _mm512_and_si512(_mm512_srli_epi16(v1, 4), low4)};
+      for (int m = 0; m < MC; ++m) {
+        int32_t x4;
+        std::memcpy(&x4, xq + m * K + k, 4);
+        const __m512i xv = _mm512_set1_epi32(x4);
+        for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_dpbusd_epi32(acc[m][v], t[v], xv);
+      }
+    }
+    // Σ((q − 8)·scale + zero)·x̃ = xs·(scale·(Σq·xq − 8·Σxq) + zero·Σxq), the rows' (scale, zero) read as uint32
+    const uint32_t* s = sz + gi * N + b * 64;
+    for (int v = 0; v < 4; ++v) {
+      const __m512i pair = _mm512_loadu_si512(s + 16 * v);
+      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+      const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF0000u)));
+      for (int m = 0; m < MC; ++m) {
+        const __m512 sq = _mm512_set1_ps(xqs[m * G + gi]), sc = _mm512_set1_ps(xs[m * G + gi]);
+        const __m512 t = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sq, _mm512_cvtepi32_ps(acc[m][v]));
+        float* o = out + m * ldo + 16 * v;
+        const __m512 prev = gi ? _mm512_loadu_ps(o) : _mm512_setzero_ps();
+        _mm512_storeu_ps(o, _mm512_fmadd_ps(sc, _mm512_fmadd_ps(scale, t, _mm512_mul_ps(zero, sq)), prev));
+      }
+    }
+  }
+}
+#endif
+
 // int8 weights · 16-bit activations (VNNI's vpdpwssd, AVX2's vpmaddwd): x is scaled per row to at most
 // XQ_MAX in magnitude, so its rounding error (≤ max|x|/(2·XQ_MAX)) stays far below bf16's own (max|x|/256),
 // and int32 sums are flushed to fp32 every XQ_FLUSH columns, so they cannot overflow (127·XQ_MAX·XQ_FLUSH < 2³¹).

@@ -7,8 +7,10 @@
 //  - int4 weights (the 32-row pairs layout of gemv_avx2.h, AVX2 builds), int8 activations per group: each
 //    32-row block unpacked once per call into tiles of 8 rows × 4 columns (one byte each, as vpmaddubsw takes
 //    them); 4 activation rows share each tile load; int16 sums widened every 32 columns (8 · 2 · 15 · 127 < 2¹⁵).
+//  - int4 weights in the quads layout (gemv_kernels.h, AVX-512 VNNI without BF16): the decode kernel's own loop,
+//    4 activation rows per pass over each 64-row block — a prompt's outputs are decode's bit for bit.
 // References: the decode ops and dequantize + F.linear (tests/test_qgemm.py). Not here: fp32 activations
-// (exact products: ops/quant.py dequantizes), AVX-512's 64-row int4 layout (same).
+// (exact products: ops/quant.py dequantizes), AVX-512+BF16's 64-row int4 layout (dequantized for the bf16 GEMM).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -115,29 +117,56 @@ inline void pack_int4_scales(const uint32_t* sz, int64_t G, int64_t N, int64_t b
 
 }  // namespace
 
-// Whether qgemm_int4 is built here (AVX2 without AVX-512: the 32-row pairs layout).
+// Whether qgemm_int4 is built here (AVX2 without AVX-512: the 32-row pairs layout; AVX-512 VNNI without BF16:
+// the 64-row quads layout).
 bool qgemm_int4_available() {
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if (defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)) || defined(DELTARUN_INT4_QUADS)
   return true;
 #else
   return false;
 #endif
 }
 
-// x [M, K] bf16/fp16, packed [N/32, K, 16] uint8 (pairs layout), sz [K/g, N, 2] bf16, g % 32 == 0 → [M, N] fp32
-// (or x's dtype with cast)
+// x [M, K] bf16/fp16, packed [N/32, K, 16] uint8 (pairs layout) or [N/64, K, 32] (quads), sz [K/g, N, 2] bf16,
+// g % 32 == 0 → [M, N] fp32 (or x's dtype with cast)
 at::Tensor qgemm_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, const at::Tensor& sz, bool cast) {
-  TORCH_CHECK(qgemm_int4_available(), "qgemm_int4: built without AVX2 or with AVX-512 (64-row layout)");
+  TORCH_CHECK(qgemm_int4_available(), "qgemm_int4: built for neither the pairs nor the quads layout");
   TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && x.dim() == 2, "qgemm_int4: CPU x [M, K]");
   TORCH_CHECK(x.scalar_type() != at::kFloat, "qgemm_int4: fp32 activations take the exact path");
   const int64_t M = x.size(0), K = x.size(1), N = sz.size(1);
   TORCH_CHECK(g % 32 == 0 && K % g == 0, "qgemm_int4: groups of a multiple of 32 columns");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() == N * K / 2 && N % 32 == 0,
-              "qgemm_int4: packed [N/32, K, 16] uint8");
+#if defined(DELTARUN_INT4_QUADS)
+  constexpr int64_t B = 64;
+#else
+  constexpr int64_t B = 32;
+#endif
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() == N * K / 2 && N % B == 0,
+              "qgemm_int4: packed [N/B, K, B/2] uint8");
   TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 && sz.size(0) * g == K &&
               sz.size(2) == 2, "qgemm_int4: sz [K/g, N, 2] bf16");
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(DELTARUN_INT4_QUADS)
+  {  // the decode kernel's loop as it is: each 64-row block (32 KB at K = 1024) stays in L1/L2 for every 4 rows of x
+    const at::Tensor xf = widen(x);
+    const int64_t G = K / g;
+    std::vector<int8_t> xq(M * K);
+    std::vector<float> xs(M * G), xqs(M * G);
+    const float* X = xf.data_ptr<float>();
+    at::parallel_for(0, M, 16, [&](int64_t a, int64_t e) {
+      quantize_q8_groups(X + a * K, (e - a) * G, g, xq.data() + a * K, xs.data() + a * G, xqs.data() + a * G);
+    });
+    const uint8_t* P = packed.data_ptr<uint8_t>();
+    const auto* SZ = reinterpret_cast<const uint32_t*>(sz.data_ptr());
+    float* O = out.data_ptr<float>();
+    at::parallel_for(0, N / 64, 1, [&](int64_t a, int64_t e) {
+      for (int64_t b = a; b < e; ++b)
+        by_rows<4>(M, [&](auto mc, int64_t m) {
+          int4_quads_block<mc.value>(xq.data() + m * K, xs.data() + m * G, xqs.data() + m * G, K, g, P + b * K * 32,
+                                     SZ, N, b, O + m * N + b * 64, N);
+        });
+    });
+  }
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
   const at::Tensor xf = widen(x);
   const int64_t G = K / g;
   std::vector<int8_t> xq(M * K);
