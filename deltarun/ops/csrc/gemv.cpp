@@ -223,7 +223,7 @@ void int4_quads_exact(const float* X, int64_t M, int64_t K, int64_t g, const uin
 #endif
 
 // The byte order within this build's int4 row blocks: 0 torch's own, 1 the AVX2 column pairs (gemv_avx2.h),
-// 2 the AVX-512 VNNI quads (gemv_kernels.h); ops/int4_layout.py applies the same permutations.
+// 2 the AVX-512 VNNI quads (gemv_kernels.h, with or without BF16); ops/int4_layout.py applies the same permutations.
 int64_t int4_order() {
 #if defined(DELTARUN_INT4_QUADS)
   return 2;
@@ -270,13 +270,6 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, c
   const uint8_t* P = packed.data_ptr<uint8_t>();
   const auto* SZ = reinterpret_cast<const uint32_t*>(sz.data_ptr());
   float* O = out.data_ptr<float>();
-#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
-  if (x.scalar_type() == at::kBFloat16 && g % 2 == 0) {
-    const at::Tensor xb = x.contiguous();
-    int4_all<Int4Bf16>(reinterpret_cast<const uint16_t*>(xb.data_ptr()), XS, M, K, g, P, SZ, N, O);
-    return finish(out, x, cast);
-  }
-#endif
 #if defined(DELTARUN_INT4_QUADS)
   TORCH_CHECK(K % 4 == 0, "gemv_int4: the quads layout needs K a multiple of 4");
   if (x.scalar_type() != at::kFloat && g % 4 == 0) {  // bf16/fp16 activations: int8 per group, as AVX2's path

@@ -253,54 +253,8 @@ inline void int4_block(const float* x, const float* xsum, int64_t K, int64_t g, 
 }
 #endif
 
-#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
-// The same with bf16 dot products over column pairs (k, k+1): nibbles become bf16 integers by table
-// lookup (exact), x stays bf16 (exact), products are summed in fp32. About half the instructions.
-template <int MC>
-inline void int4_block_bf16(const uint16_t* x, const float* xsum, int64_t K, int64_t g, const uint8_t* pb,
-                            const uint32_t* sz, int64_t N, int64_t b, float* out) {
-  alignas(64) static const uint8_t pairs_idx[64] = {
-      0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45,
-      14, 46, 15, 47, 16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
-      27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  alignas(64) static const uint16_t bf16_int[32] = {
-      0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0x4100, 0x4110, 0x4120, 0x4130,
-      0x4140, 0x4150, 0x4160, 0x4170, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
-  const __m512i idx = _mm512_load_si512(pairs_idx), table = _mm512_load_si512(bf16_int);
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  __m512 tot[MC][4];
-  for (int m = 0; m < MC; ++m)
-    for (int v = 0; v < 4; ++v) tot[m][v] = _mm512_setzero_ps();
-  const int64_t G = K / g;
-  for (int64_t gi = 0; gi < G; ++gi) {
-    __m512 acc[MC][4];
-    for (int m = 0; m < MC; ++m)
-      for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_setzero_ps();
-    for (int64_t k = gi * g; k < (gi + 1) * g; k += 2) {
-      const __m512i z = _mm512_loadu_si512(pb + k * 32);  // columns k and k+1, 32 bytes each
-      const __m512i lo = _mm512_permutexvar_epi8(idx, _mm512_and_si512(z, low4));  // rows 0..31, (k, k+1) pairs
-      const __m512i hi = _mm512_permutexvar_epi8(idx, _mm512_and_si512(_mm512_srli_epi16(z, 4), low4));
-      __m512bh w[4];
-      w[0] = (__m512bh)_mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(lo)), table);
-      w[1] = (__m512bh)_mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(lo, 1)), table);
-      w[2] = (__m512bh)_mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(hi)), table);
-      w[3] = (__m512bh)_mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(hi, 1)), table);
-      for (int m = 0; m < MC; ++m) {
-        uint32_t xp;
-        std::memcpy(&xp, x + m * K + k, 4);
-        const __m512bh xk = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp));
-        for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], xk, w[v]);
-      }
-    }
-    int4_group_end<MC>(acc, tot, sz + gi * N + b * 64, xsum, G, gi);
-  }
-  for (int m = 0; m < MC; ++m)
-    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(out + m * N + b * 64 + 16 * v, tot[m][v]);
-}
-#endif
-
 #if defined(__AVX512F__)
-// int4 kernels as types, so one dispatch loop (gemv.cpp) serves both activation formats
+// the fp32 int4 kernel as a type, for gemv.cpp's dispatch loop (AVX-512 without VNNI)
 struct Int4F32 {
   static constexpr int MC_MAX = 4, BLOCK = 64;
   template <int MC>
@@ -308,22 +262,16 @@ struct Int4F32 {
                   int64_t N, int64_t b, float* out) { int4_block<MC>(x, xsum, K, g, pb, sz, N, b, out); }
 };
 #endif
-#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
-struct Int4Bf16 {
-  static constexpr int MC_MAX = 4, BLOCK = 64;
-  template <int MC>
-  static void run(const uint16_t* x, const float* xsum, int64_t K, int64_t g, const uint8_t* pb, const uint32_t* sz,
-                  int64_t N, int64_t b, float* out) { int4_block_bf16<MC>(x, xsum, K, g, pb, sz, N, b, out); }
-};
-#endif
 
-// ---------------------------------------------------------------- int4 for AVX-512 VNNI without BF16: the quads layout
-// Without bf16 dot products, the 64-row kernels above widen every nibble to fp32 (four conversions per 64 weights):
-// compute-bound at ~40% of the memory bandwidth. Here the activations are int8 per group (as AVX2's path and
-// llama.cpp's) and vpdpbusd multiplies 64 nibbles by them at once. For that each 128 bytes of a 64-row block
+// ---------------------------------------------------------------- int4 for AVX-512 VNNI: the quads layout
+// The 64-row kernel above widens every nibble to fp32 (four conversions per 64 weights): compute-bound at ~40% of the
+// memory bandwidth. bf16 dot products (an earlier kernel, nibbles to bf16 by table lookup) still needed two
+// conversions. Here the activations are int8 per group (as AVX2's path and llama.cpp's) and vpdpbusd multiplies 64
+// nibbles by them at once: on a 2-core Zen 4, 0.8B int4 pp512 241 → 302 tok/s and tg128 45 → 52 against the bf16
+// dot products, with mean |Δ logprob| vs bf16 0.5794 → 0.5816 (bench_quant_accuracy.py; llama.cpp Q4_0: 0.5591). For that each 128 bytes of a 64-row block
 // (columns 4t … 4t + 3) hold torch's bytes (k, j) at 64·(j / 16) + 4·(j mod 16) + (k mod 4) (ops/int4_layout.py
 // `QUADS`): a 32-bit lane is one row's four columns, low nibbles rows j, high nibbles rows 32 + j.
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(__AVX512BF16__)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define DELTARUN_INT4_QUADS 1
 // One 64-row block (pb: K/4 quads of 128 bytes) against MC activation rows xq [MC, K] int8 (stride K), with xs
 // (scale) and xqs (Σxq) per (row, group) [MC, G]; adds into (gi > 0) or writes out[m·ldo + 0 … 63]. The int32
