@@ -74,6 +74,19 @@ at::Tensor gemv_bf16(const at::Tensor& x_in, const at::Tensor& w, bool cast) {
     return finish(out, x, cast);
   }
 #endif
+#if defined(__AVX512F__) && !defined(__AVX512BF16__)
+  if (K % 64 == 0) {
+    std::vector<float> xe(M * K / 2), xo(M * K / 2);  // even and odd columns, widened
+    for (int64_t i = 0; i < M * K / 2; ++i) xe[i] = bf16_to_f32(X[2 * i]), xo[i] = bf16_to_f32(X[2 * i + 1]);
+    at::parallel_for(0, N, GRAIN, [&](int64_t a, int64_t b) {
+      for (int64_t n = a; n < b; ++n)
+        by_rows<4>(M, [&](auto mc, int64_t m) {
+          bf16_row_split<mc.value>(xe.data() + m * K / 2, xo.data() + m * K / 2, K, W + n * K, O + m * N + n, N);
+        });
+    });
+    return finish(out, x, cast);
+  }
+#endif
   const at::Tensor xf = as_f32(x);
   const float* XF = xf.data_ptr<float>();
 #if defined(__AVX2__) && defined(__FMA__)
