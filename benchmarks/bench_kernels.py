@@ -5,7 +5,10 @@ host's streaming reference (it swings between runs on shared machines: compare w
 
     python benchmarks/bench_kernels.py [--threads 2] [--reps 10]
     python benchmarks/bench_kernels.py --rows 1,4,8,16    # also bf16 at several rows (batched decode)
+    python benchmarks/bench_kernels.py --prefill 512      # also the prefill GEMMs at 512 rows (GFLOP/s)
 
+`--prefill M`: the prefill GEMMs (bf16 weights without hardware bf16: fgemm.cpp; int8 / int4: qgemm.cpp) at M rows,
+against torch's fp32 GEMM of the same weight already widened to fp32 (what runs without them, less the widening).
 `--rows`: the bf16 kernel against F.linear for M activation rows, each call on the next of enough weight copies
 (≥ 256 MB) that the weights stream from memory as in a real step rather than sit in the caches.
 """
@@ -19,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from deltarun.ops import gemv, kernels
-from deltarun.ops.int4_layout import cpu_int4_block, int4_pairs
+from deltarun.ops.int4_layout import int4_reorder
 
 SHAPES = ((248320, 1024), (6144, 1024), (3584, 1024), (1024, 3584))
 
@@ -39,6 +42,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--rows", default="", help="comma-separated row counts for the bf16 many-rows table")
+    ap.add_argument("--prefill", type=int, default=0, help="rows for the prefill GEMM table (0: none)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if not kernels.available():
@@ -59,7 +63,7 @@ def main() -> None:
         p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g), 1)
         sz = (torch.rand(k // 64, n, 2, generator=g) / 10).bfloat16()
-        ours4 = int4_pairs(p) if cpu_int4_block() == 32 else p  # the AVX2 kernel's column-pair order
+        ours4 = int4_reorder(p, kernels.int4_order())  # the byte order our kernel reads here
         rows.append(("int4 g64", n * k // 2, lambda: gemv.int4_mm(x, ours4, 64, sz),
                      lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, 64, sz)))
         for name, nbytes, ours, theirs in rows:
@@ -68,6 +72,31 @@ def main() -> None:
         w = q = p = ours4 = rows = None  # free this shape's tensors before the next ones
     if a.rows:
         many_rows([int(r) for r in a.rows.split(",")], a.reps)
+    if a.prefill:
+        prefill(a.prefill, a.reps)
+
+
+def prefill(m: int, reps: int) -> None:
+    """GFLOP/s of the prefill GEMMs at m rows against the fp32 GEMM of the widened / dequantized weight."""
+    print(f"\nprefill GEMMs, {m} rows (weights in cache: compute)\n"
+          "| weights | N×K | kernel GFLOP/s | fp32 GEMM of the widened weight GFLOP/s |\n|---|---|---|---|")
+    g = torch.Generator().manual_seed(2)
+    for n, k in SHAPES[1:]:
+        x = torch.randn(m, k, generator=g).bfloat16()
+        w = torch.randn(n, k, generator=g).bfloat16()
+        q, s = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), torch.rand(n, generator=g)
+        p = int4_reorder(torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g), 1), kernels.int4_order())
+        sz = (torch.rand(k // 64, n, 2, generator=g) / 10).bfloat16()
+        xf, wf = x.float(), w.float()
+        cases = [("bf16", kernels.has_bf16w() and (lambda: gemv.gemm_bf16w(x, w, True)))]
+        cases.append(("int8", lambda: gemv.qgemm_int8(x, q, s)))
+        cases.append(("int4 g64", kernels.has_qgemm_int4() and kernels.int4_order() != 0
+                      and (lambda: gemv.qgemm_int4(x, p, 64, sz))))
+        for name, ours in cases:
+            flop = 2 * m * n * k / 1e9
+            mine = f"{flop / seconds(ours, reps):.0f}" if ours else "not built here"
+            print(f"| {name} | {n}×{k} | {mine} | {flop / seconds(lambda: F.linear(xf, wf), reps):.0f} |", flush=True)
 
 
 def many_rows(counts: list[int], reps: int) -> None:

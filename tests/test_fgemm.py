@@ -1,6 +1,6 @@
 """The bf16-weight prefill GEMM (ops/csrc/fgemm.cpp) against F.linear in fp32 and fp64: every remainder of
-its tiling (6-row × 16-column tiles on AVX2, 8 × 32 on AVX-512, 64-column blocks, 256-column K blocks), the bf16 rounding of its
-output, and the route from DecodeLinear on CPUs without hardware bf16 matmul."""
+its tiling (6-row × 16-column tiles on AVX2, 8 × 32 on AVX-512, 64-column blocks, 256-column K blocks), the bf16
+rounding of its output, and the route from DecodeLinear on CPUs without hardware bf16 matmul."""
 from __future__ import annotations
 
 import pytest

@@ -123,9 +123,9 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 
 # ------------------------------------------------------------------ modules
 PREFILL_ROWS = 16  # from this many rows an integer prefill GEMM (where built) beats the weight-only kernels on CPU
-# Where no integer GEMM is built (int4 on AVX-512 without VNNI), the int4 kernel in blocks of 16 rows still beats dequantizing
-# the weight up to here: [3584, 1024] at 16 rows 0.46 vs 2.6 ms, at 128 rows 3.7 vs 4.7 ms (2-core Zen 4); batched
-# decode of 16–128 sequences would otherwise dequantize every weight at every step
+# Where no integer GEMM is built (int4 on AVX-512 without VNNI), the int4 kernel in blocks of 16 rows still beats
+# dequantizing the weight up to here: [3584, 1024] at 16 rows 0.46 vs 2.6 ms, at 128 rows 3.7 vs 4.7 ms (2-core
+# Zen 4); batched decode of 16–128 sequences would otherwise dequantize every weight at every step
 KERNEL_BLOCK_ROWS = 128
 class QuantLinear(nn.Module):
     """A bias-free Linear with int8 or int4 weights. forward: x [..., K] → [..., N] in x's dtype.
@@ -159,7 +159,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("zeros", torch.empty(n, k // self.group_size, dtype=dtype, device=device))
         self._kernel: _Kernel | None = None  # set by pack(): a callable x2d → y2d, or None for the reference path
         # (CPU-packed int4, sz [K/g, N, 2], the byte order within its row blocks: int4_layout.int4_reorder)
-        self._cpu4: tuple[torch.Tensor, torch.Tensor, bool] | None = None
+        self._cpu4: tuple[torch.Tensor, torch.Tensor, int] | None = None
         # set by pack(): the integer prefill matmul (csrc/qgemm.cpp), x2d → y2d, or None
         self._gemm: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.routes = {"decode": "dequant", "prefill": "dequant"}  # ops/routes.py names, set by pack()

@@ -6,12 +6,12 @@
 | bf16 | prefill | torch (bf16 matmul in hardware, or not the CPU) · gemm_bf16w (fgemm.cpp) · fp32_widened |
 | int8 | decode (< quant.PREFILL_ROWS rows) | gemv_int8 (CPU, kernels built) · int8pack (torch) · dequant |
 | int8 | prefill | qgemm_int8 (decode on gemv_int8, K % 32 = 0, `DELTARUN_PREFILL_GEMM`) · dequant |
-| int4 | decode | gemv_int4 (torch's int4 layout, in our kernel's byte order) · int4pack (torch, CPU or CUDA) · dequant |
-| int4 | prefill | qgemm_int4 (AVX2 pairs or AVX-512 VNNI quads layout, group % 32 = 0, `DELTARUN_PREFILL_GEMM`) · dequant (†) |
+| int4 | decode | gemv_int4 (torch's int4 layout in our byte order) · int4pack (torch, CPU or CUDA) · dequant |
+| int4 | prefill | qgemm_int4 (AVX2 pairs / AVX-512 VNNI quads, group % 32 = 0, `DELTARUN_PREFILL_GEMM`) · dequant (†) |
 | any | training (grad enabled) | torch (F.linear / dequant), so autograd sees plain ops |
 
-(†) Where gemv_int4 runs without qgemm_int4 (AVX-512 without VNNI), calls of 16 to quant.KERNEL_BLOCK_ROWS rows take gemv_int4
-16 rows at a time; only larger ones dequantize.
+(†) Where gemv_int4 runs without qgemm_int4 (AVX-512 without VNNI), calls of 16 to quant.KERNEL_BLOCK_ROWS rows
+take gemv_int4 16 rows at a time; only larger ones dequantize.
 "dequant" is the reference every quantized route is checked against when its module is packed (a route
 that disagrees on a probe input is not used: the module keeps the reference). "torch" for bf16 is F.linear.
 Where the CPU level lacks a kernel (DELTARUN_CPU_LEVEL, ops/kernels.py), its condition is false and the
