@@ -286,14 +286,12 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, c
 #if defined(DELTARUN_INT4_QUADS)
   TORCH_CHECK(K % 4 == 0, "gemv_int4: the quads layout needs K a multiple of 4");
   if (x.scalar_type() != at::kFloat && g % 4 == 0) {  // bf16/fp16 activations: int8 per group, as AVX2's path
-    std::vector<int8_t> xq(M * K);
-    std::vector<float> xs(M * G), xqs(M * G);
-    quantize_q8_groups(X, M * G, g, xq.data(), xs.data(), xqs.data());
+    const Q8Groups xa(X, M, K, g);
     at::parallel_for(0, N / 64, 4, [&](int64_t a, int64_t e) {
       for (int64_t b = a; b < e; ++b)
         by_rows<4>(M, [&](auto mc, int64_t m) {
-          int4_quads_block<mc.value>(xq.data() + m * K, xs.data() + m * G, xqs.data() + m * G, K, g, P + b * K * 32,
-                                     SZ, N, b, O + m * N + b * 64, N);
+          int4_quads_block<mc.value>(xa.q.data() + m * K, xa.s.data() + m * G, xa.sum.data() + m * G, K, g,
+                                     P + b * K * 32, SZ, N, b, O + m * N + b * 64, N);
         });
     });
     return finish(out, x, cast);
@@ -305,15 +303,13 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, c
   if (x.scalar_type() != at::kFloat && g % 16 == 0) {  // bf16/fp16 activations: integer products, as int8's path
     // x̃ = xs·xq with xq int8 per group of g columns (xs = max|x|/127): the product is exact for x̃. Plain
     // loops: a handful of torch ops here would cost as much as a small layer's whole matmul.
-    std::vector<int8_t> xq(M * K);
-    std::vector<float> xs(M * G), xqs(M * G);
-    quantize_q8_groups(X, M * G, g, xq.data(), xs.data(), xqs.data());
-    const auto* XP = reinterpret_cast<const int16_t*>(xq.data());
+    const Q8Groups xa(X, M, K, g);
+    const auto* XP = reinterpret_cast<const int16_t*>(xa.q.data());
     at::parallel_for(0, N / 32, 8, [&](int64_t a, int64_t e) {
       for (int64_t b = a; b < e; ++b)
         by_rows<Int4Avx2Q8::MC_MAX>(M, [&](auto mc, int64_t m) {
-          Int4Avx2Q8::run<mc.value>(XP + m * K / 2, xs.data() + m * G, xqs.data() + m * G, K, g, P + b * K * 16, SZ,
-                                    N, b, O + m * N);
+          Int4Avx2Q8::run<mc.value>(XP + m * K / 2, xa.s.data() + m * G, xa.sum.data() + m * G, K, g, P + b * K * 16,
+                                    SZ, N, b, O + m * N);
         });
     });
     return finish(out, x, cast);

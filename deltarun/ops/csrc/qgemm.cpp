@@ -149,33 +149,26 @@ at::Tensor qgemm_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, 
   {  // the decode kernel's loop as it is: each 64-row block (32 KB at K = 1024) stays in L1/L2 for every 4 rows of x
     const at::Tensor xf = widen(x);
     const int64_t G = K / g;
-    std::vector<int8_t> xq(M * K);
-    std::vector<float> xs(M * G), xqs(M * G);
-    const float* X = xf.data_ptr<float>();
-    at::parallel_for(0, M, 16, [&](int64_t a, int64_t e) {
-      quantize_q8_groups(X + a * K, (e - a) * G, g, xq.data() + a * K, xs.data() + a * G, xqs.data() + a * G);
-    });
+    const Q8Groups xa(xf.data_ptr<float>(), M, K, g);
     const uint8_t* P = packed.data_ptr<uint8_t>();
     const auto* SZ = reinterpret_cast<const uint32_t*>(sz.data_ptr());
     float* O = out.data_ptr<float>();
     at::parallel_for(0, N / 64, 1, [&](int64_t a, int64_t e) {
       for (int64_t b = a; b < e; ++b)
         by_rows<4>(M, [&](auto mc, int64_t m) {
-          int4_quads_block<mc.value>(xq.data() + m * K, xs.data() + m * G, xqs.data() + m * G, K, g, P + b * K * 32,
-                                     SZ, N, b, O + m * N + b * 64, N);
+          int4_quads_block<mc.value>(xa.q.data() + m * K, xa.s.data() + m * G, xa.sum.data() + m * G, K, g,
+                                     P + b * K * 32, SZ, N, b, O + m * N + b * 64, N);
         });
     });
   }
 #elif defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
   const at::Tensor xf = widen(x);
   const int64_t G = K / g;
-  std::vector<int8_t> xq(M * K);
-  std::vector<float> xa(M * G), xb(M * G);
-  const float* X = xf.data_ptr<float>();
-  at::parallel_for(0, M, 16, [&](int64_t a, int64_t e) {
-    quantize_q8_groups(X + a * K, (e - a) * G, g, xq.data() + a * K, xa.data() + a * G, xb.data() + a * G);
-    for (int64_t i = a * G; i < e * G; ++i) xb[i] *= xa[i];
-  });
+  Q8Groups q8(xf.data_ptr<float>(), M, K, g);
+  const std::vector<int8_t>& xq = q8.q;
+  const std::vector<float>& xa = q8.s;
+  std::vector<float>& xb = q8.sum;
+  for (int64_t i = 0; i < M * G; ++i) xb[i] *= xa[i];
   const uint8_t* P = packed.data_ptr<uint8_t>();
   const auto* SZ = reinterpret_cast<const uint32_t*>(sz.data_ptr());
   float* O = out.data_ptr<float>();

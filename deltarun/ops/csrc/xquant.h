@@ -4,10 +4,13 @@
 // arithmetic either way (IEEE division, round half to even, as torch.round). Included after gemv_kernels.h.
 #pragma once
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -70,6 +73,19 @@ inline void quantize_q8_groups(const float* x, int64_t n, int64_t g, int8_t* xq,
     xs[i] = sc, xqs[i] = static_cast<float>(sum);
   }
 }
+
+// x [M, K] fp32 quantized as int4's activations (`quantize_q8_groups`, groups of g): q [M, K], and per (row, group)
+// the scale s and Σq [M, K/g] — in parallel over rows, for the decode kernels and the prefill GEMMs alike.
+struct Q8Groups {
+  std::vector<int8_t> q;
+  std::vector<float> s, sum;
+  Q8Groups(const float* x, int64_t M, int64_t K, int64_t g) : q(M * K), s(M * K / g), sum(M * K / g) {
+    const int64_t G = K / g;
+    at::parallel_for(0, M, 16, [&](int64_t a, int64_t e) {
+      quantize_q8_groups(x + a * K, (e - a) * G, g, q.data() + a * K, s.data() + a * G, sum.data() + a * G);
+    });
+  }
+};
 
 // One row of K values: xq = round(x / sx) with sx = max(max|x|, 1e-30) / qmax — int8 weights' 16-bit activations.
 inline float quantize_q16_row(const float* x, int64_t K, int qmax, int16_t* xq) {
