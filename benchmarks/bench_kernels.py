@@ -20,6 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from bench_attention import cpu_line  # benchmarks/ is on sys.path when a script here runs
 
 from deltarun.ops import gemv, kernels
 from deltarun.ops.int4_layout import int4_reorder
@@ -47,6 +48,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     if not kernels.available():
         raise SystemExit("the CPU kernels are not available here")
+    print(cpu_line())
     big = torch.ones(256 * 1024 * 1024)
     print(f"x.sum() over 1 GiB: {1.0737 / seconds(big.sum, a.reps):.1f} GB/s; torch CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, int4 layout rows {torch.ops.deltarun.int4_layout_rows()}")

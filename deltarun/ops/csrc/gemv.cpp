@@ -17,6 +17,7 @@
 
 #include "gemv_kernels.h"
 #include "gemv_avx2.h"
+#include "ops.h"
 #include "xquant.h"
 
 namespace {
@@ -202,39 +203,6 @@ void int4_all(const T* X, const float* XS, int64_t M, int64_t K, int64_t g, cons
   });
 }
 
-#if defined(DELTARUN_INT4_QUADS)
-// fp32 activations on the quads layout (exact products, as the other builds' fp32 paths): a block's rows are
-// dequantized as dequant.cpp does ((q − 8)·scale, then + zero) into a per-task tile, then dotted with x. Only
-// the self-check and fp32 activations come here; bf16 ones take int4_quads_block.
-void int4_quads_exact(const float* X, int64_t M, int64_t K, int64_t g, const uint8_t* P, const uint32_t* SZ,
-                      int64_t N, float* O) {
-  at::parallel_for(0, N / 64, 1, [&](int64_t a, int64_t e) {
-    std::vector<float> w(64 * K);
-    for (int64_t b = a; b < e; ++b) {
-      const uint8_t* pb = P + b * K * 32;
-      for (int64_t r = 0; r < 64; ++r) {
-        const int64_t j = r % 32, shift = r < 32 ? 0 : 4;
-        for (int64_t k = 0; k < K; ++k) {
-          const uint32_t pair = SZ[(k / g) * N + b * 64 + r];
-          float scale, zero;
-          const uint32_t su = pair << 16, zu = pair & 0xFFFF0000u;
-          std::memcpy(&scale, &su, 4), std::memcpy(&zero, &zu, 4);
-          const int q = (pb[(k / 4) * 128 + (j / 16) * 64 + (j % 16) * 4 + k % 4] >> shift) & 15;
-          const float t = static_cast<float>(q - 8) * scale;
-          w[r * K + k] = t + zero;
-        }
-      }
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t r = 0; r < 64; ++r) {
-          float acc = 0.f;
-          for (int64_t k = 0; k < K; ++k) acc += X[m * K + k] * w[r * K + k];
-          O[m * N + b * 64 + r] = acc;
-        }
-    }
-  });
-}
-#endif
-
 // The byte order within this build's int4 row blocks: 0 torch's own, 1 the AVX2 column pairs (gemv_avx2.h),
 // 2 the AVX-512 VNNI quads (gemv_kernels.h, with or without BF16); ops/int4_layout.py applies the same permutations.
 int64_t int4_order() {
@@ -276,10 +244,12 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, c
   const int64_t G = K / g;
   at::Tensor out = at::empty({M, N}, xf.options());
   const float* X = xf.data_ptr<float>();
-  std::vector<float> xsum(M * G);  // Σx per (row, group) [M, K/g]
-  for (int64_t i = 0; i < M * G; ++i)
-    for (int64_t k = 0; k < g; ++k) xsum[i] += X[i * g + k];
-  const float* XS = xsum.data();
+  auto group_sums = [&] {  // Σx per (row, group) [M, K/g]: what the fp32-activation kernels fold the zeros with
+    std::vector<float> xsum(M * G);
+    for (int64_t i = 0; i < M * G; ++i)
+      for (int64_t k = 0; k < g; ++k) xsum[i] += X[i * g + k];
+    return xsum;
+  };
   const uint8_t* P = packed.data_ptr<uint8_t>();
   const auto* SZ = reinterpret_cast<const uint32_t*>(sz.data_ptr());
   float* O = out.data_ptr<float>();
@@ -296,9 +266,14 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, c
     });
     return finish(out, x, cast);
   }
-  int4_quads_exact(X, M, K, g, P, SZ, N, O);
+  // fp32 activations (exact products, as the other builds' fp32 paths; only the self-check comes here): rows
+  // dequantized by dequant.cpp a block of them at a time, then torch's fp32 product
+  for (int64_t n0 = 0; n0 < N; n0 += 4096) {
+    const int64_t n1 = std::min(N, n0 + 4096);
+    out.narrow(1, n0, n1 - n0).copy_(at::mm(xf, dequant_int4_rows(packed, sz, g, 64, n0, n1, 2).t()));
+  }
 #elif defined(__AVX512F__)
-  int4_all<Int4F32>(X, XS, M, K, g, P, SZ, N, O);
+  int4_all<Int4F32>(X, group_sums().data(), M, K, g, P, SZ, N, O);
 #elif defined(__AVX2__) && defined(__FMA__)
   if (x.scalar_type() != at::kFloat && g % 16 == 0) {  // bf16/fp16 activations: integer products, as int8's path
     // x̃ = xs·xq with xq int8 per group of g columns (xs = max|x|/127): the product is exact for x̃. Plain
@@ -314,7 +289,7 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, int64_t g, c
     });
     return finish(out, x, cast);
   }
-  int4_all<Int4Avx2>(X, XS, M, K, g, P, SZ, N, O);
+  int4_all<Int4Avx2>(X, group_sums().data(), M, K, g, P, SZ, N, O);
 #endif
   return finish(out, x, cast);
 }

@@ -294,13 +294,14 @@ struct Int4F32 {
 #endif
 
 // ---------------------------------------------------------------- int4 for AVX-512 VNNI: the quads layout
-// The 64-row kernel above widens every nibble to fp32 (four conversions per 64 weights): compute-bound at ~40% of the
-// memory bandwidth. bf16 dot products (an earlier kernel, nibbles to bf16 by table lookup) still needed two
-// conversions. Here the activations are int8 per group (as AVX2's path and llama.cpp's) and vpdpbusd multiplies 64
-// nibbles by them at once: on a 2-core Zen 4, 0.8B int4 pp512 241 → 302 tok/s and tg128 45 → 52 against the bf16
-// dot products, with mean |Δ logprob| vs bf16 0.5794 → 0.5816 (bench_quant_accuracy.py; llama.cpp Q4_0: 0.5591). For that each 128 bytes of a 64-row block
-// (columns 4t … 4t + 3) hold torch's bytes (k, j) at 64·(j / 16) + 4·(j mod 16) + (k mod 4) (ops/int4_layout.py
-// `QUADS`): a 32-bit lane is one row's four columns, low nibbles rows j, high nibbles rows 32 + j.
+// The 64-row kernel above widens every nibble to fp32 (four conversions per 64 weights): compute-bound at ~40% of
+// the memory bandwidth. bf16 dot products (an earlier kernel, nibbles to bf16 by table lookup) still needed two
+// conversions. Here the activations are int8 per group (as AVX2's path and llama.cpp's) and vpdpbusd multiplies
+// 64 nibbles by them at once: on a 2-core Zen 4, 0.8B int4 pp512 241 → 302 tok/s and tg128 45 → 52 against the
+// bf16 dot products, with mean |Δ logprob| vs bf16 0.5794 → 0.5816 (bench_quant_accuracy.py; llama.cpp Q4_0:
+// 0.5591). For that each 128 bytes of a 64-row block (columns 4t … 4t + 3) hold torch's bytes (k, j) at
+// 64·(j / 16) + 4·(j mod 16) + (k mod 4) (ops/int4_layout.py `QUADS`): a 32-bit lane is one row's four columns,
+// low nibbles rows j, high nibbles rows 32 + j.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define DELTARUN_INT4_QUADS 1
 // One 64-row block (pb: K/4 quads of 128 bytes) against MC activation rows xq [MC, K] int8 (stride K), with xs

@@ -1,4 +1,4 @@
-// The extension's ops as C++ functions (defined in gemv.cpp, gdn.cpp, norm.cpp, lora.cpp), for code that chains
+// The extension's ops as C++ functions (defined in gemv.cpp, gdn.cpp, norm.cpp, lora.cpp, dequant.cpp), for code that chains
 // them without a trip through Python and torch's dispatcher (layer.cpp). Shapes and contracts: at their
 // definitions.
 #pragma once
@@ -16,6 +16,8 @@ at::Tensor gdn_decode_(const at::Tensor& mixed, const at::Tensor& conv_pool, con
                        const at::Tensor& a, const at::Tensor& b, const at::Tensor& A_log, const at::Tensor& dt_bias,
                        const at::Tensor& rec_pool, const at::Tensor& slots, int64_t hk, const at::Tensor& z,
                        const at::Tensor& norm_w, double eps, const std::optional<at::Tensor>& snap);
+at::Tensor dequant_int4_rows(const at::Tensor& packed, const at::Tensor& sz, int64_t g, int64_t block, int64_t start,
+                             int64_t end, int64_t order);
 at::Tensor lora_expand(const at::Tensor& t, const at::Tensor& mask, const at::Tensor& bt);
 at::Tensor rms_norm_zc(const at::Tensor& x, const at::Tensor& w, double eps);
 std::tuple<at::Tensor, at::Tensor> add_rms_norm_zc(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w,
