@@ -4,6 +4,9 @@ alternates each rep), medians with every rep printed, for a refactor's "did anyt
     git worktree add --detach /tmp/before <rev>
     python benchmarks/bench_ab.py --before /tmp/before --after . --reps 5 --variants bf16,int8,int4
 
+A switch on one tree: `--before . --after . --before-env DELTARUN_HUGEPAGES=0` (each `--*-env NAME=VALUE`, repeatable,
+is set for that side's runs only).
+
 Each run is `python -m deltarun.bench --child` (the `deltarun bench` measurement) with PYTHONPATH set to
 its tree, on the random 0.8B-shape checkpoint (written once to ~/.cache/deltarun/bench-0.8b). A first
 untimed run per tree builds that tree's CPU kernels.
@@ -21,10 +24,10 @@ from pathlib import Path
 MODEL = Path("~/.cache/deltarun/bench-0.8b").expanduser()
 
 
-def run(tree: Path, model: Path, variant: str, threads: int) -> dict:
+def run(tree: Path, model: Path, variant: str, threads: int, extra: dict[str, str] | None = None) -> dict:
     spec = json.dumps({"folder": str(model), "variant": variant, "prompt_lens": [512], "gen_len": 128,
                        "threads": threads})
-    env = {**os.environ, "PYTHONPATH": str(tree), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONPATH": str(tree), "TOKENIZERS_PARALLELISM": "false", **(extra or {})}
     p = subprocess.run([sys.executable, "-m", "deltarun.bench", "--child", spec], capture_output=True, text=True,
                        env=env, cwd=tree)
     for line in p.stdout.splitlines():
@@ -41,19 +44,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", default="bf16,int8,int4")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", type=Path, default=MODEL)
+    p.add_argument("--before-env", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--after-env", action="append", default=[], metavar="NAME=VALUE")
     a = p.parse_args(argv)
+    envs = {side: dict(e.split("=", 1) for e in getattr(a, f"{side}_env")) for side in ("before", "after")}
     if not (a.model / "config.json").is_file():
         from deltarun.weights.random_init import write_random_checkpoint
         write_random_checkpoint("0.8B", a.model, seed=0, tokenizer=False)
     trees = {"before": a.before.resolve(), "after": a.after.resolve()}
     variants = a.variants.split(",")
-    for tree in trees.values():  # builds the tree's kernels, untimed
-        run(tree, a.model, variants[0], a.threads)
+    for t, tree in trees.items():  # builds the tree's kernels, untimed
+        run(tree, a.model, variants[0], a.threads, envs[t])
     res: dict[tuple[str, str], list[dict]] = {(t, v): [] for t in trees for v in variants}
     for rep in range(a.reps):
         for v in variants:
             for t in (("before", "after") if rep % 2 == 0 else ("after", "before")):
-                r = run(trees[t], a.model, v, a.threads)
+                r = run(trees[t], a.model, v, a.threads, envs[t])
                 res[t, v].append(r)
                 print(f"rep {rep + 1} {v:6} {t:6} pp512 {r['pp512']:7.1f} tg128 {r['tg128']:6.2f} "
                       f"rss {r['rss_gb']:.2f}", flush=True)

@@ -8,6 +8,7 @@
 | DELTARUN_PREFILL_GEMM | 1 | 0: no integer / bf16-weight prefill GEMMs (quantized prefill dequantizes) |
 | DELTARUN_ONEDNN | 1 | 0: widened fp32 prefill matmuls use F.linear instead of oneDNN |
 | DELTARUN_FUSED_LAYERS | 1 | 0: decode runs the modules, not the fused C++ layers |
+| DELTARUN_HUGEPAGES | 1 | 0: weights deltarun fills itself go on ordinary pages, not 2 MB ones (ops/memory.py) |
 
 Routes are chosen when a model is loaded (ops/routes.py), so a switch changed later affects models loaded
 after `reload()` (tests use it; a process reads its environment once).
@@ -27,6 +28,7 @@ class Settings:
     prefill_gemm: bool
     onednn: bool
     fused_layers: bool
+    hugepages: bool
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -36,7 +38,7 @@ class Settings:
                    cpu_level=env.get("DELTARUN_CPU_LEVEL", "").strip().lower() or None,
                    kernels_dir=Path(env.get("DELTARUN_KERNELS_DIR") or Path.home() / ".cache" / "deltarun" / "kernels"),
                    prefill_gemm=on("DELTARUN_PREFILL_GEMM"), onednn=on("DELTARUN_ONEDNN"),
-                   fused_layers=on("DELTARUN_FUSED_LAYERS"))
+                   fused_layers=on("DELTARUN_FUSED_LAYERS"), hugepages=on("DELTARUN_HUGEPAGES"))
 
 
 _current: list[Settings] = []

@@ -30,6 +30,7 @@ from torch import nn
 from ..config import ConfigError, ModelConfig, apply_rope_override
 from ..model.qwen3_5 import Qwen3_5ForCausalLM
 from ..ops import kernels, routes
+from ..ops.memory import weight_empty
 from ..ops.quant import QuantEmbedding, QuantLinear, pack_int4, quantize_int8
 from . import quantize as quant
 from .common import FP32_PARAMS, LoadError, resolve_device, resolve_dtype, trim_heap
@@ -134,7 +135,8 @@ class Weight:
         """(q int8 [N, K], scales [N]) requantized per row from the dequantized (or float) values."""
         if self.type in FUSED_INT8 and self.cols is None and kernels.available():
             # the same numbers as below, in one pass over the mapped blocks (csrc/gguf_blocks.cpp): no copy
-            return torch.ops.deltarun.gguf_to_int8(_mapped(self.data), self.type, self.shape[1])
+            q = weight_empty((self.shape[0], self.shape[1]), torch.int8)  # decode streams it: 2 MB pages
+            return q, torch.ops.deltarun.gguf_to_int8_into(_mapped(self.data), self.type, self.shape[1], q)
         qs, ss = [], []
         for i in range(0, self.shape[0], CHUNK_ROWS):
             part = self.rows(slice(i, i + CHUNK_ROWS))
