@@ -236,7 +236,7 @@ def test_cpu_level_is_checked(monkeypatch):
     flags = kernels._cpu_flags() or set()
     monkeypatch.setenv("DELTARUN_CPU_LEVEL", "avx9")
     reload_settings()
-    with pytest.raises(ValueError, match="expected one of native, avx2, avx512, avx512_bf16"):
+    with pytest.raises(ValueError, match="expected one of native, avx2, avx512_core, avx512, avx512_bf16"):
         kernels.cpu_level()
     for level, (march, needs, _) in kernels.LEVELS.items():
         monkeypatch.setenv("DELTARUN_CPU_LEVEL", level)
@@ -276,7 +276,8 @@ def test_kernel_sources_compile_for_the_other_cpu_family():
     """The instruction-set branches this host does not build are type-checked too (an AVX-512-only
     mistake must not surface first on a user's AVX-512 machine, nor an AVX2 one on a laptop): AVX-512
     hosts check the AVX2 build, others the AVX-512 (BF16, VNNI, VBMI) one; and every host checks the
-    sources with AVX-512-without-BF16 branches (the common cloud Xeon) for that level."""
+    sources with AVX-512-without-BF16 branches (the common cloud Xeon) for that level, and those with
+    AVX-512-without-VNNI branches (Skylake-SP) for that one."""
     import platform
     import shutil
     import sysconfig
@@ -291,6 +292,9 @@ def test_kernel_sources_compile_for_the_other_cpu_family():
     jobs = [(name, march) for name in kernels.SOURCES]
     jobs += [(name, "cascadelake") for name in kernels.SOURCES
              if "AVX512BF16" in (text := kernels.SOURCE.with_name(name).read_text()) or "gemv_kernels.h" in text]
+    # AVX-512 without VNNI (Skylake-SP, DELTARUN_CPU_LEVEL=avx512_core): the sources that branch on VNNI
+    jobs += [(name, "skylake-avx512") for name in kernels.SOURCES
+             if "VNNI" in kernels.SOURCE.with_name(name).read_text()]
 
     def check(job: tuple[str, str]) -> subprocess.CompletedProcess:
         name, arch = job
