@@ -50,7 +50,7 @@ def int4_usable(sz: torch.Tensor) -> bool:
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, sz: torch.Tensor) -> torch.Tensor:
     """Weight-only int4 matmul by the kernel, x [M ≤ 16, K] → [M, N] in x's dtype. packed: torch's CPU layout
     [N/B, K, B/2], with each row block's bytes in the build's order (`kernels.int4_order()`: AVX2's column pairs,
-    AVX-512 VNNI's quads; ops/int4_layout.py `int4_reorder`); sz [K/g, N, 2] bf16."""
+    AVX-512's quads; ops/int4_layout.py `int4_reorder`); sz [K/g, N, 2] bf16."""
     return torch.ops.deltarun.gemv_int4(x, packed, group, sz, True)
 
 
@@ -79,7 +79,7 @@ def qgemm_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.
 
 
 def qgemm_int4(x: torch.Tensor, packed: torch.Tensor, group: int, sz: torch.Tensor) -> torch.Tensor:
-    """Prefill: x [M, K] · int4 (AVX2 pairs or AVX-512 VNNI quads layout, sz [K/g, N, 2]) → [M, N] in x's dtype
+    """Prefill: x [M, K] · int4 (AVX2 pairs or AVX-512 quads layout, sz [K/g, N, 2]) → [M, N] in x's dtype
     (csrc/qgemm.cpp)."""
     return torch.ops.deltarun.qgemm_int4(x, packed, group, sz, True)
 

@@ -1,5 +1,5 @@
 """torch's CPU int4 layout and our kernels' byte orders within its row blocks (the AVX2 column pairs, the AVX-512
-VNNI quads): what both the kernels (gemv.py's self-check) and the quantized modules (quant.py) need to read packed
+quads): what both the kernels (gemv.py's self-check) and the quantized modules (quant.py) need to read packed
 int4 weights. The order a build reads is `torch.ops.deltarun.int4_order()`: 0 torch's, 1 pairs, 2 quads."""
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ PAIRS = torch.tensor([(p % 2) * 16 + (p // 16) * 8 + (p % 16) // 2 for p in rang
 UNPAIRS = torch.argsort(PAIRS)
 
 
-# The AVX-512 VNNI kernel's order of each 4 columns' 128 bytes in the 64-row layout (csrc/gemv_kernels.h): position p
+# The AVX-512 kernel's order of each 4 columns' 128 bytes in the 64-row layout (csrc/gemv_kernels.h): position p
 # holds torch's byte (k, j) = (p mod 4, 16·(p div 64) + (p mod 64) div 4), i.e. 32-bit lanes of one row's 4 columns.
 QUADS = torch.tensor([(p % 4) * 32 + (p // 64) * 16 + (p % 64) // 4 for p in range(128)])
 UNQUADS = torch.argsort(QUADS)

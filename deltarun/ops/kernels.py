@@ -35,7 +35,7 @@ _state: dict[str, object] = {}
 # torch's own kernels (and its int4 layout) follow. level: (compiler flags, CPU flags needed, hardware bf16)
 LEVELS = {
     "avx2": (["-march=haswell"], {"avx2", "fma"}, False),
-    # AVX-512 without VNNI (Skylake-SP/X: the first AVX-512 Xeons, still in clouds): fp32 int8/int4 kernels
+    # AVX-512 without VNNI (Skylake-SP/X: the first AVX-512 Xeons, still in clouds): int4 dot products by vpmaddubsw
     "avx512_core": (["-march=skylake-avx512"], {"avx512f", "avx512bw", "avx512vl"}, False),
     "avx512": (["-march=cascadelake"], {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}, False),
     "avx512_bf16": (["-march=cascadelake", "-mavx512bf16", "-mavx512vbmi"],

@@ -19,7 +19,7 @@ namespace {
 
 // Where torch's byte (k, j) of a row block sits in the block's byte order (gemv.cpp `int4_order`): 0 as torch; 1 the
 // AVX2 kernel's column pairs (gemv_avx2.h): byte 16L + 2i + c of the 32 of columns (k − c, k − c + 1), for
-// j = 8L + i, c = k mod 2; 2 the AVX-512 VNNI quads (gemv_kernels.h, h = 32): byte 64·(j / 16) + 4·(j mod 16) + c
+// j = 8L + i, c = k mod 2; 2 the AVX-512 quads (gemv_kernels.h, h = 32): byte 64·(j / 16) + 4·(j mod 16) + c
 // of the 128 of columns k − c … k − c + 3, c = k mod 4.
 inline int64_t byte_at(int64_t k, int64_t j, int64_t h, int64_t order) {
   if (order == 1) return (k - (k & 1)) * h + (j >> 3) * 16 + (j & 7) * 2 + (k & 1);

@@ -204,7 +204,7 @@ void int4_all(const T* X, const float* XS, int64_t M, int64_t K, int64_t g, cons
 }
 
 // The byte order within this build's int4 row blocks: 0 torch's own, 1 the AVX2 column pairs (gemv_avx2.h),
-// 2 the AVX-512 VNNI quads (gemv_kernels.h, with or without BF16); ops/int4_layout.py applies the same permutations.
+// 2 the AVX-512 quads (gemv_kernels.h, with or without VNNI and BF16); ops/int4_layout.py applies the same permutations.
 int64_t int4_order() {
 #if defined(DELTARUN_INT4_QUADS)
   return 2;

@@ -284,7 +284,7 @@ inline void int4_block(const float* x, const float* xsum, int64_t K, int64_t g, 
 #endif
 
 #if defined(__AVX512F__)
-// the fp32 int4 kernel as a type, for gemv.cpp's dispatch loop (AVX-512 without VNNI)
+// the fp32 int4 kernel as a type, for gemv.cpp's dispatch loop (AVX-512 without BW: Xeon Phi)
 struct Int4F32 {
   static constexpr int MC_MAX = 4, BLOCK = 64;
   template <int MC>
@@ -293,7 +293,7 @@ struct Int4F32 {
 };
 #endif
 
-// ---------------------------------------------------------------- int4 for AVX-512 VNNI: the quads layout
+// ---------------------------------------------------------------- int4 for AVX-512 (BW): the quads layout
 // The 64-row kernel above widens every nibble to fp32 (four conversions per 64 weights): compute-bound at ~40% of
 // the memory bandwidth. bf16 dot products (an earlier kernel, nibbles to bf16 by table lookup) still needed two
 // conversions. Here the activations are int8 per group (as AVX2's path and llama.cpp's) and vpdpbusd multiplies
@@ -301,9 +301,20 @@ struct Int4F32 {
 // bf16 dot products, with mean |Δ logprob| vs bf16 0.5794 → 0.5816 (bench_quant_accuracy.py; llama.cpp Q4_0:
 // 0.5591). For that each 128 bytes of a 64-row block (columns 4t … 4t + 3) hold torch's bytes (k, j) at
 // 64·(j / 16) + 4·(j mod 16) + (k mod 4) (ops/int4_layout.py `QUADS`): a 32-bit lane is one row's four columns,
-// low nibbles rows j, high nibbles rows 32 + j.
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// low nibbles rows j, high nibbles rows 32 + j. Without VNNI (Skylake-SP) each vpdpbusd is vpmaddubsw + vpmaddwd +
+// vpaddd, the same exact sums (a pair of products is at most 2·15·127 < 2¹⁵, so vpmaddubsw never saturates):
+// emulated on Zen 4 (DELTARUN_CPU_LEVEL=avx512_core), 0.8B int4 pp512 114 → 256 tok/s and tg128 35 → 51 against the
+// fp32 kernel (+ dequantizing for prefill); llama.cpp built for that level: 137 / 31.
+#if defined(__AVX512BW__)
 #define DELTARUN_INT4_QUADS 1
+// acc + the sums of each lane's four u8 · s8 products (u: nibbles, s: int8 activations)
+inline __m512i dot_u8s8(__m512i acc, __m512i u, __m512i s) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpbusd_epi32(acc, u, s);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+#endif
+}
 // One 64-row block (pb: K/4 quads of 128 bytes) against MC activation rows xq [MC, K] int8 (stride K), with xs
 // (scale) and xqs (Σxq) per (row, group) [MC, G]; adds into (gi > 0) or writes out[m·ldo + 0 … 63]. The int32
 // sums of a group stay exact: g·15·127 < 2³¹.
@@ -325,7 +336,7 @@ inline void int4_quads_block(const int8_t* xq, const float* xs, const float* xqs
         int32_t x4;
         std::memcpy(&x4, xq + m * K + k, 4);
         const __m512i xv = _mm512_set1_epi32(x4);
-        for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_dpbusd_epi32(acc[m][v], t[v], xv);
+        for (int v = 0; v < 4; ++v) acc[m][v] = dot_u8s8(acc[m][v], t[v], xv);
       }
     }
     // Σ((q − 8)·scale + zero)·x̃ = xs·(scale·(Σq·xq − 8·Σxq) + zero·Σxq), the rows' (scale, zero) read as uint32

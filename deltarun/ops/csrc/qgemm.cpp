@@ -7,10 +7,10 @@
 //  - int4 weights (the 32-row pairs layout of gemv_avx2.h, AVX2 builds), int8 activations per group: each
 //    32-row block unpacked once per call into tiles of 8 rows × 4 columns (one byte each, as vpmaddubsw takes
 //    them); 4 activation rows share each tile load; int16 sums widened every 32 columns (8 · 2 · 15 · 127 < 2¹⁵).
-//  - int4 weights in the quads layout (gemv_kernels.h, AVX-512 VNNI): the decode kernel's own loop,
-//    4 activation rows per pass over each 64-row block — a prompt's outputs are decode's bit for bit.
+//  - int4 weights in the quads layout (gemv_kernels.h, AVX-512 with or without VNNI): the decode kernel's own
+//    loop, 4 activation rows per pass over each 64-row block — a prompt's outputs are decode's bit for bit.
 // References: the decode ops and dequantize + F.linear (tests/test_qgemm.py). Not here: fp32 activations
-// (exact products: ops/quant.py dequantizes), AVX-512 without VNNI (torch's 64-row order: dequantized).
+// (exact products: ops/quant.py dequantizes).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -117,7 +117,7 @@ inline void pack_int4_scales(const uint32_t* sz, int64_t G, int64_t N, int64_t b
 
 }  // namespace
 
-// Whether qgemm_int4 is built here (AVX2 without AVX-512: the 32-row pairs layout; AVX-512 VNNI: the 64-row
+// Whether qgemm_int4 is built here (AVX2 without AVX-512: the 32-row pairs layout; AVX-512 BW: the 64-row
 // quads layout).
 bool qgemm_int4_available() {
 #if (defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)) || defined(DELTARUN_INT4_QUADS)
