@@ -153,10 +153,25 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
     std::vector<int16_t> xq(M * K);
     std::vector<float> sx(M);
     for (int64_t m = 0; m < M; ++m) sx[m] = quantize_q16_row(XF + m * K, K, XQ_MAX, xq.data() + m * K);  // x ≈ sx·xq
+#if defined(__AVX512VNNI__)
+    const bool split = K % 64 == 0 && M == 1;  // gemv_kernels.h int8_row_split: same results as int8_row_vnni
+#elif defined(__AVX512BW__)
+    const bool split = K % 64 == 0;
+#endif
+#if defined(__AVX512BW__)
+    if (split) {
+      std::vector<int16_t> xs(M * K);
+      for (int64_t m = 0; m < M; ++m) split_q16(xq.data() + m * K, K, xs.data() + m * K);
+      xq.swap(xs);
+    }
+#endif
     const int16_t* XQ = xq.data();
     at::parallel_for(0, N, GRAIN, [&](int64_t a, int64_t b) {
       for (int64_t n = a; n < b; ++n) {
         by_rows<4>(M, [&](auto mc, int64_t m) {
+#if defined(__AVX512BW__)
+          if (split) return int8_row_split<mc.value>(XQ + m * K, K, W + n * K, O + m * N + n, N);
+#endif
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
           int8_row_vnni<mc.value>(XQ + m * K, K, W + n * K, O + m * N + n, N);
 #else

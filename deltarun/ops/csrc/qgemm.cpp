@@ -208,8 +208,20 @@ at::Tensor qgemm_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   std::vector<int16_t> xq(M * K);
   std::vector<float> sx(M);
   const float* X = xf.data_ptr<float>();
+#if defined(__AVX512BW__) && !defined(__AVX512VNNI__)
+  const bool split = K % 64 == 0;  // the decode kernel's row loop, so its activations' layout (gemv.cpp)
+#endif
   at::parallel_for(0, M, 16, [&](int64_t a, int64_t e) {
-    for (int64_t m = a; m < e; ++m) sx[m] = quantize_q16_row(X + m * K, K, XQ_MAX, xq.data() + m * K);
+    std::vector<int16_t> row(K);
+    for (int64_t m = a; m < e; ++m) {
+      sx[m] = quantize_q16_row(X + m * K, K, XQ_MAX, xq.data() + m * K);
+#if defined(__AVX512BW__) && !defined(__AVX512VNNI__)
+      if (split) {
+        std::copy(xq.begin() + m * K, xq.begin() + (m + 1) * K, row.begin());
+        split_q16(row.data(), K, xq.data() + m * K);
+      }
+#endif
+    }
   });
   const int8_t* W = w.data_ptr<int8_t>();
   const float* S = scales.data_ptr<float>();
@@ -219,6 +231,9 @@ at::Tensor qgemm_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor
       const int64_t n1 = std::min(N, n0 + NB8);
       by_rows<4>(M, [&](auto mc, int64_t m) {
         for (int64_t n = n0; n < n1; ++n)
+#if defined(__AVX512BW__) && !defined(__AVX512VNNI__)
+          if (split) int8_row_split<mc.value>(xq.data() + m * K, K, W + n * K, O + m * N + n, N); else
+#endif
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
           int8_row_vnni<mc.value>(xq.data() + m * K, K, W + n * K, O + m * N + n, N);
 #else
