@@ -2,6 +2,7 @@
 quantize-on-load writes into them the same bytes as one unblocked pass."""
 import gc
 import mmap
+import os
 import sys
 
 import pytest
@@ -11,8 +12,9 @@ from deltarun.ops import memory
 from deltarun.ops import settings as settings_mod
 from deltarun.ops.quant import QUANT_ROW_BLOCK, _quantize_int8, quantize_int8
 
-linux = pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"),
-                           reason="transparent huge pages are a Linux feature")
+linux = pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE")
+                           or not os.path.isdir("/sys/kernel/mm/transparent_hugepage"),
+                           reason="needs a Linux kernel with transparent huge pages")
 
 
 def _vma(addr: int) -> dict | None:
