@@ -212,12 +212,11 @@ at::Tensor qgemm_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   const bool split = K % 64 == 0;  // the decode kernel's row loop, so its activations' layout (gemv.cpp)
 #endif
   at::parallel_for(0, M, 16, [&](int64_t a, int64_t e) {
-    std::vector<int16_t> row(K);
     for (int64_t m = a; m < e; ++m) {
       sx[m] = quantize_q16_row(X + m * K, K, XQ_MAX, xq.data() + m * K);
 #if defined(__AVX512BW__) && !defined(__AVX512VNNI__)
       if (split) {
-        std::copy(xq.begin() + m * K, xq.begin() + (m + 1) * K, row.begin());
+        const std::vector<int16_t> row(xq.begin() + m * K, xq.begin() + (m + 1) * K);
         split_q16(row.data(), K, xq.data() + m * K);
       }
 #endif
