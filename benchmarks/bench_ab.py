@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--before-env", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--after-env", action="append", default=[], metavar="NAME=VALUE")
     a = p.parse_args(argv)
+    if bad := [e for e in a.before_env + a.after_env if "=" not in e]:
+        p.error(f"--before-env / --after-env take NAME=VALUE, not {bad[0]!r}")
     envs = {side: dict(e.split("=", 1) for e in getattr(a, f"{side}_env")) for side in ("before", "after")}
     if not (a.model / "config.json").is_file():
         from deltarun.weights.random_init import write_random_checkpoint

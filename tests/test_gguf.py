@@ -321,18 +321,25 @@ def test_fused_int8_requantization_is_bit_exact(qtype):
     rows[..., d_at:d_at + 2] = d.view(np.uint8).reshape(40, K // qk, 2)
     rows[0] = 0
     data = rows.reshape(40, -1)
-    q, s = torch.ops.deltarun.gguf_to_int8(torch.from_numpy(data.copy()), qtype, K)
+
+    def to_int8(blocks, type_, k):  # the op writes q into the caller's buffer and returns the scales
+        q = torch.empty(blocks.shape[0], k, dtype=torch.int8)
+        return q, torch.ops.deltarun.gguf_to_int8_into(blocks, type_, k, q)
+    q, s = to_int8(torch.from_numpy(data.copy()), qtype, K)
     w = q8_0_values(data) if qtype == "Q8_0" else torch.from_numpy(dequantize_blocks(data, qtype).reshape(40, K))
     want_q, want_s = quantize_int8(w)
     assert torch.equal(s, want_s) and torch.equal(q, want_q)
     damaged = rows[:1].copy()  # NaN scales (a damaged file): defined zeros, not an undefined conversion
     damaged[..., d_at:d_at + 2] = np.array([np.nan], dtype=np.float16).view(np.uint8)
-    q, _ = torch.ops.deltarun.gguf_to_int8(torch.from_numpy(damaged.reshape(1, -1)), qtype, K)
+    q, _ = to_int8(torch.from_numpy(damaged.reshape(1, -1)), qtype, K)
     assert not q.any()
     with pytest.raises(RuntimeError, match="Q6_K or Q8_0"):
-        torch.ops.deltarun.gguf_to_int8(torch.from_numpy(data.copy()), "Q5_K", K)
+        to_int8(torch.from_numpy(data.copy()), "Q5_K", K)
     with pytest.raises(RuntimeError, match="rows of"):
-        torch.ops.deltarun.gguf_to_int8(torch.from_numpy(data.copy()), qtype, K + qk)
+        to_int8(torch.from_numpy(data.copy()), qtype, K + qk)
+    with pytest.raises(RuntimeError, match="q int8"):  # a buffer of the wrong shape is refused, not overrun
+        torch.ops.deltarun.gguf_to_int8_into(torch.from_numpy(data.copy()), qtype, K,
+                                             torch.empty(39, K, dtype=torch.int8))
 
 
 @pytest.mark.usefixtures("cpu_kernels")

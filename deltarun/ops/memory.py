@@ -15,6 +15,7 @@ unmaps it when freed. Below 2 MB, off Linux, or with DELTARUN_HUGEPAGES=0: torch
 """
 from __future__ import annotations
 
+import math
 import mmap
 import sys
 
@@ -27,10 +28,7 @@ HUGE = 2 << 20  # x86-64's transparent huge page
 
 def weight_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor of `shape` and `dtype`, on 2 MB pages where it spans at least one."""
-    numel = 1
-    for s in shape:
-        numel *= s
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if nbytes < HUGE or not settings().hugepages or not sys.platform.startswith("linux") \
             or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(shape, dtype=dtype)

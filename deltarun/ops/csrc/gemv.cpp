@@ -159,11 +159,8 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
     const bool split = K % 64 == 0;
 #endif
 #if defined(__AVX512BW__)
-    if (split) {
-      std::vector<int16_t> xs(M * K);
-      for (int64_t m = 0; m < M; ++m) split_q16(xq.data() + m * K, K, xs.data() + m * K);
-      xq.swap(xs);
-    }
+    if (split)
+      for (int64_t m = 0; m < M; ++m) split_q16(xq.data() + m * K, K);
 #endif
     const int16_t* XQ = xq.data();
     at::parallel_for(0, N, GRAIN, [&](int64_t a, int64_t b) {

@@ -381,9 +381,12 @@ inline __m512i dot_s16(__m512i acc, __m512i a, __m512i b) {
 // 4 activation rows (prefill, batched decode) the widening loop (int8_row_vnni) stays faster (qgemm_int8 ~295 vs
 // ~200 GOP/s on Zen 4), so VNNI builds run this one for a single row only. Both reduce each XQ_FLUSH block's
 // int32 lanes exactly, then add the block sums in fp32 in order: a row's result does not depend on the kernel.
-inline void split_q16(const int16_t* xq, int64_t K, int16_t* xs) {
-  for (int64_t k = 0; k < K; k += 64)
-    for (int64_t i = 0; i < 32; ++i) xs[k + i] = xq[k + 2 * i], xs[k + 32 + i] = xq[k + 2 * i + 1];
+inline void split_q16(int16_t* x, int64_t K) {  // in place
+  int16_t t[64];
+  for (int64_t k = 0; k < K; k += 64) {
+    std::memcpy(t, x + k, sizeof t);
+    for (int64_t i = 0; i < 32; ++i) x[k + i] = t[2 * i], x[k + 32 + i] = t[2 * i + 1];
+  }
 }
 
 template <int MC>

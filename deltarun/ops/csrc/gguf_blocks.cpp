@@ -87,7 +87,7 @@ void quantize_row(const float* __restrict w, int K, float s, int8_t* __restrict 
 }  // namespace
 
 // blocks uint8 [N, bytes per row] of type "Q6_K" or "Q8_0" (K values per row) → q int8 [N, K], written into the
-// caller's buffer (ops/memory.py: on 2 MB pages), and scales fp32 [N], returned; gguf_to_int8 allocates q itself.
+// caller's buffer (ops/memory.py: on 2 MB pages), and scales fp32 [N], returned.
 at::Tensor gguf_to_int8_into(const at::Tensor& blocks, const std::string& type, int64_t K, const at::Tensor& q) {
   TORCH_CHECK(blocks.device().is_cpu() && blocks.scalar_type() == at::kByte && blocks.dim() == 2 &&
               blocks.is_contiguous(), "gguf_to_int8: blocks uint8 [N, bytes per row]");
@@ -114,11 +114,6 @@ at::Tensor gguf_to_int8_into(const at::Tensor& blocks, const std::string& type, 
     }
   });
   return scales;
-}
-
-std::tuple<at::Tensor, at::Tensor> gguf_to_int8(const at::Tensor& blocks, const std::string& type, int64_t K) {
-  at::Tensor q = at::empty({blocks.size(0), K}, blocks.options().dtype(at::kChar));
-  return {q, gguf_to_int8_into(blocks, type, K, q)};
 }
 
 // blocks uint8 [N, K/32·18] Q4_0 → (packed uint8 [N, K/2], value j of a group in the low nibble of byte j/2
@@ -188,14 +183,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gguf_q4_k_rows(const at::Tensor& 
 }
 
 TORCH_LIBRARY_FRAGMENT(deltarun, m) {
-  m.def("gguf_to_int8(Tensor blocks, str type, int K) -> (Tensor, Tensor)");
   m.def("gguf_to_int8_into(Tensor blocks, str type, int K, Tensor(a!) q) -> Tensor");
   m.def("gguf_q4_0_rows(Tensor blocks, int K) -> (Tensor, Tensor)");
   m.def("gguf_q4_k_rows(Tensor blocks, int K) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(deltarun, CPU, m) {
-  m.impl("gguf_to_int8", &gguf_to_int8);
   m.impl("gguf_to_int8_into", &gguf_to_int8_into);
   m.impl("gguf_q4_0_rows", &gguf_q4_0_rows);
   m.impl("gguf_q4_k_rows", &gguf_q4_k_rows);

@@ -215,10 +215,7 @@ at::Tensor qgemm_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor
     for (int64_t m = a; m < e; ++m) {
       sx[m] = quantize_q16_row(X + m * K, K, XQ_MAX, xq.data() + m * K);
 #if defined(__AVX512BW__) && !defined(__AVX512VNNI__)
-      if (split) {
-        const std::vector<int16_t> row(xq.begin() + m * K, xq.begin() + (m + 1) * K);
-        split_q16(row.data(), K, xq.data() + m * K);
-      }
+      if (split) split_q16(xq.data() + m * K, K);
 #endif
     }
   });
