@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from deltarun.ops.sampling import SamplerState, process_logits, prompt_logprobs, sample
+from deltarun.ops.sampling import SamplerState, draw, process_logits, prompt_logprobs, sample
 from deltarun.sampling import CARD_DEFAULTS, SamplingParams, card_defaults
 
 CPU = torch.device("cpu")
@@ -188,6 +188,34 @@ def test_empirical_frequencies(kw):
     df = int(keep.sum()) - 1
     # Far beyond the 99.9% quantile for df <= 7 (24.3): a wrong distribution gives hundreds.
     assert chi2 < df + 6 * math.sqrt(2 * max(df, 1)) + 10, (chi2, df)
+
+
+def test_draw_follows_the_distribution():
+    """`draw` (inverse CDF) against the distribution it is given: unnormalised, with zeros inside and at both
+    ends (never drawn), and reproducible per generator seed."""
+    w = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.5, 2.5, 0.0, 0.0])
+    g, N = torch.Generator().manual_seed(3), 8000
+    counts = torch.bincount(torch.tensor([draw(w, g) for _ in range(N)]), minlength=len(w)).double()
+    assert counts[w == 0].sum() == 0
+    keep = w > 0
+    expected = (w / w.sum())[keep].double() * N
+    chi2 = (((counts[keep] - expected) ** 2) / expected).sum().item()
+    assert chi2 < 3 + 6 * math.sqrt(6) + 10, chi2  # df 3; a wrong distribution gives hundreds
+    seq = [draw(w, torch.Generator().manual_seed(9)) for _ in range(3)]
+    assert len(set(seq)) == 1
+    # a vocabulary-sized row: the mass of the first half of a peaked distribution, 2,000 draws
+    big = torch.full((248_320,), 1e-6)
+    big[:100] = 1.0
+    got = [draw(big, g) for _ in range(2000)]
+    share = 100 / (100 + 1e-6 * (248_320 - 100))
+    assert abs(sum(i < 100 for i in got) / 2000 - share) < 0.03
+
+
+def test_draw_never_returns_a_zero_entry_when_u_rounds_to_the_total(monkeypatch):
+    """u = rand · total can round onto the total itself: the last entry that can be drawn, not a zero one past
+    it."""
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(1, dtype=torch.float64))
+    assert draw(torch.tensor([0.2, 0.5, 0.3, 0.0, 0.0])) == 2
 
 
 def test_logprobs_are_raw_distribution():

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.sampling import draw
+
 PROBE = 4  # measured steps per mode per probe
 FIRST_HOLD, MAX_HOLD = 64, 4096  # steps between probes of the losing mode
 MARGIN = 0.98  # speculate only when it is at least 2% cheaper per token (noise, and probe costs)
@@ -108,4 +110,4 @@ def rejection_step(p: torch.Tensor, q: torch.Tensor, draft: int, generator: torc
         return draft, True
     resid = (p - q).clamp_(min=0)
     resid = resid if float(resid.sum()) > 0 else p  # p == q: a rejection cannot happen (kept safe)
-    return int(torch.multinomial(resid, 1, generator=generator)[0]), False
+    return draw(resid, generator), False

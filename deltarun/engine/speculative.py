@@ -31,7 +31,7 @@ from ..model.mtp import MTPHead
 from ..ops import routes
 from ..ops.linear import Linear
 from ..ops.quant import QuantLinear
-from ..ops.sampling import process_logits, sample
+from ..ops.sampling import draw, process_logits, sample
 from .sequence import Sequence
 from .spec_policy import SpecPolicy, rejection_step
 
@@ -167,7 +167,7 @@ class Speculator:
         for i, s in enumerate(seqs):
             if not s.request.params.greedy:
                 q = x[i].softmax(-1)
-                toks[i] = int(torch.multinomial(q, 1, generator=s.sampler.generator)[0])
+                toks[i] = draw(q, s.sampler.generator)
                 qs[i].append(q)
         return toks
 

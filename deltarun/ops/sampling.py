@@ -222,6 +222,19 @@ def process_logits(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
     return x
 
 
+def draw(probs: Tensor, generator: torch.Generator | None = None) -> int:
+    """One index of ``probs`` [V] (≥ 0, any scale, not all 0) drawn with probability probs[i] / Σprobs, by
+    inverting the fp64 cumulative sum at one uniform number: ~0.3 ms for a 248K vocabulary on a 2-core CPU, where
+    ``torch.multinomial`` draws a random number per entry (~5 ms, a quarter of an int4 0.8B decode step). An
+    entry of 0 is never drawn."""
+    cdf = probs.double().cumsum(0)
+    u = torch.rand(1, generator=generator, dtype=torch.float64, device=probs.device) * cdf[-1]
+    i = int(torch.searchsorted(cdf, u, right=True)[0])
+    if i >= probs.numel() or not probs[i] > 0:  # u rounded onto the total: the last entry that can be drawn
+        i = int(torch.nonzero(probs > 0)[-1, 0])
+    return i
+
+
 def sample(logits: Tensor, states: Sequence[SamplerState], vocab_limit: int | None = None) -> SampleOutput:
     """Pick one token per row of ``logits`` [B, V] (any float dtype) under each row's own
     params; ``states[i]`` belongs to row i.  Sampled rows draw with their own generator, so a
@@ -247,10 +260,9 @@ def sample(logits: Tensor, states: Sequence[SamplerState], vocab_limit: int | No
         for i in sampled:
             if finite[i] < x.shape[1] // 8:
                 vals, cand = torch.topk(x[i], finite[i])
-                j = torch.multinomial(vals.softmax(dim=-1), 1, generator=states[i].generator)[0]
-                token_ids[i] = cand[j]
+                token_ids[i] = cand[draw(vals.softmax(dim=-1), states[i].generator)]
             else:
-                token_ids[i] = torch.multinomial(x[i].softmax(dim=-1), 1, generator=states[i].generator)[0]
+                token_ids[i] = draw(x[i].softmax(dim=-1), states[i].generator)
     chosen = (lf.gather(1, token_ids.unsqueeze(1)) - lse).squeeze(1)
 
     top: list[TopLogprobs] | None = None
