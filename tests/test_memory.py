@@ -91,3 +91,20 @@ def test_int8_quantize_on_load_lands_on_huge_pages_with_the_same_bytes(hugepages
     ref_q, ref_s = _quantize_int8(w)  # one pass, torch's own allocation
     assert torch.equal(q, ref_q) and torch.equal(s, ref_s)
     assert q.data_ptr() % memory.HUGE == 0 and "hg" in _vma(q.data_ptr())["flags"]
+
+
+def test_quantize_on_load_trims_the_heap_as_it_goes(tiny_ckpt, monkeypatch):
+    """The fp32 temporaries of quantize-on-load go back to the system every TRIM_EVERY checkpoint bytes, not only
+    at the end (glibc kept ~0.2 GB of them resident through a 0.8B int8 load): with a threshold of one byte,
+    every quantized tensor is followed by a trim, and the loaded weights are the ones of an untrimmed load."""
+    from deltarun.weights import loader
+
+    plain = loader.load_model(tiny_ckpt, dtype=torch.float32, device="cpu", quantization="int8")
+    calls: list[int] = []
+    monkeypatch.setattr(loader, "TRIM_EVERY", 1)
+    monkeypatch.setattr(loader, "trim_heap", lambda: calls.append(1))
+    trimmed = loader.load_model(tiny_ckpt, dtype=torch.float32, device="cpu", quantization="int8")
+    quantized = [n for n, m in trimmed.named_modules() if type(m).__name__ == "QuantLinear"]
+    assert len(calls) >= len(quantized) > 0
+    for (na, a), (nb, b) in zip(plain.state_dict().items(), trimmed.state_dict().items()):
+        assert na == nb and torch.equal(a, b), na
