@@ -19,6 +19,7 @@ from tiny import make_checkpoint, tiny_config
 from deltarun.config import ModelConfig
 from deltarun.ops.quant import QuantEmbedding, QuantLinear, dequantize_int8, quantize_int8
 from deltarun.store.resolve import resolve_model
+from deltarun.weights import common
 from deltarun.weights.gguf_meta import sidecar_for
 from deltarun.weights.loader import LoadError, load_model
 
@@ -395,3 +396,27 @@ def test_the_type_table_is_gguf_pys():
     for type_id, (name, block, size) in _TYPES.items():
         assert GGMLQuantizationType(type_id).name == name and GGML_QUANT_SIZES[GGMLQuantizationType(type_id)] == (
             block, size)
+
+
+def test_converted_tensors_give_back_the_files_pages(big_ckpt, tmp_path, monkeypatch):
+    """After each tensor is converted, its bytes' pages of the file mapping are dropped from the process (a Q8_0
+    0.8B load otherwise held the file and the int8 copy: 1.76 GB against llama.cpp's 0.87); the model is the
+    same as one loaded without dropping anything."""
+    from deltarun.weights import gguf as gguf_mod
+    from deltarun.weights.gguf_meta import open_gguf
+
+    write_gguf(big_ckpt, tmp_path / "m.gguf", Q.Q8_0)
+    monkeypatch.setattr(gguf_mod, "drop_pages", lambda t, file_mapped=False: None)
+    kept = logits(load_gguf_file(tmp_path / "m.gguf"))
+    dropped: list[int] = []
+    real = common.drop_pages
+
+    def record(t, file_mapped=False):
+        dropped.append(t.numel() * t.element_size())
+        real(t, file_mapped)
+
+    monkeypatch.setattr(gguf_mod, "drop_pages", record)
+    got = logits(load_gguf_file(tmp_path / "m.gguf"))
+    assert torch.equal(got, kept)
+    sizes = sorted(t.data.nbytes for t in open_gguf(tmp_path / "m.gguf").tensors)
+    assert sorted(dropped) == sizes

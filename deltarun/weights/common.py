@@ -110,7 +110,7 @@ _MADV_DONTNEED = 4
 _libc: list = []  # ctypes' handle on the C library, opened on first use
 
 
-def drop_pages(t: torch.Tensor) -> None:
+def drop_pages(t: torch.Tensor, file_mapped: bool = False) -> None:
     """Give back the resident pages of a checkpoint tensor that was consumed (quantized on load, or repacked
     for a kernel). safetensors maps the file, and each page read stays in this process's RSS while the
     mapping lives — a whole second copy beside the one in use. Only pages wholly inside `t`, and only where
@@ -122,7 +122,7 @@ def drop_pages(t: torch.Tensor) -> None:
     start = t.data_ptr()
     end = start + t.numel() * t.element_size()
     a, b = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
-    if b > a and _file_mapping(a, b):
+    if b > a and (file_mapped or _file_mapping(a, b)):  # file_mapped: the caller mapped the file itself
         if not _libc:
             _libc.append(ctypes.CDLL(None))
         _libc[0].madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED)

@@ -33,7 +33,7 @@ from ..ops import kernels, routes
 from ..ops.memory import weight_empty
 from ..ops.quant import QuantEmbedding, QuantLinear, pack_int4, quantize_int8
 from . import quantize as quant
-from .common import FP32_PARAMS, LoadError, resolve_device, resolve_dtype, trim_heap
+from .common import FP32_PARAMS, LoadError, drop_pages, resolve_device, resolve_dtype, trim_heap
 from .gguf_file import GGUFTensor, dequantize_blocks, int4_blocks, q8_0_values
 from .gguf_meta import MARKER, gguf_of, open_gguf
 
@@ -270,6 +270,10 @@ def load_gguf(folder: str | Path, dtype=None, device=None, rope_scaling=None, co
                                 f"expected {list(params[name].shape)}")
             _adopt(model, name, w, transform, dt, dev, spec)
             loaded.add(name)
+        # converted: the file's pages go back (re-read from the page cache if a later tensor needs them), else
+        # they stay in RSS beside the converted copy (Q8_0 0.8B: peak 1.76 GB against llama.cpp's 0.87)
+        if tensor.data.flags.c_contiguous:  # a view of the file's bytes (a copy would be anonymous memory)
+            drop_pages(_mapped(tensor.data), file_mapped=True)
     missing = [n for n in params if n not in loaded]
     if missing:
         raise LoadError(f"tensor {missing[0]} is missing from {path}" +
