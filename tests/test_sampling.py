@@ -16,7 +16,15 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from deltarun.ops.sampling import SamplerState, draw, process_logits, prompt_logprobs, sample
+from deltarun.ops.sampling import (
+    SamplerState,
+    _penalize_,
+    draw,
+    process_logits,
+    prompt_logprobs,
+    sample,
+    top_k_candidates,
+)
 from deltarun.sampling import CARD_DEFAULTS, SamplingParams, card_defaults
 
 CPU = torch.device("cpu")
@@ -136,6 +144,12 @@ def test_vocab_limit_binds_greedy_rows_too():
         assert torch.equal(out.token_ids, logits[:, :50].argmax(-1))
         want = torch.log_softmax(logits, -1).gather(1, out.token_ids[:, None]).squeeze(1)
         torch.testing.assert_close(out.logprobs, want)
+    wide = torch.randn(4, 800, generator=torch.Generator().manual_seed(5))
+    wide[:, 700:] = 50.0  # sampled rows with a top-k (the k-best path) and without one (the full path)
+    for kw in ({"temperature": 1.0, "top_k": 20}, {"temperature": 1.0, "top_k": 20, "repetition_penalty": 1.2},
+               {"temperature": 1.0}):
+        out = sample(wide, [_state(prompt=[1], vocab=800, seed=i, **kw) for i in range(4)], vocab_limit=600)
+        assert bool((out.token_ids < 600).all())
 
 
 def test_greedy_sees_penalties():
@@ -216,6 +230,54 @@ def test_draw_never_returns_a_zero_entry_when_u_rounds_to_the_total(monkeypatch)
     it."""
     monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(1, dtype=torch.float64))
     assert draw(torch.tensor([0.2, 0.5, 0.3, 0.0, 0.0])) == 2
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.7, top_k=20, top_p=0.8),
+                                dict(temperature=1.3, top_k=50, min_p=0.05),
+                                dict(temperature=1.0, top_k=5),
+                                dict(temperature=0.9, top_k=100, top_p=0.95, repetition_penalty=1.3,
+                                     presence_penalty=0.5, frequency_penalty=0.2)])
+def test_top_k_rows_sample_from_the_full_paths_distribution(kw):
+    """A row with a top-k is sampled from its k best tokens alone (`top_k_candidates`): the tokens and the
+    probabilities are those of softmax(process_logits(row)), the full-vocabulary path transformers is checked
+    against above; and `sample` draws with those frequencies."""
+    V = 2000
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(1, V, generator=g) * 4
+    st = _state(prompt=[3, 9, 27], vocab=V, seed=1, **kw)
+    for t in (3, 3, 500):
+        st.append(t)
+    want = process_logits(logits, [st])[0].softmax(-1)
+    row = logits[0].clone()
+    _penalize_(row, st)
+    got = top_k_candidates(row, st)
+    assert got is not None
+    probs, ids = got
+    assert set(ids.tolist()) == set(torch.nonzero(want > 0)[:, 0].tolist())
+    torch.testing.assert_close(probs, want[ids], rtol=1e-5, atol=1e-7)
+    N = 4000
+    states = [_state(prompt=[3, 9, 27], vocab=V, seed=100 + i, **kw) for i in range(N)]
+    for s_ in states:
+        for t in (3, 3, 500):
+            s_.append(t)
+    counts = torch.bincount(sample(logits.expand(N, V), states).token_ids, minlength=V).double()
+    assert counts[want == 0].sum() == 0
+    keep = want > 1e-3
+    expected = want[keep].double() * N
+    chi2 = (((counts[keep] - expected) ** 2) / expected).sum().item()
+    df = int(keep.sum()) - 1
+    assert chi2 < df + 6 * math.sqrt(2 * max(df, 1)) + 10, (chi2, df)
+
+
+def test_a_tie_at_the_kth_value_keeps_every_tied_token():
+    """HF's top-k keeps all tokens equal to the k-th value: the k-best path steps aside for the full one."""
+    V = 400
+    logits = torch.full((1, V), -5.0)
+    logits[0, :3] = torch.tensor([4.0, 2.0, 2.0])  # top-2 ties with the third
+    st = _state(vocab=V, seed=0, temperature=1.0, top_k=2)
+    assert top_k_candidates(logits[0].clone(), st) is None
+    seen = {int(sample(logits, [_state(vocab=V, seed=i, temperature=1.0, top_k=2)]).token_ids[0]) for i in range(300)}
+    assert seen == {0, 1, 2}
 
 
 def test_logprobs_are_raw_distribution():
