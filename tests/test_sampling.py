@@ -17,9 +17,11 @@ from transformers.generation.logits_process import (
 )
 
 from deltarun.ops.sampling import (
+    RACE_MAX,
     SamplerState,
     _penalize_,
     draw,
+    inverse_cdf,
     process_logits,
     prompt_logprobs,
     sample,
@@ -205,8 +207,8 @@ def test_empirical_frequencies(kw):
 
 
 def test_draw_follows_the_distribution():
-    """`draw` (inverse CDF) against the distribution it is given: unnormalised, with zeros inside and at both
-    ends (never drawn), and reproducible per generator seed."""
+    """`draw` against the distribution it is given, by the race (few entries) and by the inverse CDF (a
+    vocabulary): unnormalised, with zeros inside and at both ends (never drawn), reproducible per seed."""
     w = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.5, 2.5, 0.0, 0.0])
     g, N = torch.Generator().manual_seed(3), 8000
     counts = torch.bincount(torch.tensor([draw(w, g) for _ in range(N)]), minlength=len(w)).double()
@@ -221,6 +223,7 @@ def test_draw_follows_the_distribution():
     big = torch.full((248_320,), 1e-6)
     big[:100] = 1.0
     got = [draw(big, g) for _ in range(2000)]
+    assert len(big) > RACE_MAX  # the inverse CDF's case
     share = 100 / (100 + 1e-6 * (248_320 - 100))
     assert abs(sum(i < 100 for i in got) / 2000 - share) < 0.03
 
@@ -229,7 +232,7 @@ def test_draw_never_returns_a_zero_entry_when_u_rounds_to_the_total(monkeypatch)
     """u = rand · total can round onto the total itself: the last entry that can be drawn, not a zero one past
     it."""
     monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(1, dtype=torch.float64))
-    assert draw(torch.tensor([0.2, 0.5, 0.3, 0.0, 0.0])) == 2
+    assert inverse_cdf(torch.tensor([0.2, 0.5, 0.3, 0.0, 0.0])) == 2
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=0.7, top_k=20, top_p=0.8),

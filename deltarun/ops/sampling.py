@@ -22,6 +22,7 @@ TopLogprobs = list[tuple[int, float]]
 # a logit's cap after the repetition penalty (times 1 / GREEDY_EPS it is still finite in fp32), and the cap of
 # the penalty and the temperature themselves (past 3e38 they would be inf in fp32, and 0 * inf a NaN)
 MAX_PENALIZED = 1e30
+RACE_MAX = 16384  # candidates up to this many: drawn by torch.multinomial's race (`draw`)
 MAX_FAST_K = 1024  # top-k up to this many: sampled from the k best tokens alone (`top_k_candidates`)
 
 _T = TypeVar("_T")
@@ -262,10 +263,18 @@ def process_logits(logits: Tensor, states: Sequence[SamplerState]) -> Tensor:
 
 
 def draw(probs: Tensor, generator: torch.Generator | None = None) -> int:
-    """One index of ``probs`` [V] (≥ 0, any scale, not all 0) drawn with probability probs[i] / Σprobs, by
-    inverting the fp64 cumulative sum at one uniform number: ~0.3 ms for a 248K vocabulary on a 2-core CPU, where
-    ``torch.multinomial`` draws a random number per entry (~5 ms, a quarter of an int4 0.8B decode step). An
-    entry of 0 is never drawn."""
+    """One index of ``probs`` [V] (≥ 0, any scale, not all 0) drawn with probability probs[i] / Σprobs; an entry
+    of 0 is never drawn. Up to RACE_MAX entries by ``torch.multinomial`` (a race of one exponential number per
+    entry: a seeded draw moves only when the top two racers nearly tie, so logits that differ in their last bits
+    between batch compositions still give the same token); a whole 248K vocabulary by `inverse_cdf`, since the
+    race costs ~5 ms there, a quarter of an int4 0.8B decode step."""
+    if probs.numel() <= RACE_MAX:
+        return int(torch.multinomial(probs, 1, generator=generator)[0])
+    return inverse_cdf(probs, generator)
+
+
+def inverse_cdf(probs: Tensor, generator: torch.Generator | None = None) -> int:
+    """`draw` by inverting the fp64 cumulative sum at one uniform number: ~0.3 ms for 248K entries."""
     cdf = probs.double().cumsum(0)
     u = torch.rand(1, generator=generator, dtype=torch.float64, device=probs.device) * cdf[-1]
     i = int(torch.searchsorted(cdf, u, right=True)[0])
