@@ -296,12 +296,15 @@ def sample(logits: Tensor, states: Sequence[SamplerState], vocab_limit: int | No
         token_ids = lf[:, :vocab_limit].argmax(dim=-1)
     else:
         B, V = lf.shape
+        if len(states) != B:
+            raise ValueError(f"{len(states)} states for {B} rows of logits")
+        width = V if vocab_limit is None else min(V, vocab_limit)
         token_ids = torch.zeros(B, dtype=torch.long, device=lf.device)
         rest = []
         for i, s in enumerate(states):  # rows with a top-k: from their k best tokens (`top_k_candidates`)
             cand = None
-            if (len(states) == B and not s.params.greedy and not s.processors and s.vocab_size == V
-                    and 0 < _filled(s.params.top_k) <= min(V // 8, MAX_FAST_K)):
+            if (not s.params.greedy and not s.processors and s.vocab_size == V
+                    and 0 < _filled(s.params.top_k) <= min(V // 8, MAX_FAST_K, width - 1)):
                 row = lf[i]
                 if s.seen or s.counts or (s.min_tokens_block is not None and s.num_generated < s.params.min_tokens):
                     row = row.clone()
@@ -312,9 +315,9 @@ def sample(logits: Tensor, states: Sequence[SamplerState], vocab_limit: int | No
                 rest.append(i)
             else:
                 token_ids[i] = cand[1][draw(cand[0], s.generator)]
-        if rest or len(states) != B:
+        if rest:
             sub = logits if len(rest) == B else logits[rest]
-            x = process_logits(sub, [states[i] for i in rest] if len(states) == B else states)
+            x = process_logits(sub, [states[i] for i in rest])
             if vocab_limit is not None and vocab_limit < x.shape[1]:
                 x[:, vocab_limit:] = float("-inf")
             token_ids[rest] = x.argmax(dim=-1)
