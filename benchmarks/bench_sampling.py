@@ -15,9 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from bench_attention import cpu_line  # noqa: E402
 
 from deltarun import LLM, SamplingParams  # noqa: E402
 from deltarun.ops.sampling import SamplerState, sample  # noqa: E402
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     rows = [int(r) for r in a.rows.split(",")]
+    print(f"{cpu_line()}; {a.threads} threads\n")
     print("| setting | " + " | ".join(f"sample ms, {r} row{'s' * (r > 1)}" for r in rows)
           + (" | decode tok/s, 1 row |" if a.decode else " |"))
     print("|---|" + "---|" * (len(rows) + bool(a.decode)))

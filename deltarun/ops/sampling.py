@@ -286,7 +286,8 @@ def inverse_cdf(probs: Tensor, generator: torch.Generator | None = None) -> int:
 def sample(logits: Tensor, states: Sequence[SamplerState], vocab_limit: int | None = None) -> SampleOutput:
     """Pick one token per row of ``logits`` [B, V] (any float dtype) under each row's own
     params; ``states[i]`` belongs to row i.  Sampled rows draw with their own generator, so a
-    seeded request repeats exactly whatever else shares its batch.  Ids >= ``vocab_limit`` (the
+    seeded request repeats exactly whatever else shares its batch, as long as its logits do (see `draw` for
+    logits that differ in their last bits).  Ids >= ``vocab_limit`` (the
     embedding's padding rows, which no tokenizer knows) are never drawn; reported logprobs stay
     those of the model's full distribution, as the reference computes them."""
     lf = logits.float()  # once: a [B, 248K] copy costs ~0.5 ms a token on a laptop-class CPU
